@@ -1,0 +1,167 @@
+"""`loopfm` command line: one subcommand per pipeline stage, plus `serve` and `demo`.
+
+Heavy modules (torch, Feast) are imported inside each command, so `loopfm serve` starts
+without them and a wrong flag is reported before anything slow happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from loopfm.config import ConfigError, RunConfig
+
+VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
+DEFAULT_RUN_DIR = Path("runs/demo")
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        raise ConfigError("no Redis: pass --redis-url redis://host:port or set REDIS_URL")
+    return url
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from loopfm.data.synth import write_world
+    from loopfm.io import RunPaths
+
+    cfg = RunConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in ("seed", "n_users", "n_days") and v is not None}
+    if args.impressions_per_user_day is not None:
+        overrides["impressions_per_user_day"] = args.impressions_per_user_day
+    if args.fm_signal_noise is not None:
+        overrides["fm_signal_noise"] = args.fm_signal_noise
+    cfg.world = replace(cfg.world, **overrides)
+    cfg.save(args.run_dir)
+    print(write_world(cfg.world, RunPaths(args.run_dir)))
+
+
+def cmd_fm_train(args: argparse.Namespace) -> None:
+    from loopfm.fm.stream import train_fm
+    from loopfm.io import RunPaths
+
+    summary = train_fm(RunPaths(args.run_dir), RunConfig.load(args.run_dir))
+    print(f"trained on {summary['events']} events in {summary['seconds']:.1f} s")
+
+
+def cmd_fm_log(args: argparse.Namespace) -> None:
+    from loopfm.fm.stream import log_embeddings
+    from loopfm.io import RunPaths
+
+    cfg = RunConfig.load(args.run_dir)
+    if args.scheme:
+        cfg.fm = replace(cfg.fm, checkpoint_scheme=args.scheme)
+    if args.delay_s is not None:
+        cfg.fm = replace(cfg.fm, logging_delay_s=args.delay_s)
+    cfg.save(args.run_dir)
+    log = log_embeddings(RunPaths(args.run_dir), cfg)
+    print(f"logged {len(log)} events to {RunPaths(args.run_dir).fm_log}")
+
+
+def cmd_features_build(args: argparse.Namespace) -> None:
+    from loopfm.features.build import build_feature_tables
+    from loopfm.io import RunPaths
+
+    print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir)))
+
+
+def cmd_features_apply(args: argparse.Namespace) -> None:
+    from loopfm.features.store import feast_env
+    from loopfm.pipeline import materialize
+
+    url = _redis_url(args)
+    materialize(args.run_dir, url)
+    env = " ".join(f"{k}={v}" for k, v in feast_env(args.run_dir, url).items())
+    print(f"applied and materialized. To run feast by hand: cd feature_repo && {env} feast ...")
+
+
+def cmd_vm_train(args: argparse.Namespace) -> None:
+    from loopfm.pipeline import train_variants
+
+    train_variants(args.run_dir, args.variant or list(VARIANTS))
+
+
+def cmd_vm_export(args: argparse.Namespace) -> None:
+    from loopfm.features.store import open_store
+    from loopfm.io import RunPaths
+    from loopfm.vm.export import export_variant
+
+    meta = export_variant(RunPaths(args.run_dir), open_store(args.run_dir, "redis://127.0.0.1:6379"), args.variant)
+    print(f"exported {meta['model_version']}; parity {meta['parity']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from loopfm.pipeline import serve_forever
+
+    serve_forever(args.run_dir, args.variant, args.port, args.redis_url or os.environ.get("REDIS_URL"))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from loopfm.demo import run_demo
+
+    run_demo(args.run_dir, requests=args.requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopfm", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    def command(subparsers, name: str, func, help: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help)
+        p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="run directory (default: runs/demo)")
+        p.set_defaults(func=func)
+        return p
+
+    data = sub.add_parser("data", help="canonical tables").add_subparsers(dest="cmd", required=True)
+    p = command(data, "synth", cmd_synth, "write the synthetic world")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--users", dest="n_users", type=int)
+    p.add_argument("--days", dest="n_days", type=int)
+    p.add_argument("--impressions-per-user-day", type=float)
+    p.add_argument("--fm-signal-noise", type=float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
+
+    fm = sub.add_parser("fm", help="foundation model").add_subparsers(dest="cmd", required=True)
+    command(fm, "train", cmd_fm_train, "stream-train the FM day by day")
+    p = command(fm, "log", cmd_fm_log, "write the embedding log (codes + logits)")
+    p.add_argument("--scheme", choices=("frozen", "rolling"))
+    p.add_argument("--delay-s", type=int, help="logging delay: available_at = event time + delay")
+
+    feats = sub.add_parser("features", help="structuring and Feast").add_subparsers(dest="cmd", required=True)
+    command(feats, "build", cmd_features_build, "write Feast sources and entity frames")
+    p = command(feats, "apply", cmd_features_apply, "feast apply + feast materialize into Redis")
+    p.add_argument("--redis-url")
+
+    vm = sub.add_parser("vm", help="vertical models").add_subparsers(dest="cmd", required=True)
+    p = command(vm, "train", cmd_vm_train, "train variants and write the quality table")
+    p.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable; default: all four")
+    p = command(vm, "export", cmd_vm_export, "export a variant to ONNX (with parity check)")
+    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+
+    p = command(sub, "serve", cmd_serve, "serve /score (starts a local Redis and materializes if no REDIS_URL)")
+    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url")
+
+    p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
+    p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"loopfm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Run configuration: one dataclass per stage, saved as `config.json` in the run directory.
+
+Every stage reads the run directory's config, so a run can be resumed stage by stage from
+the CLI and its numbers can be traced back to the knobs that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class WorldConfig:
+    """Size and physics of the synthetic multi-vertical world (see loopfm/data/synth.py)."""
+
+    seed: int = 0
+    n_users: int = 2000
+    n_items_per_vertical: int = 400
+    n_categories: int = 24
+    n_brands: int = 60
+    n_days: int = 30
+    impressions_per_user_day: float = 4.0
+    verticals: tuple[str, ...] = ("feed", "video", "shop")
+    vertical_mix: tuple[float, ...] = (0.5, 0.3, 0.2)
+    latent_dim: int = 8
+    interest_drift: float = 0.2  # share of the daily interest vector that is renewed
+    fm_signal_noise: float = 0.7  # noise on the FM-only intent signal: the feature-gap knob
+    start_date: str = "2026-09-01"
+
+
+@dataclass
+class FMConfig:
+    """Foundation model, its compressor and its logging."""
+
+    embedding_dim: int = 16
+    hidden: tuple[int, ...] = (128, 64)
+    raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
+    code_dim: int = 32
+    extract_layer: str = "hidden1"  # embedding | hidden1 | hidden2
+    batch_size: int = 512
+    lr: float = 2e-3
+    warmup_days: int = 10  # VM examples start after this many days of FM training
+    checkpoint_scheme: str = "frozen"  # frozen | rolling
+    logging_delay_s: int = 60
+
+
+@dataclass
+class VMConfig:
+    """Vertical model training and evaluation."""
+
+    target_vertical: str = "shop"
+    history_length: int = 50
+    embedding_dim: int = 8
+    hidden: tuple[int, ...] = (64, 32)
+    encoder: str = "din"  # sum | mean | dot | din
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 2e-3
+    kd_weight: float = 0.5
+    eval_days: int = 6
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    fm: FMConfig = field(default_factory=FMConfig)
+    vm: VMConfig = field(default_factory=VMConfig)
+
+    def save(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunConfig":
+        path = run_dir / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path} not found: run `loopfm data synth --run-dir {run_dir}` first")
+        raw = json.loads(path.read_text())
+        return cls(**{f.name: _section(f.type, raw.get(f.name, {}), path) for f in fields(cls)})
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message names the file and key."""
+
+
+_SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig}
+
+
+def _section(type_name: str, values: dict, path: Path):
+    section = _SECTIONS[type_name]
+    known = {f.name: f for f in fields(section)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in section {type_name}")
+    # JSON has no tuples; restore them so configs compare equal after a round trip.
+    return section(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -1,0 +1,54 @@
+"""Quality metrics: AUC, LogLoss, NE and the transfer ratio.
+
+NE (normalized entropy, He et al. 2014) = LogLoss / entropy of the base click rate, so 1.0
+is "no better than predicting the average". TR = dNE_VM / dNE_FM: the share of the FM's NE
+improvement over the base VM that a VM variant captures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import log_loss, roc_auc_score
+
+EPS = 1e-7
+
+
+def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
+    base = float(np.clip(y.mean(), EPS, 1 - EPS))
+    entropy = -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    return float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]) / entropy)
+
+
+def quality(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {
+        "auc": float(roc_auc_score(y, p)),
+        "logloss": float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1])),
+        "ne": normalized_entropy(y, p),
+    }
+
+
+def comparison_table(y: np.ndarray, predictions: dict[str, np.ndarray], reference: str = "base") -> dict[str, dict]:
+    """Quality of every predictor plus dNE, TR and the share of the gap to Bayes closed.
+
+    `predictions` must hold `reference` (the base VM) and `fm`; `bayes` (the true click
+    probability) is optional and only known on synthetic data."""
+    rows = {name: quality(y, p) for name, p in predictions.items()}
+    ref_ne = rows[reference]["ne"]
+    fm_gain = ref_ne - rows["fm"]["ne"]
+    bayes_gap = ref_ne - rows["bayes"]["ne"] if "bayes" in rows else None
+    for row in rows.values():
+        gain = ref_ne - row["ne"]
+        row["delta_ne"] = gain
+        row["tr"] = gain / fm_gain if abs(fm_gain) > 1e-12 else float("nan")
+        row["bayes_gap_closed"] = gain / bayes_gap if bayes_gap else float("nan")
+    return rows
+
+
+def markdown_table(rows: dict[str, dict], title: str) -> str:
+    header = "| model | AUC | LogLoss | NE | dNE vs base | TR | Bayes gap closed |\n|---|---|---|---|---|---|---|\n"
+    lines = [
+        f"| {name} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['ne']:.4f} | {r['delta_ne']:+.4f} | {r['tr']:.3f} "
+        f"| {r['bayes_gap_closed']:.1%} |"
+        for name, r in rows.items()
+    ]
+    return f"### {title}\n\n{header}" + "\n".join(lines) + "\n"

@@ -1,0 +1,108 @@
+"""Structuring: the embedding log and the impressions -> Feast source tables and entity frames.
+
+Histories are snapshots: one row per (user, time the sequence changed), holding the last L
+elements available at or before that time. Feast's point-in-time join takes, for an entity
+row at time e, the newest snapshot stamped <= e. Entity rows are stamped one millisecond
+before their impression, so a snapshot that includes the impression itself (logging delay
+0) can never reach it: histories are strictly older than the example.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from loopfm.config import RunConfig
+from loopfm.data.synth import SECONDS_PER_DAY
+from loopfm.features.sequences import last_n_before
+from loopfm.io import RunPaths, from_unix_seconds, read_parquet, unix_seconds, write_parquet
+
+ENTITY_OFFSET = pd.Timedelta(milliseconds=1)
+SOURCES = ("user_profile", "item_features", "vm_click_history", "fm_history")
+
+
+def _snapshots(user: np.ndarray, available_s: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Snapshot times (one per distinct (user, availability time)) and, for each, the indices
+    of the last `length` elements available at or before it (-1 padded on the left)."""
+    snap = pd.DataFrame({"u": user, "s": available_s}).drop_duplicates().to_numpy()
+    idx = last_n_before(user, available_s, snap[:, 0], snap[:, 1] + 1, length)
+    return snap[:, 0], snap[:, 1], idx
+
+
+def _pack_rows(rows: np.ndarray, idx: np.ndarray) -> list[bytes]:
+    """Concatenate rows[idx] (oldest first), skipping padding, into one blob per snapshot."""
+    gathered = rows[np.clip(idx, 0, None)]
+    counts = (idx >= 0).sum(1)
+    n = idx.shape[1]
+    return [gathered[i, n - c :].tobytes() for i, c in enumerate(counts)]
+
+
+def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.DataFrame:
+    """Per-user sequences of the last `length` FM codes of clicked events, all verticals."""
+    c = log[clicked]
+    available = unix_seconds(c["available_at"]).to_numpy()
+    user, snap_s, idx = _snapshots(c["user_id"].to_numpy(), available, length)
+    codes = np.stack([np.frombuffer(b, dtype=np.uint8) for b in c["fm_code"]]) if len(c) else np.zeros((0, 1), np.uint8)
+    until = unix_seconds(c["fm_trained_until"]).to_numpy()
+    return pd.DataFrame(
+        {
+            "user_id": user,
+            "event_timestamp": from_unix_seconds(snap_s),
+            "fm_codes": _pack_rows(codes, idx),
+            "fm_newest_available_at": np.where(idx >= 0, available[np.clip(idx, 0, None)], 0).max(1),
+            "fm_trained_until": np.where(idx >= 0, until[np.clip(idx, 0, None)], 0).max(1),
+        }
+    )
+
+
+def build_vm_click_history(imp: pd.DataFrame, vertical: str, length: int) -> pd.DataFrame:
+    """Per-user sequences of the last `length` clicked item ids in the VM's own vertical."""
+    c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
+    user, snap_s, idx = _snapshots(c["user_id"].to_numpy(), unix_seconds(c["event_timestamp"]).to_numpy(), length)
+    item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
+    return pd.DataFrame(
+        {"user_id": user, "event_timestamp": from_unix_seconds(snap_s), "item_ids": _pack_rows(item_rows, idx)}
+    )
+
+
+def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
+    """Write the Feast sources and the VM's train/eval entity frames; return their row counts."""
+    imp = read_parquet(paths.table("impressions"))
+    log = read_parquet(paths.fm_log)
+    if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():
+        raise ValueError(f"{paths.fm_log} does not match impressions: re-run `loopfm fm log`")
+    if cfg.vm.target_vertical not in cfg.world.verticals:
+        raise ValueError(f"vm.target_vertical {cfg.vm.target_vertical!r} is not one of {cfg.world.verticals}")
+    start = pd.Timestamp(cfg.world.start_date, tz="UTC")
+    static_ts = start - pd.Timedelta(days=1)
+    users = read_parquet(paths.table("users"))
+    items = read_parquet(paths.table("items"))
+    tables = {
+        "user_profile": users[["user_id", "age_bucket", "gender"]].assign(event_timestamp=static_ts),
+        "item_features": items[["item_id", "category", "brand", "price_bucket"]].assign(event_timestamp=static_ts),
+        "vm_click_history": build_vm_click_history(imp, cfg.vm.target_vertical, cfg.vm.history_length),
+        "fm_history": build_fm_history(log, imp["label"].to_numpy() == 1, cfg.vm.history_length),
+    }
+
+    day = (unix_seconds(imp["event_timestamp"]) - int(start.timestamp())) // SECONDS_PER_DAY
+    target = (imp["vertical"] == cfg.vm.target_vertical).to_numpy()
+    entities = pd.DataFrame(
+        {
+            "impression_id": imp["impression_id"],
+            "user_id": imp["user_id"],
+            "item_id": imp["item_id"],
+            "hour": imp["hour"],
+            "event_timestamp": imp["event_timestamp"] - ENTITY_OFFSET,
+            "label": imp["label"],
+            "fm_logit": log["fm_logit"],  # the KD soft label, logged by a causal checkpoint
+            "kd_trained_until": log["fm_trained_until"],  # the checkpoint behind fm_logit
+        }
+    )
+    eval_start = cfg.world.n_days - cfg.vm.eval_days
+    if not cfg.fm.warmup_days < eval_start:
+        raise ValueError(f"fm.warmup_days ({cfg.fm.warmup_days}) leaves no VM training days before the eval window")
+    tables["vm_train_entities"] = entities[target & (day >= cfg.fm.warmup_days).to_numpy() & (day < eval_start).to_numpy()]
+    tables["vm_eval_entities"] = entities[target & (day >= eval_start).to_numpy()]
+    for name, df in tables.items():
+        write_parquet(df.reset_index(drop=True), paths.features / f"{name}.parquet")
+    return {name: len(df) for name, df in tables.items()}

@@ -1,0 +1,77 @@
+"""The Feast feature store of a run: environment, CLI calls and historical retrieval.
+
+`feature_repo/` is the one set of definitions; a run points it at its own sources,
+registry and Redis through LOOPFM_RUN_DIR and REDIS_CONNECTION_STRING.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+
+FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
+PROJECT = "loopfm"
+
+
+def feast_connection_string(redis_url: str) -> str:
+    """redis://[:password@]host:port[/db] or rediss://... -> Feast's "host:port,password=..,ssl=true"."""
+    u = urlparse(redis_url)
+    if u.scheme not in ("redis", "rediss") or not u.hostname:
+        raise ValueError(f"REDIS_URL must look like redis://host:port, got {redis_url!r}")
+    parts = [f"{u.hostname}:{u.port or 6379}"]
+    if u.password:
+        parts.append(f"password={u.password}")
+    if u.scheme == "rediss":
+        parts.append("ssl=true")
+    if u.path.strip("/"):
+        parts.append(f"db={u.path.strip('/')}")
+    return ",".join(parts)
+
+
+def feast_env(run_dir: Path, redis_url: str) -> dict[str, str]:
+    return {"LOOPFM_RUN_DIR": str(run_dir.resolve()), "REDIS_CONNECTION_STRING": feast_connection_string(redis_url)}
+
+
+def feast_cli(args: list[str], run_dir: Path, redis_url: str) -> str:
+    """Run the real `feast` CLI in the feature repo; raise with its output on failure."""
+    feast = Path(sys.executable).with_name("feast")
+    result = subprocess.run(
+        [str(feast), *args],
+        cwd=FEATURE_REPO,
+        env={**os.environ, **feast_env(run_dir, redis_url)},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"`feast {' '.join(args)}` failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def apply_and_materialize(run_dir: Path, redis_url: str, start: pd.Timestamp, end: pd.Timestamp) -> None:
+    """`feast apply`, then `feast materialize START END` over an explicit window: unlike
+    materialize-incremental it also fills a fresh Redis after an earlier run."""
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    feast_cli(["apply"], run_dir, redis_url)
+    feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url)
+
+
+def open_store(run_dir: Path, redis_url: str):
+    """A FeatureStore on this run's registry, sources and Redis."""
+    from feast import FeatureStore
+
+    os.environ.update(feast_env(run_dir, redis_url))
+    return FeatureStore(repo_path=str(FEATURE_REPO))
+
+
+def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:
+    """Point-in-time join through the variant's feature service, in entity-row order."""
+    df = entity_df.assign(_row=range(len(entity_df)))
+    out = store.get_historical_features(entity_df=df, features=store.get_feature_service(service)).to_df()
+    if len(out) != len(df):
+        raise RuntimeError(f"get_historical_features returned {len(out)} rows for {len(df)} entity rows")
+    return out.sort_values("_row").drop(columns="_row").reset_index(drop=True)

@@ -1,0 +1,122 @@
+"""Feature rows -> model input arrays. The one tensorization that training and serving share.
+
+NumPy only (the server imports it). Training feeds it the columns of a
+`get_historical_features` frame; the server feeds it the values it read from Redis.
+Missing values (unknown user, unknown item, empty history) become index 0 or an empty,
+masked history, never an error. Every categorical index is shifted by one so 0 means
+"unknown"; values outside the vocabulary also map to 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from loopfm.features.codec import unpack_int4
+
+USER_FEATURES = ("age_bucket", "gender")
+ITEM_FEATURES = ("category", "brand", "price_bucket")
+VM_HISTORY_FEATURE = "item_ids"
+FM_HISTORY_FEATURE = "fm_codes"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shapes and vocabularies the model was trained with (saved beside the model)."""
+
+    history_length: int
+    code_dim: int
+    n_items: int
+    n_categories: int
+    n_brands: int
+    n_price_buckets: int = 10
+    n_age_buckets: int = 6
+    n_genders: int = 2
+
+    @property
+    def user_context_vocab(self) -> tuple[int, ...]:
+        return (self.n_age_buckets + 1, self.n_genders + 1, 25)
+
+    @property
+    def candidate_vocab(self) -> tuple[int, ...]:
+        return (self.n_items + 1, self.n_categories + 1, self.n_brands + 1, self.n_price_buckets + 1)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _index(values: Sequence[Any], vocab: int) -> np.ndarray:
+    """Categorical values -> int64 indices, shifted by one; missing or out of range -> 0."""
+    out = np.array([-1 if _missing(v) else int(v) for v in values], dtype=np.int64) + 1
+    out[(out < 0) | (out >= vocab)] = 0
+    return out
+
+
+def _unpack_sequences(blobs: Sequence[Any], length: int, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed per-user sequences (oldest first) -> right-aligned rows [U, length, row_bytes]
+    keeping the newest `length`, and a mask [U, length] of the positions that hold a row."""
+    out = np.zeros((len(blobs), length, row_bytes), dtype=np.uint8)
+    counts = np.zeros(len(blobs), dtype=np.int64)
+    for u, blob in enumerate(blobs):
+        if _missing(blob) or not blob:
+            continue
+        rows = np.frombuffer(blob, dtype=np.uint8)
+        rows = rows[: rows.size - rows.size % row_bytes].reshape(-1, row_bytes)[-length:]
+        counts[u] = len(rows)
+        if counts[u]:
+            out[u, length - counts[u] :] = rows
+    mask = np.arange(length)[None, :] >= (length - counts)[:, None]
+    return out, mask
+
+
+def decode_item_history(blobs: Sequence[Any], length: int, n_items: int) -> np.ndarray:
+    """int32 item-id sequences -> [U, length] indices (item id + 1; 0 = padding or unknown)."""
+    packed, mask = _unpack_sequences(blobs, length, 4)
+    ids = np.where(mask, packed.view("<i4")[..., 0].astype(np.int64) + 1, 0)
+    ids[(ids < 0) | (ids > n_items)] = 0
+    return ids
+
+
+def decode_fm_history(blobs: Sequence[Any], length: int, code_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """int4 code sequences -> codes [U, length, code_dim] float32 and mask [U, length] float32."""
+    packed, mask = _unpack_sequences(blobs, length, code_dim // 2)
+    mask = mask.astype(np.float32)
+    return unpack_int4(packed) * mask[:, :, None], mask
+
+
+def request_tensors(
+    users: Mapping[str, Sequence[Any]], hours: Sequence[Any], spec: TensorSpec
+) -> dict[str, np.ndarray]:
+    """Request-side inputs for U users: context ids, own click history, FM code history."""
+    age_vocab, gender_vocab, hour_vocab = spec.user_context_vocab
+    user_context = np.stack(
+        [
+            _index(users["age_bucket"], age_vocab),
+            _index(users["gender"], gender_vocab),
+            _index(hours, hour_vocab),
+        ],
+        axis=1,
+    )
+    tensors = {
+        "user_context": user_context,
+        "vm_history": decode_item_history(users[VM_HISTORY_FEATURE], spec.history_length, spec.n_items),
+    }
+    if FM_HISTORY_FEATURE in users:
+        tensors["fm_codes"], tensors["fm_mask"] = decode_fm_history(
+            users[FM_HISTORY_FEATURE], spec.history_length, spec.code_dim
+        )
+    return tensors
+
+
+def candidate_tensors(
+    item_ids: Sequence[int], items: Mapping[str, Sequence[Any]], spec: TensorSpec
+) -> np.ndarray:
+    """Candidate-side input [C, 4]: item id, category, brand, price bucket (each +1, 0 = unknown)."""
+    known = [not _missing(c) for c in items["category"]]
+    ids = [i if k else None for i, k in zip(item_ids, known)]
+    columns = [ids, *(items[f] for f in ITEM_FEATURES)]
+    return np.stack([_index(col, vocab) for col, vocab in zip(columns, spec.candidate_vocab)], axis=1)

@@ -1,0 +1,113 @@
+"""The foundation model (FM) and the compressor that turns its activations into codes.
+
+The FM sees every vertical, the user's ID, its raw click history across all verticals and
+the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
+trained beside the FM on detached activations (stop-gradient: it never changes the FM),
+with a tanh-bounded code so that int4 quantisation has a fixed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EXTRACT_LAYERS = ("embedding", "hidden1", "hidden2")
+
+
+@dataclass
+class FMShapes:
+    """Vocabulary sizes and widths the FM is built for (derived from the world)."""
+
+    n_users: int
+    n_items: int
+    n_categories: int
+    n_brands: int
+    n_verticals: int
+    intent_dim: int
+    embedding_dim: int
+    hidden: tuple[int, ...]
+    code_dim: int
+    extract_layer: str
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, s: FMShapes):
+        super().__init__()
+        e = s.embedding_dim
+        self.user = nn.Embedding(s.n_users, e)
+        self.item = nn.Embedding(s.n_items + 1, e, padding_idx=0)  # 0 = history padding
+        self.category = nn.Embedding(s.n_categories, e // 2)
+        self.brand = nn.Embedding(s.n_brands, e // 2)
+        self.vertical = nn.Embedding(s.n_verticals, 4)
+        self.hour = nn.Embedding(24, 4)
+        self.age = nn.Embedding(6, 4)
+        self.gender = nn.Embedding(2, 2)
+        self.price = nn.Embedding(10, 4)
+        # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
+        # an MLP on concatenated embeddings learns such products poorly.
+        self.user_tower = nn.Linear(2 * e + s.intent_dim, e)
+        self.item_tower = nn.Linear(e + e // 2, e)
+        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + 3 * e
+        self.embedding_width = width
+        self.hidden = nn.ModuleList()
+        for h in s.hidden:
+            self.hidden.append(nn.Linear(width, h))
+            width = h
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """b: per-event tensors [B] (ids) plus intent [B, k] and raw_history [B, H] (item id + 1)."""
+        hist = self.item(b["raw_history"])  # [B, H, e]
+        n_hist = (b["raw_history"] > 0).sum(1, keepdim=True).clamp(min=1)
+        user, item, category = self.user(b["user_id"]), self.item(b["item_id"] + 1), self.category(b["category"])
+        hist_mean = hist.sum(1) / n_hist
+        user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"]], dim=1))
+        item_vec = self.item_tower(torch.cat([item, category], dim=1))
+        x = torch.cat(
+            [
+                user,
+                item,
+                hist_mean,
+                category,
+                self.brand(b["brand"]),
+                self.vertical(b["vertical_id"]),
+                self.hour(b["hour"]),
+                self.age(b["age_bucket"]),
+                self.gender(b["gender"]),
+                self.price(b["price_bucket"]),
+                b["intent"],
+                user_vec,
+                item_vec,
+                user_vec * item_vec,
+            ],
+            dim=1,
+        )
+        activations = {"embedding": x}
+        for i, layer in enumerate(self.hidden, start=1):
+            x = torch.relu(layer(x))
+            activations[f"hidden{i}"] = x
+        return self.head(x).squeeze(1), activations
+
+
+class Compressor(nn.Module):
+    """Autoencoder on one FM layer: activation [B, A] -> code z in (-1, 1)^d -> reconstruction."""
+
+    def __init__(self, activation_dim: int, code_dim: int):
+        super().__init__()
+        self.encoder = nn.Linear(activation_dim, code_dim)
+        self.decoder = nn.Linear(code_dim, activation_dim)
+
+    def encode(self, activation: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.encoder(activation))
+
+    def forward(self, activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(activation)
+        return z, self.decoder(z)
+
+
+def activation_dim(fm: FoundationModel, layer: str, hidden: tuple[int, ...]) -> int:
+    if layer not in EXTRACT_LAYERS[: len(hidden) + 1]:
+        raise ValueError(f"fm.extract_layer must be one of {EXTRACT_LAYERS[: len(hidden) + 1]}, got {layer!r}")
+    return fm.embedding_width if layer == "embedding" else hidden[int(layer[-1]) - 1]

