@@ -36,6 +36,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     if args.fm_signal_noise is not None:
         overrides["fm_signal_noise"] = args.fm_signal_noise
     cfg.world = replace(cfg.world, **overrides)
+    for assignment in args.set or []:
+        cfg.override(assignment)
     cfg.save(args.run_dir)
     print(write_world(cfg.world, RunPaths(args.run_dir)))
 
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", dest="n_days", type=int)
     p.add_argument("--impressions-per-user-day", type=float)
     p.add_argument("--fm-signal-noise", type=float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. fm.code_dim=16")
 
     fm = sub.add_parser("fm", help="foundation model").add_subparsers(dest="cmd", required=True)
     command(fm, "train", cmd_fm_train, "stream-train the FM day by day")

@@ -82,6 +82,25 @@ class RunConfig:
         return cls(**{f.name: _section(f.type, raw.get(f.name, {}), path) for f in fields(cls)})
 
 
+    def override(self, assignment: str) -> None:
+        """Apply one `section.key=value` override (value parsed as JSON, else kept as text)."""
+        name, sep, value = assignment.partition("=")
+        section_name, dot, key = name.partition(".")
+        section = getattr(self, section_name, None) if dot and sep else None
+        if section is None or key not in {f.name for f in fields(section)}:
+            valid = ", ".join(f"{s.name}.{f.name}" for s in fields(self) for f in fields(getattr(self, s.name)))
+            raise ConfigError(f"--set {assignment!r}: expected section.key=value with a key among: {valid}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        current = getattr(section, key)
+        expected = list if isinstance(current, tuple) else type(current)
+        if not isinstance(parsed, expected) and not (expected is float and isinstance(parsed, int)):
+            raise ConfigError(f"--set {assignment!r}: {name} must be of type {expected.__name__}, got {value!r}")
+        setattr(section, key, tuple(parsed) if expected is list else parsed)
+
+
 class ConfigError(ValueError):
     """A config file or flag is wrong; the message names the file and key."""
 

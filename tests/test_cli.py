@@ -1,0 +1,29 @@
+"""CLI errors name the file, flag or key, and never print a stack trace."""
+
+import json
+
+from tests.conftest import loopfm
+
+
+def test_a_stage_run_before_its_inputs_exist_names_the_missing_file(tmp_path):
+    r = loopfm("fm", "train", "--run-dir", str(tmp_path / "nowhere"), check=False)
+    assert r.returncode == 2
+    assert "config.json" in r.stderr and "loopfm data synth" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.cod_dim=8", check=False)
+    assert r.returncode == 2 and "fm.cod_dim" in r.stderr and "fm.code_dim" in r.stderr
+    assert "Traceback" not in r.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"world": {"n_userz": 3}}))
+    r = loopfm("fm", "train", "--run-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and "n_userz" in r.stderr and "config.json" in r.stderr
+
+
+def test_wrongly_typed_values_and_unknown_variants_are_refused(tmp_path):
+    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=big", check=False)
+    assert r.returncode == 2 and "fm.code_dim must be of type int" in r.stderr
+    r = loopfm("vm", "train", "--run-dir", str(tmp_path), "--variant", "huge", check=False)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert not (tmp_path / "config.json").exists()  # nothing half-written by a refused command

@@ -1,0 +1,42 @@
+"""int4 codes and the shared tensorization (training and serving build inputs the same way)."""
+
+import numpy as np
+
+from loopfm.features.codec import pack_int4, quantize_int4, unpack_int4
+from loopfm.features.tensorize import TensorSpec, candidate_tensors, decode_fm_history, request_tensors
+
+SPEC = TensorSpec(history_length=4, code_dim=4, n_items=100, n_categories=10, n_brands=20)
+
+
+def test_int4_round_trip_is_exact_on_the_quantization_grid():
+    z = np.random.default_rng(0).uniform(-1, 1, (50, 8))
+    levels = quantize_int4(z)
+    assert levels.min() >= -8 and levels.max() <= 7
+    packed = pack_int4(levels)
+    assert packed.shape == (50, 4) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_int4(packed), levels / 8.0)
+    assert np.abs(unpack_int4(packed) - np.clip(z, -1, 7 / 8)).max() <= 1 / 16 + 1e-9
+
+
+def test_histories_are_right_aligned_truncated_to_the_newest_and_masked():
+    codes = pack_int4(quantize_int4(np.linspace(-1, 0.8, 6 * 4).reshape(6, 4)))
+    blob = codes.tobytes()  # six codes, oldest first; the spec keeps the newest four
+    values, mask = decode_fm_history([blob, None, codes[:1].tobytes()], 4, 4)
+    np.testing.assert_array_equal(values[0], unpack_int4(codes[2:]))
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]]
+    assert not values[1].any()
+
+
+def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
+    users = {
+        "age_bucket": [3, None],
+        "gender": [1, float("nan")],
+        "item_ids": [np.array([5, 7, 500], dtype="<i4").tobytes(), b"\x01\x02"],  # 500 unknown; 2 bytes corrupt
+        "fm_codes": [None, b""],
+    }
+    t = request_tensors(users, [13, 99], SPEC)
+    assert t["user_context"].tolist() == [[4, 2, 14], [0, 0, 0]]
+    assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
+    assert t["fm_mask"].sum() == 0
+    items = {"category": [2, None], "brand": [3, None], "price_bucket": [9, None]}
+    assert candidate_tensors([42, 43], items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0]]

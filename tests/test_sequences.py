@@ -1,0 +1,31 @@
+"""`last_n_before`: the one point-in-time rule for every history."""
+
+import numpy as np
+
+from loopfm.features.sequences import last_n_before
+
+
+def brute_force(seq_user, seq_time, q_user, q_time, n):
+    out = []
+    for u, t in zip(q_user, q_time):
+        idx = [i for i in np.argsort(seq_time, kind="stable") if seq_user[i] == u and seq_time[i] < t][-n:]
+        out.append([-1] * (n - len(idx)) + idx)
+    return np.array(out)
+
+
+def test_matches_brute_force_on_random_sequences():
+    rng = np.random.default_rng(0)
+    su, st = rng.integers(0, 5, 200), rng.permutation(200) * 3  # distinct times
+    qu, qt = rng.integers(0, 6, 100), rng.integers(0, 620, 100)
+    np.testing.assert_array_equal(last_n_before(su, st, qu, qt, 4), brute_force(su, st, qu, qt, 4))
+
+
+def test_an_element_at_the_query_time_is_not_in_its_history():
+    got = last_n_before(np.array([1, 1]), np.array([10, 20]), np.array([1, 1]), np.array([20, 21]), 3)
+    assert got.tolist() == [[-1, -1, 0], [-1, 0, 1]]
+
+
+def test_other_users_never_leak_in_and_empty_inputs_pad():
+    got = last_n_before(np.array([2, 2]), np.array([1, 2]), np.array([1, 3]), np.array([100, 100]), 2)
+    assert (got == -1).all()
+    assert (last_n_before(np.array([]), np.array([]), np.array([1]), np.array([5]), 2) == -1).all()

@@ -1,0 +1,111 @@
+"""/score end to end: a real uvicorn process, a real Redis filled by `feast materialize`,
+ONNX Runtime; the FM's artifacts deleted first."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from loopfm.features.tensorize import candidate_tensors, request_tensors
+from loopfm.io import RunPaths
+from loopfm.server_process import start_server, stop_server
+
+FORBIDDEN = ("torch", "loopfm.fm", "loopfm.vm", "feast")
+
+
+def test_serving_imports_no_torch_no_fm_and_no_feast_sdk():
+    code = "import sys, serving.app, serving.scorer; print([m for m in sys.modules if m.split('.')[0] in ('torch', 'feast') or m.startswith(('loopfm.fm', 'loopfm.vm'))])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, redis_url, tmp_path_factory):
+    """The server runs from a copy of the model folder with the run's FM artifacts removed."""
+    paths = RunPaths(trained_run)
+    model_dir = tmp_path_factory.mktemp("model")
+    shutil.copytree(paths.vm / "loopfm_kd" / "onnx", model_dir, dirs_exist_ok=True)
+    hidden_fm = paths.root / "fm.hidden"
+    paths.fm.rename(hidden_fm)  # every FM checkpoint and the embedding log are gone while serving
+    try:
+        proc, url = start_server(model_dir, redis_url, model_dir / "server.log")
+        yield url, model_dir
+        stop_server(proc)
+    finally:
+        hidden_fm.rename(paths.fm)
+
+
+def _score(url, **body):
+    return httpx.post(f"{url}/score", json=body, timeout=10)
+
+
+def test_health_and_readiness(server):
+    url, model_dir = server
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["ready"] and ready["model_version"] == json.loads((model_dir / "model.json").read_text())["model_version"]
+
+
+def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(server, store):
+    url, model_dir = server
+    candidates = [801, 802, 850, 900, 1000]
+    r = _score(url, user_id=3, candidate_item_ids=candidates, context={"hour": 9})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_known"] and body["unknown_candidates"] == []
+    assert body["model_version"].startswith("loopfm_kd-")
+    assert body["feature_age_s"]["user_profile"] > 0
+    reversed_body = _score(url, user_id=3, candidate_item_ids=candidates[::-1], context={"hour": 9}).json()
+    assert reversed_body["scores"] == body["scores"][::-1]
+
+    # Offline: Feast's own online read -> the shared tensorization -> ONNX Runtime.
+    meta = json.loads((model_dir / "model.json").read_text())
+    from loopfm.features.tensorize import TensorSpec
+
+    spec = TensorSpec(**meta["spec"])
+    user_refs = [f"{v}:{f}" for v, fs in meta["features"]["user_id"].items() for f in fs]
+    item_refs = [f"{v}:{f}" for v, fs in meta["features"]["item_id"].items() for f in fs]
+    user = store.get_online_features(features=user_refs, entity_rows=[{"user_id": 3}]).to_dict()
+    items = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in candidates]).to_dict()
+    tensors = request_tensors(user, [9], spec)
+    tensors["candidates"] = candidate_tensors(candidates, items, spec)
+    tensors["candidate_user"] = np.zeros(len(candidates), dtype=np.int64)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(body["scores"], expected, rtol=1e-6)
+
+
+def test_unknown_user_and_unknown_candidates_are_scored_and_reported(server):
+    url, _ = server
+    r = _score(url, user_id=10**12, candidate_item_ids=[801, 10**9, 5], context={"hour": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_known"] is False
+    assert body["unknown_candidates"] == [10**9]
+    assert all(v is None for v in body["feature_age_s"].values())
+    assert len(body["scores"]) == 3 and all(0 < s < 1 for s in body["scores"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user_id": 1},
+        {"user_id": 1, "candidate_item_ids": []},
+        {"user_id": "x", "candidate_item_ids": [1]},
+        {"user_id": -1, "candidate_item_ids": [1]},
+        {"user_id": 1, "candidate_item_ids": [2**70]},
+        {"user_id": 1, "candidate_item_ids": [1], "context": {"hour": 24}},
+        {"user_id": 1, "candidate_item_ids": [1], "context": {"weather": "rain"}},
+        {"user_id": 1, "candidate_item_ids": list(range(1001))},
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
+    url, _ = server
+    r = _score(url, **body)
+    assert r.status_code == 422
+    assert r.json()["detail"]
