@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from loopfm.demo import run_demo
 
-    run_demo(args.run_dir, requests=args.requests)
+    cfg = RunConfig()
+    for assignment in args.set or []:
+        cfg.override(assignment)
+    run_demo(args.run_dir, cfg, requests=args.requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a default, e.g. world.n_users=4000")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # library deprecations are not the user's concern
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -166,5 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """Console entry point. Exits without interpreter teardown, where DuckDB's bindings
+    print spurious "nanobind: leaked ..." reports; every resource the commands open
+    (Redis server, uvicorn, temporary folders) is closed by its own context manager first."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -16,7 +16,7 @@ class WorldConfig:
     """Size and physics of the synthetic multi-vertical world (see loopfm/data/synth.py)."""
 
     seed: int = 0
-    n_users: int = 2000
+    n_users: int = 5000
     n_items_per_vertical: int = 400
     n_categories: int = 24
     n_brands: int = 60
@@ -42,6 +42,7 @@ class FMConfig:
     batch_size: int = 512
     lr: float = 2e-3
     warmup_days: int = 10  # VM examples start after this many days of FM training
+    passes_per_day: int = 2  # streaming: each day is seen this many times, in day order
     checkpoint_scheme: str = "frozen"  # frozen | rolling
     logging_delay_s: int = 60
 

@@ -61,7 +61,7 @@ def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int
     }
 
 
-def run_demo(run_dir: Path, requests: int = 300) -> dict:
+def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import open_store
@@ -73,7 +73,7 @@ def run_demo(run_dir: Path, requests: int = 300) -> dict:
     from loopfm.vm.model import VARIANTS
 
     started = time.perf_counter()
-    paths, cfg, total = RunPaths(run_dir), RunConfig(), 8
+    paths, total = RunPaths(run_dir), 8
     cfg.save(run_dir)
     with stage(1, total, "synthesize the world"):
         print(f"  {write_world(cfg.world, paths)}")

