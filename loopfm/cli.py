@@ -172,15 +172,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> None:
-    """Console entry point. Exits without interpreter teardown, where DuckDB's bindings
-    print spurious "nanobind: leaked ..." reports; every resource the commands open
-    (Redis server, uvicorn, temporary folders) is closed by its own context manager first."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -26,8 +26,10 @@ def uvicorn_command(host: str, port: int, workers: int = 1) -> list[str]:
     ]  # fmt: skip
 
 
-def start_server(model_dir: Path, redis_url: str, log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start uvicorn on a free loopback port and wait until /readyz answers 200."""
+def start_server(
+    model_dir: Path, redis_url: str, log_path: Path, port: int | None = None, wait_for: str = "/readyz"
+) -> tuple[subprocess.Popen, str]:
+    """Start uvicorn on a free loopback port and wait until `wait_for` answers 200."""
     port = port or free_port()
     env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url}
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,13 +41,13 @@ def start_server(model_dir: Path, redis_url: str, log_path: Path, port: int | No
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     stop_server(proc)
-    raise RuntimeError(f"server not ready within 60 s; see {log_path}")
+    raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -109,3 +109,18 @@ def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
     r = _score(url, **body)
     assert r.status_code == 422
     assert r.json()["detail"]
+
+
+def test_without_redis_the_server_is_live_but_not_ready_and_score_answers_503(trained_run, tmp_path):
+    from loopfm.server_process import free_port
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    model_dir = RunPaths(trained_run).vm / "base" / "onnx"
+    proc, url = start_server(model_dir, dead_redis, tmp_path / "server.log", wait_for="/healthz")
+    try:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False and ready.json()["model_loaded"]
+        r = _score(url, user_id=1, candidate_item_ids=[1, 2])
+        assert r.status_code == 503 and "online store unavailable" in r.json()["detail"]
+    finally:
+        stop_server(proc)
