@@ -58,8 +58,8 @@ fm_history = FeatureView(
     ttl=TTL,
     schema=[
         Field(name="fm_codes", dtype=Bytes, description="last L FM codes of clicked events, int4 packed"),
-        Field(name="fm_newest_available_at", dtype=Int64, description="unix s when the newest code became available"),
-        Field(name="fm_trained_until", dtype=Int64, description="unix s: newest data any code's FM checkpoint saw"),
+        Field(name="fm_newest_available_at_us", dtype=Int64, description="unix µs: when the newest code became available"),
+        Field(name="fm_trained_until_us", dtype=Int64, description="unix µs: newest data any code's FM checkpoint saw"),
     ],
     source=_source("fm_history"),
 )

@@ -13,9 +13,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from loopfm.config import ConfigError, RunConfig
+from loopfm.config import VARIANTS, ConfigError, RunConfig
 
-VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
 DEFAULT_RUN_DIR = Path("runs/demo")
 
 
@@ -39,8 +38,10 @@ def cmd_synth(args: argparse.Namespace) -> None:
     cfg.world = replace(cfg.world, **overrides)
     for assignment in args.set or []:
         cfg.override(assignment)
-    cfg.save(args.run_dir)
-    print(write_world(cfg.world, RunPaths(args.run_dir)))
+    cfg.validate()
+    counts = write_world(cfg.world, RunPaths(args.run_dir))
+    cfg.save(args.run_dir)  # last: a refused or failed synth leaves no config behind
+    print(counts)
 
 
 def cmd_fm_train(args: argparse.Namespace) -> None:
@@ -60,8 +61,8 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
         cfg.fm = replace(cfg.fm, checkpoint_scheme=args.scheme)
     if args.delay_s is not None:
         cfg.fm = replace(cfg.fm, logging_delay_s=args.delay_s)
-    cfg.save(args.run_dir)
-    log = log_embeddings(RunPaths(args.run_dir), cfg)
+    log = log_embeddings(RunPaths(args.run_dir), cfg.validate())
+    cfg.save(args.run_dir)  # only once the log it describes exists
     print(f"logged {len(log)} events to {RunPaths(args.run_dir).fm_log}")
 
 
@@ -93,7 +94,7 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
     from loopfm.io import RunPaths
     from loopfm.vm.export import export_variant
 
-    meta = export_variant(RunPaths(args.run_dir), open_store(args.run_dir, "redis://127.0.0.1:6379"), args.variant)
+    meta = export_variant(RunPaths(args.run_dir), open_store(args.run_dir), args.variant)
     print(f"exported {meta['model_version']}; parity {meta['parity']}")
 
 

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
+VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
+
+
 @dataclass
 class WorldConfig:
     """Size and physics of the synthetic multi-vertical world (see loopfm/data/synth.py)."""
@@ -70,7 +73,26 @@ class RunConfig:
     fm: FMConfig = field(default_factory=FMConfig)
     vm: VMConfig = field(default_factory=VMConfig)
 
+    def validate(self) -> "RunConfig":
+        """Refuse combinations that would fail later, deep inside a stage."""
+        w, fm, vm = self.world, self.fm, self.vm
+        checks = [
+            (len(w.verticals) == len(w.vertical_mix), "world.verticals and world.vertical_mix differ in length"),
+            (vm.target_vertical in w.verticals, f"vm.target_vertical {vm.target_vertical!r} not in world.verticals"),
+            (fm.code_dim > 0 and fm.code_dim % 2 == 0, "fm.code_dim must be a positive even number (int4 packs pairs)"),
+            (0 < fm.warmup_days < w.n_days - vm.eval_days, "need 0 < fm.warmup_days < world.n_days - vm.eval_days"),
+            (vm.eval_days > 0 and vm.history_length > 0, "vm.eval_days and vm.history_length must be positive"),
+            (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
+            (fm.extract_layer in ("embedding", "hidden1", "hidden2"), "fm.extract_layer: embedding|hidden1|hidden2"),
+            (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return self
+
     def save(self, run_dir: Path) -> None:
+        self.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
 
@@ -80,7 +102,11 @@ class RunConfig:
         if not path.exists():
             raise ConfigError(f"{path} not found: run `loopfm data synth --run-dir {run_dir}` first")
         raw = json.loads(path.read_text())
-        return cls(**{f.name: _section(f.type, raw.get(f.name, {}), path) for f in fields(cls)})
+        cfg = cls(**{f.name: _section(f.type, raw.get(f.name, {}), path) for f in fields(cls)})
+        try:
+            return cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
     def override(self, assignment: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loopfm.config import RunConfig
+from loopfm.config import VARIANTS, RunConfig
 from loopfm.io import RunPaths, read_parquet
 
 SERVED_VARIANT = "loopfm_kd"
@@ -70,7 +70,6 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
     from loopfm.vm.export import export_variant
-    from loopfm.vm.model import VARIANTS
 
     started = time.perf_counter()
     paths, total = RunPaths(run_dir), 8
@@ -89,7 +88,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
         with stage(6, total, "train and evaluate the VM variants"):
             quality = train_variants(run_dir, list(VARIANTS))
         with stage(7, total, f"export {SERVED_VARIANT} to ONNX"):
-            meta = export_variant(paths, open_store(run_dir, redis_url), SERVED_VARIANT)
+            meta = export_variant(paths, open_store(run_dir), SERVED_VARIANT)
             print(f"  {meta['model_version']}: parity on {meta['parity']['rows']} rows, "
                   f"max |ONNX - torch| = {meta['parity']['max_abs_diff']:.2e}")  # fmt: skip
         with stage(8, total, f"serve and send {requests} requests over HTTP"):

@@ -64,10 +64,11 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return pd.read_parquet(path, columns=columns)
 
 
-def unix_seconds(timestamps: pd.Series) -> "pd.Series":
-    """UTC timestamps (any unit) -> int64 seconds since the epoch."""
-    return timestamps.dt.tz_convert("UTC").astype("datetime64[ns, UTC]").astype("int64") // 1_000_000_000
+def unix_us(timestamps: pd.Series) -> pd.Series:
+    """UTC timestamps (any unit) -> int64 microseconds since the epoch (the project's time unit;
+    rounding to seconds would let a sub-second event into its own history)."""
+    return timestamps.dt.tz_convert("UTC").astype("datetime64[us, UTC]").astype("int64")
 
 
-def from_unix_seconds(seconds) -> pd.Series:
-    return pd.Series(pd.to_datetime(seconds, unit="s", utc=True))
+def from_unix_us(us) -> pd.Series:
+    return pd.Series(pd.to_datetime(us, unit="us", utc=True)).astype("datetime64[us, UTC]")

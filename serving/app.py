@@ -1,40 +1,56 @@
-"""FastAPI app: /score, /healthz, /readyz. Start with `loopfm serve` or
-`uvicorn serving.app:create_app --factory` with LOOPFM_MODEL_DIR and REDIS_URL set."""
+"""FastAPI app: /score, /healthz, /readyz, /metrics. Start with `loopfm serve` or
+`uvicorn serving.app:create_app --factory` with LOOPFM_MODEL_DIR and REDIS_URL set.
+
+/score is `async def` and scores inline on the event loop: the work is CPU-bound and
+sub-millisecond to a few milliseconds, so a thread-pool hop would only add latency; one
+worker process per core gives parallelism. The Redis read is bounded by socket timeouts.
+"""
 
 from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
 
+import orjson
 import redis
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import FastAPI, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from serving.item_cache import ItemCache
+from serving.metrics import Metrics, MetricsMiddleware
 from serving.schemas import ScoreRequest, ScoreResponse
 from serving.scorer import Scorer
 from serving.settings import Settings
 
 
+def json_response(body: dict, status_code: int = 200) -> Response:
+    """orjson straight to bytes: no second validation pass over a 1,000-score list."""
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    item_cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
+    metrics = Metrics(item_cache)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scorer = Scorer(settings.model_dir, settings.ort_threads)
+        app.state.scorer = Scorer(settings.model_dir, settings.ort_threads, item_cache)
         app.state.redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )
         yield
         app.state.redis.close()
 
-    app = FastAPI(title="loopfm", default_response_class=ORJSONResponse, lifespan=lifespan)
+    app = FastAPI(title="loopfm", lifespan=lifespan)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz(request: Request) -> ORJSONResponse:
+    async def readyz(request: Request) -> Response:
         scorer = getattr(request.app.state, "scorer", None)
         try:
             redis_ok = bool(request.app.state.redis.ping())
@@ -44,10 +60,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"ready": ready, "model_loaded": scorer is not None, "redis": redis_ok}
         if scorer is not None:
             body["model_version"] = scorer.version
-        return ORJSONResponse(body, status_code=200 if ready else 503)
+        return json_response(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/score", response_model=ScoreResponse)
-    def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    async def score(body: ScoreRequest, request: Request) -> Response:
         if len(body.candidate_item_ids) > settings.max_candidates:
             raise HTTPException(422, f"at most {settings.max_candidates} candidates per request")
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
@@ -55,13 +75,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             result = scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour)
         except redis.RedisError as exc:
+            metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
             raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc
-        return ScoreResponse(
-            scores=result.scores,
-            model_version=scorer.version,
-            user_known=result.user_known,
-            unknown_candidates=result.unknown_items,
-            feature_age_s=result.feature_age_s,
+        metrics.redis.observe(result.redis_s)
+        metrics.model.observe(result.model_s)
+        metrics.candidates.observe(len(body.candidate_item_ids))
+        if result.corrupt_values:
+            metrics.errors.labels("corrupt_value").inc(result.corrupt_values)
+        for view, age in result.feature_age_s.items():
+            if age is not None:
+                metrics.feature_age.labels(view).observe(age)
+        # Built by hand (not validated again by FastAPI): ScoreResponse documents the shape.
+        return json_response(
+            {
+                "scores": result.scores,
+                "model_version": scorer.version,
+                "user_known": result.user_known,
+                "unknown_candidates": result.unknown_items,
+                "feature_age_s": result.feature_age_s,
+                "corrupt_values": result.corrupt_values,
+            }
         )
 
     return app

@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 import mmh3
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 _STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
@@ -43,6 +44,8 @@ def timestamp_field(view: str) -> bytes:
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise CorruptValue("truncated or overlong varint")
         byte = buf[pos]
         result |= (byte & 0x7F) << shift
         pos += 1
@@ -55,8 +58,8 @@ def _signed(v: int, bits: int) -> int:
     return v - (1 << bits) if v >> (bits - 1) else v
 
 
-class UnsupportedValue(ValueError):
-    """A stored feast Value whose kind this reader does not decode (lists, maps, ...)."""
+class CorruptValue(ValueError):
+    """A stored value that cannot be decoded, or whose kind (lists, maps, ...) the server does not use."""
 
 
 def decode_value(blob: bytes | None) -> Any:
@@ -70,23 +73,33 @@ def decode_value(blob: bytes | None) -> Any:
     number, wire = tag >> 3, tag & 7
     if wire == 2 and number in (1, 2):
         length, pos = _varint(blob, pos)
-        raw = blob[pos : pos + length]
-        return raw if number == 1 else raw.decode()
+        if pos + length != len(blob):
+            raise CorruptValue(f"length {length} does not match the {len(blob) - pos} bytes stored")
+        raw = blob[pos:]
+        try:
+            return raw if number == 1 else raw.decode()
+        except UnicodeDecodeError as exc:
+            raise CorruptValue("string value is not UTF-8") from exc
     if wire == 0 and number in (3, 4, 7, 8):
         v, _ = _varint(blob, pos)
         if number == 7:
             return bool(v)
         return _signed(v & 0xFFFFFFFF, 32) if number == 3 else _signed(v & ((1 << 64) - 1), 64)
-    if wire == 1 and number == 5:
+    if wire == 1 and number == 5 and len(blob) == pos + 8:
         return struct.unpack_from("<d", blob, pos)[0]
-    if wire == 5 and number == 6:
+    if wire == 5 and number == 6 and len(blob) == pos + 4:
         return struct.unpack_from("<f", blob, pos)[0]
-    raise UnsupportedValue(f"feast Value field {number} (wire type {wire}) is not supported by the server")
+    if number == 19:  # null_val
+        return None
+    raise CorruptValue(f"feast Value field {number} (wire type {wire}) is not decodable here")
 
 
 def decode_timestamp(blob: bytes | None) -> float | None:
     """`_ts:<view>` field -> unix seconds, or None."""
     if not blob:
         return None
-    ts = Timestamp.FromString(blob)
+    try:
+        ts = Timestamp.FromString(blob)
+    except DecodeError as exc:
+        raise CorruptValue("undecodable _ts field") from exc
     return ts.seconds + ts.nanos / 1e9

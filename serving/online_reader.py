@@ -7,16 +7,29 @@ from typing import Any, Sequence
 
 import redis
 
-from serving.feast_layout import decode_timestamp, decode_value, entity_key, feature_field, timestamp_field
+from serving.feast_layout import CorruptValue, decode_timestamp, decode_value, entity_key, feature_field, timestamp_field
 
 
 @dataclass
 class EntityRows:
     """Features of several entities of one kind: {feature: [value per entity]}, plus the
-    Feast event time (unix s) of each feature view per entity (None = not in the store)."""
+    Feast event time (unix s) of each feature view per entity (None = not in the store).
+    A stored value that cannot be decoded reads as None and is counted in `corrupt`."""
 
     values: dict[str, list[Any]]
     timestamps: dict[str, list[float | None]]
+    corrupt: int = 0
+
+
+def _decode_all(blobs: list, decode, rows: EntityRows) -> list:
+    out = []
+    for blob in blobs:
+        try:
+            out.append(decode(blob))
+        except CorruptValue:
+            out.append(None)
+            rows.corrupt += 1
+    return out
 
 
 def read_online_features(
@@ -43,14 +56,13 @@ def read_online_features(
     for n, views in plans:
         rows = replies[cursor : cursor + n]
         cursor += n
-        values: dict[str, list[Any]] = {}
-        timestamps: dict[str, list[float | None]] = {}
+        result = EntityRows({}, {})
         col = 0
         for view, features in views.items():
             for f in features:
-                values[f] = [decode_value(r[col]) for r in rows]
+                result.values[f] = _decode_all([r[col] for r in rows], decode_value, result)
                 col += 1
-            timestamps[view] = [decode_timestamp(r[col]) for r in rows]
+            result.timestamps[view] = _decode_all([r[col] for r in rows], decode_timestamp, result)
             col += 1
-        out.append(EntityRows(values, timestamps))
+        out.append(result)
     return out

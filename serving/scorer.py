@@ -13,6 +13,7 @@ import onnxruntime as ort
 import redis
 
 from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
+from serving.item_cache import ItemCache
 from serving.online_reader import read_online_features
 
 USER_KEY, ITEM_KEY = "user_id", "item_id"
@@ -22,14 +23,17 @@ USER_KEY, ITEM_KEY = "user_id", "item_id"
 class Scored:
     scores: list[float]
     user_known: bool
-    unknown_items: list[int]
+    unknown_items: list[int]  # no stored features, or outside the model's vocabulary
     feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time
+    corrupt_values: int  # stored values that could not be decoded (read as missing)
+    redis_s: float
+    model_s: float  # tensorization + ONNX Runtime
 
 
 class Scorer:
     """An ONNX VM plus the feature refs and tensor spec it was exported with."""
 
-    def __init__(self, model_dir: Path, threads: int = 1):
+    def __init__(self, model_dir: Path, threads: int = 1, item_cache: ItemCache | None = None):
         meta_path, onnx_path = model_dir / "model.json", model_dir / "model.onnx"
         for path in (meta_path, onnx_path):
             if not path.exists():
@@ -38,6 +42,7 @@ class Scorer:
         self.spec = TensorSpec(**self.meta["spec"])
         self.user_views: dict[str, list[str]] = self.meta["features"][USER_KEY]
         self.item_views: dict[str, list[str]] = self.meta["features"][ITEM_KEY]
+        self.items = item_cache if item_cache is not None else ItemCache(max_items=0, ttl_s=0)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -50,13 +55,23 @@ class Scorer:
         return self.meta["model_version"]
 
     def score(self, client: redis.Redis, user_id: int, item_ids: Sequence[int], hour: int) -> Scored:
-        user, items = read_online_features(
+        """One pipelined Redis round trip (the user + items not in the cache), then ONNX."""
+        started = time.perf_counter()
+        rows, missing = self.items.lookup(item_ids)
+        missing = list(dict.fromkeys(missing))
+        user, fetched = read_online_features(
             client,
             self.meta["project"],
-            [(USER_KEY, [user_id], self.user_views), (ITEM_KEY, item_ids, self.item_views)],
+            [(USER_KEY, [user_id], self.user_views), (ITEM_KEY, missing, self.item_views)],
         )
+        redis_done = time.perf_counter()
+        if missing:
+            fresh = candidate_tensors(missing, fetched.values, self.spec)
+            self.items.store(missing, fresh)
+            by_id = dict(zip(missing, fresh))
+            rows = [by_id[i] if row is None else row for i, row in zip(item_ids, rows)]
         tensors = request_tensors(user.values, [hour], self.spec)
-        tensors["candidates"] = candidate_tensors(item_ids, items.values, self.spec)
+        tensors["candidates"] = np.stack(rows)
         tensors["candidate_user"] = np.zeros(len(item_ids), dtype=np.int64)
         scores = self.session.run(None, {name: tensors[name] for name in self.inputs})[0]
         now = time.time()
@@ -64,6 +79,9 @@ class Scorer:
         return Scored(
             scores=scores.astype(float).tolist(),
             user_known=any(age is not None for age in ages.values()),
-            unknown_items=[i for i, known in zip(item_ids, tensors["candidates"][:, 1] > 0) if not known],
+            unknown_items=[i for i, index in zip(item_ids, tensors["candidates"][:, 0]) if index == 0],
             feature_age_s=ages,
+            corrupt_values=user.corrupt + fetched.corrupt,
+            redis_s=redis_done - started,
+            model_s=time.perf_counter() - redis_done,
         )

@@ -14,6 +14,8 @@ class Settings:
     max_candidates: int = 1000
     ort_threads: int = 1  # one ONNX Runtime thread per worker was steadier than two on 2 cores
     redis_timeout_s: float = 0.5
+    item_cache_size: int = 100_000  # items; 0 disables the cache
+    item_cache_ttl_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -25,4 +27,6 @@ class Settings:
             max_candidates=int(os.environ.get("LOOPFM_MAX_CANDIDATES", cls.max_candidates)),
             ort_threads=int(os.environ.get("LOOPFM_ORT_THREADS", cls.ort_threads)),
             redis_timeout_s=float(os.environ.get("LOOPFM_REDIS_TIMEOUT_S", cls.redis_timeout_s)),
+            item_cache_size=int(os.environ.get("LOOPFM_ITEM_CACHE_SIZE", cls.item_cache_size)),
+            item_cache_ttl_s=float(os.environ.get("LOOPFM_ITEM_CACHE_TTL_S", cls.item_cache_ttl_s)),
         )

@@ -27,3 +27,14 @@ def test_wrongly_typed_values_and_unknown_variants_are_refused(tmp_path):
     r = loopfm("vm", "train", "--run-dir", str(tmp_path), "--variant", "huge", check=False)
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert not (tmp_path / "config.json").exists()  # nothing half-written by a refused command
+
+
+def test_a_synth_refused_for_an_inconsistent_world_leaves_nothing_behind(tmp_path):
+    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "world.vertical_mix=[1.0]", check=False)
+    assert r.returncode == 2 and "vertical_mix" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_training_without_the_base_vm_says_what_is_missing(tmp_path):
+    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=7", check=False)
+    assert r.returncode == 2 and "fm.code_dim must be a positive even number" in r.stderr

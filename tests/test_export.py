@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from loopfm.features.store import historical_features
 from loopfm.io import RunPaths, read_parquet
@@ -39,3 +40,28 @@ def test_one_user_many_candidates_scores_like_one_row_per_candidate(trained_run,
     got = session.run(None, shared)[0]
     assert shared["fm_codes"].shape[0] == 1
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_training_and_serving_build_identical_inputs_for_the_same_user_state(trained_run, store, redis_url):
+    """A historical row stamped after the last event sees the state `feast materialize` wrote
+    to Redis; the trainer's frame_tensors and the server's Scorer must turn it into the same
+    model inputs and the same score."""
+    import pandas as pd
+    import redis
+
+    from loopfm.config import RunConfig
+    from serving.scorer import Scorer
+
+    paths, cfg = RunPaths(trained_run), RunConfig.load(trained_run)
+    after_everything = pd.Timestamp(cfg.world.start_date, tz="UTC") + pd.Timedelta(days=cfg.world.n_days + 1)
+    users, items = [3, 4, 5, 10**9], [801, 950, 10**9, 1100]
+    entity = pd.DataFrame({"user_id": users, "item_id": items, "hour": [1, 2, 3, 4], "event_timestamp": after_everything})
+    training = frame_tensors(historical_features(store, entity, "vm_loopfm_kd"), load_variant(paths, "loopfm_kd")[1])
+    scorer = Scorer(paths.vm / "loopfm_kd" / "onnx")
+    client = redis.Redis.from_url(redis_url)
+    session = ort.InferenceSession(str(paths.vm / "loopfm_kd" / "onnx" / "model.onnx"))
+    for row, (user, item, hour) in enumerate(zip(users, items, [1, 2, 3, 4])):
+        served = scorer.score(client, user, [item], hour)
+        expected = session.run(None, {n: training[n][row : row + 1] if n != "candidate_user" else np.zeros(1, np.int64)
+                                      for n in scorer.inputs})[0]  # fmt: skip
+        assert served.scores == pytest.approx(expected.tolist(), abs=1e-7), (user, item)

@@ -6,14 +6,17 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import redis
 
 from loopfm.features.store import FEATURE_REPO, feast_env
+from loopfm.redis_server import local_redis
 
 
-def test_feast_cli_by_hand_applies_and_materializes_incrementally_into_a_fresh_database(copy_of_run, redis_url):
-    fresh_db = redis_url.rstrip("/") + "/3"
-    redis.Redis.from_url(fresh_db).flushdb()
+def test_feast_cli_by_hand_applies_and_materializes_incrementally_into_a_fresh_redis(copy_of_run, monkeypatch):
+    with local_redis() as fresh:
+        _apply_and_check(copy_of_run, fresh, monkeypatch)
+
+
+def _apply_and_check(copy_of_run, fresh_db, monkeypatch):
     env = {**os.environ, **feast_env(copy_of_run, fresh_db)}
     (copy_of_run / "registry.db").unlink(missing_ok=True)
     feast = str(Path(sys.executable).with_name("feast"))
@@ -28,7 +31,8 @@ def test_feast_cli_by_hand_applies_and_materializes_incrementally_into_a_fresh_d
 
     from feast import FeatureStore
 
-    os.environ.update(feast_env(copy_of_run, fresh_db))
+    for key, value in feast_env(copy_of_run, fresh_db).items():
+        monkeypatch.setenv(key, value)
     store = FeatureStore(repo_path=str(FEATURE_REPO))
     online = store.get_online_features(
         features=["fm_history:fm_codes"], entity_rows=[{"user_id": int(u)} for u in newest.user_id]

@@ -11,7 +11,7 @@ from loopfm.config import RunConfig
 from loopfm.features.build import ENTITY_OFFSET
 from loopfm.features.store import historical_features
 from loopfm.fm.stream import log_embeddings
-from loopfm.io import RunPaths, read_parquet, unix_seconds
+from loopfm.io import RunPaths, read_parquet, unix_us
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,18 @@ def training_rows(materialized_run, store):
 
 
 def test_every_fm_code_was_available_strictly_before_the_example(training_rows):
-    impression_time = unix_seconds(training_rows["event_timestamp"] + ENTITY_OFFSET)
+    impression_time = unix_us(training_rows["event_timestamp"] + ENTITY_OFFSET)
     has_history = training_rows["fm_codes"].notna()
     assert has_history.mean() > 0.5
-    newest = training_rows.loc[has_history, "fm_newest_available_at"]
+    newest = training_rows.loc[has_history, "fm_newest_available_at_us"]
     assert (newest < impression_time[has_history]).all()
 
 
 def test_no_fm_checkpoint_saw_the_example_s_time_or_later(training_rows):
-    impression_time = unix_seconds(training_rows["event_timestamp"] + ENTITY_OFFSET)
+    impression_time = unix_us(training_rows["event_timestamp"] + ENTITY_OFFSET)
     has_history = training_rows["fm_codes"].notna()
-    assert (training_rows.loc[has_history, "fm_trained_until"] <= impression_time[has_history]).all()
-    assert (unix_seconds(training_rows["kd_trained_until"]) <= impression_time).all()  # the KD label too
+    assert (training_rows.loc[has_history, "fm_trained_until_us"] <= impression_time[has_history]).all()
+    assert (unix_us(training_rows["kd_trained_until"]) <= impression_time).all()  # the KD label too
 
 
 def test_histories_equal_a_brute_force_recomputation_that_excludes_the_current_event(materialized_run, training_rows):

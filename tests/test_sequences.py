@@ -29,3 +29,10 @@ def test_other_users_never_leak_in_and_empty_inputs_pad():
     got = last_n_before(np.array([2, 2]), np.array([1, 2]), np.array([1, 3]), np.array([100, 100]), 2)
     assert (got == -1).all()
     assert (last_n_before(np.array([]), np.array([]), np.array([1]), np.array([5]), 2) == -1).all()
+
+
+def test_huge_user_ids_and_microsecond_times_do_not_collide():
+    big = np.array([2**40, 0, 2**62])
+    t = np.array([1_700_000_000_000_001, 1_700_000_000_000_001, 5])  # microseconds
+    got = last_n_before(big, t, np.array([0, 2**40, 2**62]), np.array([1_800_000_000_000_000] * 3), 2)
+    assert got.tolist() == [[-1, 1], [-1, 0], [-1, 2]]

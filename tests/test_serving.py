@@ -15,9 +15,6 @@ from loopfm.features.tensorize import candidate_tensors, request_tensors
 from loopfm.io import RunPaths
 from loopfm.server_process import start_server, stop_server
 
-FORBIDDEN = ("torch", "loopfm.fm", "loopfm.vm", "feast")
-
-
 def test_serving_imports_no_torch_no_fm_and_no_feast_sdk():
     code = "import sys, serving.app, serving.scorer; print([m for m in sys.modules if m.split('.')[0] in ('torch', 'feast') or m.startswith(('loopfm.fm', 'loopfm.vm'))])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -102,6 +99,10 @@ def test_unknown_user_and_unknown_candidates_are_scored_and_reported(server):
         {"user_id": 1, "candidate_item_ids": [1], "context": {"hour": 24}},
         {"user_id": 1, "candidate_item_ids": [1], "context": {"weather": "rain"}},
         {"user_id": 1, "candidate_item_ids": list(range(1001))},
+        {"user_id": True, "candidate_item_ids": [1]},
+        {"user_id": "7", "candidate_item_ids": [1]},
+        {"user_id": 7.0, "candidate_item_ids": [1]},
+        {"user_id": 7, "candidate_item_ids": [1], "context": {"hour": "3"}},
     ],
 )
 def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
@@ -124,3 +125,35 @@ def test_without_redis_the_server_is_live_but_not_ready_and_score_answers_503(tr
         assert r.status_code == 503 and "online store unavailable" in r.json()["detail"]
     finally:
         stop_server(proc)
+
+
+def test_a_corrupt_stored_value_is_read_as_missing_flagged_and_never_a_500(server, redis_url):
+    import redis
+
+    from serving.feast_layout import entity_key, feature_field
+
+    url, _ = server
+    client = redis.Redis.from_url(redis_url)
+    key, field = entity_key("user_id", 11, "loopfm"), feature_field("fm_history", "fm_codes")
+    original = client.hget(key, field)
+    client.hset(key, field, b"\x0a\x05ab")  # says 5 bytes follow, holds 2
+    try:
+        r = _score(url, user_id=11, candidate_item_ids=[801, 802], context={"hour": 2})
+        assert r.status_code == 200, r.text
+        assert r.json()["corrupt_values"] == 1 and r.json()["user_known"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'loopfm_errors_total{kind="corrupt_value"} 1.0' in metrics
+    finally:
+        client.hset(key, field, original)
+
+
+def test_metrics_expose_latency_redis_model_candidates_and_cache_hit_rate(server):
+    url, _ = server
+    for _ in range(3):
+        _score(url, user_id=3, candidate_item_ids=[801, 802, 803], context={"hour": 9})
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("loopfm_request_seconds_bucket", "loopfm_redis_seconds_count", "loopfm_model_seconds_count",
+                 "loopfm_candidates_bucket", "loopfm_feature_age_seconds_bucket", "loopfm_item_cache_hit_ratio"):  # fmt: skip
+        assert name in text, name
+    hit_ratio = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("loopfm_item_cache_hit_ratio")))
+    assert 0 < hit_ratio < 1  # repeated candidates hit the cache; first sightings miss

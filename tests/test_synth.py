@@ -37,7 +37,7 @@ def test_labels_follow_the_true_click_probability_kept_aside():
     assert high > 3 * low
 
 
-def test_fm_only_signal_is_informative_and_tunable():
+def test_fm_only_signal_tracks_a_persistent_interest_more_tightly_with_less_noise():
     def corr(noise: float) -> float:
         cfg = WorldConfig(n_users=300, n_days=5, fm_signal_noise=noise, seed=1)
         t = simulate(cfg)

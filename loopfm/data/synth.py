@@ -23,14 +23,13 @@ import pandas as pd
 from loopfm.config import WorldConfig
 from loopfm.io import RunPaths, write_parquet
 
-SECONDS_PER_DAY = 86_400
+US_PER_DAY = 86_400 * 1_000_000
+US_PER_HOUR = 3_600 * 1_000_000
 PRICE_BUCKETS = 10
 
 
 def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     """Return the canonical tables: users, items, impressions, fm_user_signals, truth."""
-    if len(cfg.verticals) != len(cfg.vertical_mix):
-        raise ValueError("world.verticals and world.vertical_mix must have the same length")
     rng = np.random.default_rng(cfg.seed)
     k, n_users, n_days = cfg.latent_dim, cfg.n_users, cfg.n_days
     n_verticals = len(cfg.verticals)
@@ -62,8 +61,8 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     counts = rng.poisson(activity[:, None] * cfg.impressions_per_user_day, (n_users, n_days))
     user = np.repeat(np.repeat(np.arange(n_users), n_days), counts.ravel())
     day = np.repeat(np.tile(np.arange(n_days), n_users), counts.ravel())
-    second = day * SECONDS_PER_DAY + rng.integers(0, SECONDS_PER_DAY, user.size)
-    hour = (second % SECONDS_PER_DAY) // 3600
+    time_us = day * US_PER_DAY + rng.integers(0, US_PER_DAY, user.size)  # microsecond resolution
+    hour = (time_us % US_PER_DAY) // US_PER_HOUR
     vertical = (rng.random(user.size)[:, None] > np.cumsum(vertical_pref[user], axis=1)).sum(axis=1)
     vertical = np.minimum(vertical, n_verticals - 1)
     item = vertical * cfg.n_items_per_vertical + rng.integers(0, cfg.n_items_per_vertical, user.size)
@@ -83,7 +82,7 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     p_true = 1 / (1 + np.exp(-logit))
     label = (rng.random(user.size) < p_true).astype(np.int64)
 
-    order = np.argsort(second, kind="stable")
+    order = np.argsort(time_us, kind="stable")
     start = pd.Timestamp(cfg.start_date, tz="UTC")
     names = np.asarray(cfg.verticals)
     impressions = pd.DataFrame(
@@ -92,7 +91,7 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
             "user_id": user[order].astype(np.int64),
             "item_id": item[order].astype(np.int64),
             "vertical": names[vertical[order]],
-            "event_timestamp": start + pd.to_timedelta(second[order], unit="s"),
+            "event_timestamp": (start + pd.to_timedelta(time_us[order], unit="us")).astype("datetime64[us, UTC]"),
             "hour": hour[order].astype(np.int64),
             "label": label[order],
         }

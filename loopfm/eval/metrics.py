@@ -13,18 +13,15 @@ from sklearn.metrics import log_loss, roc_auc_score
 EPS = 1e-7
 
 
-def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
+def base_rate_entropy(y: np.ndarray) -> float:
+    """Log loss of always predicting the observed click rate: NE's denominator."""
     base = float(np.clip(y.mean(), EPS, 1 - EPS))
-    entropy = -(base * np.log(base) + (1 - base) * np.log(1 - base))
-    return float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]) / entropy)
+    return -(base * np.log(base) + (1 - base) * np.log(1 - base))
 
 
 def quality(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {
-        "auc": float(roc_auc_score(y, p)),
-        "logloss": float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1])),
-        "ne": normalized_entropy(y, p),
-    }
+    logloss = float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]))
+    return {"auc": float(roc_auc_score(y, p)), "logloss": logloss, "ne": logloss / base_rate_entropy(y)}
 
 
 def comparison_table(y: np.ndarray, predictions: dict[str, np.ndarray], reference: str = "base") -> dict[str, dict]:

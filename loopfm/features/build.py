@@ -3,8 +3,9 @@
 Histories are snapshots: one row per (user, time the sequence changed), holding the last L
 elements available at or before that time. Feast's point-in-time join takes, for an entity
 row at time e, the newest snapshot stamped <= e. Entity rows are stamped one millisecond
-before their impression, so a snapshot that includes the impression itself (logging delay
-0) can never reach it: histories are strictly older than the example.
+before their impression (times are microseconds), so a snapshot that includes the
+impression itself (logging delay 0) can never reach it: histories hold exactly the elements
+available strictly before the example.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
-from loopfm.data.synth import SECONDS_PER_DAY
+from loopfm.data.synth import US_PER_DAY
 from loopfm.features.sequences import last_n_before
-from loopfm.io import RunPaths, from_unix_seconds, read_parquet, unix_seconds, write_parquet
+from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
 
-ENTITY_OFFSET = pd.Timedelta(milliseconds=1)
-SOURCES = ("user_profile", "item_features", "vm_click_history", "fm_history")
+ENTITY_OFFSET = pd.Timedelta(microseconds=1)  # one tick of the project's time unit
 
 
-def _snapshots(user: np.ndarray, available_s: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _snapshots(user: np.ndarray, available_us: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Snapshot times (one per distinct (user, availability time)) and, for each, the indices
     of the last `length` elements available at or before it (-1 padded on the left)."""
-    snap = pd.DataFrame({"u": user, "s": available_s}).drop_duplicates().to_numpy()
-    idx = last_n_before(user, available_s, snap[:, 0], snap[:, 1] + 1, length)
+    snap = pd.DataFrame({"u": user, "s": available_us}).drop_duplicates().to_numpy()
+    idx = last_n_before(user, available_us, snap[:, 0], snap[:, 1] + 1, length)
     return snap[:, 0], snap[:, 1], idx
 
 
@@ -40,17 +40,17 @@ def _pack_rows(rows: np.ndarray, idx: np.ndarray) -> list[bytes]:
 def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.DataFrame:
     """Per-user sequences of the last `length` FM codes of clicked events, all verticals."""
     c = log[clicked]
-    available = unix_seconds(c["available_at"]).to_numpy()
-    user, snap_s, idx = _snapshots(c["user_id"].to_numpy(), available, length)
+    available = unix_us(c["available_at"]).to_numpy()
+    user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), available, length)
     codes = np.stack([np.frombuffer(b, dtype=np.uint8) for b in c["fm_code"]]) if len(c) else np.zeros((0, 1), np.uint8)
-    until = unix_seconds(c["fm_trained_until"]).to_numpy()
+    until = unix_us(c["fm_trained_until"]).to_numpy()
     return pd.DataFrame(
         {
             "user_id": user,
-            "event_timestamp": from_unix_seconds(snap_s),
+            "event_timestamp": from_unix_us(snap_us),
             "fm_codes": _pack_rows(codes, idx),
-            "fm_newest_available_at": np.where(idx >= 0, available[np.clip(idx, 0, None)], 0).max(1),
-            "fm_trained_until": np.where(idx >= 0, until[np.clip(idx, 0, None)], 0).max(1),
+            "fm_newest_available_at_us": np.where(idx >= 0, available[np.clip(idx, 0, None)], 0).max(1),
+            "fm_trained_until_us": np.where(idx >= 0, until[np.clip(idx, 0, None)], 0).max(1),
         }
     )
 
@@ -58,10 +58,10 @@ def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.
 def build_vm_click_history(imp: pd.DataFrame, vertical: str, length: int) -> pd.DataFrame:
     """Per-user sequences of the last `length` clicked item ids in the VM's own vertical."""
     c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
-    user, snap_s, idx = _snapshots(c["user_id"].to_numpy(), unix_seconds(c["event_timestamp"]).to_numpy(), length)
+    user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
     item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
     return pd.DataFrame(
-        {"user_id": user, "event_timestamp": from_unix_seconds(snap_s), "item_ids": _pack_rows(item_rows, idx)}
+        {"user_id": user, "event_timestamp": from_unix_us(snap_us), "item_ids": _pack_rows(item_rows, idx)}
     )
 
 
@@ -71,8 +71,6 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
     log = read_parquet(paths.fm_log)
     if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():
         raise ValueError(f"{paths.fm_log} does not match impressions: re-run `loopfm fm log`")
-    if cfg.vm.target_vertical not in cfg.world.verticals:
-        raise ValueError(f"vm.target_vertical {cfg.vm.target_vertical!r} is not one of {cfg.world.verticals}")
     start = pd.Timestamp(cfg.world.start_date, tz="UTC")
     static_ts = start - pd.Timedelta(days=1)
     users = read_parquet(paths.table("users"))
@@ -84,7 +82,7 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
         "fm_history": build_fm_history(log, imp["label"].to_numpy() == 1, cfg.vm.history_length),
     }
 
-    day = (unix_seconds(imp["event_timestamp"]) - int(start.timestamp())) // SECONDS_PER_DAY
+    day = (unix_us(imp["event_timestamp"]) - start.value // 1000) // US_PER_DAY
     target = (imp["vertical"] == cfg.vm.target_vertical).to_numpy()
     entities = pd.DataFrame(
         {
@@ -99,8 +97,6 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
         }
     )
     eval_start = cfg.world.n_days - cfg.vm.eval_days
-    if not cfg.fm.warmup_days < eval_start:
-        raise ValueError(f"fm.warmup_days ({cfg.fm.warmup_days}) leaves no VM training days before the eval window")
     tables["vm_train_entities"] = entities[target & (day >= cfg.fm.warmup_days).to_numpy() & (day < eval_start).to_numpy()]
     tables["vm_eval_entities"] = entities[target & (day >= eval_start).to_numpy()]
     for name, df in tables.items():

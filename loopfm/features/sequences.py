@@ -2,24 +2,19 @@
 
 One helper serves every history in the project (the FM's raw-ID history, the VM's own
 click history and the FM-code history), so the point-in-time rule is written once.
+Times are integers of any unit (the project uses microseconds); user ids any int64.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_TIME_BITS = 34  # 2**34 s is ~544 years: room for any timestamp span
-
-
-def _keys(user: np.ndarray, time_s: np.ndarray, t0: int) -> np.ndarray:
-    return (user.astype(np.int64) << _TIME_BITS) | (time_s.astype(np.int64) - t0)
-
 
 def last_n_before(
     seq_user: np.ndarray,
-    seq_time_s: np.ndarray,
+    seq_time: np.ndarray,
     query_user: np.ndarray,
-    query_time_s: np.ndarray,
+    query_time: np.ndarray,
     n: int,
 ) -> np.ndarray:
     """Indices into the sequence arrays of each query's last `n` elements with time < query time.
@@ -30,12 +25,16 @@ def last_n_before(
     """
     if seq_user.size == 0:
         return np.full((query_user.size, n), -1, dtype=np.int64)
-    t0 = int(min(seq_time_s.min(), query_time_s.min())) if query_time_s.size else int(seq_time_s.min())
-    seq_keys = _keys(seq_user, seq_time_s, t0)
+    # Dense ranks of users and of times make one int64 sort key that cannot overflow,
+    # whatever the ids and the time unit: key = user_rank * n_times + time_rank.
+    _, user_rank = np.unique(np.concatenate([seq_user, query_user]), return_inverse=True)
+    times, time_rank = np.unique(np.concatenate([seq_time, query_time]), return_inverse=True)
+    keys = user_rank.astype(np.int64) * len(times) + time_rank
+    seq_keys, query_keys = keys[: seq_user.size], keys[seq_user.size :]
     order = np.argsort(seq_keys, kind="stable")
     sorted_keys = seq_keys[order]
-    end = np.searchsorted(sorted_keys, _keys(query_user, query_time_s, t0), side="left")
-    user_start = np.searchsorted(sorted_keys, query_user.astype(np.int64) << _TIME_BITS, side="left")
+    end = np.searchsorted(sorted_keys, query_keys, side="left")
+    user_start = np.searchsorted(sorted_keys, user_rank[seq_user.size :].astype(np.int64) * len(times), side="left")
     pos = end[:, None] - n + np.arange(n)[None, :]
     valid = pos >= user_start[:, None]
     return np.where(valid, order[np.clip(pos, 0, None)], -1)

@@ -6,16 +6,18 @@ registry and Redis through LOOPFM_RUN_DIR and REDIS_CONNECTION_STRING.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 PROJECT = "loopfm"
+OFFLINE_ONLY = "redis://127.0.0.1:6379"  # placeholder: offline retrieval never contacts Redis
 
 
 def feast_connection_string(redis_url: str) -> str:
@@ -25,7 +27,7 @@ def feast_connection_string(redis_url: str) -> str:
         raise ValueError(f"REDIS_URL must look like redis://host:port, got {redis_url!r}")
     parts = [f"{u.hostname}:{u.port or 6379}"]
     if u.password:
-        parts.append(f"password={u.password}")
+        parts.append(f"password={unquote(u.password)}")
     if u.scheme == "rediss":
         parts.append("ssl=true")
     if u.path.strip("/"):
@@ -60,12 +62,27 @@ def apply_and_materialize(run_dir: Path, redis_url: str, start: pd.Timestamp, en
     feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url)
 
 
-def open_store(run_dir: Path, redis_url: str):
-    """A FeatureStore on this run's registry, sources and Redis."""
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def open_store(run_dir: Path, redis_url: str = OFFLINE_ONLY):
+    """A FeatureStore on this run's registry, sources and Redis. feature_store.yaml is read
+    (with its ${VARS} expanded) when the store is built, so the environment is set only then."""
     from feast import FeatureStore
 
-    os.environ.update(feast_env(run_dir, redis_url))
-    return FeatureStore(repo_path=str(FEATURE_REPO))
+    with _environment(feast_env(run_dir, redis_url)):
+        return FeatureStore(repo_path=str(FEATURE_REPO))
 
 
 def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:

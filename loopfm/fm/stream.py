@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 from loopfm.config import RunConfig
-from loopfm.data.synth import SECONDS_PER_DAY
+from loopfm.data.synth import US_PER_DAY
 from loopfm.features.codec import pack_int4, quantize_int4
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
-from loopfm.io import RunPaths, from_unix_seconds, read_parquet, unix_seconds, write_parquet
+from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
 
@@ -41,9 +41,8 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     users = read_parquet(paths.table("users")).set_index("user_id")
     items = read_parquet(paths.table("items")).set_index("item_id")
     signals = read_parquet(paths.table("fm_user_signals"))
-    start_s = int(pd.Timestamp(cfg.world.start_date, tz="UTC").timestamp())
-    t = unix_seconds(imp["event_timestamp"]).to_numpy()
-    day = (t - start_s) // SECONDS_PER_DAY
+    t = unix_us(imp["event_timestamp"]).to_numpy()
+    day = (t - _start_us(cfg)) // US_PER_DAY
     vertical_ids = {v: i for i, v in enumerate(cfg.world.verticals)}
 
     clicks = imp["label"].to_numpy() == 1
@@ -75,6 +74,10 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
         "time_s": t,
     }
     return arrays, imp
+
+
+def _start_us(cfg: RunConfig) -> int:
+    return pd.Timestamp(cfg.world.start_date, tz="UTC").value // 1000
 
 
 def _shapes(cfg: RunConfig, n_verticals: int) -> FMShapes:
@@ -109,14 +112,14 @@ def checkpoint_path(paths: RunPaths, index: int) -> Path:
 
 
 def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
-    """One pass over each day in time order; checkpoint i = trained on days [0, i)."""
+    """`passes_per_day` shuffled passes over each day, days in time order; checkpoint i =
+    trained on days [0, i)."""
     torch.manual_seed(cfg.world.seed)
     arrays, _ = build_inputs(paths, cfg)
     shapes = _shapes(cfg, len(cfg.world.verticals))
     fm, compressor = _build(shapes)
     opt = torch.optim.Adam([*fm.parameters(), *compressor.parameters()], lr=cfg.fm.lr)
     rng = np.random.default_rng(cfg.world.seed)
-    start_s = int(pd.Timestamp(cfg.world.start_date, tz="UTC").timestamp())
     history: list[dict] = []
 
     def save(index: int) -> None:
@@ -126,7 +129,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
             "fm": fm.state_dict(),
             "compressor": compressor.state_dict(),
             "shapes": asdict(shapes),
-            "trained_until_s": start_s + index * SECONDS_PER_DAY,
+            "trained_until_us": _start_us(cfg) + index * US_PER_DAY,
         }
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
@@ -166,13 +169,11 @@ def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int
     fm, compressor = _build(FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])}))
     fm.load_state_dict(state["fm"])
     compressor.load_state_dict(state["compressor"])
-    return fm.eval(), compressor.eval(), int(state["trained_until_s"])
+    return fm.eval(), compressor.eval(), int(state["trained_until_us"])
 
 
 def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     """Extraction -> compression -> int4 code, one row per event (see module docstring)."""
-    if cfg.fm.checkpoint_scheme not in ("frozen", "rolling"):
-        raise ValueError(f"fm.checkpoint_scheme must be 'frozen' or 'rolling', got {cfg.fm.checkpoint_scheme!r}")
     arrays, imp = build_inputs(paths, cfg)
     n = arrays["day"].size
     logits = np.zeros(n, dtype=np.float32)
@@ -202,7 +203,7 @@ def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd
             "available_at": imp["event_timestamp"] + pd.Timedelta(seconds=cfg.fm.logging_delay_s),
             "fm_code": [row.tobytes() for row in codes],
             "fm_logit": logits,
-            "fm_trained_until": from_unix_seconds(trained_until).to_numpy(),
+            "fm_trained_until": from_unix_us(trained_until).to_numpy(),
         }
     )
     write_parquet(log, paths.fm_log)

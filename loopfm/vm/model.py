@@ -22,14 +22,12 @@ import torch
 from torch import nn
 
 ENCODERS = ("sum", "mean", "dot", "din")
-VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
 
 
 @dataclass
 class VMShapes:
     user_context_vocab: tuple[int, ...]
     candidate_vocab: tuple[int, ...]
-    history_length: int
     code_dim: int
     embedding_dim: int
     hidden: tuple[int, ...]
@@ -44,15 +42,12 @@ def masked_pool(keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, enc
     if encoder in ("sum", "mean"):
         pooled = (keys * mask.unsqueeze(-1)).sum(1)
         return pooled / mask.sum(1, keepdim=True).clamp(min=1) if encoder == "mean" else pooled
-    if encoder == "dot":
+    if encoder == "dot":  # scaled dot-product target attention, softmax over present positions
         scores = (keys * query.unsqueeze(1)).sum(-1) / keys.shape[-1] ** 0.5
-    else:  # din: MLP on [k, q, k*q, k-q], un-normalised weights as in DIN
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = din(torch.cat([keys, q, keys * q, keys - q], dim=-1)).squeeze(-1)
-    if encoder == "dot":
         weights = torch.softmax(scores.masked_fill(mask == 0, -1e9), dim=1) * mask
-    else:
-        weights = torch.sigmoid(scores) * mask
+    else:  # din: MLP on [k, q, k*q, k-q], un-normalised (sigmoid) weights as in DIN
+        q = query.unsqueeze(1).expand_as(keys)
+        weights = torch.sigmoid(din(torch.cat([keys, q, keys * q, keys - q], dim=-1)).squeeze(-1)) * mask
     return (weights.unsqueeze(-1) * keys).sum(1)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from loopfm.config import RunConfig
+from loopfm.config import VARIANTS, RunConfig
 from loopfm.eval.metrics import comparison_table, markdown_table
 from loopfm.features.store import historical_features
 from loopfm.features.tensorize import (
@@ -28,7 +27,7 @@ from loopfm.features.tensorize import (
     request_tensors,
 )
 from loopfm.io import RunPaths, read_parquet, write_parquet
-from loopfm.vm.model import VARIANTS, VerticalModel, VMShapes
+from loopfm.vm.model import VerticalModel, VMShapes
 
 
 def tensor_spec(cfg: RunConfig) -> TensorSpec:
@@ -71,7 +70,6 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
     return VMShapes(
         user_context_vocab=spec.user_context_vocab,
         candidate_vocab=spec.candidate_vocab,
-        history_length=spec.history_length,
         code_dim=spec.code_dim,
         embedding_dim=cfg.vm.embedding_dim,
         hidden=tuple(cfg.vm.hidden),
@@ -136,8 +134,12 @@ def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSp
     return model.eval(), TensorSpec(**state["spec"])
 
 
-def evaluate(paths: RunPaths, variants: list[str]) -> dict[str, dict]:
+def evaluate(paths: RunPaths) -> dict[str, dict]:
     """Eval-window table of every trained variant against the base VM, the FM and Bayes."""
+    variants = [v for v in VARIANTS if (paths.vm / v / "eval_predictions.parquet").exists()]
+    if "base" not in variants:
+        raise FileNotFoundError(f"{paths.vm / 'base'} has no predictions: every comparison is against the base VM; "
+                                "run `loopfm vm train --variant base`")  # fmt: skip
     entities = read_parquet(paths.features / "vm_eval_entities.parquet")
     truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
     predictions = {"bayes": truth.loc[entities["impression_id"]].to_numpy()}

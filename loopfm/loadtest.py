@@ -1,0 +1,196 @@
+"""Open-loop HTTP load generator (`loopfm loadtest`).
+
+Requests leave on a fixed schedule (constant or Poisson arrivals) whether or not earlier
+ones have answered, and each latency is measured from its *scheduled* send time, so a
+server that stalls cannot hide its tail by slowing the client down (coordinated omission).
+Traffic goes to loopback only; every run is bounded by a request count and a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import orjson
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class LoadSpec:
+    rate: float  # requests per second
+    duration_s: float
+    candidates: int = 100
+    arrival: str = "poisson"  # poisson | constant
+    hot_fraction: float = 0.8  # share of requests for the hot users
+    hot_users: int = 100
+    timeout_s: float = 2.0
+    max_in_flight: int = 512
+    seed: int = 0
+
+
+@dataclass
+class RequestPool:
+    """Ids a load test draws from: users with stored features, and the item catalogue."""
+
+    known_users: np.ndarray
+    all_users: int  # ids >= this are unknown to the store (cold users include some)
+    items: np.ndarray
+
+
+def schedule(spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
+    """Send-time offsets in seconds, within [0, duration)."""
+    n = int(spec.rate * spec.duration_s)
+    if spec.arrival == "constant":
+        return np.arange(n) / spec.rate
+    if spec.arrival != "poisson":
+        raise ValueError(f"arrival must be 'poisson' or 'constant', got {spec.arrival!r}")
+    offsets = np.cumsum(rng.exponential(1 / spec.rate, n))
+    return offsets[offsets < spec.duration_s]
+
+
+def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Generator) -> list[bytes]:
+    """Pre-serialized /score bodies: hot users repeat, cold users are drawn from everyone
+    (about 5% of them unknown to the store)."""
+    hot = rng.choice(pool.known_users, min(spec.hot_users, len(pool.known_users)), replace=False)
+    cold_range = int(pool.all_users * 1.05)
+    bodies = []
+    for _ in range(n):
+        user = rng.choice(hot) if rng.random() < spec.hot_fraction else rng.integers(0, cold_range)
+        items = rng.choice(pool.items, spec.candidates, replace=spec.candidates > len(pool.items))
+        body = {"user_id": int(user), "candidate_item_ids": items.tolist(), "context": {"hour": int(rng.integers(24))}}
+        bodies.append(orjson.dumps(body))
+    return bodies
+
+
+def _check_loopback(url: str) -> None:
+    if urlparse(url).hostname not in LOOPBACK:
+        raise ValueError(f"load tests target loopback only (127.0.0.1, localhost, ::1), not {url}")
+
+
+async def _fire(url: str, path: str, offsets: np.ndarray, bodies: list[bytes] | None, spec: LoadSpec) -> list[tuple]:
+    limits = httpx.Limits(max_connections=spec.max_in_flight, max_keepalive_connections=spec.max_in_flight)
+    records: list[tuple] = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=spec.timeout_s) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+
+        async def one(i: int) -> None:
+            scheduled = start + offsets[i]
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            kind = "ok"
+            try:
+                if bodies is None:
+                    r = await client.get(path)
+                else:
+                    r = await client.post(path, content=bodies[i], headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    kind = f"http_{r.status_code}"
+            except httpx.TimeoutException:
+                kind = "timeout"
+            except httpx.TransportError as exc:
+                kind = f"transport_{type(exc).__name__}"
+            records.append((offsets[i], loop.time() - scheduled, kind))
+
+        await asyncio.gather(*(one(i) for i in range(len(offsets))))
+    return records
+
+
+def summarize(records: list[tuple], spec: LoadSpec) -> dict:
+    ok = np.array([lat for _, lat, kind in records if kind == "ok"]) * 1000
+    errors: dict[str, int] = {}
+    for _, _, kind in records:
+        if kind != "ok":
+            errors[kind] = errors.get(kind, 0) + 1
+    pct = {f"p{str(q).replace('.', '')}_ms": float(np.percentile(ok, q)) if ok.size else None for q in (50, 90, 99, 99.9)}
+    return {
+        "offered_rate": spec.rate,
+        "achieved_rate": len(ok) / spec.duration_s,
+        "sent": len(records),
+        "ok": int(ok.size),
+        "errors": errors,
+        **pct,
+        "max_ms": float(ok.max()) if ok.size else None,
+    }
+
+
+def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/score") -> tuple[dict, list[tuple]]:
+    """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint)."""
+    _check_loopback(url)
+    rng = np.random.default_rng(spec.seed)
+    offsets = schedule(spec, rng)
+    bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else None
+    records = asyncio.run(_fire(url, path, offsets, bodies, spec))
+    return {"spec": asdict(spec), "path": path, **summarize(records, spec)}, records
+
+
+def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, n: int = 200) -> None:
+    run_load(url, LoadSpec(rate=200, duration_s=n / 200, candidates=candidates, seed=99), pool, path)
+
+
+def sweep(url: str, base: LoadSpec, pool: RequestPool, rates: list[float], p99_bound_ms: float, log=print) -> dict:
+    """Raise the rate until p99 exceeds the bound (or errors appear); report the highest that held."""
+    runs, best = [], None
+    for rate in rates:
+        report, _ = run_load(url, LoadSpec(**{**asdict(base), "rate": rate}), pool)
+        runs.append(report)
+        held = report["p99_ms"] is not None and report["p99_ms"] <= p99_bound_ms and not report["errors"]
+        log(f"  sweep {rate:>6.0f} req/s: p99 {report['p99_ms'] or float('nan'):8.2f} ms, "
+            f"achieved {report['achieved_rate']:.0f} req/s, errors {report['errors']} -> {'ok' if held else 'over'}")  # fmt: skip
+        if not held:
+            break
+        best = rate
+    return {"p99_bound_ms": p99_bound_ms, "candidates": base.candidates, "best_rate": best, "runs": runs}
+
+
+def plot_load(records: list[tuple], title: str, path: Path) -> None:
+    """Latency over time (scheduled send time) and the latency CDF, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.array([r[0] for r in records])
+    lat = np.array([r[1] for r in records]) * 1000
+    bad = np.array([r[2] != "ok" for r in records])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.scatter(t[~bad], lat[~bad], s=3, alpha=0.5, label="ok")
+    if bad.any():
+        a.scatter(t[bad], lat[bad], s=6, color="red", label="error")
+    a.set(yscale="log", xlabel="scheduled send time (s)", ylabel="latency (ms)", title="latency over time")
+    a.legend(loc="upper right")
+    ok = np.sort(lat[~bad])
+    if ok.size:
+        b.plot(ok, np.arange(1, ok.size + 1) / ok.size)
+        for q in (0.5, 0.99):
+            b.axhline(q, color="grey", lw=0.5)
+    b.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests", title="latency CDF")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, records: list[tuple], out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loadtest.json").write_text(json.dumps(report, indent=2))
+    plot_load(records, title, out / "loadtest.png")
+
+
+def timed(fn, n: int, warmup: int = 20) -> dict:
+    """p50/p99 of an in-process call, for floors measured without HTTP."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": float(np.percentile(samples, 50)), "p99_ms": float(np.percentile(samples, 99)), "n": n}

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the scoring server, served at /metrics.
+
+One registry per app. With several uvicorn workers each worker keeps its own counters (a
+scrape sees one worker); the default is one worker per server process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from serving.item_cache import ItemCache
+
+_MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+_AGE = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
+
+
+class Metrics:
+    def __init__(self, item_cache: ItemCache):
+        self.registry = r = CollectorRegistry()
+        self.request = Histogram("loopfm_request_seconds", "HTTP request latency", ["path"], buckets=_MS, registry=r)
+        self.redis = Histogram("loopfm_redis_seconds", "time in the Redis read per /score", buckets=_MS, registry=r)
+        self.model = Histogram("loopfm_model_seconds", "tensorization + ONNX Runtime per /score", buckets=_MS, registry=r)
+        self.candidates = Histogram(
+            "loopfm_candidates", "candidates per /score", buckets=(1, 10, 50, 100, 200, 500, 1000), registry=r
+        )
+        self.errors = Counter("loopfm_errors_total", "failed requests by kind", ["kind"], registry=r)
+        self.feature_age = Histogram(
+            "loopfm_feature_age_seconds", "age of the user's features per view", ["view"], buckets=_AGE, registry=r
+        )
+        Gauge("loopfm_item_cache_hit_ratio", "item cache hits / lookups since start", registry=r).set_function(
+            lambda: item_cache.hit_rate
+        )
+        Gauge("loopfm_item_cache_items", "items in the cache", registry=r).set_function(lambda: len(item_cache))
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no per-request task overhead): latency per path, errors by status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.request.labels(scope["path"] if status != 404 else "other").observe(time.perf_counter() - started)
+            if status >= 400:
+                self.metrics.errors.labels(f"http_{status}").inc()
