@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean bench-serving
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench-serving: $(STAMP)  # needs a finished demo run (make demo); ~6 min; writes docs/benchmarks/
+	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
+	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs/benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,6 +7,7 @@ without them and a wrong flag is reported before anything slow happens.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -99,9 +100,45 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loopfm.pipeline import serve_forever
+    import signal
 
-    serve_forever(args.run_dir, args.variant, args.port, args.redis_url or os.environ.get("REDIS_URL"))
+    from loopfm.pipeline import running_server
+
+    with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
+        print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C stops")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+
+
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from loopfm.loadtest import LoadSpec, run_load, sweep, warm_up, write_report
+    from loopfm.pipeline import running_server
+    from loopfm.bench.serving import request_pool
+
+    spec = LoadSpec(rate=args.rate, duration_s=args.duration, candidates=args.candidates, arrival=args.arrival,
+                    hot_fraction=args.hot_fraction, timeout_s=args.timeout)  # fmt: skip
+    pool = request_pool(args.run_dir)
+    out = args.out or args.run_dir / "results" / "loadtest"
+    with running_server(args.run_dir, args.variant, args.url, os.environ.get("REDIS_URL")) as url:
+        warm_up(url, pool, candidates=args.candidates)
+        if args.sweep:
+            rates = [float(r) for r in args.sweep.split(",")]
+            result = sweep(url, spec, pool, rates, args.p99_bound_ms)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "sweep.json").write_text(json.dumps(result, indent=2))
+            print(f"highest rate with p99 <= {args.p99_bound_ms} ms: {result['best_rate']} req/s ({out / 'sweep.json'})")
+            return
+        report, records = run_load(url, spec, pool)
+    write_report(report, records, out, f"{args.candidates} candidates, {args.rate:.0f} req/s {args.arrival}")
+    print(json.dumps({k: v for k, v in report.items() if k != "spec"}, indent=2))
+    print(f"written to {out}/loadtest.json and loadtest.png")
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> None:
+    from loopfm.bench.serving import markdown, run_serving_bench
+
+    summary = run_serving_bench(args.run_dir, args.variant, args.out)
+    (args.out / "benchmarks.md").write_text(markdown(summary))
+    print(markdown(summary))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -153,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url")
+
+    p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
+    p.add_argument("--url", help="a running server on loopback; default: start one for the run")
+    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of sending (bounded)")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    p.add_argument("--hot-fraction", type=float, default=0.8, help="share of requests for 100 hot users")
+    p.add_argument("--timeout", type=float, default=2.0, help="per-request client timeout, seconds")
+    p.add_argument("--sweep", help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
+    p.add_argument("--p99-bound-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
+    p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")
+    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import signal
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -38,22 +39,27 @@ def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, d
     return rows
 
 
-def serve_forever(run_dir: Path, variant: str, port: int, redis_url: str | None) -> None:
-    """Serve an exported variant until interrupted; without a Redis URL, start a local one
-    and materialize the run into it first."""
+@contextlib.contextmanager
+def running_server(
+    run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None
+) -> Iterator[str]:
+    """Yield `url` if given; otherwise serve the run's exported variant on loopback. Without a
+    Redis URL a local Valkey is started and the run materialized into it first."""
+    if url:
+        yield url
+        return
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
 
     model_dir = RunPaths(run_dir).vm / variant / "onnx"
     if not (model_dir / "model.onnx").exists():
         raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
-    with redis_url_or_local(redis_url) as url:
+    with redis_url_or_local(redis_url) as store_url:
         if not redis_url:
-            print(f"started a local Redis-protocol server at {url}; materializing the run into it")
-            materialize(run_dir, url)
-        proc, base = start_server(model_dir, url, RunPaths(run_dir).root / "server.log", port=port)
-        print(f"serving {variant} at {base}  (POST /score, GET /readyz); Ctrl-C stops")
+            print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")
+            materialize(run_dir, store_url)
+        proc, base = start_server(model_dir, store_url, RunPaths(run_dir).root / "server.log", port=port)
         try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            yield base
         finally:
             stop_server(proc)

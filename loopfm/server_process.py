@@ -18,23 +18,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_command(host: str, port: int, workers: int = 1) -> list[str]:
+SERVING_APP = "serving.app:create_app"
+
+
+def uvicorn_command(app: str, host: str, port: int, workers: int = 1) -> list[str]:
+    """The tuned defaults: uvloop, httptools, no access log, one worker per process."""
     return [
-        sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory",
+        sys.executable, "-m", "uvicorn", app, "--factory",
         "--host", host, "--port", str(port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log",
     ]  # fmt: skip
 
 
 def start_server(
-    model_dir: Path, redis_url: str, log_path: Path, port: int | None = None, wait_for: str = "/readyz"
+    model_dir: Path,
+    redis_url: str,
+    log_path: Path,
+    port: int | None = None,
+    wait_for: str = "/readyz",
+    app: str = SERVING_APP,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Start uvicorn on a free loopback port and wait until `wait_for` answers 200."""
     port = port or free_port()
-    env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url}
+    env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
-    proc = subprocess.Popen(uvicorn_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
