@@ -43,7 +43,7 @@ def stalling_server():
 
 def test_constant_and_poisson_schedules_offer_the_requested_rate():
     rng = np.random.default_rng(0)
-    constant = schedule(LoadSpec(rate=100, duration_s=3), rng)
+    constant = schedule(LoadSpec(rate=100, duration_s=3, arrival="constant"), rng)
     assert len(constant) == 300 and np.allclose(np.diff(constant), 0.01)
     poisson = schedule(LoadSpec(rate=1000, duration_s=5), rng)
     assert abs(len(poisson) / 5 - 1000) < 60 and poisson.max() < 5

@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -81,6 +82,9 @@ def open_store(run_dir: Path, redis_url: str = OFFLINE_ONLY):
     (with its ${VARS} expanded) when the store is built, so the environment is set only then."""
     from feast import FeatureStore
 
+    # Importing feast switches DeprecationWarnings back on process-wide ("once"); its
+    # dependencies' deprecations are nothing a loopfm user can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _environment(feast_env(run_dir, redis_url)):
         return FeatureStore(repo_path=str(FEATURE_REPO))
 

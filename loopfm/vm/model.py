@@ -35,24 +35,42 @@ class VMShapes:
     encoder: str
 
 
-def masked_pool(keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, encoder: str, din: nn.Module | None):
-    """Pool keys [C, L, h] under mask [C, L] (1 = present) with target query [C, h] -> [C, h].
+class DinScorer(nn.Module):
+    """DIN's attention MLP on [k, q, k*q, k-q], its first layer split by input block:
+    W [k, q, k*q, k-q] = A k + B q + P (k*q). The key part runs once per user, the query part
+    once per candidate; only the product runs per (candidate, position). Same function class
+    as the concatenated layer, without building a [C, L, 4e] tensor."""
 
-    An all-padding history pools to zeros for every encoder."""
+    def __init__(self, e: int, hidden: int = 16):
+        super().__init__()
+        self.key = nn.Linear(e, hidden)
+        self.query = nn.Linear(e, hidden, bias=False)
+        self.product = nn.Linear(e, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor) -> torch.Tensor:
+        """keys [U, L, e], query [C, e] -> attention logits [C, L]."""
+        per_user = self.key(keys)[candidate_user]  # [C, L, hidden]
+        per_pair = self.product(keys[candidate_user] * query.unsqueeze(1))  # [C, L, hidden]
+        return self.out(torch.relu(per_user + per_pair + self.query(query).unsqueeze(1))).squeeze(-1)
+
+
+def masked_pool(
+    keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor,
+    encoder: str, din: DinScorer | None,
+) -> torch.Tensor:  # fmt: skip
+    """Pool each candidate's user history keys [U, L, h] under mask [U, L] (1 = present) with
+    target query [C, h] -> [C, h]. An all-padding history pools to zeros for every encoder."""
+    mask = mask[candidate_user]  # [C, L]
     if encoder in ("sum", "mean"):
-        pooled = (keys * mask.unsqueeze(-1)).sum(1)
+        pooled = torch.bmm(mask.unsqueeze(1), keys[candidate_user]).squeeze(1)
         return pooled / mask.sum(1, keepdim=True).clamp(min=1) if encoder == "mean" else pooled
     if encoder == "dot":  # scaled dot-product target attention, softmax over present positions
-        scores = (keys * query.unsqueeze(1)).sum(-1) / keys.shape[-1] ** 0.5
+        scores = torch.bmm(keys[candidate_user], query.unsqueeze(-1)).squeeze(-1) / keys.shape[-1] ** 0.5
         weights = torch.softmax(scores.masked_fill(mask == 0, -1e9), dim=1) * mask
-    else:  # din: MLP on [k, q, k*q, k-q], un-normalised (sigmoid) weights as in DIN
-        q = query.unsqueeze(1).expand_as(keys)
-        weights = torch.sigmoid(din(torch.cat([keys, q, keys * q, keys - q], dim=-1)).squeeze(-1)) * mask
-    return (weights.unsqueeze(-1) * keys).sum(1)
-
-
-def _din_scorer(e: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(4 * e, 16), nn.ReLU(), nn.Linear(16, 1))
+    else:  # din: un-normalised (sigmoid) weights, as in DIN
+        weights = torch.sigmoid(din(keys, query, candidate_user)) * mask
+    return torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
 
 
 class VerticalModel(nn.Module):
@@ -67,8 +85,8 @@ class VerticalModel(nn.Module):
         cand_width = e * len(s.candidate_vocab)
         self.target = nn.Linear(cand_width, e)  # candidate -> query for the history encoders
         width = e * len(s.user_context_vocab) + cand_width + e  # + own-history pooling
-        self.own_din = _din_scorer(e) if s.encoder == "din" else None
-        self.fm_din = _din_scorer(e) if s.encoder == "din" and s.use_fm_history else None
+        self.own_din = DinScorer(e) if s.encoder == "din" else None
+        self.fm_din = DinScorer(e) if s.encoder == "din" and s.use_fm_history else None
         if s.use_fm_history:
             self.code_proj = nn.Linear(s.code_dim, e)
             width += e
@@ -96,10 +114,10 @@ class VerticalModel(nn.Module):
         own = self.candidate[0](vm_history)  # [U, L, e] item-id embeddings shared with candidates
         own_mask = (vm_history > 0).float()
         parts = [ctx[candidate_user], cand]
-        parts.append(masked_pool(own[candidate_user], own_mask[candidate_user], query, s.encoder, self.own_din))
+        parts.append(masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_din))
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
-            parts.append(masked_pool(keys[candidate_user], fm_mask[candidate_user], query, s.encoder, self.fm_din))
+            parts.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_din))
         x = self.mlp(torch.cat(parts, dim=1))
         return self.head(x).squeeze(1), self.kd_head(x).squeeze(1)
 
