@@ -20,9 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench-serving: $(STAMP)  # needs a finished demo run (make demo); ~6 min; writes docs/benchmarks/
+bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/benchmarks.{md,json}
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
-	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs/benchmarks
+	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
 clean:
 	rm -rf runs .pytest_cache

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")

@@ -35,7 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scorer = Scorer(settings.model_dir, settings.ort_threads, item_cache)
+        app.state.scorer = Scorer(
+            settings.model_dir, settings.ort_threads, item_cache, settings.large_batch, settings.ort_threads_large
+        )
         app.state.redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )

@@ -12,7 +12,9 @@ class Settings:
     model_dir: Path  # holds model.onnx and model.json (written by `loopfm vm export`)
     redis_url: str = "redis://127.0.0.1:6379"
     max_candidates: int = 1000
-    ort_threads: int = 1  # one ONNX Runtime thread per worker was steadier than two on 2 cores
+    ort_threads: int = 1  # ONNX Runtime threads for requests below large_batch candidates
+    ort_threads_large: int = 2  # ... and at or above it (docs/serving.md has the measurements)
+    large_batch: int = 256
     redis_timeout_s: float = 0.5
     item_cache_size: int = 100_000  # items; 0 disables the cache
     item_cache_ttl_s: float = 300.0
@@ -26,6 +28,8 @@ class Settings:
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
             max_candidates=int(os.environ.get("LOOPFM_MAX_CANDIDATES", cls.max_candidates)),
             ort_threads=int(os.environ.get("LOOPFM_ORT_THREADS", cls.ort_threads)),
+            ort_threads_large=int(os.environ.get("LOOPFM_ORT_THREADS_LARGE", cls.ort_threads_large)),
+            large_batch=int(os.environ.get("LOOPFM_LARGE_BATCH", cls.large_batch)),
             redis_timeout_s=float(os.environ.get("LOOPFM_REDIS_TIMEOUT_S", cls.redis_timeout_s)),
             item_cache_size=int(os.environ.get("LOOPFM_ITEM_CACHE_SIZE", cls.item_cache_size)),
             item_cache_ttl_s=float(os.environ.get("LOOPFM_ITEM_CACHE_TTL_S", cls.item_cache_ttl_s)),

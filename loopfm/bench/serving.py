@@ -66,7 +66,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
     with redis_url_or_local() as url:
         log(f"materializing {run_dir} into {url}")
         materialize(run_dir, url)
-        logs = out_dir / "logs"
+        logs = RunPaths(run_dir).root / "bench_logs"
         loopfm_proc, loopfm_url = start_server(model_dir, url, logs / "loopfm.log")
         sdk_proc, sdk_url = start_server(
             model_dir, url, logs / "feast_sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
@@ -88,7 +88,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
                     log(f"  {name:>9} {c:>5} candidates: p50 {report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms, "
                         f"errors {report['errors']}")  # fmt: skip
                 floor = floor_latency(scorer, client, pool, c, n=300)
-                results["floor"][c] = {**floor, "rate": None}
+                results["floor"][c] = floor
                 log(f"  {'floor':>9} {c:>5} candidates: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms")
             stop_server(sdk_proc)
 
@@ -97,7 +97,8 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
                 spec = LoadSpec(rate=rate, duration_s=30.0, candidates=c)
                 warm_up(loopfm_url, pool, candidates=c)
                 report, records = run_load(loopfm_url, spec, pool)
-                write_report(report, records, out_dir / f"goal_{c}", f"loopfm /score, {c} candidates, {rate:.0f} req/s open loop")
+                write_report(report, records, out_dir / "benchmarks" / f"goal_{c}",
+                             f"loopfm /score, {c} candidates, {rate:.0f} req/s open loop")  # fmt: skip
                 goals[f"{c}_candidates_at_{rate:.0f}_rps"] = _row(report) | {"errors": report["errors"], "p999_ms": report["p999_ms"]}
                 log(f"  goal {c} candidates at {rate:.0f} req/s: p99 {report['p99_ms']:.2f} ms")
             sweep_result = sweep(loopfm_url, LoadSpec(rate=1, duration_s=10.0, candidates=100), pool, SWEEP_RATES, 10.0, log)
@@ -191,5 +192,5 @@ def markdown(summary: dict) -> str:
         p50 = f"{run['p50_ms']:.2f} ms" if run["p50_ms"] is not None else "-"
         lines.append(f"| {run['offered']:.0f} req/s | {run['rate']:.0f} req/s | {p50} | {p99} | {run['errors'] or 'none'} |")
     lines += ["", f"Item cache hit ratio at the end of the run: {summary['item_cache_hit_ratio']:.3f}.",
-              "Latency plots: `goal_100/loadtest.png`, `goal_1000/loadtest.png`.", ""]  # fmt: skip
+              "Latency plots: `benchmarks/goal_100/loadtest.png`, `benchmarks/goal_1000/loadtest.png`.", ""]  # fmt: skip
     return "\n".join(lines)
