@@ -104,9 +104,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from loopfm.pipeline import running_server
 
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, so the servers are stopped cleanly
     with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
         print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C stops")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait(stop)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -119,7 +121,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     pool = request_pool(args.run_dir)
     out = args.out or args.run_dir / "results" / "loadtest"
     with running_server(args.run_dir, args.variant, args.url, os.environ.get("REDIS_URL")) as url:
-        warm_up(url, pool, candidates=args.candidates)
+        warm_up(url, pool, candidates=args.candidates, rate=args.rate)
         if args.sweep:
             rates = [float(r) for r in args.sweep.split(",")]
             result = sweep(url, spec, pool, rates, args.p99_bound_ms)

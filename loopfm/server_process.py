@@ -43,8 +43,8 @@ def start_server(
     port = port or free_port()
     env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

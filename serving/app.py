@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis.close()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, paths=("/score", "/healthz", "/readyz", "/metrics"))
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -79,11 +79,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except redis.RedisError as exc:
             metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
             raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc
-        metrics.redis.observe(result.redis_s)
+        metrics.feature_read.observe(result.read_s)
         metrics.model.observe(result.model_s)
         metrics.candidates.observe(len(body.candidate_item_ids))
-        if result.corrupt_values:
-            metrics.errors.labels("corrupt_value").inc(result.corrupt_values)
+        metrics.corrupt_values.inc(result.corrupt_values)
         for view, age in result.feature_age_s.items():
             if age is not None:
                 metrics.feature_age.labels(view).observe(age)

@@ -39,11 +39,11 @@ class ItemCache:
         return rows, missing
 
     def store(self, item_ids: Sequence[int], rows: np.ndarray) -> None:
-        if self.max_items <= 0:
+        if self.max_items <= 0 or self.ttl_s <= 0:
             return
         expires = time.monotonic() + self.ttl_s
         for item, row in zip(item_ids, rows):
-            self._rows[item] = (expires, row)
+            self._rows[item] = (expires, row.copy())  # a view would keep the whole batch alive
             self._rows.move_to_end(item)
         while len(self._rows) > self.max_items:
             self._rows.popitem(last=False)

@@ -20,12 +20,18 @@ class Metrics:
     def __init__(self, item_cache: ItemCache):
         self.registry = r = CollectorRegistry()
         self.request = Histogram("loopfm_request_seconds", "HTTP request latency", ["path"], buckets=_MS, registry=r)
-        self.redis = Histogram("loopfm_redis_seconds", "time in the Redis read per /score", buckets=_MS, registry=r)
+        self.feature_read = Histogram(
+            "loopfm_feature_read_seconds", "item cache + Redis round trip + decoding per /score", buckets=_MS, registry=r
+        )
         self.model = Histogram("loopfm_model_seconds", "tensorization + ONNX Runtime per /score", buckets=_MS, registry=r)
         self.candidates = Histogram(
             "loopfm_candidates", "candidates per /score", buckets=(1, 10, 50, 100, 200, 500, 1000), registry=r
         )
-        self.errors = Counter("loopfm_errors_total", "failed requests by kind", ["kind"], registry=r)
+        self.responses = Counter("loopfm_responses_total", "HTTP responses by path and status", ["path", "status"], registry=r)
+        self.errors = Counter("loopfm_errors_total", "failed /score requests by kind", ["kind"], registry=r)
+        self.corrupt_values = Counter(
+            "loopfm_corrupt_values_total", "stored values that could not be decoded (read as missing)", registry=r
+        )
         self.feature_age = Histogram(
             "loopfm_feature_age_seconds", "age of the user's features per view", ["view"], buckets=_AGE, registry=r
         )
@@ -36,10 +42,10 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware (no per-request task overhead): latency per path, errors by status."""
+    """Pure ASGI middleware (no per-request task overhead): latency and status per path."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, paths: tuple[str, ...]):
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -56,6 +62,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            self.metrics.request.labels(scope["path"] if status != 404 else "other").observe(time.perf_counter() - started)
-            if status >= 400:
-                self.metrics.errors.labels(f"http_{status}").inc()
+            path = scope["path"] if scope["path"] in self.paths else "other"  # bounded label set
+            self.metrics.request.labels(path).observe(time.perf_counter() - started)
+            self.metrics.responses.labels(path, str(status)).inc()

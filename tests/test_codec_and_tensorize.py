@@ -38,5 +38,7 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
     assert t["user_context"].tolist() == [[4, 2, 14], [0, 0, 0]]
     assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
     assert t["fm_mask"].sum() == 0
-    items = {"category": [2, None], "brand": [3, None], "price_bucket": [9, None]}
-    assert candidate_tensors([42, 43], items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0]]
+    items = {"category": [2, None, "x"], "brand": [3, None, float("inf")], "price_bucket": [9, None, b"\x01"]}
+    # A malformed stored value (wrong kind) reads as unknown; the item itself stays known by id.
+    assert candidate_tensors([42, 43, 44], items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0], [45, 0, 0, 0]]
+    assert request_tensors({**users, "item_ids": ["text", 5]}, [1, 2], SPEC)["vm_history"].sum() == 0

@@ -45,8 +45,9 @@ def test_constant_and_poisson_schedules_offer_the_requested_rate():
     rng = np.random.default_rng(0)
     constant = schedule(LoadSpec(rate=100, duration_s=3, arrival="constant"), rng)
     assert len(constant) == 300 and np.allclose(np.diff(constant), 0.01)
-    poisson = schedule(LoadSpec(rate=1000, duration_s=5), rng)
-    assert abs(len(poisson) / 5 - 1000) < 60 and poisson.max() < 5
+    counts = [len(schedule(LoadSpec(rate=200, duration_s=2), rng)) for _ in range(300)]
+    assert abs(np.mean(counts) - 400) < 5  # unbiased: the count is Poisson(400), not capped at 400
+    assert max(counts) > 400 and max(max(schedule(LoadSpec(rate=200, duration_s=2), rng)) for _ in range(5)) < 2
 
 
 def test_latency_is_measured_from_the_scheduled_send_time(stalling_server):
@@ -58,6 +59,32 @@ def test_latency_is_measured_from_the_scheduled_send_time(stalling_server):
     assert len(stalled) >= 10
     assert report["p99_ms"] > STALL_S / 2 * 1000
     assert report["p50_ms"] < STALL_S / 2 * 1000
+
+
+def test_requests_queued_in_the_client_count_their_wait_too():
+    """One connection, a 20 ms server, 100 req/s offered: requests wait in the client for
+    the connection. Timed from the actual send they would all look like 20 ms."""
+
+    class Slow(StallingHandler):
+        def do_GET(self):
+            time.sleep(0.02)
+            super().do_GET()
+
+    server = HTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = LoadSpec(rate=100, duration_s=1.0, arrival="constant", max_connections=1)
+        report, _ = run_load(f"http://127.0.0.1:{server.server_address[1]}", spec, None, "/x")
+    finally:
+        server.shutdown()
+    assert report["p99_ms"] > 300  # the queue grows by ~10 ms per request over 100 requests
+
+
+def test_timeouts_count_in_the_percentiles(stalling_server):
+    spec = LoadSpec(rate=100, duration_s=0.5, arrival="constant", timeout_s=0.1)
+    report, _ = run_load(stalling_server, spec, None, "/x")  # the 20th request stalls 300 ms
+    assert report["errors"].get("timeout", 0) >= 1
+    assert report["max_ms"] >= 100 and report["ok"] < report["sent"]
 
 
 def test_errors_are_counted_by_kind_and_only_loopback_is_accepted(stalling_server):

@@ -142,18 +142,26 @@ def test_a_corrupt_stored_value_is_read_as_missing_flagged_and_never_a_500(serve
         assert r.status_code == 200, r.text
         assert r.json()["corrupt_values"] == 1 and r.json()["user_known"]
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'loopfm_errors_total{kind="corrupt_value"} 1.0' in metrics
+        assert "loopfm_corrupt_values_total 1.0" in metrics
     finally:
         client.hset(key, field, original)
 
 
-def test_metrics_expose_latency_redis_model_candidates_and_cache_hit_rate(server):
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ") or
+                      line.startswith(name + "{")))  # fmt: skip
+
+
+def test_metrics_count_latency_feature_reads_model_time_candidates_and_cache_hits(server):
     url, _ = server
+    before = httpx.get(f"{url}/metrics").text
     for _ in range(3):
-        _score(url, user_id=3, candidate_item_ids=[801, 802, 803], context={"hour": 9})
-    text = httpx.get(f"{url}/metrics").text
-    for name in ("loopfm_request_seconds_bucket", "loopfm_redis_seconds_count", "loopfm_model_seconds_count",
-                 "loopfm_candidates_bucket", "loopfm_feature_age_seconds_bucket", "loopfm_item_cache_hit_ratio"):  # fmt: skip
-        assert name in text, name
-    hit_ratio = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("loopfm_item_cache_hit_ratio")))
-    assert 0 < hit_ratio < 1  # repeated candidates hit the cache; first sightings miss
+        _score(url, user_id=3, candidate_item_ids=[1801, 1802, 1803], context={"hour": 9})  # unseen ids: first misses
+    _score(url, user_id=3, candidate_item_ids=[1], context={"hour": 99})  # a 422
+    after = httpx.get(f"{url}/metrics").text
+    for name in ("loopfm_feature_read_seconds_count", "loopfm_model_seconds_count", "loopfm_candidates_count"):
+        assert _metric(after, name) - _metric(before, name) == 3, name
+    assert _metric(after, 'loopfm_candidates_sum') - _metric(before, 'loopfm_candidates_sum') == 9
+    assert 'loopfm_responses_total{path="/score",status="422"}' in after
+    assert "loopfm_feature_age_seconds_bucket" in after
+    assert 0 < _metric(after, "loopfm_item_cache_hit_ratio") < 1

@@ -49,9 +49,19 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def _as_int(v: Any) -> int:
+    """-1 (unknown) for missing values and for values of the wrong kind (a corrupt store)."""
+    if _missing(v) or isinstance(v, (str, bytes)):
+        return -1
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError):
+        return -1
+
+
 def _index(values: Sequence[Any], vocab: int) -> np.ndarray:
-    """Categorical values -> int64 indices, shifted by one; missing or out of range -> 0."""
-    out = np.array([-1 if _missing(v) else int(v) for v in values], dtype=np.int64) + 1
+    """Categorical values -> int64 indices, shifted by one; missing, malformed or out of range -> 0."""
+    out = np.array([_as_int(v) for v in values], dtype=np.int64) + 1
     out[(out < 0) | (out >= vocab)] = 0
     return out
 
@@ -62,7 +72,7 @@ def _unpack_sequences(blobs: Sequence[Any], length: int, row_bytes: int) -> tupl
     out = np.zeros((len(blobs), length, row_bytes), dtype=np.uint8)
     counts = np.zeros(len(blobs), dtype=np.int64)
     for u, blob in enumerate(blobs):
-        if _missing(blob) or not blob:
+        if not isinstance(blob, (bytes, bytearray)) or not blob:  # missing, or not a packed sequence
             continue
         rows = np.frombuffer(blob, dtype=np.uint8)
         rows = rows[: rows.size - rows.size % row_bytes].reshape(-1, row_bytes)[-length:]
