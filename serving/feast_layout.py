@@ -33,6 +33,11 @@ def entity_key(join_key: str, value: int, project: str) -> bytes:
     )
 
 
+def feature_refs(views: dict[str, list[str]]) -> list[str]:
+    """{view: [features]} -> Feast's "view:feature" references."""
+    return [f"{view}:{feature}" for view, features in views.items() for feature in features]
+
+
 def feature_field(view: str, feature: str) -> bytes:
     return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
 

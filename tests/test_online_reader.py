@@ -5,7 +5,7 @@ import pytest
 import redis
 from feast.protos.feast.types.Value_pb2 import Value
 
-from serving.feast_layout import CorruptValue, decode_value
+from serving.feast_layout import CorruptValue, decode_value, feature_refs
 from serving.online_reader import read_online_features
 
 USER_VIEWS = {
@@ -41,10 +41,12 @@ def test_reader_equals_get_online_features_for_known_and_unknown_entities(store,
     user_rows, item_rows = read_online_features(
         client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)]
     )
-    refs = [f"{v}:{f}" for v, fs in USER_VIEWS.items() for f in fs]
-    expected_users = store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in users]).to_dict()
-    irefs = [f"{v}:{f}" for v, fs in ITEM_VIEWS.items() for f in fs]
-    expected_items = store.get_online_features(features=irefs, entity_rows=[{"item_id": i} for i in items]).to_dict()
+    expected_users = store.get_online_features(
+        features=feature_refs(USER_VIEWS), entity_rows=[{"user_id": u} for u in users]
+    ).to_dict()
+    expected_items = store.get_online_features(
+        features=feature_refs(ITEM_VIEWS), entity_rows=[{"item_id": i} for i in items]
+    ).to_dict()
     for view_features, rows, expected in ((USER_VIEWS, user_rows, expected_users), (ITEM_VIEWS, item_rows, expected_items)):
         for feature in (f for fs in view_features.values() for f in fs):
             assert rows.values[feature] == expected[feature], feature

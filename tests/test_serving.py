@@ -11,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loopfm.features.tensorize import candidate_tensors, request_tensors
+from loopfm.features.tensorize import one_request_inputs
+from serving.feast_layout import feature_refs
 from loopfm.io import RunPaths
 from loopfm.server_process import start_server, stop_server
 
@@ -65,13 +66,10 @@ def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(
     from loopfm.features.tensorize import TensorSpec
 
     spec = TensorSpec(**meta["spec"])
-    user_refs = [f"{v}:{f}" for v, fs in meta["features"]["user_id"].items() for f in fs]
-    item_refs = [f"{v}:{f}" for v, fs in meta["features"]["item_id"].items() for f in fs]
+    user_refs, item_refs = feature_refs(meta["features"]["user_id"]), feature_refs(meta["features"]["item_id"])
     user = store.get_online_features(features=user_refs, entity_rows=[{"user_id": 3}]).to_dict()
     items = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in candidates]).to_dict()
-    tensors = request_tensors(user, [9], spec)
-    tensors["candidates"] = candidate_tensors(candidates, items, spec)
-    tensors["candidate_user"] = np.zeros(len(candidates), dtype=np.int64)
+    tensors = one_request_inputs(user, 9, candidates, items, spec)
     session = ort.InferenceSession(str(model_dir / "model.onnx"))
     expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
     np.testing.assert_allclose(body["scores"], expected, rtol=1e-6)
@@ -165,3 +163,17 @@ def test_metrics_count_latency_feature_reads_model_time_candidates_and_cache_hit
     assert 'loopfm_responses_total{path="/score",status="422"}' in after
     assert "loopfm_feature_age_seconds_bucket" in after
     assert 0 < _metric(after, "loopfm_item_cache_hit_ratio") < 1
+
+
+def test_the_feast_sdk_baseline_of_the_benchmark_scores_exactly_like_loopfm(server, trained_run, redis_url, tmp_path):
+    url, model_dir = server
+    proc, sdk_url = start_server(
+        model_dir, redis_url, tmp_path / "sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
+        env={"LOOPFM_RUN_DIR": str(trained_run)},
+    )  # fmt: skip
+    try:
+        body = {"user_id": 4, "candidate_item_ids": [801, 5, 10**9, 1100], "context": {"hour": 7}}
+        ours, theirs = _score(url, **body).json(), _score(sdk_url, **body).json()
+    finally:
+        stop_server(proc)
+    np.testing.assert_allclose(ours["scores"], theirs["scores"], rtol=1e-6)

@@ -11,12 +11,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 from fastapi import FastAPI
 
 from loopfm.features.store import open_store
-from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
+from loopfm.features.tensorize import TensorSpec, one_request_inputs
+from serving.feast_layout import feature_refs
 from serving.schemas import ScoreRequest
 
 
@@ -25,8 +25,7 @@ def create_app() -> FastAPI:
     store = open_store(Path(os.environ["LOOPFM_RUN_DIR"]), os.environ["REDIS_URL"])
     meta = json.loads((model_dir / "model.json").read_text())
     spec = TensorSpec(**meta["spec"])
-    user_refs = [f"{view}:{f}" for view, fs in meta["features"]["user_id"].items() for f in fs]
-    item_refs = [f"{view}:{f}" for view, fs in meta["features"]["item_id"].items() for f in fs]
+    user_refs, item_refs = feature_refs(meta["features"]["user_id"]), feature_refs(meta["features"]["item_id"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -43,9 +42,7 @@ def create_app() -> FastAPI:
         user = store.get_online_features(features=user_refs, entity_rows=[{"user_id": body.user_id}]).to_dict()
         item_rows = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in items]).to_dict()
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
-        tensors = request_tensors(user, [hour], spec)
-        tensors["candidates"] = candidate_tensors(items, item_rows, spec)
-        tensors["candidate_user"] = np.zeros(len(items), dtype=np.int64)
+        tensors = one_request_inputs(user, hour, items, item_rows, spec)
         scores = session.run(None, {name: tensors[name] for name in inputs})[0]
         return {"scores": scores.astype(float).tolist(), "model_version": meta["model_version"]}
 

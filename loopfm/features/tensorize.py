@@ -122,6 +122,17 @@ def request_tensors(
     return tensors
 
 
+def one_request_inputs(
+    user: Mapping[str, Sequence[Any]], hour: int, item_ids: Sequence[int], items: Mapping[str, Sequence[Any]],
+    spec: TensorSpec,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """All model inputs of one request (one user row, many candidates) from plain feature values."""
+    tensors = request_tensors(user, [hour], spec)
+    tensors["candidates"] = candidate_tensors(item_ids, items, spec)
+    tensors["candidate_user"] = np.zeros(len(item_ids), dtype=np.int64)
+    return tensors
+
+
 def candidate_tensors(
     item_ids: Sequence[int], items: Mapping[str, Sequence[Any]], spec: TensorSpec
 ) -> np.ndarray:
