@@ -3,16 +3,19 @@
 
 /score is `async def` and scores inline on the event loop: the work is CPU-bound and
 sub-millisecond to a few milliseconds, so a thread-pool hop would only add latency; one
-worker process per core gives parallelism. The Redis read is bounded by socket timeouts.
+worker process per core gives parallelism. The Redis read is async (the loop stays free
+while Redis answers) and every request has a deadline: a slow Redis gives 504s, not a pile-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
 import orjson
 import redis
+import redis.asyncio
 from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -38,11 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.scorer = Scorer(
             settings.model_dir, settings.ort_threads, item_cache, settings.large_batch, settings.ort_threads_large
         )
-        app.state.redis = redis.Redis.from_url(
+        app.state.redis = redis.asyncio.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )
         yield
-        app.state.redis.close()
+        await app.state.redis.aclose()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=("/score", "/healthz", "/readyz", "/metrics"))
@@ -55,8 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz(request: Request) -> Response:
         scorer = getattr(request.app.state, "scorer", None)
         try:
-            redis_ok = bool(request.app.state.redis.ping())
-        except (redis.RedisError, AttributeError):
+            redis_ok = bool(await asyncio.wait_for(request.app.state.redis.ping(), settings.redis_timeout_s))
+        except (redis.RedisError, AttributeError, TimeoutError):
             redis_ok = False
         ready = scorer is not None and redis_ok
         body = {"ready": ready, "model_loaded": scorer is not None, "redis": redis_ok}
@@ -75,10 +78,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
         scorer: Scorer = request.app.state.scorer
         try:
-            result = scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour)
+            result = await asyncio.wait_for(
+                scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour),
+                settings.request_timeout_s,
+            )
         except redis.RedisError as exc:
             metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
             raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc
+        except TimeoutError as exc:
+            metrics.errors.labels("deadline").inc()
+            raise HTTPException(504, f"no answer within the {settings.request_timeout_s} s request deadline") from exc
         metrics.feature_read.observe(result.read_s)
         metrics.model.observe(result.model_s)
         metrics.candidates.observe(len(body.candidate_item_ids))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import redis
+import redis.asyncio
 
 from serving.feast_layout import CorruptValue, decode_timestamp, decode_value, entity_key, feature_field, timestamp_field
 
@@ -32,30 +33,24 @@ def _decode_all(blobs: list, decode, rows: EntityRows) -> list:
     return out
 
 
-def read_online_features(
-    client: redis.Redis,
-    project: str,
-    requests: Sequence[tuple[str, Sequence[int], dict[str, list[str]]]],
-) -> list[EntityRows]:
-    """Each request is (join key, entity ids, {view: [features]}); all HMGETs go in one pipeline.
+Request = tuple[str, Sequence[int], dict[str, list[str]]]  # (join key, entity ids, {view: [features]})
 
-    Returns one EntityRows per request, values in entity order. Equals what
-    FeatureStore.get_online_features returns for the same keys (tests/test_online_reader.py)."""
-    plans = []
-    with client.pipeline(transaction=False) as pipe:
-        for join_key, ids, views in requests:
-            fields: list[bytes] = []
-            for view, features in views.items():
-                fields += [feature_field(view, f) for f in features] + [timestamp_field(view)]
-            for entity_id in ids:
-                pipe.hmget(entity_key(join_key, int(entity_id), project), fields)
-            plans.append((len(ids), views))
-        replies = pipe.execute()
 
+def _commands(project: str, requests: Sequence[Request]) -> list[tuple[bytes, list[bytes]]]:
+    commands = []
+    for join_key, ids, views in requests:
+        fields: list[bytes] = []
+        for view, features in views.items():
+            fields += [feature_field(view, f) for f in features] + [timestamp_field(view)]
+        commands += [(entity_key(join_key, int(entity_id), project), fields) for entity_id in ids]
+    return commands
+
+
+def _decode(replies: list, requests: Sequence[Request]) -> list[EntityRows]:
     out, cursor = [], 0
-    for n, views in plans:
-        rows = replies[cursor : cursor + n]
-        cursor += n
+    for _, ids, views in requests:
+        rows = replies[cursor : cursor + len(ids)]
+        cursor += len(ids)
         result = EntityRows({}, {})
         col = 0
         for view, features in views.items():
@@ -66,3 +61,25 @@ def read_online_features(
             col += 1
         out.append(result)
     return out
+
+
+def read_online_features(client: redis.Redis, project: str, requests: Sequence[Request]) -> list[EntityRows]:
+    """All HMGETs of all requests in one pipeline (one round trip).
+
+    Returns one EntityRows per request, values in entity order. Equals what
+    FeatureStore.get_online_features returns for the same keys (tests/test_online_reader.py)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key, fields in _commands(project, requests):
+            pipe.hmget(key, fields)
+        return _decode(pipe.execute(), requests)
+
+
+async def read_online_features_async(
+    client: redis.asyncio.Redis, project: str, requests: Sequence[Request]
+) -> list[EntityRows]:
+    """The same read for the server: the event loop stays free while Redis answers."""
+    async with client.pipeline(transaction=False) as pipe:
+        for key, fields in _commands(project, requests):
+            pipe.hmget(key, fields)
+        replies = await pipe.execute()
+    return _decode(replies, requests)

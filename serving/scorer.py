@@ -10,11 +10,11 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import redis
+import redis.asyncio
 
 from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
 from serving.item_cache import ItemCache
-from serving.online_reader import read_online_features
+from serving.online_reader import read_online_features_async
 
 USER_KEY, ITEM_KEY = "user_id", "item_id"
 
@@ -71,12 +71,12 @@ class Scorer:
     def version(self) -> str:
         return self.meta["model_version"]
 
-    def score(self, client: redis.Redis, user_id: int, item_ids: Sequence[int], hour: int) -> Scored:
+    async def score(self, client: redis.asyncio.Redis, user_id: int, item_ids: Sequence[int], hour: int) -> Scored:
         """One pipelined Redis round trip (the user + items not in the cache), then ONNX."""
         started = time.perf_counter()
         rows, missing = self.items.lookup(item_ids)
         missing = list(dict.fromkeys(missing))
-        user, fetched = read_online_features(
+        user, fetched = await read_online_features_async(
             client,
             self.meta["project"],
             [(USER_KEY, [user_id], self.user_views), (ITEM_KEY, missing, self.item_views)],

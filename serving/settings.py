@@ -16,6 +16,7 @@ class Settings:
     ort_threads_large: int = 2  # ... and at or above it (docs/serving.md has the measurements)
     large_batch: int = 256
     redis_timeout_s: float = 0.5
+    request_timeout_s: float = 1.0  # deadline for the feature read + scoring of one request
     item_cache_size: int = 100_000  # items; 0 disables the cache
     item_cache_ttl_s: float = 300.0
 
@@ -31,6 +32,7 @@ class Settings:
             ort_threads_large=int(os.environ.get("LOOPFM_ORT_THREADS_LARGE", cls.ort_threads_large)),
             large_batch=int(os.environ.get("LOOPFM_LARGE_BATCH", cls.large_batch)),
             redis_timeout_s=float(os.environ.get("LOOPFM_REDIS_TIMEOUT_S", cls.redis_timeout_s)),
+            request_timeout_s=float(os.environ.get("LOOPFM_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
             item_cache_size=int(os.environ.get("LOOPFM_ITEM_CACHE_SIZE", cls.item_cache_size)),
             item_cache_ttl_s=float(os.environ.get("LOOPFM_ITEM_CACHE_TTL_S", cls.item_cache_ttl_s)),
         )

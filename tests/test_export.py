@@ -46,8 +46,10 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
     """A historical row stamped after the last event sees the state `feast materialize` wrote
     to Redis; the trainer's frame_tensors and the server's Scorer must turn it into the same
     model inputs and the same score."""
+    import asyncio
+
     import pandas as pd
-    import redis
+    import redis.asyncio
 
     from loopfm.config import RunConfig
     from serving.scorer import Scorer
@@ -58,10 +60,14 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
     entity = pd.DataFrame({"user_id": users, "item_id": items, "hour": [1, 2, 3, 4], "event_timestamp": after_everything})
     training = frame_tensors(historical_features(store, entity, "vm_loopfm_kd"), load_variant(paths, "loopfm_kd")[1])
     scorer = Scorer(paths.vm / "loopfm_kd" / "onnx")
-    client = redis.Redis.from_url(redis_url)
     session = ort.InferenceSession(str(paths.vm / "loopfm_kd" / "onnx" / "model.onnx"))
+
+    async def serve(user: int, item: int, hour: int):
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            return await scorer.score(client, user, [item], hour)
+
     for row, (user, item, hour) in enumerate(zip(users, items, [1, 2, 3, 4])):
-        served = scorer.score(client, user, [item], hour)
+        served = asyncio.run(serve(user, item, hour))
         expected = session.run(None, {n: training[n][row : row + 1] if n != "candidate_user" else np.zeros(1, np.int64)
                                       for n in scorer.inputs})[0]  # fmt: skip
         assert served.scores == pytest.approx(expected.tolist(), abs=1e-7), (user, item)

@@ -12,6 +12,7 @@ candidates, 50 req/s at 1,000) and a rate sweep for p99 <= 10 ms at 100 candidat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import time
@@ -19,7 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import redis
+import redis.asyncio
+import uvloop
 
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths, read_parquet
@@ -39,17 +41,21 @@ def request_pool(run_dir: Path) -> RequestPool:
     return RequestPool(known_users=np.sort(known), all_users=cfg.world.n_users, items=items)
 
 
-def floor_latency(scorer, client: redis.Redis, pool: RequestPool, candidates: int, n: int) -> dict:
+def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int) -> dict:
+    """The server's own Scorer, called in process on an event loop, one request at a time."""
     rng = np.random.default_rng(1)
     spec = LoadSpec(rate=1, duration_s=n, candidates=candidates)
-    bodies = [json.loads(b) for b in request_bodies(spec, pool, n + 20, rng)]
-    it = iter(bodies)
+    bodies = iter([json.loads(b) for b in request_bodies(spec, pool, n + 20, rng)])
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        client = redis.asyncio.Redis.from_url(redis_url)
 
-    def one() -> None:
-        b = next(it)
-        scorer.score(client, b["user_id"], b["candidate_item_ids"], b["context"]["hour"])
+        def one() -> None:
+            b = next(bodies)
+            runner.run(scorer.score(client, b["user_id"], b["candidate_item_ids"], b["context"]["hour"]))
 
-    return timed(one, n=n, warmup=20)
+        result = timed(one, n=n, warmup=20)
+        runner.run(client.aclose())
+    return result
 
 
 def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> dict:
@@ -73,7 +79,6 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
             env={"LOOPFM_RUN_DIR": str(run_dir.resolve())},
         )  # fmt: skip
         scorer = Scorer(model_dir, threads=1, item_cache=ItemCache(100_000, 300))
-        client = redis.Redis.from_url(url)
         try:
             for c in CANDIDATES:
                 spec = LoadSpec(rate=TABLE_RATE[c], duration_s=TABLE_SECONDS, candidates=c)
@@ -87,7 +92,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
                     results[name][c] = _row(report)
                     log(f"  {name:>9} {c:>5} candidates: p50 {format_ms(report['p50_ms'])}, p99 {format_ms(report['p99_ms'])}, "
                         f"errors {report['errors']}")  # fmt: skip
-                floor = floor_latency(scorer, client, pool, c, n=300)
+                floor = floor_latency(scorer, url, pool, c, n=300)
                 results["floor"][c] = floor
                 log(f"  {'floor':>9} {c:>5} candidates: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms")
             stop_server(sdk_proc)
