@@ -16,9 +16,10 @@ from contextlib import asynccontextmanager
 import orjson
 import redis
 import redis.asyncio
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from serving.guards import BodySizeLimit, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.schemas import ScoreRequest, ScoreResponse
@@ -48,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.redis.aclose()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=("/score", "/healthz", "/readyz", "/metrics"))
+    authorized = [Depends(api_key_guard(settings.api_key))]
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -67,11 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body["model_version"] = scorer.version
         return json_response(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=authorized)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/score", response_model=ScoreResponse)
+    @app.post("/score", response_model=ScoreResponse, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> Response:
         if len(body.candidate_item_ids) > settings.max_candidates:
             raise HTTPException(422, f"at most {settings.max_candidates} candidates per request")

@@ -17,6 +17,8 @@ class Settings:
     large_batch: int = 256
     redis_timeout_s: float = 0.5
     request_timeout_s: float = 1.0  # deadline for the feature read + scoring of one request
+    api_key: str | None = None  # when set, /score and /metrics need it (Bearer or X-API-Key)
+    max_body_bytes: int = 64 * 1024  # 1,000 ids of 19 digits fit in about 20 KB
     item_cache_size: int = 100_000  # items; 0 disables the cache
     item_cache_ttl_s: float = 300.0
 
@@ -33,6 +35,8 @@ class Settings:
             large_batch=int(os.environ.get("LOOPFM_LARGE_BATCH", cls.large_batch)),
             redis_timeout_s=float(os.environ.get("LOOPFM_REDIS_TIMEOUT_S", cls.redis_timeout_s)),
             request_timeout_s=float(os.environ.get("LOOPFM_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
+            api_key=os.environ.get("LOOPFM_API_KEY") or None,
+            max_body_bytes=int(os.environ.get("LOOPFM_MAX_BODY_BYTES", cls.max_body_bytes)),
             item_cache_size=int(os.environ.get("LOOPFM_ITEM_CACHE_SIZE", cls.item_cache_size)),
             item_cache_ttl_s=float(os.environ.get("LOOPFM_ITEM_CACHE_TTL_S", cls.item_cache_ttl_s)),
         )

@@ -208,3 +208,27 @@ def test_a_hung_redis_costs_each_request_its_deadline_not_the_whole_server(train
     finally:
         stop_server(proc)
         listener.close()
+
+
+def test_an_api_key_guards_score_and_metrics_and_oversized_bodies_get_413(trained_run, redis_url, tmp_path):
+    key = "s3cret-key-value"
+    log = tmp_path / "guarded.log"
+    proc, url = start_server(RunPaths(trained_run).vm / "base" / "onnx", redis_url, log,
+                             env={"LOOPFM_API_KEY": key, "LOOPFM_MAX_BODY_BYTES": "4096"})  # fmt: skip
+    body = {"user_id": 3, "candidate_item_ids": [801, 802]}
+    try:
+        assert httpx.post(f"{url}/score", json=body).status_code == 401
+        assert httpx.post(f"{url}/score", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(f"{url}/score", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert httpx.post(f"{url}/score", json=body, headers={"X-API-Key": key}).status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes stay open
+        big = {"user_id": 3, "candidate_item_ids": [801] * 1100}  # ~4.4 KB of compact JSON
+        r = httpx.post(f"{url}/score", json=big, headers={"X-API-Key": key})
+        assert r.status_code == 413 and "4096" in r.json()["detail"]
+        chunks = (b'{"user_id": 3, "candidate_item_ids": [' + b"801," * 2000 + b"801]}",)
+        r = httpx.post(f"{url}/score", content=iter(chunks), headers={"X-API-Key": key})  # chunked: no length
+        assert r.status_code == 413
+    finally:
+        stop_server(proc)
+    assert key not in log.read_text()
