@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import redis
 import redis.asyncio
 
 from serving.feast_layout import CorruptValue, decode_timestamp, decode_value, entity_key, feature_field, timestamp_field
@@ -63,21 +62,14 @@ def _decode(replies: list, requests: Sequence[Request]) -> list[EntityRows]:
     return out
 
 
-def read_online_features(client: redis.Redis, project: str, requests: Sequence[Request]) -> list[EntityRows]:
-    """All HMGETs of all requests in one pipeline (one round trip).
+async def read_online_features(
+    client: redis.asyncio.Redis, project: str, requests: Sequence[Request]
+) -> list[EntityRows]:
+    """All HMGETs of all requests in one pipeline (one round trip); the event loop stays free
+    while Redis answers.
 
     Returns one EntityRows per request, values in entity order. Equals what
     FeatureStore.get_online_features returns for the same keys (tests/test_online_reader.py)."""
-    with client.pipeline(transaction=False) as pipe:
-        for key, fields in _commands(project, requests):
-            pipe.hmget(key, fields)
-        return _decode(pipe.execute(), requests)
-
-
-async def read_online_features_async(
-    client: redis.asyncio.Redis, project: str, requests: Sequence[Request]
-) -> list[EntityRows]:
-    """The same read for the server: the event loop stays free while Redis answers."""
     async with client.pipeline(transaction=False) as pipe:
         for key, fields in _commands(project, requests):
             pipe.hmget(key, fields)

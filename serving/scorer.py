@@ -14,7 +14,7 @@ import redis.asyncio
 
 from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
 from serving.item_cache import ItemCache
-from serving.online_reader import read_online_features_async
+from serving.online_reader import read_online_features
 
 USER_KEY, ITEM_KEY = "user_id", "item_id"
 
@@ -76,7 +76,7 @@ class Scorer:
         started = time.perf_counter()
         rows, missing = self.items.lookup(item_ids)
         missing = list(dict.fromkeys(missing))
-        user, fetched = await read_online_features_async(
+        user, fetched = await read_online_features(
             client,
             self.meta["project"],
             [(USER_KEY, [user_id], self.user_views), (ITEM_KEY, missing, self.item_views)],

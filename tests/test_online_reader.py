@@ -1,8 +1,10 @@
 """The server's Redis reader returns exactly what Feast's get_online_features returns."""
 
+import asyncio
+
 import numpy as np
 import pytest
-import redis
+import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 
 from serving.feast_layout import CorruptValue, decode_value, feature_refs
@@ -37,10 +39,13 @@ def test_corrupt_or_unsupported_values_raise_a_clear_error_instead_of_misreading
 def test_reader_equals_get_online_features_for_known_and_unknown_entities(store, redis_url):
     users = [0, 1, 2, 3, 17, 10**9]  # the last is unknown
     items = [0, 5, 399, 1199, 10**9]
-    client = redis.Redis.from_url(redis_url)
-    user_rows, item_rows = read_online_features(
-        client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)]
-    )
+    async def read():
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            return await read_online_features(
+                client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)]
+            )
+
+    user_rows, item_rows = asyncio.run(read())
     expected_users = store.get_online_features(
         features=feature_refs(USER_VIEWS), entity_rows=[{"user_id": u} for u in users]
     ).to_dict()

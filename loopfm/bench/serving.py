@@ -16,7 +16,6 @@ import asyncio
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
