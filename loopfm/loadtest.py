@@ -86,7 +86,9 @@ async def _send(client: aiohttp.ClientSession, path: str, body: bytes | None) ->
         return response.status
 
 
-async def _fire(url: str, path: str, offsets: np.ndarray, bodies: list[bytes] | None, spec: LoadSpec) -> list[tuple]:
+async def _fire(
+    url: str, path: str, offsets: np.ndarray, bodies: list[bytes] | None, spec: LoadSpec
+) -> tuple[float, list[tuple]]:
     """aiohttp, not httpx: its per-request client cost is lower, and on a 2-core machine the
     client's CPU time shows up in every measured latency."""
     records: list[tuple] = []
@@ -122,7 +124,7 @@ async def _fire(url: str, path: str, offsets: np.ndarray, bodies: list[bytes] | 
                 await asyncio.sleep(remaining)
             in_flight.append(asyncio.create_task(one(i)))
         await asyncio.gather(*in_flight)
-    return records
+    return start, records
 
 
 def summarize(records: list[tuple], spec: LoadSpec) -> dict:
@@ -155,8 +157,9 @@ def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/s
     offsets = schedule(spec, rng)
     bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # uvloop: less client overhead per request
-        records = runner.run(_fire(url, path, offsets, bodies, spec))
-    return {"spec": asdict(spec), "path": path, **summarize(records, spec)}, records
+        origin, records = runner.run(_fire(url, path, offsets, bodies, spec))
+    # The schedule's origin on time.perf_counter's clock, to line records up with other events.
+    return {"spec": asdict(spec), "path": path, "schedule_origin_perf_counter": origin, **summarize(records, spec)}, records
 
 
 def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0) -> None:

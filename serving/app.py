@@ -1,5 +1,6 @@
-"""FastAPI app: /score, /healthz, /readyz, /metrics. Start with `loopfm serve` or
-`uvicorn serving.app:create_app --factory` with LOOPFM_MODEL_DIR and REDIS_URL set.
+"""FastAPI app: /score, /models/{name}/score, /models, /admin/models/{name}/reload, /healthz,
+/readyz, /metrics. Start with `loopfm serve` or `uvicorn serving.app:create_app --factory`
+with LOOPFM_MODEL_DIR (or LOOPFM_MODELS) and REDIS_URL set.
 
 /score is `async def` and scores inline on the event loop: the work is CPU-bound and
 sub-millisecond to a few milliseconds, so a thread-pool hop would only add latency; one
@@ -12,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
 
 import orjson
 import redis
 import redis.asyncio
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.guards import BodySizeLimit, api_key_guard
+from serving.guards import BodySizeLimit, admin_key_guard, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
+from serving.models import ModelRefused, ModelRegistry
 from serving.schemas import ScoreRequest, ScoreResponse
 from serving.scorer import Scorer
 from serving.settings import Settings
@@ -34,14 +39,18 @@ def json_response(body: dict, status_code: int = 200) -> Response:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    item_cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
-    metrics = Metrics(item_cache)
+
+    def load(model_dir: Path) -> Scorer:  # every model (and every reload) gets a fresh item cache
+        cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
+        return Scorer(model_dir, settings.ort_threads, cache, settings.large_batch, settings.ort_threads_large)
+
+    registry_holder: list[ModelRegistry] = []
+    metrics = Metrics(lambda: [h.scorer.items for r in registry_holder for h in r.models.values()])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scorer = Scorer(
-            settings.model_dir, settings.ort_threads, item_cache, settings.large_batch, settings.ort_threads_large
-        )
+        app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
+        registry_holder.append(app.state.models)
         app.state.redis = redis.asyncio.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )
@@ -50,8 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, paths=("/score", "/healthz", "/readyz", "/metrics"))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
+    admin = [Depends(admin_key_guard(settings.admin_key))]
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -59,27 +69,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
-        scorer = getattr(request.app.state, "scorer", None)
+        models: ModelRegistry | None = getattr(request.app.state, "models", None)
         try:
             redis_ok = bool(await asyncio.wait_for(request.app.state.redis.ping(), settings.redis_timeout_s))
         except (redis.RedisError, AttributeError, TimeoutError):
             redis_ok = False
-        ready = scorer is not None and redis_ok
-        body = {"ready": ready, "model_loaded": scorer is not None, "redis": redis_ok}
-        if scorer is not None:
-            body["model_version"] = scorer.version
+        ready = models is not None and redis_ok
+        body = {"ready": ready, "model_loaded": models is not None, "redis": redis_ok}
+        if models is not None:
+            body["model_version"] = models.scorer().version
+            body["models"] = {name: h.scorer.version for name, h in models.models.items()}
         return json_response(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", dependencies=authorized)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/score", response_model=ScoreResponse, dependencies=authorized)
-    async def score(body: ScoreRequest, request: Request) -> Response:
+    @app.get("/models", dependencies=authorized)
+    async def list_models(request: Request) -> Response:
+        return json_response(request.app.state.models.describe())
+
+    @app.post("/admin/models/{name}/reload", dependencies=admin)
+    async def reload_model(name: str, request: Request) -> Response:
+        models: ModelRegistry = request.app.state.models
+        if name not in models.models:
+            raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
+        try:
+            old, new = await models.reload(name)
+        except ModelRefused as exc:
+            metrics.errors.labels("model_refused").inc()
+            raise HTTPException(409, f"model refused, {models.scorer(name).version} keeps serving: {exc}") from None
+        return json_response({"model": name, "previous_version": old, "model_version": new})
+
+    async def score_with(scorer: Scorer, body: ScoreRequest, request: Request) -> Response:
         if len(body.candidate_item_ids) > settings.max_candidates:
             raise HTTPException(422, f"at most {settings.max_candidates} candidates per request")
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
-        scorer: Scorer = request.app.state.scorer
         try:
             result = await asyncio.wait_for(
                 scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour),
@@ -91,13 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except TimeoutError as exc:
             metrics.errors.labels("deadline").inc()
             raise HTTPException(504, f"no answer within the {settings.request_timeout_s} s request deadline") from exc
-        metrics.feature_read.observe(result.read_s)
-        metrics.model.observe(result.model_s)
-        metrics.candidates.observe(len(body.candidate_item_ids))
-        metrics.corrupt_values.inc(result.corrupt_values)
-        for view, age in result.feature_age_s.items():
-            if age is not None:
-                metrics.feature_age.labels(view).observe(age)
+        metrics.observe(result, len(body.candidate_item_ids))
         # Built by hand (not validated again by FastAPI): ScoreResponse documents the shape.
         return json_response(
             {
@@ -109,5 +128,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "corrupt_values": result.corrupt_values,
             }
         )
+
+    @app.post("/score", response_model=ScoreResponse, dependencies=authorized)
+    async def score(body: ScoreRequest, request: Request) -> Response:
+        """Score with the default model (the first one configured)."""
+        return await score_with(request.app.state.models.scorer(), body, request)
+
+    @app.post("/models/{name}/score", response_model=ScoreResponse, dependencies=authorized)
+    async def score_named(name: Annotated[str, FastApiPath(max_length=64)], body: ScoreRequest, request: Request) -> Response:
+        """Score with the model hosted under `name` (GET /models lists them)."""
+        models: ModelRegistry = request.app.state.models
+        if name not in models.models:
+            raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
+        return await score_with(models.scorer(name), body, request)
 
     return app

@@ -7,20 +7,32 @@ import hmac
 from fastapi import HTTPException, Request
 
 
+def _given_key(request: Request) -> bytes:
+    auth = request.headers.get("authorization", "")
+    return (auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")).encode()
+
+
 def api_key_guard(expected: str | None):
     """A dependency that accepts `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in
     constant time. With no key configured it lets everything through. The key is never logged."""
     expected_bytes = expected.encode() if expected else None
 
     async def check(request: Request) -> None:
-        if expected_bytes is None:
-            return
-        given = request.headers.get("x-api-key", "")
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:]
-        if not hmac.compare_digest(given.encode(), expected_bytes):
+        if expected_bytes is not None and not hmac.compare_digest(_given_key(request), expected_bytes):
             raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def admin_key_guard(expected: str | None):
+    """Like api_key_guard, but closed by default: admin endpoints change what is served, so
+    with no LOOPFM_ADMIN_KEY they answer 403 rather than being open to anyone."""
+    key_check = api_key_guard(expected)
+
+    async def check(request: Request) -> None:
+        if not expected:
+            raise HTTPException(403, "admin endpoints are disabled: set LOOPFM_ADMIN_KEY to enable them")
+        await key_check(request)
 
     return check
 

@@ -6,7 +6,9 @@ scrape sees one worker); the default is one worker per server process.
 
 from __future__ import annotations
 
+import re
 import time
+from typing import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,7 +19,7 @@ _AGE = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 *
 
 
 class Metrics:
-    def __init__(self, item_cache: ItemCache):
+    def __init__(self, item_caches: Callable[[], Sequence[ItemCache]]):
         self.registry = r = CollectorRegistry()
         self.request = Histogram("loopfm_request_seconds", "HTTP request latency", ["path"], buckets=_MS, registry=r)
         self.feature_read = Histogram(
@@ -35,17 +37,45 @@ class Metrics:
         self.feature_age = Histogram(
             "loopfm_feature_age_seconds", "age of the user's features per view", ["view"], buckets=_AGE, registry=r
         )
-        Gauge("loopfm_item_cache_hit_ratio", "item cache hits / lookups since start", registry=r).set_function(
-            lambda: item_cache.hit_rate
+        Gauge("loopfm_item_cache_hit_ratio", "item cache hits / lookups since the models were loaded",
+              registry=r).set_function(lambda: _hit_ratio(item_caches()))  # fmt: skip
+        Gauge("loopfm_item_cache_items", "items in the caches", registry=r).set_function(
+            lambda: sum(len(c) for c in item_caches())
         )
-        Gauge("loopfm_item_cache_items", "items in the cache", registry=r).set_function(lambda: len(item_cache))
+
+    def observe(self, result, candidates: int) -> None:
+        """Record one scored request (a serving.scorer.Scored)."""
+        self.feature_read.observe(result.read_s)
+        self.model.observe(result.model_s)
+        self.candidates.observe(candidates)
+        self.corrupt_values.inc(result.corrupt_values)
+        for view, age in result.feature_age_s.items():
+            if age is not None:
+                self.feature_age.labels(view).observe(age)
+
+
+def _hit_ratio(caches: Sequence[ItemCache]) -> float:
+    hits, misses = sum(c.hits for c in caches), sum(c.misses for c in caches)
+    return hits / (hits + misses) if hits + misses else 0.0
+
+
+_KNOWN_PATHS = ("/score", "/healthz", "/readyz", "/metrics", "/models")
+_TEMPLATES = ((re.compile(r"/models/[^/]+/score"), "/models/{name}/score"),
+              (re.compile(r"/admin/models/[^/]+/reload"), "/admin/models/{name}/reload"))  # fmt: skip
+
+
+def path_label(path: str) -> str:
+    """A bounded label set: known paths, route templates, else `other`."""
+    if path in _KNOWN_PATHS:
+        return path
+    return next((label for pattern, label in _TEMPLATES if pattern.fullmatch(path)), "other")
 
 
 class MetricsMiddleware:
     """Pure ASGI middleware (no per-request task overhead): latency and status per path."""
 
-    def __init__(self, app, metrics: Metrics, paths: tuple[str, ...]):
-        self.app, self.metrics, self.paths = app, metrics, paths
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,6 +92,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            path = scope["path"] if scope["path"] in self.paths else "other"  # bounded label set
+            path = path_label(scope["path"])
             self.metrics.request.labels(path).observe(time.perf_counter() - started)
             self.metrics.responses.labels(path, str(status)).inc()

@@ -1,0 +1,149 @@
+"""Model lifecycle on a real uvicorn process: hot swap under load with no failed request,
+refusal of a model that does not fit, several models hosted by name, admin access."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from loopfm.bench.serving import request_pool
+from loopfm.io import RunPaths
+from loopfm.loadtest import LoadSpec, run_load
+from loopfm.server_process import start_server, stop_server
+
+ADMIN = {"Authorization": "Bearer admin-s3cret"}
+BODY = {"user_id": 3, "candidate_item_ids": [801, 802, 850], "context": {"hour": 9}}
+
+
+def halved_copy(src: Path, dst: Path) -> str:
+    """A genuinely different model with the same inputs: the exported graph with its score
+    multiplied by 0.5, under a new version."""
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / "model.onnx")
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{out}_full" if o == out else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    model.graph.node.append(helper.make_node("Mul", [f"{out}_full", "half"], [out]))
+    onnx.save(model, dst / "model.onnx")
+    meta = json.loads((dst / "model.json").read_text())
+    meta["model_version"] += "-halved"
+    (dst / "model.json").write_text(json.dumps(meta))
+    return meta["model_version"]
+
+
+def point(link: Path, target: Path) -> None:
+    """Atomic symlink flip, as a deploy would do it."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
+@pytest.fixture
+def versions(trained_run: Path, tmp_path: Path) -> dict[str, Path]:
+    exports = RunPaths(trained_run).vm
+    v1 = tmp_path / "v1"
+    shutil.copytree(exports / "loopfm_kd" / "onnx", v1)
+    halved_copy(v1, tmp_path / "v2")
+    mixed = tmp_path / "mixed"  # model.json of one export, model.onnx of another
+    shutil.copytree(v1, mixed)
+    shutil.copy(exports / "base" / "onnx" / "model.onnx", mixed / "model.onnx")
+    garbage = tmp_path / "garbage"
+    shutil.copytree(v1, garbage)
+    (garbage / "model.onnx").write_bytes(b"not an onnx graph")
+    link = tmp_path / "current"
+    link.symlink_to(v1)
+    return {"v1": v1, "v2": tmp_path / "v2", "mixed": mixed, "garbage": garbage,
+            "base": exports / "base" / "onnx", "current": link}  # fmt: skip
+
+
+@pytest.fixture
+def server(versions, redis_url, tmp_path):
+    env = {"LOOPFM_MODELS": f"shop={versions['current']},shop_base={versions['base']}", "LOOPFM_ADMIN_KEY": "admin-s3cret"}
+    proc, url = start_server(versions["current"], redis_url, tmp_path / "server.log", env=env)
+    yield url
+    stop_server(proc)
+
+
+def test_a_new_model_swaps_in_under_load_with_no_failed_request(server, versions, trained_run):
+    before = httpx.post(f"{server}/score", json=BODY).json()
+    spec = LoadSpec(rate=80, duration_s=4.0, candidates=20, arrival="constant")
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(zip(("report", "records"), run_load(server, spec, request_pool(trained_run)))))
+    load.start()
+    time.sleep(1.5)
+    point(versions["current"], versions["v2"])
+    swapped = httpx.post(f"{server}/admin/models/shop/reload", headers=ADMIN, timeout=30)
+    load.join()
+
+    assert swapped.status_code == 200, swapped.text
+    assert swapped.json()["previous_version"] == before["model_version"]
+    assert swapped.json()["model_version"] == before["model_version"] + "-halved"
+    report = result["report"]
+    assert report["errors"] == {} and report["ok"] == report["sent"] >= 300
+    after = httpx.post(f"{server}/score", json=BODY).json()
+    assert after["model_version"].endswith("-halved")
+    np.testing.assert_allclose(after["scores"], np.array(before["scores"]) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        ("base", "a model that changes its features"),
+        ("mixed", "come from different exports"),
+        ("garbage", "cannot load"),
+    ],
+)
+def test_a_model_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(server, versions, target, reason):
+    serving = httpx.post(f"{server}/score", json=BODY).json()
+    point(versions["current"], versions[target])
+    refused = httpx.post(f"{server}/admin/models/shop/reload", headers=ADMIN, timeout=30)
+    assert refused.status_code == 409 and reason in refused.json()["detail"], refused.text
+    assert serving["model_version"] in refused.json()["detail"]
+    still = httpx.post(f"{server}/score", json=BODY).json()
+    assert still["model_version"] == serving["model_version"] and still["scores"] == serving["scores"]
+
+
+def test_several_models_are_hosted_by_name_and_every_response_names_its_version(server, versions):
+    listed = httpx.get(f"{server}/models").json()
+    assert list(listed) == ["shop", "shop_base"] and listed["shop"]["default"]
+    assert listed["shop"]["feature_service"] == "vm_loopfm_kd" and listed["shop_base"]["feature_service"] == "vm_base"
+    default = httpx.post(f"{server}/score", json=BODY).json()
+    named = httpx.post(f"{server}/models/shop/score", json=BODY).json()
+    base = httpx.post(f"{server}/models/shop_base/score", json=BODY).json()
+    assert default["scores"] == named["scores"] and default["model_version"] == named["model_version"]
+    assert base["model_version"].startswith("base-") and named["model_version"].startswith("loopfm_kd-")
+    assert base["scores"] != named["scores"]
+    missing = httpx.post(f"{server}/models/video/score", json=BODY)
+    assert missing.status_code == 404 and "shop_base" in missing.json()["detail"]
+    assert httpx.get(f"{server}/readyz").json()["models"] == {n: m["model_version"] for n, m in listed.items()}
+
+
+def test_admin_endpoints_need_the_admin_key_and_are_closed_without_one(server, trained_run, redis_url, tmp_path):
+    assert httpx.post(f"{server}/admin/models/shop/reload").status_code == 401
+    wrong = httpx.post(f"{server}/admin/models/shop/reload", headers={"X-API-Key": "guess"})
+    assert wrong.status_code == 401
+    assert httpx.post(f"{server}/admin/models/nope/reload", headers=ADMIN).status_code == 404
+    proc, open_url = start_server(RunPaths(trained_run).vm / "base" / "onnx", redis_url, tmp_path / "no_admin.log")
+    try:
+        closed = httpx.post(f"{open_url}/admin/models/default/reload")
+        assert closed.status_code == 403 and "LOOPFM_ADMIN_KEY" in closed.json()["detail"]
+    finally:
+        stop_server(proc)
+    assert "admin-s3cret" not in (tmp_path / "server.log").read_text()
+
+
+def test_a_server_configured_with_a_refused_model_does_not_start(versions, redis_url, tmp_path):
+    with pytest.raises(RuntimeError, match="server exited"):
+        start_server(versions["mixed"], redis_url, tmp_path / "refused.log")
+    assert "come from different exports" in (tmp_path / "refused.log").read_text()
