@@ -45,6 +45,39 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(counts)
 
 
+def _import_options(args: argparse.Namespace):
+    from loopfm.data.importers import ImportOptions
+    from loopfm.data.importers.canonical import VerticalRule
+    from loopfm.data.importers.mapped import parse_map
+
+    roles = parse_map(args.map or [], args.map_file)
+    if roles and args.format != "csv":
+        raise ConfigError(f"--map and --map-file apply to --format csv only (the {args.format} columns are known)")
+    return ImportOptions(args.format, VerticalRule.parse(args.vertical), roles, args.click_threshold, args.days)
+
+
+def _config_with_overrides(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
+    """Defaults plus --set overrides, and the keys the user set (an import fits the others to the data)."""
+    cfg = RunConfig()
+    for assignment in args.set or []:
+        cfg.override(assignment)
+    return cfg, {assignment.partition("=")[0] for assignment in args.set or []}
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from loopfm.run import import_run
+
+    cfg, explicit = _config_with_overrides(args)
+    import_run(args.run_dir, cfg, args.data, _import_options(args), explicit)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from loopfm.run import run_on_data
+
+    cfg, explicit = _config_with_overrides(args)
+    run_on_data(args.run_dir, cfg, args.data, _import_options(args), explicit)
+
+
 def cmd_fm_train(args: argparse.Namespace) -> None:
     from loopfm.fm.stream import train_fm
     from loopfm.io import RunPaths
@@ -170,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impressions-per-user-day", type=float)
     p.add_argument("--fm-signal-noise", type=float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. fm.code_dim=16")
+
+    def import_arguments(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(run_dir=Path("runs/data"))
+        p.add_argument("--data", type=Path, required=True, help="the dataset's folder (one file for --format csv)")
+        p.add_argument("--format", required=True, help="taobao | bars-taobao | bars-kuaivideo | bars-amazon | movielens | csv")
+        p.add_argument("--vertical", required=True, metavar="COLUMN=VALUE[,VALUE...]",
+                       help="rows forming the VM's vertical, e.g. pid=430548_1007, cate_id=6261, genre=Comedy")  # fmt: skip
+        p.add_argument("--map", action="append", metavar="ROLE=COLUMN",
+                       help="csv: user_id, item_id, label required; timestamp|order, category, brand, price, age, "
+                            "age_level, gender optional")  # fmt: skip
+        p.add_argument("--map-file", type=Path, help="csv: a JSON or YAML file of {role: column}")
+        p.add_argument("--click-threshold", type=float, help="label = value >= threshold (movielens default: 4)")
+        p.add_argument("--days", type=int, default=10, help="data without absolute times is spread over this many days")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. vm.epochs=2")
+
+    p = command(data, "import", cmd_data_import, "import a dataset on disk into the canonical tables")
+    import_arguments(p)
+    p = command(sub, "run", cmd_run, "import a dataset on disk and run every training stage on it")
+    import_arguments(p)
 
     fm = sub.add_parser("fm", help="foundation model").add_subparsers(dest="cmd", required=True)
     command(fm, "train", cmd_fm_train, "stream-train the FM day by day")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import WorldConfig
+from loopfm.data.dataset import Vocab
 from loopfm.io import RunPaths, write_parquet
 
 US_PER_DAY = 86_400 * 1_000_000
@@ -127,4 +128,5 @@ def write_world(cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
     tables = simulate(cfg)
     for name, df in tables.items():
         write_parquet(df, paths.table(name))
+    Vocab.from_world(cfg).save(paths)
     return {name: len(df) for name, df in tables.items()}

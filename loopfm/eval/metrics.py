@@ -37,15 +37,19 @@ def comparison_table(y: np.ndarray, predictions: dict[str, np.ndarray], referenc
         gain = ref_ne - row["ne"]
         row["delta_ne"] = gain
         row["tr"] = gain / fm_gain if abs(fm_gain) > 1e-12 else float("nan")
-        row["bayes_gap_closed"] = gain / bayes_gap if bayes_gap else float("nan")
+        if bayes_gap is not None:
+            row["bayes_gap_closed"] = gain / bayes_gap if bayes_gap else float("nan")
     return rows
 
 
 def markdown_table(rows: dict[str, dict], title: str) -> str:
-    header = "| model | AUC | LogLoss | NE | dNE vs base | TR | Bayes gap closed |\n|---|---|---|---|---|---|---|\n"
+    """The "Bayes gap closed" column only when the rows have one (synthetic data)."""
+    bayes = all("bayes_gap_closed" in r for r in rows.values())
+    header = "| model | AUC | LogLoss | NE | dNE vs base | TR |" + (" Bayes gap closed |" if bayes else "")
+    header += "\n|---|---|---|---|---|---|" + ("---|" if bayes else "") + "\n"
     lines = [
-        f"| {name} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['ne']:.4f} | {r['delta_ne']:+.4f} | {r['tr']:.3f} "
-        f"| {r['bayes_gap_closed']:.1%} |"
+        f"| {name} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['ne']:.4f} | {r['delta_ne']:+.4f} | {r['tr']:.3f} |"
+        + (f" {r['bayes_gap_closed']:.1%} |" if bayes else "")
         for name, r in rows.items()
     ]
     return f"### {title}\n\n{header}" + "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from loopfm.config import RunConfig
+from loopfm.data.dataset import Vocab
 from loopfm.data.synth import US_PER_DAY
 from loopfm.features.codec import pack_int4, quantize_int4
 from loopfm.features.sequences import last_n_before
@@ -40,7 +41,6 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     imp = read_parquet(paths.table("impressions"))
     users = read_parquet(paths.table("users")).set_index("user_id")
     items = read_parquet(paths.table("items")).set_index("item_id")
-    signals = read_parquet(paths.table("fm_user_signals"))
     t = unix_us(imp["event_timestamp"]).to_numpy()
     day = (t - _start_us(cfg)) // US_PER_DAY
     vertical_ids = {v: i for i, v in enumerate(cfg.world.verticals)}
@@ -52,9 +52,7 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     clicked_items = imp["item_id"].to_numpy()[clicks] + 1
     raw_history = np.where(hist_idx >= 0, clicked_items[np.clip(hist_idx, 0, None)], 0)
 
-    intent_cols = [c for c in signals.columns if c.startswith("intent_")]
-    intent = signals.set_index(["user_id", "day"])[intent_cols]
-    intent = intent.reindex(pd.MultiIndex.from_arrays([imp["user_id"], day])).to_numpy(np.float32)
+    intent = _intent(paths, imp["user_id"], day)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
     arrays = {
@@ -76,19 +74,29 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     return arrays, imp
 
 
+def _intent(paths: RunPaths, user: pd.Series, day: np.ndarray) -> np.ndarray:
+    """The FM-only daily signal per event, [n, k]; k = 0 for imported data, which has none
+    (the FM then learns from the raw histories of every vertical only)."""
+    if not paths.table("fm_user_signals").exists():
+        return np.zeros((len(user), 0), dtype=np.float32)
+    signals = read_parquet(paths.table("fm_user_signals"))
+    intent_cols = [c for c in signals.columns if c.startswith("intent_")]
+    intent = signals.set_index(["user_id", "day"])[intent_cols]
+    return intent.reindex(pd.MultiIndex.from_arrays([user, day])).to_numpy(np.float32)
+
+
 def _start_us(cfg: RunConfig) -> int:
     return pd.Timestamp(cfg.world.start_date, tz="UTC").value // 1000
 
 
-def _shapes(cfg: RunConfig, n_verticals: int) -> FMShapes:
-    w = cfg.world
+def _shapes(cfg: RunConfig, vocab: Vocab, intent_dim: int) -> FMShapes:
     return FMShapes(
-        n_users=w.n_users,
-        n_items=w.n_items_per_vertical * n_verticals,
-        n_categories=w.n_categories,
-        n_brands=w.n_brands,
-        n_verticals=n_verticals,
-        intent_dim=w.latent_dim,
+        n_users=vocab.n_users,
+        n_items=vocab.n_items,
+        n_categories=vocab.n_categories,
+        n_brands=vocab.n_brands,
+        n_verticals=len(cfg.world.verticals),
+        intent_dim=intent_dim,
         embedding_dim=cfg.fm.embedding_dim,
         hidden=tuple(cfg.fm.hidden),
         code_dim=cfg.fm.code_dim,
@@ -116,7 +124,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
     trained on days [0, i)."""
     torch.manual_seed(cfg.world.seed)
     arrays, _ = build_inputs(paths, cfg)
-    shapes = _shapes(cfg, len(cfg.world.verticals))
+    shapes = _shapes(cfg, Vocab.load(paths), arrays["intent"].shape[1])
     fm, compressor = _build(shapes)
     opt = torch.optim.Adam([*fm.parameters(), *compressor.parameters()], lr=cfg.fm.lr)
     rng = np.random.default_rng(cfg.world.seed)

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from loopfm.config import VARIANTS, RunConfig
+from loopfm.data.dataset import Vocab
 from loopfm.eval.metrics import comparison_table, markdown_table
 from loopfm.features.store import historical_features
 from loopfm.features.tensorize import (
@@ -30,14 +31,13 @@ from loopfm.io import RunPaths, read_parquet, write_parquet
 from loopfm.vm.model import VerticalModel, VMShapes
 
 
-def tensor_spec(cfg: RunConfig) -> TensorSpec:
-    w = cfg.world
+def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
     return TensorSpec(
         history_length=cfg.vm.history_length,
         code_dim=cfg.fm.code_dim,
-        n_items=w.n_items_per_vertical * len(w.verticals),
-        n_categories=w.n_categories,
-        n_brands=w.n_brands,
+        n_items=vocab.n_items,
+        n_categories=vocab.n_categories,
+        n_brands=vocab.n_brands,
     )
 
 
@@ -86,7 +86,7 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     service = f"vm_{variant}"
     train_df = historical_features(store, read_parquet(paths.features / "vm_train_entities.parquet"), service)
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
-    spec = tensor_spec(cfg)
+    spec = tensor_spec(cfg, Vocab.load(paths))
     train_t, eval_t = frame_tensors(train_df, spec), frame_tensors(eval_df, spec)
     label = torch.from_numpy(train_df["label"].to_numpy(np.float32))
     kd_target = torch.sigmoid(torch.from_numpy(train_df["fm_logit"].to_numpy(np.float32)))
@@ -135,14 +135,17 @@ def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSp
 
 
 def evaluate(paths: RunPaths) -> dict[str, dict]:
-    """Eval-window table of every trained variant against the base VM, the FM and Bayes."""
+    """Eval-window table of every trained variant against the base VM, the FM and, when the
+    data is synthetic (it has a truth table), the Bayes-optimal predictor."""
     variants = [v for v in VARIANTS if (paths.vm / v / "eval_predictions.parquet").exists()]
     if "base" not in variants:
         raise FileNotFoundError(f"{paths.vm / 'base'} has no predictions: every comparison is against the base VM; "
                                 "run `loopfm vm train --variant base`")  # fmt: skip
     entities = read_parquet(paths.features / "vm_eval_entities.parquet")
-    truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
-    predictions = {"bayes": truth.loc[entities["impression_id"]].to_numpy()}
+    predictions = {}
+    if paths.table("truth").exists():
+        truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
+        predictions["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
     predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
     for v in variants:
         p = read_parquet(paths.vm / v / "eval_predictions.parquet").set_index("impression_id")["p"]

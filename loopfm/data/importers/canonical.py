@@ -1,0 +1,285 @@
+"""What every importer shares: reading files with line numbers, checking and converting the
+columns that play a canonical role, the `--vertical` rule, and the canonical tables.
+
+An importer turns its files into one frame of impressions: the canonical columns
+(`user_id`, `item_id` as text keys, `label`, and when known `time_us` or `order`,
+`category`, `brand`, `price`, `age_bucket`, `gender`, `vertical`) beside every source column,
+so a vertical rule can name any column of the source. `canonical` turns that frame into the
+tables the pipeline reads (dense ids, buckets, UTC timestamps) and the run's data span.
+Every check happens before anything is written; a bad file raises `DataFormatError` naming
+the file, the column and the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from loopfm.data.synth import PRICE_BUCKETS, US_PER_DAY, US_PER_HOUR
+
+TARGET, OTHER = "target", "other"
+# Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
+AGE_EDGES = (18, 25, 35, 45, 56)
+NO_TIME_START_US = pd.Timestamp("2000-01-01", tz="UTC").value // 1000  # for data without absolute times
+ROLES = ("user_id", "item_id", "label", "timestamp", "order", "category", "brand", "price", "age", "age_level", "gender")
+REQUIRED_ROLES = ("user_id", "item_id", "label")
+
+
+class DataFormatError(ValueError):
+    """A file does not have the layout of its format; the message names file, column and line."""
+
+
+def read_table(
+    path: Path, columns: Sequence[str], *, sep: str = ",", names: Sequence[str] | None = None, encoding: str = "utf-8"
+) -> pd.DataFrame:  # fmt: skip
+    """A CSV (header row unless `names` is given) or parquet file, every value as text, with
+    `_line`: where each row is in the file. Fails unless every one of `columns` is there."""
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path).astype("string").astype(object).where(lambda d: d.notna(), None)
+        else:
+            df = pd.read_csv(
+                path, sep=sep, header=None if names else 0, names=names, dtype=str, index_col=False,
+                keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding=encoding,
+                engine="python" if len(sep) > 1 else "c",
+            )  # fmt: skip
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # pandas' ParserError is a ValueError
+        raise DataFormatError(f"{path}: cannot be read as {'parquet' if path.suffix == '.parquet' else 'CSV'}: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]  # user_profile.csv's header ends in a space
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataFormatError(f"{path}: missing column {missing[0]!r} (found: {', '.join(df.columns)})")
+    first_line = 1 if names or path.suffix == ".parquet" else 2
+    df["_line"] = np.arange(len(df)) + first_line
+    df = df[df.drop(columns="_line").notna().any(axis=1)].reset_index(drop=True)  # blank lines
+    df.attrs["path"] = path
+    return df
+
+
+def _fail(df: pd.DataFrame, column: str, bad: np.ndarray, problem: str) -> DataFormatError:
+    path: Path = df.attrs["path"]
+    i = int(np.flatnonzero(bad)[0])
+    where = "row" if path.suffix == ".parquet" else "line"
+    more = f" ({int(bad.sum()) - 1} more such rows)" if bad.sum() > 1 else ""
+    value = df[column].iloc[i]
+    shown = "an empty value" if value is None or value != value else repr(value)
+    return DataFormatError(f"{path}: {where} {df['_line'].iloc[i]}, column {column!r}: {problem}, got {shown}{more}")
+
+
+def numbers(df: pd.DataFrame, column: str, *, integer: bool = False, required: bool = True) -> pd.Series:
+    """A column as float64 (NaN where empty and not required); names the first bad row."""
+    raw = df[column]
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = (values.isna() & raw.notna()).to_numpy()
+    if integer:
+        bad |= (values.notna() & (values % 1 != 0)).to_numpy()
+    if bad.any():
+        raise _fail(df, column, bad, "not an integer" if integer else "not a number")
+    if required and raw.isna().any():
+        raise _fail(df, column, raw.isna().to_numpy(), "missing value")
+    return values.astype(np.float64)
+
+
+def _keys(df: pd.DataFrame, column: str, integer: bool) -> pd.Series:
+    """Ids as text keys; integer ids are checked and written without a decimal point."""
+    if integer:
+        return numbers(df, column, integer=True).astype(np.int64).astype(str)
+    if df[column].isna().any():
+        raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
+    return df[column].astype(str)
+
+
+def _label(df: pd.DataFrame, column: str, click_threshold: float | None) -> pd.Series:
+    values = numbers(df, column)
+    if click_threshold is not None:
+        return (values >= click_threshold).astype(np.int64)
+    bad = ~values.isin([0, 1]).to_numpy()
+    if bad.any():
+        raise _fail(df, column, bad, "a label must be 0 or 1 (or give a click threshold)")
+    return values.astype(np.int64)
+
+
+def _absolute_time_us(df: pd.DataFrame, column: str) -> pd.Series:
+    """Unix seconds, or date-time text (UTC unless it says otherwise) -> int64 microseconds."""
+    seconds = pd.to_numeric(df[column], errors="coerce")
+    if seconds.notna().all():
+        return (seconds * 1_000_000).round().astype(np.int64)
+    parsed = pd.to_datetime(df[column], errors="coerce", utc=True, format="mixed")
+    if parsed.isna().any():
+        raise _fail(df, column, parsed.isna().to_numpy(), "not a unix time in seconds nor a date-time")
+    return parsed.astype("datetime64[us, UTC]").astype(np.int64)
+
+
+def age_buckets(years: pd.Series) -> pd.Series:
+    return pd.Series(np.digitize(years, AGE_EDGES), index=years.index).where(years.notna())
+
+
+def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, click_threshold: float | None = None) -> pd.DataFrame:
+    """Add the canonical column of each role (`roles`: role -> column of this file), checked."""
+    out = df.drop(columns="_line")
+    for role, column in roles.items():
+        if role in ("user_id", "item_id"):
+            out[role] = _keys(df, column, integer_ids)
+        elif role == "label":
+            out["label"] = _label(df, column, click_threshold)
+        elif role == "timestamp":
+            out["time_us"] = _absolute_time_us(df, column)
+        elif role == "order":
+            out["order"] = numbers(df, column)
+        elif role in ("category", "brand", "gender"):
+            out[role] = df[column]  # any text; missing values are a value of their own
+        elif role == "price":
+            out["price"] = numbers(df, column, required=False)
+        elif role == "age":
+            out["age_bucket"] = age_buckets(numbers(df, column, required=False))
+        elif role == "age_level":
+            out["age_bucket"] = numbers(df, column, integer=True, required=False).clip(0, len(AGE_EDGES))
+        else:
+            raise DataFormatError(f"unknown role {role!r}: roles are {', '.join(ROLES)}")
+    return out
+
+
+@dataclass(frozen=True)
+class VerticalRule:
+    """`column=value[,value...]`: the rows whose `column` holds one of the values form the VM's
+    vertical; every other row is still seen by the FM. Values are compared as text; a cell
+    holding several values separated by `|` (MovieLens genres) matches if any of them does."""
+
+    column: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "VerticalRule":
+        column, sep, values = text.partition("=")
+        parts = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not sep or not column.strip() or not parts:
+            raise DataFormatError(f"--vertical {text!r}: expected column=value[,value...], e.g. category=12")
+        return cls(column.strip(), parts)
+
+    def __str__(self) -> str:
+        return f"{self.column}={','.join(self.values)}"
+
+    def matches(self, events: pd.DataFrame) -> np.ndarray:
+        if self.column not in events.columns or self.column.startswith("_"):
+            usable = ", ".join(c for c in events.columns if not c.startswith("_") and c not in ("time_us", "order"))
+            raise DataFormatError(f"--vertical {self}: the data has no column {self.column!r} (columns: {usable})")
+        cells = events[self.column].astype("string")
+        hit = cells.isin(self.values).fillna(False).to_numpy()
+        multi = cells.str.contains("|", regex=False).fillna(False).to_numpy()
+        if multi.any():
+            parts = cells[multi].str.split("|").explode()
+            hit[multi] = parts.isin(self.values).groupby(level=0).any().reindex(cells[multi].index).to_numpy()
+        return hit
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where the imported data lies in time and which verticals it has (the run's world)."""
+
+    start_date: str
+    n_days: int
+    verticals: tuple[str, ...]
+    vertical_mix: tuple[float, ...]
+
+
+def _times(events: pd.DataFrame, days: int) -> np.ndarray:
+    """Event times in µs. Without absolute times, the order (a column, else the row order) is
+    spread evenly over `days` days from 2000-01-01 UTC."""
+    if "time_us" in events and events["time_us"].notna().all():
+        return events["time_us"].to_numpy(np.int64)
+    key = events["order"].to_numpy(np.float64) if "order" in events else np.arange(len(events), dtype=np.float64)
+    span = max(key.max() - key.min(), 1e-12)
+    return NO_TIME_START_US + ((key - key.min()) / span * (days * US_PER_DAY - 1)).astype(np.int64)
+
+
+def _codes(values: pd.Series) -> np.ndarray:
+    """Dense codes 0..n-1 in order of first appearance; a missing value is a value of its own."""
+    return pd.factorize(values.astype("string").fillna("<missing>"))[0].astype(np.int64)
+
+
+def _price_buckets(price: pd.Series) -> np.ndarray:
+    """Deciles of the items' prices (rank based, so ties and skew do not matter); none -> 0."""
+    ranks = price.rank(method="first", pct=True)
+    return np.nan_to_num(np.ceil(ranks * PRICE_BUCKETS) - 1, nan=0).clip(0, PRICE_BUCKETS - 1).astype(np.int64)
+
+
+def _gender_codes(gender: pd.Series) -> np.ndarray:
+    values = sorted(gender.dropna().astype(str).unique())
+    if len(values) > 2:
+        raise DataFormatError(f"column mapped to gender has {len(values)} values ({', '.join(values[:5])}...): at most 2")
+    return gender.astype(str).map({v: i for i, v in enumerate(values)}).fillna(0).astype(np.int64).to_numpy()
+
+
+def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple[dict[str, pd.DataFrame], Span]:
+    """Source impressions -> users, items, impressions and the id maps, plus the data's span.
+
+    A row with a preset `vertical` (e.g. Taobao's behaviour log) keeps it and is never in the
+    VM's vertical; every other row is `target` if the rule matches it, else `other`."""
+    events = events.reset_index(drop=True)
+    target = rule.matches(events)
+    preset = events["vertical"] if "vertical" in events else pd.Series(None, index=events.index, dtype=object)
+    target &= preset.isna().to_numpy()
+    if not target.any():
+        common = events[rule.column].astype("string").value_counts().index[:8].tolist()
+        raise DataFormatError(f"--vertical {rule}: no impression matches; common values of {rule.column!r}: {common}")
+    vertical = preset.where(preset.notna(), np.where(target, TARGET, OTHER))
+
+    time_us = _times(events, days)
+    order = np.argsort(time_us, kind="stable")
+    ev = events.iloc[order].reset_index(drop=True)
+    time_us, vertical, target = time_us[order], vertical.to_numpy()[order], target[order]
+    user_id, item_id = _codes(ev["user_id"]), _codes(ev["item_id"])
+
+    first_item = ~pd.Series(item_id).duplicated().to_numpy()
+    item_rows = ev[first_item]
+    is_target_item = pd.Series(target).groupby(item_id).any()
+    items = pd.DataFrame(
+        {
+            "item_id": item_id[first_item],
+            "vertical": np.where(is_target_item.loc[item_id[first_item]].to_numpy(), TARGET, vertical[first_item]),
+            "category": _codes(item_rows["category"]) if "category" in ev else 0,
+            "brand": _codes(item_rows["brand"]) if "brand" in ev else 0,
+            "price": item_rows["price"].to_numpy(np.float32) if "price" in ev else np.float32("nan"),
+        }
+    )
+    items["price_bucket"] = _price_buckets(items["price"])
+    first_user = ~pd.Series(user_id).duplicated().to_numpy()
+    user_rows = ev[first_user]
+    age = user_rows["age_bucket"].fillna(0).to_numpy(np.int64) if "age_bucket" in ev else 0
+    gender = _gender_codes(user_rows["gender"]) if "gender" in ev else 0
+    users = pd.DataFrame({"user_id": user_id[first_user], "age_bucket": age, "gender": gender})
+
+    timestamps = pd.to_datetime(time_us, unit="us", utc=True).astype("datetime64[us, UTC]")
+    impressions = pd.DataFrame(
+        {
+            "impression_id": np.arange(len(ev), dtype=np.int64),
+            "user_id": user_id,
+            "item_id": item_id,
+            "vertical": vertical.astype(str),
+            "event_timestamp": timestamps,
+            "hour": (time_us % US_PER_DAY) // US_PER_HOUR,
+            "label": ev["label"].to_numpy(np.int64),
+        }
+    )
+    tables = {
+        "users": users.sort_values("user_id", ignore_index=True),
+        "items": items.sort_values("item_id", ignore_index=True),
+        "impressions": impressions,
+        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["user_id"][first_user].to_numpy()}),
+        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["item_id"][first_item].to_numpy()}),
+    }
+    start = timestamps[0].normalize()
+    shares = impressions["vertical"].value_counts(normalize=True).sort_index()
+    span = Span(
+        start_date=start.strftime("%Y-%m-%d"),
+        n_days=int((time_us[-1] - start.value // 1000) // US_PER_DAY) + 1,
+        verticals=tuple(shares.index),
+        vertical_mix=tuple(float(s) for s in shares),
+    )
+    return tables, span

@@ -1,0 +1,316 @@
+"""Importers: small fixture files written here in each dataset's exact layout (no downloads),
+the canonical tables they become, the vertical rule, and bad files named by file, column, row."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loopfm.config import RunConfig
+from loopfm.data.dataset import Vocab
+from loopfm.data.importers import ImportOptions, configure, import_data
+from loopfm.data.importers.canonical import DataFormatError, VerticalRule
+from loopfm.data.importers.mapped import parse_map
+from tests.conftest import loopfm
+
+DAY = 86_400
+T0 = 1494032110  # 2017-05-06 00:55:10 UTC, TaobaoAd's first day (its README's example time)
+
+
+def write(path: Path, lines: list[str], encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding=encoding)
+    return path
+
+
+def imported(path: Path, fmt: str, rule: str, **options):
+    return import_data(path, ImportOptions(fmt, VerticalRule.parse(rule), **options))
+
+
+def source_ids(tables: dict, kind: str) -> pd.Series:
+    """Dense id -> source id."""
+    return tables[f"{kind}_ids"].set_index(f"{kind}_id")["source_id"]
+
+
+def taobao_files(folder: Path, behaviors: bool = True) -> Path:
+    write(folder / "raw_sample.csv", [
+        "user,time_stamp,adgroup_id,pid,nonclk,clk",
+        f"581738,{T0 + 2 * DAY},1,430548_1007,1,0",
+        f"449818,{T0},3,430548_1007,0,1",
+        f"581738,{T0 + 60},3,430539_1007,1,0",
+        f"914836,{T0 + 3 * DAY + 7200},1,430539_1007,0,1",
+    ])  # fmt: skip
+    write(folder / "ad_feature.csv", [
+        "adgroup_id,cate_id,campaign_id,customer,brand,price",
+        "1,6261,83237,1,95471,170.0",
+        "3,4520,20,3,,9.9",  # a missing brand, as in the real file
+    ])  # fmt: skip
+    write(folder / "user_profile.csv", [
+        "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level ",
+        "581738,0,5,2,6,,3,0,3",
+        "449818,0,2,1,2,1,3,0,",
+    ])  # fmt: skip
+    if behaviors:
+        write(folder / "behavior_log.csv", [
+            "user,time_stamp,btag,cate,brand",
+            f"581738,{T0 - 30},pv,6261,95471",
+            f"449818,{T0 + DAY},buy,4520,1",
+            f"123,{T0 + DAY},pv,1,1",  # a user without ad impressions: dropped
+        ])  # fmt: skip
+    return folder
+
+
+def test_taobao_raw_files_become_canonical_tables(tmp_path):
+    tables, span = imported(taobao_files(tmp_path), "taobao", "pid=430548_1007").tables, None
+    imp = tables["impressions"]
+    users, items = source_ids(tables, "user"), source_ids(tables, "item")
+    # Time order, exact UTC times, labels from clk, ids mapped back to the source.
+    ads = imp[imp["vertical"] != "behavior"]
+    assert users.loc[ads["user_id"]].tolist() == ["449818", "581738", "581738", "914836"]
+    assert items.loc[ads["item_id"]].tolist() == ["3", "3", "1", "1"]
+    assert ads["label"].tolist() == [1, 0, 0, 1]
+    assert ads["vertical"].tolist() == ["target", "other", "target", "other"]
+    assert ads["event_timestamp"].iloc[0] == pd.Timestamp(T0, unit="s", tz="UTC")
+    assert ads["hour"].iloc[0] == 0 and str(imp["event_timestamp"].dtype) == "datetime64[us, UTC]"
+    # The behaviour log: its own vertical, label 1, a pseudo-item per (category, brand); unknown users dropped.
+    beh = imp[imp["vertical"] == "behavior"]
+    assert len(beh) == 2 and (beh["label"] == 1).all()
+    assert sorted(items.loc[beh["item_id"]]) == ["behavior:4520:1", "behavior:6261:95471"]
+    # Item and user attributes: the ad and its behaviour pseudo-item share the category id space.
+    item = tables["items"].set_index("item_id")
+    ad_1 = item.loc[items[items == "1"].index[0]]
+    assert ad_1["category"] == item.loc[items[items == "behavior:6261:95471"].index[0], "category"]
+    assert ad_1["price"] == pytest.approx(170.0) and ad_1["vertical"] == "target"
+    user = tables["users"].set_index("user_id")
+    assert user.loc[users[users == "581738"].index[0]].tolist() == [5, 1]  # age_level 6 -> bucket 5; gender 2 -> 1
+    assert user.loc[users[users == "914836"].index[0]].tolist() == [0, 0]  # no profile
+    assert Vocab.from_tables(tables["users"], tables["items"]) == Vocab(3, 4, 2, 3)  # categories 6261, 4520; brands 95471, missing, 1
+
+
+def test_the_span_and_config_follow_the_data(tmp_path):
+    data = imported(taobao_files(tmp_path, behaviors=False), "taobao", "pid=430548_1007")
+    assert data.span.start_date == "2017-05-06" and data.span.n_days == 4
+    assert data.span.verticals == ("other", "target") and sum(data.span.vertical_mix) == pytest.approx(1)
+    cfg = configure(RunConfig(), data, explicit=set())
+    assert (cfg.world.n_days, cfg.vm.target_vertical, cfg.world.n_users, cfg.world.latent_dim) == (4, "target", 3, 0)
+    assert 0 < cfg.fm.warmup_days < cfg.world.n_days - cfg.vm.eval_days
+
+
+BARS_TAOBAO_COLUMNS = (
+    "clk,btag_his,cate_his,brand_his,userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,"
+    "shopping_level,occupation,new_user_class_level,adgroup_id,cate_id,campaign_id,customer,brand,price,pid,btag"
+)
+
+
+def test_bars_taobao_split_files_in_file_then_row_order(tmp_path):
+    write(tmp_path / "train.csv", [
+        BARS_TAOBAO_COLUMNS,
+        "0,1^1,6261^4520,95471^0,581738,0,5,2,3,1,3,0,3,1,6261,83237,1,95471,170.0,430548_1007,1",
+        "1,,,,449818,0,2,1,2,1,3,0,2,3,4520,20,3,0,9.9,430539_1007,1",
+    ])  # fmt: skip
+    write(tmp_path / "test.csv", [BARS_TAOBAO_COLUMNS, "1,,,,581738,0,5,2,3,1,3,0,3,3,4520,20,3,0,9.9,430548_1007,1"])
+    tables = imported(tmp_path, "bars-taobao", "pid=430548_1007", days=3).tables
+    imp = tables["impressions"]
+    assert source_ids(tables, "user").loc[imp["user_id"]].tolist() == ["581738", "449818", "581738"]
+    assert imp["label"].tolist() == [0, 1, 1] and imp["vertical"].tolist() == ["target", "other", "target"]
+    # No time in these files: the rows are spread over --days days, the test file last.
+    assert imp["event_timestamp"].is_monotonic_increasing
+    assert imp["event_timestamp"].iloc[0] == pd.Timestamp("2000-01-01", tz="UTC")
+    assert imp["event_timestamp"].iloc[-1] >= pd.Timestamp("2000-01-03", tz="UTC")
+
+
+def test_bars_kuaivideo_orders_by_its_timestamp(tmp_path):
+    write(tmp_path / "train.csv", [
+        "timestamp,user_id,item_id,is_click,is_like,is_follow,pos_items,neg_items",
+        "900,7,12,1,0,0,3^4,5",
+        "100,8,13,0,0,0,,",
+    ])  # fmt: skip
+    write(tmp_path / "test.csv", ["timestamp,user_id,item_id,is_click,is_like,is_follow,pos_items,neg_items", "500,7,13,1,1,0,12,"])
+    tables = imported(tmp_path, "bars-kuaivideo", "item_id=13").tables
+    imp = tables["impressions"]
+    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == ["13", "13", "12"]  # timestamps 100, 500, 900
+    assert imp["label"].tolist() == [0, 1, 1] and imp["vertical"].tolist() == ["target", "target", "other"]
+    gaps = imp["event_timestamp"].diff().dropna()
+    assert abs(gaps.iloc[0] - gaps.iloc[1]) <= pd.Timedelta(microseconds=1)  # 100 -> 500 -> 900: equal steps
+
+
+def test_bars_amazon_categories_and_rule(tmp_path):
+    write(tmp_path / "train.csv", [
+        "label,user_id,item_id,cate_id,item_history,cate_history",
+        "1,0,40,7,1^2,7^7",
+        "0,1,41,9,3,9",
+    ])  # fmt: skip
+    tables = imported(tmp_path, "bars-amazon", "cate_id=7,9").tables
+    assert tables["impressions"]["vertical"].tolist() == ["target", "target"]
+    assert tables["items"]["category"].tolist() == [0, 1]
+
+
+def movielens_100k(folder: Path) -> Path:
+    write(folder / "u.data", ["196\t242\t3\t881250949", "186\t302\t4\t891717742", "196\t302\t5\t881251000"])
+    write(folder / "u.user", ["196|49|M|writer|55105", "186|39|F|executive|00000"])
+    comedy = ["0", "0", "0", "0", "0", "1"] + ["0"] * 13
+    drama = ["0"] * 8 + ["1"] + ["0"] * 10
+    write(folder / "u.item", [
+        "242|Kolya (1996)|24-Jan-1997||http://us.imdb.com/M/title-exact?Kolya%20(1996)|" + "|".join(comedy),
+        "302|L.A. Confidential (1997)|01-Jan-1997||http://us.imdb.com/x|" + "|".join(drama[:5] + ["1"] + drama[6:]),
+    ], encoding="latin-1")  # fmt: skip
+    return folder
+
+
+def test_movielens_100k_clicks_by_threshold_and_genre_rule(tmp_path):
+    tables = imported(movielens_100k(tmp_path), "movielens", "genre=Drama").tables
+    imp = tables["impressions"]
+    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == ["242", "302", "302"]
+    assert imp["label"].tolist() == [0, 1, 1]  # ratings 3, 5, 4 with the default threshold 4
+    assert imp["vertical"].tolist() == ["other", "target", "target"]  # 302 is Comedy|Drama
+    users = tables["users"].set_index("user_id")
+    assert users.loc[0].tolist() == [4, 1] and users.loc[1].tolist() == [3, 0]  # age 49 -> 45-55; M=1, F=0
+    lower = imported(tmp_path, "movielens", "genre=Comedy", click_threshold=3).tables["impressions"]
+    assert lower["label"].tolist() == [1, 1, 1] and (lower["vertical"] == "target").all()
+
+
+def test_movielens_1m_double_colon_layout(tmp_path):
+    write(tmp_path / "ratings.dat", ["1::1193::5::978300760", "2::661::3::978302109", "1::661::4::978301968"])
+    write(tmp_path / "users.dat", ["1::F::1::10::48067", "2::M::56::16::70072"])
+    write(tmp_path / "movies.dat", ["1193::One Flew Over the Cuckoo's Nest (1975)::Drama",
+                                    "661::James and the Giant Peach (1996)::Animation|Children's|Musical"], encoding="latin-1")  # fmt: skip
+    tables = imported(tmp_path, "movielens", "genre=Children's").tables
+    imp = tables["impressions"]
+    assert imp["label"].tolist() == [1, 1, 0] and imp["vertical"].tolist() == ["other", "target", "target"]
+    assert imp["event_timestamp"].iloc[0] == pd.Timestamp(978300760, unit="s", tz="UTC")
+    assert tables["users"]["age_bucket"].tolist() == [0, 5]  # age codes 1 (<18) and 56 (56+)
+
+
+def test_any_csv_or_parquet_with_a_column_map(tmp_path):
+    df = pd.DataFrame({
+        "uid": ["alice", "bob", "alice"], "iid": ["x", "y", "y"], "stars": [5, 1, 4],
+        "when": ["2024-03-01T10:00:00Z", "2024-03-02T11:00:00Z", "2024-03-05T12:30:00Z"], "shelf": ["a", "b", "b"],
+    })  # fmt: skip
+    df.to_csv(tmp_path / "log.csv", index=False)
+    df.to_parquet(tmp_path / "log.parquet")
+    (tmp_path / "map.json").write_text(json.dumps({"user_id": "uid", "item_id": "iid", "label": "stars"}))
+    roles = parse_map(["timestamp=when", "category=shelf"], tmp_path / "map.json")
+    for name in ("log.csv", "log.parquet"):
+        tables = imported(tmp_path / name, "csv", "shelf=b", roles=roles, click_threshold=4).tables
+        imp = tables["impressions"]
+        assert source_ids(tables, "user").loc[imp["user_id"]].tolist() == ["alice", "bob", "alice"]
+        assert imp["label"].tolist() == [1, 0, 1] and imp["vertical"].tolist() == ["other", "target", "target"]
+        assert imp["event_timestamp"].iloc[2] == pd.Timestamp("2024-03-05 12:30", tz="UTC") and imp["hour"].iloc[2] == 12
+    (tmp_path / "map.yaml").write_text("user_id: uid\nitem_id: iid\nlabel: stars\n")
+    assert parse_map([], tmp_path / "map.yaml") == {"user_id": "uid", "item_id": "iid", "label": "stars"}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "files", "rule", "expected"),
+    [
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110,1,p,1,0", "x7,1494032110,1,p,1,0"]},
+         "pid=p", ["raw_sample.csv: line 3, column 'user': not an integer, got 'x7'"]),
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk", "1,1494032110,1,p,1"]},
+         "pid=p", ["raw_sample.csv: missing column 'clk'"]),
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110,1,p,0,2"]},
+         "pid=p", ["line 2, column 'clk': a label must be 0 or 1", "got '2'"]),
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110,1,p,0,1"]},
+         "pid=p", ["ad_feature.csv: file not found"]),
+        ("bars-amazon", {"train.csv": ["label,user_id,item_id,cate_id", "1,0,40,7", "1,0,,7"]},
+         "cate_id=7", ["train.csv: line 3, column 'item_id': missing value"]),
+        ("bars-amazon", {"train.csv": ["label,user_id,item_id,cate_id", "1,0,40,7"]},
+         "cate=7", ["--vertical cate=7: the data has no column 'cate'", "cate_id"]),
+        ("bars-amazon", {"train.csv": ["label,user_id,item_id,cate_id", "1,0,40,7"]},
+         "cate_id=8", ["--vertical cate_id=8: no impression matches", "'7'"]),
+        ("movielens", {"u.data": ["1\t2\t5\t881250949", "1\t2\t5\t881250949\t9"]},
+         "genre=Drama", ["u.data: cannot be read as CSV", "line 2"]),
+        ("movielens", {"ratings.dat": ["1::2::five::978300760"], "users.dat": ["1::F::1::10::48067"], "movies.dat": ["2::T::Drama"]}, "genre=Drama",
+         ["ratings.dat: line 1, column 'rating': not a number, got 'five'"]),
+        ("movielens", {"ratings.txt": ["1"]}, "genre=Drama", ["neither u.data (MovieLens 100K) nor ratings.dat"]),
+    ],
+)  # fmt: skip
+def test_bad_files_are_named_with_column_and_line(tmp_path, fmt, files, rule, expected):
+    for name, lines in files.items():
+        write(tmp_path / name, lines)
+    with pytest.raises(DataFormatError) as exc:
+        imported(tmp_path, fmt, rule)
+    for part in expected:
+        assert part in str(exc.value)
+
+
+def test_bad_rules_and_maps_are_refused():
+    for text in ("category", "=3", "category=", "category=,"):
+        with pytest.raises(DataFormatError, match="expected column=value"):
+            VerticalRule.parse(text)
+    assert VerticalRule.parse(" genre = Comedy, Drama ").values == ("Comedy", "Drama")
+    with pytest.raises(DataFormatError, match="expected role=column"):
+        parse_map(["user_id"], None)
+
+
+def test_the_cli_reports_a_bad_file_without_a_trace_and_keeps_the_old_run(tmp_path):
+    run = tmp_path / "run"
+    args = ("data", "import", "--run-dir", str(run), "--format", "taobao", "--vertical", "pid=430548_1007")
+    loopfm(*args, "--data", str(taobao_files(tmp_path / "good")))
+    before = pd.read_parquet(run / "data" / "impressions.parquet")
+    bad = taobao_files(tmp_path / "bad")
+    lines = (bad / "ad_feature.csv").read_text().splitlines()
+    write(bad / "ad_feature.csv", [*lines, "5,1,1,1,1,cheap"])
+    r = loopfm(*args, "--data", str(bad), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "ad_feature.csv: line 4, column 'price': not a number, got 'cheap'" in r.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "data" / "impressions.parquet"), before)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "data"]  # no staging left behind
+    r = loopfm(*args, "--data", str(bad), "--map", "user_id=u", check=False)
+    assert r.returncode == 2 and "--map and --map-file apply to --format csv only" in r.stderr
+
+
+def taobao_world(folder: Path, users: int = 60, days: int = 8, seed: int = 0) -> Path:
+    """A small TaobaoAd-shaped log with a learnable signal: half the categories are clicked more,
+    and each user prefers two categories (which the behaviour log reveals)."""
+    rng = np.random.default_rng(seed)
+    ads = np.arange(1, 81)
+    cate = ads % 8
+    likes = rng.integers(0, 8, (users, 2))
+    rows, beh = [], []
+    for u in range(users):
+        for _ in range(days * 8):
+            ad = int(rng.choice(ads))
+            t = T0 + int(rng.integers(0, days * DAY))
+            p = 0.05 + 0.4 * (cate[ad - 1] < 4) + 0.3 * (cate[ad - 1] in likes[u])
+            click = int(rng.random() < p)
+            rows.append(f"{1000 + u},{t},{ad},{'430548_1007' if ad % 2 else '430539_1007'},{1 - click},{click}")
+        for _ in range(days * 3):
+            beh.append(f"{1000 + u},{T0 + int(rng.integers(0, days * DAY))},pv,{int(rng.choice(likes[u]))},{u % 5}")
+    write(folder / "raw_sample.csv", ["user,time_stamp,adgroup_id,pid,nonclk,clk", *rows])
+    write(folder / "ad_feature.csv", ["adgroup_id,cate_id,campaign_id,customer,brand,price",
+                                      *(f"{a},{cate[a - 1]},{a},{a % 3},{a % 5},{a * 1.5}" for a in ads)])  # fmt: skip
+    write(folder / "user_profile.csv", [
+        "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level ",
+        *(f"{1000 + u},0,{u % 12},{1 + u % 2},{u % 7},,3,0,2" for u in range(users)),
+    ])  # fmt: skip
+    write(folder / "behavior_log.csv", ["user,time_stamp,btag,cate,brand", *beh])
+    return folder
+
+
+def test_loopfm_run_end_to_end_on_taobao_files(tmp_path, redis_url):
+    run = tmp_path / "run"
+    env = {**os.environ, "REDIS_URL": redis_url}
+    import subprocess
+
+    from tests.conftest import LOOPFM
+
+    r = subprocess.run(
+        [LOOPFM, "run", "--data", str(taobao_world(tmp_path / "taobao")), "--format", "taobao",
+         "--vertical", "pid=430548_1007", "--run-dir", str(run),
+         "--set", "vm.epochs=2", "--set", "vm.history_length=10", "--set", "fm.code_dim=8"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    for n, title in enumerate(["import", "stream-train", "log FM codes", "structure", "feast apply", "train and evaluate"], 1):
+        assert f"[{n}/6] {title}" in r.stdout
+    quality = json.loads((run / "results" / "quality.json").read_text())
+    assert set(quality["models"]) == {"fm", "base", "kd", "loopfm", "loopfm_kd"}  # no Bayes row: no truth
+    assert all("bayes_gap_closed" not in row for row in quality["models"].values())
+    assert "Bayes" not in (run / "results" / "quality.md").read_text()
+    assert quality["models"]["fm"]["auc"] > 0.6  # the FM learns which categories are clicked
+    print(r.stdout[r.stdout.index("### Held-out"):])
