@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -10,18 +9,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loopfm.config import VARIANTS, RunConfig
+from loopfm.config import RunConfig
 from loopfm.io import RunPaths, read_parquet
+from loopfm.pipeline import stage
 
 SERVED_VARIANT = "loopfm_kd"
-
-
-@contextlib.contextmanager
-def stage(n: int, total: int, title: str):
-    print(f"[{n}/{total}] {title} ...", flush=True)
-    started = time.perf_counter()
-    yield
-    print(f"[{n}/{total}] {title}: done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int, candidates: int = 100) -> dict:
@@ -63,10 +55,8 @@ def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int
 
 def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
-    from loopfm.features.build import build_feature_tables
     from loopfm.features.store import open_store
-    from loopfm.fm.stream import log_embeddings, train_fm
-    from loopfm.pipeline import materialize, train_variants
+    from loopfm.pipeline import train_stages
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
     from loopfm.vm.export import export_variant
@@ -76,17 +66,8 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     cfg.save(run_dir)
     with stage(1, total, "synthesize the world"):
         print(f"  {write_world(cfg.world, paths)}")
-    with stage(2, total, "stream-train the FM day by day"):
-        train_fm(paths, cfg)
-    with stage(3, total, f"log FM codes ({cfg.fm.checkpoint_scheme} checkpoint, int4 x {cfg.fm.code_dim})"):
-        log_embeddings(paths, cfg)
-    with stage(4, total, "structure histories into Feast sources"):
-        print(f"  {build_feature_tables(paths, cfg)}")
     with redis_url_or_local() as redis_url:
-        with stage(5, total, f"feast apply + materialize into {redis_url}"):
-            materialize(run_dir, redis_url)
-        with stage(6, total, "train and evaluate the VM variants"):
-            quality = train_variants(run_dir, list(VARIANTS))
+        quality = train_stages(run_dir, cfg, redis_url, first=2, total=total)
         with stage(7, total, f"export {SERVED_VARIANT} to ONNX"):
             meta = export_variant(paths, open_store(run_dir), SERVED_VARIANT)
             print(f"  {meta['model_version']}: parity on {meta['parity']['rows']} rows, "

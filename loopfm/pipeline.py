@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
-from loopfm.config import RunConfig
+from loopfm.config import VARIANTS, RunConfig
 from loopfm.io import RunPaths
+
+
+@contextlib.contextmanager
+def stage(n: int, total: int, title: str):
+    print(f"[{n}/{total}] {title} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"[{n}/{total}] {title}: done in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def train_stages(run_dir: Path, cfg: RunConfig, redis_url: str, first: int, total: int) -> dict[str, dict]:
+    """From the canonical tables to the quality table, one stage after the other (numbered from
+    `first`): FM, its log, structuring, Feast apply + materialize, the VM variants. Shared by
+    `loopfm demo` (synthetic data) and `loopfm run` (imported data)."""
+    from loopfm.features.build import build_feature_tables
+    from loopfm.fm.stream import log_embeddings, train_fm
+
+    paths = RunPaths(run_dir)
+    with stage(first, total, "stream-train the FM day by day"):
+        train_fm(paths, cfg)
+    with stage(first + 1, total, f"log FM codes ({cfg.fm.checkpoint_scheme} checkpoint, int4 x {cfg.fm.code_dim})"):
+        log_embeddings(paths, cfg)
+    with stage(first + 2, total, "structure histories into Feast sources"):
+        print(f"  {build_feature_tables(paths, cfg)}")
+    with stage(first + 3, total, f"feast apply + materialize into {redis_url}"):
+        materialize(run_dir, redis_url)
+    with stage(first + 4, total, "train and evaluate the VM variants"):
+        return train_variants(run_dir, list(VARIANTS))
 
 
 def materialize(run_dir: Path, redis_url: str) -> None:

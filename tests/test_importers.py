@@ -190,6 +190,8 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
     df = pd.DataFrame({
         "uid": ["alice", "bob", "alice"], "iid": ["x", "y", "y"], "stars": [5, 1, 4],
         "when": ["2024-03-01T10:00:00Z", "2024-03-02T11:00:00Z", "2024-03-05T12:30:00Z"], "shelf": ["a", "b", "b"],
+        # unmapped columns named like canonical ones are just source columns
+        "order": ["o-9", "o-1", "o-5"], "price": ["n/a", "n/a", "n/a"], "vertical": ["v", "w", "w"],
     })  # fmt: skip
     df.to_csv(tmp_path / "log.csv", index=False)
     df.to_parquet(tmp_path / "log.parquet")
@@ -203,6 +205,12 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
         assert imp["event_timestamp"].iloc[2] == pd.Timestamp("2024-03-05 12:30", tz="UTC") and imp["hour"].iloc[2] == 12
     (tmp_path / "map.yaml").write_text("user_id: uid\nitem_id: iid\nlabel: stars\n")
     assert parse_map([], tmp_path / "map.yaml") == {"user_id": "uid", "item_id": "iid", "label": "stars"}
+    assert imported(tmp_path / "log.csv", "csv", "vertical=v", roles=roles, click_threshold=1).tables["impressions"]["label"].tolist() == [1, 1, 1]
+    (tmp_path / "bad.yaml").write_text("user_id: [uid\n")
+    with pytest.raises(DataFormatError, match="bad.yaml: not a valid column map"):
+        parse_map([], tmp_path / "bad.yaml")
+    with pytest.raises(DataFormatError, match=r"column map: no column given for \['label'\]"):
+        imported(tmp_path / "log.csv", "csv", "shelf=b", roles={"user_id": "uid", "item_id": "iid"})
 
 
 @pytest.mark.parametrize(

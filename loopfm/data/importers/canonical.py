@@ -1,10 +1,9 @@
 """What every importer shares: reading files with line numbers, checking and converting the
 columns that play a canonical role, the `--vertical` rule, and the canonical tables.
 
-An importer turns its files into one frame of impressions: the canonical columns
-(`user_id`, `item_id` as text keys, `label`, and when known `time_us` or `order`,
-`category`, `brand`, `price`, `age_bucket`, `gender`, `vertical`) beside every source column,
-so a vertical rule can name any column of the source. `canonical` turns that frame into the
+An importer turns its files into one frame of impressions: the canonical column of each
+role (`COLUMNS`; ids as text keys; `_vertical` presets a row's vertical) beside every source
+column, so a vertical rule can name any column of the source and never clashes with them. `canonical` turns that frame into the
 tables the pipeline reads (dense ids, buckets, UTC timestamps) and the run's data span.
 Every check happens before anything is written; a bad file raises `DataFormatError` naming
 the file, the column and the line.
@@ -25,7 +24,14 @@ TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
 AGE_EDGES = (18, 25, 35, 45, 56)
 NO_TIME_START_US = pd.Timestamp("2000-01-01", tz="UTC").value // 1000  # for data without absolute times
-ROLES = ("user_id", "item_id", "label", "timestamp", "order", "category", "brand", "price", "age", "age_level", "gender")
+# role (what a column means) -> its canonical column. timestamp: unix seconds or date-time text;
+# order: sortable numbers without absolute time; age: years; age_level: a bucket 0-5 (higher: 5).
+COLUMNS = {
+    "user_id": "_user", "item_id": "_item", "label": "_label", "timestamp": "_time_us", "order": "_order",
+    "category": "_category", "brand": "_brand", "price": "_price", "age": "_age_bucket", "age_level": "_age_bucket",
+    "gender": "_gender",
+}  # fmt: skip
+ROLES = tuple(COLUMNS)
 REQUIRED_ROLES = ("user_id", "item_id", "label")
 
 
@@ -125,23 +131,22 @@ def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, cl
     out = df.drop(columns="_line")
     for role, column in roles.items():
         if role in ("user_id", "item_id"):
-            out[role] = _keys(df, column, integer_ids)
+            value = _keys(df, column, integer_ids)
         elif role == "label":
-            out["label"] = _label(df, column, click_threshold)
+            value = _label(df, column, click_threshold)
         elif role == "timestamp":
-            out["time_us"] = _absolute_time_us(df, column)
-        elif role == "order":
-            out["order"] = numbers(df, column)
+            value = _absolute_time_us(df, column)
+        elif role in ("order", "price"):
+            value = numbers(df, column, required=role == "order")
         elif role in ("category", "brand", "gender"):
-            out[role] = df[column]  # any text; missing values are a value of their own
-        elif role == "price":
-            out["price"] = numbers(df, column, required=False)
+            value = df[column]  # any text; missing values are a value of their own
         elif role == "age":
-            out["age_bucket"] = age_buckets(numbers(df, column, required=False))
+            value = age_buckets(numbers(df, column, required=False))
         elif role == "age_level":
-            out["age_bucket"] = numbers(df, column, integer=True, required=False).clip(0, len(AGE_EDGES))
+            value = numbers(df, column, integer=True, required=False).clip(0, len(AGE_EDGES))
         else:
             raise DataFormatError(f"unknown role {role!r}: roles are {', '.join(ROLES)}")
+        out[COLUMNS[role]] = value
     return out
 
 
@@ -167,7 +172,7 @@ class VerticalRule:
 
     def matches(self, events: pd.DataFrame) -> np.ndarray:
         if self.column not in events.columns or self.column.startswith("_"):
-            usable = ", ".join(c for c in events.columns if not c.startswith("_") and c not in ("time_us", "order"))
+            usable = ", ".join(c for c in events.columns if not c.startswith("_"))
             raise DataFormatError(f"--vertical {self}: the data has no column {self.column!r} (columns: {usable})")
         cells = events[self.column].astype("string")
         hit = cells.isin(self.values).fillna(False).to_numpy()
@@ -191,9 +196,9 @@ class Span:
 def _times(events: pd.DataFrame, days: int) -> np.ndarray:
     """Event times in µs. Without absolute times, the order (a column, else the row order) is
     spread evenly over `days` days from 2000-01-01 UTC."""
-    if "time_us" in events and events["time_us"].notna().all():
-        return events["time_us"].to_numpy(np.int64)
-    key = events["order"].to_numpy(np.float64) if "order" in events else np.arange(len(events), dtype=np.float64)
+    if "_time_us" in events and events["_time_us"].notna().all():
+        return events["_time_us"].to_numpy(np.int64)
+    key = events["_order"].to_numpy(np.float64) if "_order" in events else np.arange(len(events), dtype=np.float64)
     span = max(key.max() - key.min(), 1e-12)
     return NO_TIME_START_US + ((key - key.min()) / span * (days * US_PER_DAY - 1)).astype(np.int64)
 
@@ -219,11 +224,11 @@ def _gender_codes(gender: pd.Series) -> np.ndarray:
 def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple[dict[str, pd.DataFrame], Span]:
     """Source impressions -> users, items, impressions and the id maps, plus the data's span.
 
-    A row with a preset `vertical` (e.g. Taobao's behaviour log) keeps it and is never in the
+    A row with a preset `_vertical` (e.g. Taobao's behaviour log) keeps it and is never in the
     VM's vertical; every other row is `target` if the rule matches it, else `other`."""
     events = events.reset_index(drop=True)
     target = rule.matches(events)
-    preset = events["vertical"] if "vertical" in events else pd.Series(None, index=events.index, dtype=object)
+    preset = events["_vertical"] if "_vertical" in events else pd.Series(None, index=events.index, dtype=object)
     target &= preset.isna().to_numpy()
     if not target.any():
         common = events[rule.column].astype("string").value_counts().index[:8].tolist()
@@ -234,7 +239,7 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
     order = np.argsort(time_us, kind="stable")
     ev = events.iloc[order].reset_index(drop=True)
     time_us, vertical, target = time_us[order], vertical.to_numpy()[order], target[order]
-    user_id, item_id = _codes(ev["user_id"]), _codes(ev["item_id"])
+    user_id, item_id = _codes(ev["_user"]), _codes(ev["_item"])
 
     first_item = ~pd.Series(item_id).duplicated().to_numpy()
     item_rows = ev[first_item]
@@ -243,16 +248,16 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
         {
             "item_id": item_id[first_item],
             "vertical": np.where(is_target_item.loc[item_id[first_item]].to_numpy(), TARGET, vertical[first_item]),
-            "category": _codes(item_rows["category"]) if "category" in ev else 0,
-            "brand": _codes(item_rows["brand"]) if "brand" in ev else 0,
-            "price": item_rows["price"].to_numpy(np.float32) if "price" in ev else np.float32("nan"),
+            "category": _codes(item_rows["_category"]) if "_category" in ev else 0,
+            "brand": _codes(item_rows["_brand"]) if "_brand" in ev else 0,
+            "price": item_rows["_price"].to_numpy(np.float32) if "_price" in ev else np.float32("nan"),
         }
     )
     items["price_bucket"] = _price_buckets(items["price"])
     first_user = ~pd.Series(user_id).duplicated().to_numpy()
     user_rows = ev[first_user]
-    age = user_rows["age_bucket"].fillna(0).to_numpy(np.int64) if "age_bucket" in ev else 0
-    gender = _gender_codes(user_rows["gender"]) if "gender" in ev else 0
+    age = user_rows["_age_bucket"].fillna(0).to_numpy(np.int64) if "_age_bucket" in ev else 0
+    gender = _gender_codes(user_rows["_gender"]) if "_gender" in ev else 0
     users = pd.DataFrame({"user_id": user_id[first_user], "age_bucket": age, "gender": gender})
 
     timestamps = pd.to_datetime(time_us, unit="us", utc=True).astype("datetime64[us, UTC]")
@@ -264,15 +269,15 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
             "vertical": vertical.astype(str),
             "event_timestamp": timestamps,
             "hour": (time_us % US_PER_DAY) // US_PER_HOUR,
-            "label": ev["label"].to_numpy(np.int64),
+            "label": ev["_label"].to_numpy(np.int64),
         }
     )
     tables = {
         "users": users.sort_values("user_id", ignore_index=True),
         "items": items.sort_values("item_id", ignore_index=True),
         "impressions": impressions,
-        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["user_id"][first_user].to_numpy()}),
-        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["item_id"][first_item].to_numpy()}),
+        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["_user"][first_user].to_numpy()}),
+        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["_item"][first_item].to_numpy()}),
     }
     start = timestamps[0].normalize()
     shares = impressions["vertical"].value_counts(normalize=True).sort_index()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import pandas as pd
+import yaml
 
 from loopfm.data.importers.canonical import REQUIRED_ROLES, ROLES, DataFormatError, convert, read_table
 
@@ -38,13 +39,9 @@ def parse_map(pairs: Sequence[str], map_file: Path | None) -> dict[str, str]:
         if not map_file.is_file():
             raise DataFormatError(f"{map_file}: file not found")
         try:
-            if map_file.suffix in (".yaml", ".yml"):
-                import yaml
-
-                loaded = yaml.safe_load(map_file.read_text())
-            else:
-                loaded = json.loads(map_file.read_text())
-        except (ValueError, ImportError) as exc:  # json and yaml parse errors are ValueErrors
+            text = map_file.read_text()
+            loaded = yaml.safe_load(text) if map_file.suffix in (".yaml", ".yml") else json.loads(text)
+        except (ValueError, yaml.YAMLError) as exc:
             raise DataFormatError(f"{map_file}: not a valid column map: {exc}") from None
         if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
             raise DataFormatError(f"{map_file}: expected a mapping of role: column, e.g. {{\"user_id\": \"uid\"}}")

@@ -37,10 +37,11 @@ def read_movielens(folder: Path, click_threshold: float) -> pd.DataFrame:
     else:
         raise DataFormatError(f"{folder}: neither u.data (MovieLens 100K) nor ratings.dat (MovieLens 1M) found")
     events = convert(ratings, RATINGS, integer_ids=True, click_threshold=click_threshold)
-    items = convert(items, {"item_id": "item_id"}, integer_ids=True)[["item_id", "title", "genre"]]
-    items["category"] = items["genre"].str.split("|").str[0]
-    events = events.merge(items.drop_duplicates("item_id"), on="item_id", how="left")
-    return events.merge(convert(users, USERS, integer_ids=True).drop_duplicates("user_id"), on="user_id", how="left")
+    items = convert(items, {"item_id": "item_id"}, integer_ids=True)[["_item", "title", "genre"]]
+    items["_category"] = items["genre"].str.split("|").str[0]
+    users = convert(users, USERS, integer_ids=True).drop(columns="user_id")
+    events = events.merge(items.drop_duplicates("_item"), on="_item", how="left")
+    return events.merge(users.drop_duplicates("_user"), on="_user", how="left")
 
 
 def _ml100k(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
