@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loopfm.config import RunConfig
+from loopfm.config import ConfigError, RunConfig
 from loopfm.data.dataset import Vocab
 from loopfm.data.importers import ImportOptions, configure, import_data
 from loopfm.data.importers.canonical import DataFormatError, VerticalRule
@@ -93,12 +93,20 @@ def test_taobao_raw_files_become_canonical_tables(tmp_path):
 
 
 def test_the_span_and_config_follow_the_data(tmp_path):
-    data = imported(taobao_files(tmp_path, behaviors=False), "taobao", "pid=430548_1007")
-    assert data.span.start_date == "2017-05-06" and data.span.n_days == 4
-    assert data.span.verticals == ("other", "target") and sum(data.span.vertical_mix) == pytest.approx(1)
-    cfg = configure(RunConfig(), data, explicit=set())
-    assert (cfg.world.n_days, cfg.vm.target_vertical, cfg.world.n_users, cfg.world.latent_dim) == (4, "target", 3, 0)
-    assert 0 < cfg.fm.warmup_days < cfg.world.n_days - cfg.vm.eval_days
+    data = imported(taobao_world(tmp_path / "world", users=20), "taobao", "pid=430548_1007")
+    assert data.span.start_date == "2017-05-06" and data.span.n_days == 9  # 8 days from 00:55 UTC
+    assert data.span.verticals == ("behavior", "other", "target") and sum(data.span.vertical_mix) == pytest.approx(1)
+    cfg = configure(RunConfig(), data, explicit={"vm.epochs"})
+    assert (cfg.world.n_days, cfg.vm.target_vertical, cfg.world.n_users, cfg.world.latent_dim) == (9, "target", 20, 0)
+    assert (cfg.fm.warmup_days, cfg.vm.eval_days) == (3, 2)  # 30% and 20% of the days
+    with pytest.raises(ConfigError, match="need 0 < fm.warmup_days < world.n_days - vm.eval_days"):
+        configure(RunConfig(), data, explicit={"fm.warmup_days", "vm.eval_days"})  # as set (10, 6): too many days
+
+
+def test_a_vertical_without_clicks_in_a_window_is_refused(tmp_path):
+    data = imported(taobao_files(tmp_path, behaviors=False), "taobao", "pid=430548_1007")  # 4 days, 2 target rows
+    with pytest.raises(ConfigError, match=r"1 impressions \(0 clicks\) in its training window \(days 1 to 2 of 4\)"):
+        configure(RunConfig(), data, explicit=set())
 
 
 BARS_TAOBAO_COLUMNS = (
@@ -235,6 +243,8 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
         ("movielens", {"ratings.dat": ["1::2::five::978300760"], "users.dat": ["1::F::1::10::48067"], "movies.dat": ["2::T::Drama"]}, "genre=Drama",
          ["ratings.dat: line 1, column 'rating': not a number, got 'five'"]),
         ("movielens", {"ratings.txt": ["1"]}, "genre=Drama", ["neither u.data (MovieLens 100K) nor ratings.dat"]),
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110000,1,p,1,0"]},
+         "pid=p", ["line 2, column 'time_stamp': not a unix time in seconds between 1970 and 2100 (milliseconds?)"]),
     ],
 )  # fmt: skip
 def test_bad_files_are_named_with_column_and_line(tmp_path, fmt, files, rule, expected):
@@ -258,14 +268,14 @@ def test_bad_rules_and_maps_are_refused():
 def test_the_cli_reports_a_bad_file_without_a_trace_and_keeps_the_old_run(tmp_path):
     run = tmp_path / "run"
     args = ("data", "import", "--run-dir", str(run), "--format", "taobao", "--vertical", "pid=430548_1007")
-    loopfm(*args, "--data", str(taobao_files(tmp_path / "good")))
+    loopfm(*args, "--data", str(taobao_world(tmp_path / "good", users=10)))
     before = pd.read_parquet(run / "data" / "impressions.parquet")
-    bad = taobao_files(tmp_path / "bad")
+    bad = taobao_world(tmp_path / "bad", users=10)
     lines = (bad / "ad_feature.csv").read_text().splitlines()
-    write(bad / "ad_feature.csv", [*lines, "5,1,1,1,1,cheap"])
+    write(bad / "ad_feature.csv", [*lines, "81,1,1,1,1,cheap"])  # line 82: a header and 80 ads before it
     r = loopfm(*args, "--data", str(bad), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "ad_feature.csv: line 4, column 'price': not a number, got 'cheap'" in r.stderr
+    assert "ad_feature.csv: line 82, column 'price': not a number, got 'cheap'" in r.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(run / "data" / "impressions.parquet"), before)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "data"]  # no staging left behind
     r = loopfm(*args, "--data", str(bad), "--map", "user_id=u", check=False)

@@ -3,8 +3,9 @@ columns that play a canonical role, the `--vertical` rule, and the canonical tab
 
 An importer turns its files into one frame of impressions: the canonical column of each
 role (`COLUMNS`; ids as text keys; `_vertical` presets a row's vertical) beside every source
-column, so a vertical rule can name any column of the source and never clashes with them. `canonical` turns that frame into the
-tables the pipeline reads (dense ids, buckets, UTC timestamps) and the run's data span.
+column, so a vertical rule can name any column of the source without clashing with them.
+`canonical` turns that frame into the tables the pipeline reads (dense ids, buckets, UTC
+timestamps) and the run's data span.
 Every check happens before anything is written; a bad file raises `DataFormatError` naming
 the file, the column and the line.
 """
@@ -24,6 +25,7 @@ TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
 AGE_EDGES = (18, 25, 35, 45, 56)
 NO_TIME_START_US = pd.Timestamp("2000-01-01", tz="UTC").value // 1000  # for data without absolute times
+LAST_UNIX_SECOND = pd.Timestamp("2100-01-01", tz="UTC").value // 10**9  # later: milliseconds, most likely
 # role (what a column means) -> its canonical column. timestamp: unix seconds or date-time text;
 # order: sortable numbers without absolute time; age: years; age_level: a bucket 0-5 (higher: 5).
 COLUMNS = {
@@ -115,6 +117,9 @@ def _absolute_time_us(df: pd.DataFrame, column: str) -> pd.Series:
     """Unix seconds, or date-time text (UTC unless it says otherwise) -> int64 microseconds."""
     seconds = pd.to_numeric(df[column], errors="coerce")
     if seconds.notna().all():
+        out_of_range = ((seconds < 0) | (seconds >= LAST_UNIX_SECOND)).to_numpy()
+        if out_of_range.any():
+            raise _fail(df, column, out_of_range, "not a unix time in seconds between 1970 and 2100 (milliseconds?)")
         return (seconds * 1_000_000).round().astype(np.int64)
     parsed = pd.to_datetime(df[column], errors="coerce", utc=True, format="mixed")
     if parsed.isna().any():
