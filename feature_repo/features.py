@@ -9,7 +9,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Bytes, Int64
 
 SOURCES = Path(os.environ.get("LOOPFM_RUN_DIR", Path(__file__).parent / "data")) / "features"
@@ -19,6 +19,12 @@ TTL = timedelta(days=3650)
 
 def _source(name: str) -> FileSource:
     return FileSource(name=f"{name}_source", path=str(SOURCES / f"{name}.parquet"), timestamp_field="event_timestamp")
+
+
+def _pushed(name: str) -> PushSource:
+    """Histories also arrive between materializations: `loopfm ingest` pushes the new
+    snapshot of each touched user here (Feast's push API); the batch source stays the parquet."""
+    return PushSource(name=f"{name}_push", batch_source=_source(name))
 
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A person seeing impressions")
@@ -49,7 +55,7 @@ vm_click_history = FeatureView(
     entities=[user],
     ttl=TTL,
     schema=[Field(name="item_ids", dtype=Bytes, description="last L clicked item ids in the VM's vertical, int32 LE")],
-    source=_source("vm_click_history"),
+    source=_pushed("vm_click_history"),
 )
 
 fm_history = FeatureView(
@@ -61,7 +67,7 @@ fm_history = FeatureView(
         Field(name="fm_newest_available_at_us", dtype=Int64, description="unix µs: when the newest code became available"),
         Field(name="fm_trained_until_us", dtype=Int64, description="unix µs: newest data any code's FM checkpoint saw"),
     ],
-    source=_source("fm_history"),
+    source=_pushed("fm_history"),
 )
 
 _vm_features = [user_profile, item_features, vm_click_history]

