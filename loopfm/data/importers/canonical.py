@@ -35,6 +35,7 @@ COLUMNS = {
 }  # fmt: skip
 ROLES = tuple(COLUMNS)
 REQUIRED_ROLES = ("user_id", "item_id", "label")
+TEXT = "string[pyarrow]"  # every value is read as text; Arrow strings take a fraction of Python's memory
 
 
 class DataFormatError(ValueError):
@@ -50,10 +51,10 @@ def read_table(
         raise DataFormatError(f"{path}: file not found")
     try:
         if path.suffix == ".parquet":
-            df = pd.read_parquet(path).astype("string").astype(object).where(lambda d: d.notna(), None)
+            df = pd.read_parquet(path).astype(TEXT)
         else:
             df = pd.read_csv(
-                path, sep=sep, header=None if names else 0, names=names, dtype=str, index_col=False,
+                path, sep=sep, header=None if names else 0, names=names, dtype=TEXT, index_col=False,
                 keep_default_na=False, na_values=[""], skip_blank_lines=False, encoding=encoding,
                 engine="python" if len(sep) > 1 else "c",
             )  # fmt: skip
@@ -76,31 +77,31 @@ def _fail(df: pd.DataFrame, column: str, bad: np.ndarray, problem: str) -> DataF
     where = "row" if path.suffix == ".parquet" else "line"
     more = f" ({int(bad.sum()) - 1} more such rows)" if bad.sum() > 1 else ""
     value = df[column].iloc[i]
-    shown = "an empty value" if value is None or value != value else repr(value)
+    shown = "an empty value" if pd.isna(value) else repr(str(value))
     return DataFormatError(f"{path}: {where} {df['_line'].iloc[i]}, column {column!r}: {problem}, got {shown}{more}")
 
 
 def numbers(df: pd.DataFrame, column: str, *, integer: bool = False, required: bool = True) -> pd.Series:
     """A column as float64 (NaN where empty and not required); names the first bad row."""
     raw = df[column]
-    values = pd.to_numeric(raw, errors="coerce")
+    values = pd.Series(pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan), index=raw.index)
     bad = (values.isna() & raw.notna()).to_numpy()
     if integer:
-        bad |= (values.notna() & (values % 1 != 0)).to_numpy()
+        bad |= (values % 1 > 0).to_numpy()
     if bad.any():
         raise _fail(df, column, bad, "not an integer" if integer else "not a number")
     if required and raw.isna().any():
         raise _fail(df, column, raw.isna().to_numpy(), "missing value")
-    return values.astype(np.float64)
+    return values
 
 
 def _keys(df: pd.DataFrame, column: str, integer: bool) -> pd.Series:
     """Ids as text keys; integer ids are checked and written without a decimal point."""
     if integer:
-        return numbers(df, column, integer=True).astype(np.int64).astype(str)
+        return numbers(df, column, integer=True).astype(np.int64).astype(TEXT)
     if df[column].isna().any():
         raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
-    return df[column].astype(str)
+    return df[column]
 
 
 def _label(df: pd.DataFrame, column: str, click_threshold: float | None) -> pd.Series:
@@ -179,11 +180,11 @@ class VerticalRule:
         if self.column not in events.columns or self.column.startswith("_"):
             usable = ", ".join(c for c in events.columns if not c.startswith("_"))
             raise DataFormatError(f"--vertical {self}: the data has no column {self.column!r} (columns: {usable})")
-        cells = events[self.column].astype("string")
-        hit = cells.isin(self.values).fillna(False).to_numpy()
-        multi = cells.str.contains("|", regex=False).fillna(False).to_numpy()
+        cells = events[self.column].astype(TEXT)
+        hit = cells.isin(self.values).fillna(False).to_numpy(bool)
+        multi = cells.str.contains("|", regex=False).fillna(False).to_numpy(bool)
         if multi.any():
-            parts = cells[multi].str.split("|").explode()
+            parts = cells[multi].astype(object).str.split("|").explode()
             hit[multi] = parts.isin(self.values).groupby(level=0).any().reindex(cells[multi].index).to_numpy()
         return hit
 
@@ -210,7 +211,7 @@ def _times(events: pd.DataFrame, days: int) -> np.ndarray:
 
 def _codes(values: pd.Series) -> np.ndarray:
     """Dense codes 0..n-1 in order of first appearance; a missing value is a value of its own."""
-    return pd.factorize(values.astype("string").fillna("<missing>"))[0].astype(np.int64)
+    return pd.factorize(values.astype(TEXT).fillna("<missing>"))[0].astype(np.int64)
 
 
 def _price_buckets(price: pd.Series) -> np.ndarray:
@@ -236,13 +237,13 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
     preset = events["_vertical"] if "_vertical" in events else pd.Series(None, index=events.index, dtype=object)
     target &= preset.isna().to_numpy()
     if not target.any():
-        common = events[rule.column].astype("string").value_counts().index[:8].tolist()
+        common = events[rule.column].astype(TEXT).value_counts().index[:8].tolist()
         raise DataFormatError(f"--vertical {rule}: no impression matches; common values of {rule.column!r}: {common}")
     vertical = preset.where(preset.notna(), np.where(target, TARGET, OTHER))
 
     time_us = _times(events, days)
     order = np.argsort(time_us, kind="stable")
-    ev = events.iloc[order].reset_index(drop=True)
+    ev = events[[c for c in events.columns if c.startswith("_")]].iloc[order].reset_index(drop=True)  # the rule is done
     time_us, vertical, target = time_us[order], vertical.to_numpy()[order], target[order]
     user_id, item_id = _codes(ev["_user"]), _codes(ev["_item"])
 
@@ -281,8 +282,8 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
         "users": users.sort_values("user_id", ignore_index=True),
         "items": items.sort_values("item_id", ignore_index=True),
         "impressions": impressions,
-        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["_user"][first_user].to_numpy()}),
-        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["_item"][first_item].to_numpy()}),
+        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["_user"][first_user].astype(str).to_numpy()}),
+        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["_item"][first_item].astype(str).to_numpy()}),
     }
     start = timestamps[0].normalize()
     shares = impressions["vertical"].value_counts(normalize=True).sort_index()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loopfm.data.importers.canonical import convert, read_table
+from loopfm.data.importers.canonical import TEXT, convert, read_table
 
 BEHAVIOR_VERTICAL = "behavior"
 RAW = {"user_id": "user", "item_id": "adgroup_id", "label": "clk", "timestamp": "time_stamp"}
@@ -32,6 +32,6 @@ def read_taobao(folder: Path) -> pd.DataFrame:
     if behavior_path.is_file():
         log = convert(read_table(behavior_path, ["btag", *BEHAVIOR.values()]), BEHAVIOR, integer_ids=True)
         log = log[log["_user"].isin(raw["_user"])]
-        pseudo_item = "behavior:" + log["_category"].astype(str) + ":" + log["_brand"].astype(str)
+        pseudo_item = ("behavior:" + log["_category"].astype(str) + ":" + log["_brand"].astype(str)).astype(TEXT)
         events = pd.concat([events, log.assign(_item=pseudo_item, _label=1, _vertical=BEHAVIOR_VERTICAL)], ignore_index=True)
     return events.merge(profile.drop_duplicates("_user"), on="_user", how="left")
