@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-serving
+.PHONY: demo test venv clean bench-serving results
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/benchmarks.{md,json}
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
+
+results: $(STAMP)  # ~35-45 min on 2 cores: every experiment of issue 3 from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
+	rm -rf runs/results
+	$(BIN)/loopfm experiment --out runs/results --docs docs
 
 clean:
 	rm -rf runs .pytest_cache

@@ -185,6 +185,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.run_dir, cfg, requests=args.requests)
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from loopfm.experiments.main import run_experiments
+
+    overrides = []
+    for assignment in args.set or []:
+        key, _, raw = assignment.partition("=")
+        try:
+            overrides.append((key, json.loads(raw)))
+        except json.JSONDecodeError:
+            overrides.append((key, raw))
+    names = tuple(n.strip() for n in args.experiments.split(",") if n.strip())
+    run_experiments(args.out, args.docs, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopfm", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
@@ -266,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a default, e.g. world.n_users=4000")
+
+    from loopfm.experiments.plan import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="seeded experiments and ablations -> results.md/json (resumable)")
+    p.set_defaults(func=cmd_experiment)
+    p.add_argument("--out", type=Path, default=Path("runs/results"), help="run directories, one per seed and world; "
+                   "an existing one is resumed (finished cells are reused)")  # fmt: skip
+    p.add_argument("--docs", type=Path, default=Path("docs"), help="writes results.md, results.json, results/*.png")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (each torch thread-limited to 1)")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override the bench config (7,600 users, Matryoshka dims 8,16), e.g. world.n_users=2000")  # fmt: skip
     return parser
 
 

@@ -40,7 +40,9 @@ class FMConfig:
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
-    code_dim: int = 32
+    code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
+    code_format: str = "int4"  # int4 | fp32: how each logged code is stored
+    matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
     extract_layer: str = "hidden1"  # embedding | hidden1 | hidden2
     batch_size: int = 512
     lr: float = 2e-3
@@ -85,6 +87,8 @@ class RunConfig:
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
             (fm.extract_layer in ("embedding", "hidden1", "hidden2"), "fm.extract_layer: embedding|hidden1|hidden2"),
             (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),
+            (fm.code_format in ("int4", "fp32"), "fm.code_format must be int4 or fp32"),
+            (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -1,4 +1,4 @@
-"""int4 packing of FM codes: round(8z) clamped to [-8, 7], two codes per byte.
+"""Storage formats of FM codes: int4 (round(8z) clamped to [-8, 7], two codes per byte) or fp32.
 
 NumPy only: the FM logger packs with it and the server unpacks with it.
 """
@@ -25,3 +25,25 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     low = (packed & 0x0F).astype(np.int8) - 8
     out = np.stack([high, low], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return out.astype(np.float32) / 8.0
+
+
+CODE_FORMATS = ("int4", "fp32")
+
+
+def code_bytes(code_dim: int, code_format: str) -> int:
+    """Stored bytes of one code: int4 packs two dims per byte, fp32 keeps four bytes per dim."""
+    return code_dim // 2 if code_format == "int4" else 4 * code_dim
+
+
+def encode_codes(z: np.ndarray, code_format: str) -> np.ndarray:
+    """[n, d] float codes -> [n, code_bytes] uint8, the bytes one code takes in the log and store."""
+    if code_format == "int4":
+        return pack_int4(quantize_int4(z))
+    return np.ascontiguousarray(z, dtype="<f4").view(np.uint8)
+
+
+def decode_codes(stored: np.ndarray, code_format: str) -> np.ndarray:
+    """[..., code_bytes] uint8 -> [..., d] float32 (the inverse of encode_codes, up to int4 rounding)."""
+    if code_format == "int4":
+        return unpack_int4(stored)
+    return np.ascontiguousarray(stored).view("<f4").astype(np.float32)

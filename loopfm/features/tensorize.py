@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from loopfm.features.codec import unpack_int4
+from loopfm.features.codec import code_bytes, decode_codes
 
 USER_FEATURES = ("age_bucket", "gender")
 ITEM_FEATURES = ("category", "brand", "price_bucket")
@@ -35,6 +35,7 @@ class TensorSpec:
     n_price_buckets: int = 10
     n_age_buckets: int = 6
     n_genders: int = 2
+    code_format: str = "int4"  # int4 | fp32 (loopfm/features/codec.py)
 
     @property
     def user_context_vocab(self) -> tuple[int, ...]:
@@ -91,11 +92,13 @@ def decode_item_history(blobs: Sequence[Any], length: int, n_items: int) -> np.n
     return ids
 
 
-def decode_fm_history(blobs: Sequence[Any], length: int, code_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """int4 code sequences -> codes [U, length, code_dim] float32 and mask [U, length] float32."""
-    packed, mask = _unpack_sequences(blobs, length, code_dim // 2)
+def decode_fm_history(
+    blobs: Sequence[Any], length: int, code_dim: int, code_format: str = "int4"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Code sequences -> codes [U, length, code_dim] float32 and mask [U, length] float32."""
+    packed, mask = _unpack_sequences(blobs, length, code_bytes(code_dim, code_format))
     mask = mask.astype(np.float32)
-    return unpack_int4(packed) * mask[:, :, None], mask
+    return decode_codes(packed, code_format) * mask[:, :, None], mask
 
 
 def request_tensors(
@@ -117,7 +120,7 @@ def request_tensors(
     }
     if FM_HISTORY_FEATURE in users:
         tensors["fm_codes"], tensors["fm_mask"] = decode_fm_history(
-            users[FM_HISTORY_FEATURE], spec.history_length, spec.code_dim
+            users[FM_HISTORY_FEATURE], spec.history_length, spec.code_dim, spec.code_format
         )
     return tensors
 

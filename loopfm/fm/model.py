@@ -102,9 +102,16 @@ class Compressor(nn.Module):
     def encode(self, activation: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.encoder(activation))
 
-    def forward(self, activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruction_loss(self, activation: torch.Tensor, prefixes: tuple[int, ...] = ()) -> torch.Tensor:
+        """MSE of reconstructing the activation from the full code, averaged with the MSE from
+        each nested prefix z[:, :k] (Matryoshka): then a logged prefix is a code of its own."""
         z = self.encode(activation)
-        return z, self.decoder(z)
+        d = z.shape[1]
+        losses = [
+            nn.functional.mse_loss(self.decoder(z * (torch.arange(d) < k)), activation)
+            for k in sorted({min(k, d) for k in prefixes} | {d})
+        ]
+        return torch.stack(losses).mean()
 
 
 def activation_dim(fm: FoundationModel, layer: str, hidden: tuple[int, ...]) -> int:

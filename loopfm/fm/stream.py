@@ -28,7 +28,7 @@ from tqdm import tqdm
 from loopfm.config import RunConfig
 from loopfm.data.dataset import Vocab
 from loopfm.data.synth import US_PER_DAY
-from loopfm.features.codec import pack_int4, quantize_int4
+from loopfm.features.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
 from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
@@ -155,8 +155,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
             label = torch.from_numpy(arrays["label"][bi])
             task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
             target = acts[cfg.fm.extract_layer].detach()  # stop-gradient into the FM
-            _, reconstruction = compressor(target)
-            rec = torch.nn.functional.mse_loss(reconstruction, target)
+            rec = compressor.reconstruction_loss(target, cfg.fm.matryoshka_dims)
             opt.zero_grad()
             (task + rec).backward()
             opt.step()
@@ -181,11 +180,12 @@ def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int
 
 
 def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
-    """Extraction -> compression -> int4 code, one row per event (see module docstring)."""
+    """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
+    checkpoint's code), one row per event (see module docstring)."""
     arrays, imp = build_inputs(paths, cfg)
     n = arrays["day"].size
     logits = np.zeros(n, dtype=np.float32)
-    codes = np.zeros((n, cfg.fm.code_dim // 2), dtype=np.uint8)
+    codes = np.zeros((n, code_bytes(cfg.fm.code_dim, cfg.fm.code_format)), dtype=np.uint8)
     trained_until = np.zeros(n, dtype=np.int64)
     frozen = cfg.fm.checkpoint_scheme == "frozen"
     loaded: dict[int, tuple] = {}
@@ -194,14 +194,16 @@ def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd
         if index not in loaded:
             loaded = {index: _load(paths, index)}
         fm, compressor, until = loaded[index]
+        if compressor.encoder.out_features < cfg.fm.code_dim:
+            raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
         idx = np.flatnonzero(arrays["day"] == d)
         with torch.no_grad():
             for lo in range(0, idx.size, 8192):
                 bi = idx[lo : lo + 8192]
                 logit, acts = fm(_batch(arrays, bi))
-                z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()
+                z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()[:, : cfg.fm.code_dim]
                 logits[bi] = logit.numpy()
-                codes[bi] = pack_int4(quantize_int4(z))
+                codes[bi] = encode_codes(z, cfg.fm.code_format)
         trained_until[idx] = until
     log = pd.DataFrame(
         {

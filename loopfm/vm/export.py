@@ -9,6 +9,7 @@ the tensor spec, so the server needs neither the Feast registry nor any training
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -21,7 +22,7 @@ import torch
 
 from loopfm.features.store import PROJECT, historical_features
 from loopfm.io import RunPaths, read_parquet
-from loopfm.vm.model import ServingHead
+from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 
 PARITY_TOLERANCE = 1e-5
@@ -52,22 +53,12 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
 
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), f"vm_{variant}")
     tensors = frame_tensors(eval_df, spec)
-    sample = tuple(torch.from_numpy(tensors[n][:8]) for n in names)
-    tmp = out_dir / "model.onnx.tmp"
-    axes = {n: {0: "users" if n in USER_SIDE_INPUTS else "candidates"} for n in names} | {"score": {0: "candidates"}}
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but exact for this small graph; the parity
-        # check below guards the result either way.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            ServingHead(model).eval(), sample, str(tmp), input_names=names, output_names=["score"],
-            dynamic_axes=axes, opset_version=17, dynamo=False,
-        )  # fmt: skip
-    blob = tmp.read_bytes()
+    blob = onnx_bytes(model, tensors)
     parity = parity_check(model, blob, {n: tensors[n] for n in names})
     if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        tmp.unlink()
         raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}: {parity}")
+    tmp = out_dir / "model.onnx.tmp"
+    tmp.write_bytes(blob)
     meta = {
         "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
         "variant": variant,
@@ -81,6 +72,23 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
     os.replace(tmp, out_dir / "model.onnx")
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def onnx_bytes(model: VerticalModel, tensors: dict[str, np.ndarray]) -> bytes:
+    """The serving head as an ONNX graph, traced on the first rows of `tensors`."""
+    names = input_names(model.shapes.use_fm_history)
+    sample = tuple(torch.from_numpy(tensors[n][:8]) for n in names)
+    axes = {n: {0: "users" if n in USER_SIDE_INPUTS else "candidates"} for n in names} | {"score": {0: "candidates"}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but exact for this small graph; export_variant's
+        # parity check guards the result either way.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            ServingHead(model).eval(), sample, buffer, input_names=names, output_names=["score"],
+            dynamic_axes=axes, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    return buffer.getvalue()
 
 
 def parity_check(model, onnx_blob: bytes, tensors: dict[str, np.ndarray]) -> dict:

@@ -35,6 +35,7 @@ def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
     return TensorSpec(
         history_length=cfg.vm.history_length,
         code_dim=cfg.fm.code_dim,
+        code_format=cfg.fm.code_format,
         n_items=vocab.n_items,
         n_categories=vocab.n_categories,
         n_brands=vocab.n_brands,
@@ -87,14 +88,27 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     train_df = historical_features(store, read_parquet(paths.features / "vm_train_entities.parquet"), service)
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     spec = tensor_spec(cfg, Vocab.load(paths))
+    model, p = fit_variant(cfg, spec, variant, train_df, eval_df, log)
+    out = paths.vm / variant
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}, out / "model.pt")
+    write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
+    return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started}
+
+
+def fit_variant(
+    cfg: RunConfig, spec: TensorSpec, variant: str, train_df: pd.DataFrame, eval_df: pd.DataFrame, log=print
+) -> tuple[VerticalModel, np.ndarray]:
+    """Train one variant on frames read through its feature service; return the model and its
+    eval-window predictions. Split from train_variant so experiments can train many cells on
+    one retrieval."""
     train_t, eval_t = frame_tensors(train_df, spec), frame_tensors(eval_df, spec)
     label = torch.from_numpy(train_df["label"].to_numpy(np.float32))
     kd_target = torch.sigmoid(torch.from_numpy(train_df["fm_logit"].to_numpy(np.float32)))
     use_kd = variant.endswith("kd")
 
     torch.manual_seed(cfg.vm.seed)
-    shapes = shapes_for(cfg, spec, variant)
-    model = VerticalModel(shapes)
+    model = VerticalModel(shapes_for(cfg, spec, variant))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.vm.lr)
     rng = np.random.default_rng(cfg.vm.seed)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -113,13 +127,7 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
             opt.step()
             losses.append(loss.item())
         log(f"  vm {variant}: epoch {epoch + 1}/{cfg.vm.epochs} loss {np.mean(losses):.4f}")
-
-    out = paths.vm / variant
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "shapes": asdict(shapes), "spec": asdict(spec)}, out / "model.pt")
-    p = predict(model, eval_t)
-    write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
-    return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started}
+    return model, predict(model, eval_t)
 
 
 def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSpec]:

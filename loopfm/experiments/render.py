@@ -1,0 +1,168 @@
+"""docs/results.md and its PNG plots, from the results dict that report.build_results makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM"}
+COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
+
+
+def ms(s: dict, digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def pct(s: dict) -> str:
+    return f"{100 * s['mean']:+.2f}% ± {100 * s['std']:.2f}"
+
+
+def pval(p: float) -> str:
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_main(results: dict, path: Path) -> None:
+    names = list(results["main"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ("auc", "ne")):
+        means = [results["main"][n][metric]["mean"] for n in names]
+        stds = [results["main"][n][metric]["std"] for n in names]
+        ax.bar([ROW_NAMES[n] for n in names], means, yerr=stds, capsize=3, color=[COLORS[n] for n in names])
+        ax.set_ylim(min(means) * 0.98, max(means) * 1.01)
+        ax.set_title(f"{metric.upper()} (mean ± std over {results['seeds']} seeds)")
+        ax.tick_params(axis="x", rotation=25)
+    _save(fig, path)
+
+
+def plot_sweep(entry: dict, metrics: tuple[str, ...], path: Path) -> None:
+    """Each metric per point (categorical x), one line per cell name, error bars = std over seeds."""
+    labels = [p["label"] for p in entry["points"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    for ax, metric in zip(list(axes) if len(metrics) > 1 else [axes], metrics):
+        for name in entry["points"][0]["cells"]:
+            m = [p["cells"][name][metric]["mean"] for p in entry["points"]]
+            s = [p["cells"][name][metric]["std"] for p in entry["points"]]
+            ax.errorbar(range(len(labels)), m, yerr=s, marker="o", capsize=3, label=ROW_NAMES[name], color=COLORS[name])
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set_title(metric.upper())
+        ax.legend(fontsize=8)
+    fig.suptitle(entry["title"], fontsize=10)
+    _save(fig, path)
+
+
+def plot_encoder(entry: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, n in zip(axes, ("100", "1000")):
+        for name in ("kd", "loopfm_kd"):
+            for p in entry["points"]:
+                c = p["cells"][name]
+                ax.errorbar(c["latency_ms"][n]["p50_ms"]["mean"], c["auc"]["mean"], yerr=c["auc"]["std"], marker="o",
+                            color=COLORS[name], capsize=3)  # fmt: skip
+                ax.annotate(f"{p['label']}", (c["latency_ms"][n]["p50_ms"]["mean"], c["auc"]["mean"]), fontsize=8)
+        ax.set_xlabel(f"ONNX Runtime p50 ms, 1 user x {n} candidates (1 thread)")
+        ax.set_ylabel("AUC")
+        ax.set_title("green: VM + LoopFM + KD, orange: VM + KD")
+    _save(fig, path)
+
+
+def plot_compression(entry: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for p in entry["points"]:
+        c, b = p["cells"]["loopfm_kd"], p["fm_history_bytes_per_user"]["full_history"]
+        ax.errorbar(b, c["auc"]["mean"], yerr=c["auc"]["std"], marker="o", color=COLORS["loopfm_kd"], capsize=3)
+        ax.annotate(p["label"], (b, c["auc"]["mean"]), fontsize=8)
+    kd = entry["points"][0]["cells"]["kd"]["auc"]["mean"]
+    ax.axhline(kd, ls="--", color=COLORS["kd"], label="VM + KD (0 bytes)")
+    ax.set_xscale("log")
+    ax.set_xlabel("FM history bytes per user online (L x stored code bytes)")
+    ax.set_ylabel("AUC of VM + LoopFM + KD")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _cells_table(entry: dict, extra) -> list[str]:
+    names = list(entry["points"][0]["cells"])
+    head = ["point"] + [f"{ROW_NAMES[n]} {m}" for n in names for m in ("AUC", "NE", "TR")] + list(extra(None))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in entry["points"]:
+        cols = [p["label"]] + [f(p["cells"][n][m]) for n in names for m, f in (("auc", ms), ("ne", ms), ("tr", lambda s: ms(s, 3)))]
+        lines.append("| " + " | ".join(cols + list(extra(p))) + " |")
+    return lines
+
+
+def _claims_table(claims: list[dict]) -> list[str]:
+    lines = ["| claim (A beats B) | AUC gain, relative | p (t-test over seeds) | p (bootstrap) "
+             "| NE gain, relative | p (t-test) | p (bootstrap) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in claims:
+        a, n = c["auc"], c["ne"]
+        lines.append(f"| {c['label']} | {pct(a['relative'])} | {pval(a['p_ttest'])} | {pval(a['p_bootstrap'])} "
+                     f"| {pct(n['relative'])} | {pval(n['p_ttest'])} | {pval(n['p_bootstrap'])} |")  # fmt: skip
+    return lines
+
+
+SWEEP_PLOTS = {"gap": ("tr", "auc"), "length": ("auc", "ne"), "freshness": ("auc", "ne"), "layer": ("auc", "tr"), "vm_size": ("auc", "ne")}
+
+
+def _extra(name: str):
+    """Per-experiment extra columns: (header when p is None, else the values)."""
+    def extra(p):
+        if name == "gap":
+            return ["FM AUC", "FM NE"] if p is None else [ms(p["fm"]["auc"]), ms(p["fm"]["ne"])]
+        if name == "compression":
+            if p is None:
+                return ["bytes per code", "bytes/user at full L", "stored bytes/user, mean (max)"]
+            b = p["fm_history_bytes_per_user"]
+            return [str(b["code_bytes"]), str(b["full_history"]), f"{b['mean_stored']['mean']:.0f} ({b['max_stored']['mean']:.0f})"]
+        if name == "encoder":
+            if p is None:
+                return [f"{ROW_NAMES[v]} p50 ms @{n}" for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
+            return [ms(p["cells"][v]["latency_ms"][n]["p50_ms"], 2) for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
+        return []
+    return extra
+
+
+def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str:
+    """Write the plots under docs/results/ and return the markdown of docs/results.md."""
+    plots = docs / "results"
+    md = [header, "", "## Goals (VM + LoopFM + KD vs VM + KD, main table)", "",
+          "| goal | measured (mean ± std over seeds) | p (t-test) | p (bootstrap) | met |", "|---|---|---|---|---|"]  # fmt: skip
+    g = results["goals"]
+    for key, label in (("relative_auc_ge_1pct", "relative AUC gain >= 1%"), ("relative_ne_ge_1pct", "relative NE gain >= 1%")):
+        md.append(f"| {label} | {pct(g[key]['relative'])} | {pval(g[key]['p_ttest'])} | {pval(g[key]['p_bootstrap'])} | {'yes' if g[key]['met'] else 'no'} |")
+    tr = g["tr_ge_2x_kd"]
+    md.append(f"| TR >= 2 x TR(KD) | TR {ms(tr['tr_loopfm_kd'], 3)} vs KD's {ms(tr['tr_kd'], 3)} (ratio of means "
+              f"{tr['ratio_of_means']:.2f}) | {pval(tr['p_ttest'])} | {pval(tr['p_bootstrap'])} | {'yes' if tr['met'] else 'no'} |")
+    md += ["", notes.get("goals", ""), "", "## Main table", "",
+           "| model | AUC | LogLoss | NE | TR | Bayes gap closed |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in results["main"].items():
+        gap = pct(row["bayes_gap_closed"]).replace("+", "") if "bayes_gap_closed" in row else "n/a"
+        md.append(f"| {ROW_NAMES[name]} | {ms(row['auc'])} | {ms(row['logloss'])} | {ms(row['ne'])} | {ms(row['tr'], 3)} | {gap} |")
+    if "bayes_ceiling" in results:
+        b = results["bayes_ceiling"]
+        md.append(f"| Bayes (true p) | {ms(b['auc'])} | {ms(b['logloss'])} | {ms(b['ne'])} | | 100% |")
+    plot_main(results, plots / "main.png")
+    md += ["", *_claims_table(results["main_claims"]), "", "![main](results/main.png)", ""]
+    for name in ("gap", "length", "encoder", "compression", "freshness", "layer", "vm_size"):
+        if name not in results:
+            continue
+        entry = results[name]
+        md += [f"## {entry['title']}", "", notes.get(name, ""), "", *_cells_table(entry, _extra(name)), "", *_claims_table(entry["claims"]), ""]
+        if name == "encoder":
+            plot_encoder(entry, plots / f"{name}.png")
+        elif name == "compression":
+            plot_compression(entry, plots / f"{name}.png")
+        else:
+            plot_sweep(entry, SWEEP_PLOTS[name], plots / f"{name}.png")
+        md += [f"![{name}](results/{name}.png)", ""]
+    return "\n".join(md) + "\n"

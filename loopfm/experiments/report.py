@@ -1,0 +1,169 @@
+"""Per-seed predictions -> docs/results.json, docs/results.md and PNG plots.
+
+Every number is computed here from what the runner wrote (eval labels, each cell's eval
+predictions, each world's FM predictions, measured sizes and latencies): nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loopfm.eval.metrics import quality
+from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of
+from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
+
+VARIANT_ROWS = ("base", "kd", "loopfm", "loopfm_kd")
+GOAL_REL = 0.01
+GOAL_TR_RATIO = 2.0
+ALPHA = 0.01
+
+
+@dataclass
+class Seed:
+    """One seed's eval labels, and every world's and cell's predictions and quality."""
+
+    y: np.ndarray
+    world_eval: dict[str, pd.DataFrame]
+    world_info: dict[str, dict]
+    pred: dict[str, np.ndarray]
+    q: dict[str, dict]
+    latency: dict[str, dict]
+
+    def fm_quality(self, world: World) -> dict:
+        return quality(self.y, self.world_eval[world.path]["fm"].to_numpy())
+
+    def metrics(self, cell: Cell) -> dict:
+        return self._relative(self.q[cell.path], cell.world)
+
+    def fm_metrics(self) -> dict:
+        return self._relative(self.fm_quality(MAIN), MAIN)
+
+    def _relative(self, q: dict, world: World) -> dict:
+        """Adds TR (against the FM of the same world) and the share of the gap between the
+        base VM and the Bayes-optimal predictor that `q` closes (synthetic data only)."""
+        base = self.q[Cell(MAIN, "base").path]["ne"]
+        row = {**q, "tr": (base - q["ne"]) / (base - self.fm_quality(world)["ne"])}
+        if "bayes" in self.world_eval[MAIN.path]:
+            bayes = quality(self.y, self.world_eval[MAIN.path]["bayes"].to_numpy())["ne"]
+            row["bayes_gap_closed"] = (base - q["ne"]) / (base - bayes)
+        return row
+
+
+def load_seed(seed_dir: Path, cells: list[Cell]) -> Seed:
+    worlds = list(dict.fromkeys(c.world for c in cells))
+    world_eval = {w.path: pd.read_parquet(seed_dir / w.path / "eval.parquet") for w in worlds}
+    ids = world_eval[MAIN.path]["impression_id"].to_numpy()
+    for path, frame in world_eval.items():  # pairing needs the same eval rows everywhere
+        if not np.array_equal(frame["impression_id"].to_numpy(), ids):
+            raise RuntimeError(f"{seed_dir / path}: eval rows differ from the main world's; cannot pair")
+    latency = {c.path: json.loads((seed_dir / c.path / "latency.json").read_text()) for c in cells if c.latency}
+    return Seed(
+        y=world_eval[MAIN.path]["label"].to_numpy(),
+        world_eval=world_eval,
+        world_info={w.path: json.loads((seed_dir / w.path / "world.json").read_text()) for w in worlds},
+        pred={c.path: np.load(seed_dir / c.path / "pred.npy").astype(np.float64) for c in cells},
+        q={c.path: json.loads((seed_dir / c.path / "result.json").read_text())["quality"] for c in cells},
+        latency=latency,
+    )
+
+
+def _summaries(rows: list[dict]) -> dict[str, dict]:
+    return {k: summary([r[k] for r in rows]) for k in rows[0]}
+
+
+def claim_stats(seeds: list[Seed], better: Cell, worse: Cell, reps: int) -> dict:
+    """Per-seed improvement of `better` over `worse` (AUC up, NE down), relative to `worse`,
+    with a paired t-test over seeds and a paired bootstrap over eval impressions."""
+    ys = [s.y for s in seeds]
+    out = {"better": better.path, "worse": worse.path}
+    for metric, sign in (("auc", 1), ("ne", -1)):
+        a = [s.q[better.path][metric] for s in seeds]
+        b = [s.q[worse.path][metric] for s in seeds]
+        boot = paired_bootstrap(ys, [(sign, [s.pred[better.path] for s in seeds]), (-sign, [s.pred[worse.path] for s in seeds])], metric, reps)
+        out[metric] = {
+            "improvement": summary([sign * (x - z) for x, z in zip(a, b)]),
+            "relative": summary([sign * (x - z) / z for x, z in zip(a, b)]),
+            "p_ttest": paired_ttest(a, b),
+            "p_bootstrap": boot["p"],
+            "bootstrap_ci95": boot["ci95"],
+        }
+    return out
+
+
+def tr_goal(seeds: list[Seed], reps: int) -> dict:
+    """TR(LoopFM+KD) >= 2 TR(KD)  <=>  dNE(LoopFM+KD) - 2 dNE(KD) >= 0 (same denominator):
+    tested on TR(LoopFM+KD) - 2 TR(KD) per seed (t-test) and on 2 NE_kd - NE_lkd - NE_base
+    (bootstrap). The ratio is of the means: a per-seed ratio explodes when TR(KD) is near 0."""
+    base, kd, lkd = (Cell(MAIN, v).path for v in ("base", "kd", "loopfm_kd"))
+    tr_kd = [s.metrics(Cell(MAIN, "kd"))["tr"] for s in seeds]
+    tr_lkd = [s.metrics(Cell(MAIN, "loopfm_kd"))["tr"] for s in seeds]
+    excess = summary([a - GOAL_TR_RATIO * b for a, b in zip(tr_lkd, tr_kd)])
+    boot = paired_bootstrap([s.y for s in seeds], [(2, [s.pred[kd] for s in seeds]), (-1, [s.pred[lkd] for s in seeds]),
+                                                   (-1, [s.pred[base] for s in seeds])], "ne", reps)  # fmt: skip
+    p_t = paired_ttest(tr_lkd, [GOAL_TR_RATIO * b for b in tr_kd])
+    return {"tr_loopfm_kd": summary(tr_lkd), "tr_kd": summary(tr_kd), "ratio_of_means": float(np.mean(tr_lkd) / np.mean(tr_kd)),
+            "tr_minus_2x_kd": excess, "p_ttest": p_t, "p_bootstrap": boot["p"],
+            "met": bool(excess["mean"] > 0 and max(p_t, boot["p"]) < ALPHA)}  # fmt: skip
+
+
+def goals(main_claim: dict, tr: dict) -> dict:
+    out = {}
+    for metric in ("auc", "ne"):
+        c = main_claim[metric]
+        met = c["relative"]["mean"] >= GOAL_REL and c["improvement"]["mean"] > 0 and max(c["p_ttest"], c["p_bootstrap"]) < ALPHA
+        out[f"relative_{metric}_ge_1pct"] = {"relative": c["relative"], "p_ttest": c["p_ttest"], "p_bootstrap": c["p_bootstrap"], "met": bool(met)}
+    out["tr_ge_2x_kd"] = tr
+    return out
+
+
+def experiment_entry(e: Experiment, seeds: list[Seed], reps: int) -> dict:
+    points = []
+    for p in e.points:
+        entry = {"label": p.label, "x": p.x, "cells": {}}
+        for name, cell in p.cells.items():
+            entry["cells"][name] = _summaries([s.metrics(cell) for s in seeds])
+            if cell.latency:
+                entry["cells"][name]["latency_ms"] = {
+                    n: _summaries([s.latency[cell.path][n] for s in seeds]) for n in seeds[0].latency[cell.path]
+                }
+        fm_world = p.cells["loopfm_kd"].world if "loopfm_kd" in p.cells else MAIN
+        entry["fm"] = _summaries([s.fm_quality(fm_world) for s in seeds])
+        info = [s.world_info[fm_world.path] for s in seeds]
+        entry["fm_history_bytes_per_user"] = {
+            "full_history": info[0]["fm_history_bytes_full"],
+            "code_bytes": info[0]["code_bytes"],
+            "history_length": info[0]["history_length"],
+            "mean_stored": summary([i["fm_history_bytes_mean"] for i in info]),
+            "max_stored": summary([i["fm_history_bytes_max"] for i in info]),
+        }
+        points.append(entry)
+    claims = [{"label": c.label, **claim_stats(seeds, c.better, c.worse, reps)} for c in e.claims]
+    return {"title": e.title, "points": points, "claims": claims}
+
+
+def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
+    cells = cells_of(experiments)
+    data = [load_seed(out / f"seed{s}", cells) for s in range(seeds)]
+    info = [d.world_info[MAIN.path] for d in data]
+    results: dict = {
+        "seeds": seeds,
+        "impressions": min(i["impressions"] for i in info),  # the smallest seed's world
+        "per_seed_rows": {k: [i[k] for i in info] for k in ("impressions", "train_rows", "eval_rows")},
+        "main": {v: _summaries([d.metrics(Cell(MAIN, v)) for d in data]) for v in VARIANT_ROWS},
+    }
+    results["main"]["fm"] = _summaries([d.fm_metrics() for d in data])
+    if "bayes" in data[0].world_eval[MAIN.path]:
+        results["bayes_ceiling"] = _summaries([quality(d.y, d.world_eval[MAIN.path]["bayes"].to_numpy()) for d in data])
+    for e in experiments:
+        entry = experiment_entry(e, data, reps=1000 if e.name == "main" else 200)
+        if e.name == "main":
+            results["main_claims"] = entry["claims"]
+            results["goals"] = goals(entry["claims"][0], tr_goal(data, 1000))
+        else:
+            results[e.name] = entry
+    return results

@@ -1,0 +1,248 @@
+"""Run an experiment plan: worlds (synth -> FM -> log -> structure -> feast apply), then VM
+cells trained on one Feast retrieval per world, then ONNX latency of the timed cells.
+
+Resumable: every stage leaves a marker or its output file in its own directory under
+`out/seed<N>/`, and a finished stage or cell is never redone. Work is split into jobs, one
+per (seed, FM) — everything that shares an FM's checkpoints — run by `jobs` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loopfm.config import RunConfig
+from loopfm.experiments.plan import Cell, Overrides, World, cells_of
+from loopfm.io import RunPaths, read_parquet
+
+CANDIDATES = (100, 1000)
+
+
+class Progress:
+    """Log lines stamped with the time since the whole run started (shared by the workers)."""
+
+    def __init__(self, started: float):
+        self.started = started
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.time() - self.started:7.1f} s] {message}", flush=True)
+
+
+def run_config(base: Overrides, seed: int, *overrides: Overrides) -> RunConfig:
+    """Defaults <- the plan's base overrides <- world/cell overrides; the seed drives world,
+    FM and VM alike, so seeds differ in everything that is random."""
+    cfg = RunConfig()
+    for key, value in (*base, *(kv for o in overrides for kv in o), ("world.seed", seed), ("vm.seed", seed)):
+        cfg.override(f"{key}={json.dumps(value)}")
+    return cfg.validate()
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _stage(directory: Path, name: str, log: Progress, what: str, fn) -> None:
+    """Run fn once: skipped when directory/.name.done exists (a finished earlier run)."""
+    marker = directory / f".{name}.done"
+    if marker.exists():
+        return
+    started = time.perf_counter()
+    fn()
+    marker.touch()
+    log(f"{what}: {name} done in {time.perf_counter() - started:.1f} s")
+
+
+def _link(target: Path, link: Path) -> None:
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redis_url: str, log: Progress) -> RunConfig:
+    """Synth and train the FM (root worlds only), then log, structure and `feast apply`."""
+    from loopfm.data.synth import write_world
+    from loopfm.features.build import build_feature_tables
+    from loopfm.features.store import feast_cli
+    from loopfm.fm.stream import log_embeddings, train_fm
+
+    cfg = run_config(base, seed, world.fm, world.log)
+    root, wdir = seed_dir / world.root.path, seed_dir / world.path
+    what = f"seed {seed} {world.path}"
+    root_cfg = run_config(base, seed, world.fm)
+    _stage(root, "synth", log, what, lambda: (root.mkdir(parents=True, exist_ok=True), write_world(root_cfg.world, RunPaths(root))))
+    _stage(root, "fm", log, what, lambda: train_fm(RunPaths(root), root_cfg, progress=False))
+    if world.log:
+        _link(root / "data", wdir / "data")
+        _link(root / "fm" / "checkpoints", wdir / "fm" / "checkpoints")
+    paths = RunPaths(wdir)
+
+    def structure() -> None:
+        cfg.save(wdir)
+        log_embeddings(paths, cfg, progress=False)
+        build_feature_tables(paths, cfg)
+        feast_cli(["apply"], wdir, redis_url)
+        _write_world_summary(paths, cfg)
+
+    _stage(wdir, "world", log, what, structure)
+    return cfg
+
+
+def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
+    """Eval labels, the FM's own predictions (and the true p when known), and the measured
+    online value size of the FM history: the newest snapshot per user is what Redis holds."""
+    entities = read_parquet(paths.features / "vm_eval_entities.parquet")
+    eval_frame = pd.DataFrame({
+        "impression_id": entities["impression_id"],
+        "label": entities["label"],
+        "fm": 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64))),
+    })  # fmt: skip
+    if paths.table("truth").exists():
+        truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
+        eval_frame["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
+    eval_frame.to_parquet(paths.root / "eval.parquet", index=False)
+    history = read_parquet(paths.features / "fm_history.parquet", columns=["user_id", "event_timestamp", "fm_codes"])
+    newest = history.sort_values("event_timestamp").groupby("user_id").tail(1)["fm_codes"].map(len)
+    code_bytes = len(read_parquet(paths.fm_log, columns=["fm_code"])["fm_code"].iloc[0])
+    _atomic_json(paths.root / "world.json", {
+        "impressions": int(len(read_parquet(paths.table("impressions"), columns=["impression_id"]))),
+        "train_rows": int(len(read_parquet(paths.features / "vm_train_entities.parquet", columns=["label"]))),
+        "eval_rows": int(len(entities)),
+        "history_length": cfg.vm.history_length,
+        "users_with_fm_history": int(len(newest)),
+        "code_bytes": code_bytes,  # one logged code, as stored
+        "fm_history_bytes_full": cfg.vm.history_length * code_bytes,  # a user with >= L codes
+        "fm_history_bytes_mean": float(newest.mean()),  # the newest stored value, mean over users
+        "fm_history_bytes_max": int(newest.max()),
+    })  # fmt: skip
+
+
+def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.DataFrame, pd.DataFrame], log: Progress) -> None:
+    """Train one VM on the world's frames; write its eval predictions, then result.json last."""
+    import torch
+
+    from loopfm.data.dataset import Vocab
+    from loopfm.eval.metrics import quality
+    from loopfm.features.tensorize import FM_HISTORY_FEATURE
+    from loopfm.vm.export import onnx_bytes
+    from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec
+
+    cdir = seed_dir / cell.path
+    if (cdir / "result.json").exists():
+        return
+    cdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train_df, eval_df = frames
+    if not cell.variant.startswith("loopfm"):  # base/kd services have no FM history view
+        train_df, eval_df = train_df.drop(columns=FM_HISTORY_FEATURE), eval_df.drop(columns=FM_HISTORY_FEATURE)
+    spec = tensor_spec(cfg, Vocab.load(RunPaths(seed_dir / cell.world.path)))
+    model, p = fit_variant(cfg, spec, cell.variant, train_df, eval_df, log=lambda _: None)
+    np.save(cdir / "pred.npy", p.astype(np.float32))
+    if cell.latency:
+        tensors = frame_tensors(eval_df, spec)
+        (cdir / "model.onnx").write_bytes(onnx_bytes(model, tensors))
+        user = int(tensors["fm_mask"].sum(1).argmax()) if "fm_mask" in tensors else 0  # a full history
+        request = {k: v[user : user + 1] for k, v in tensors.items() if k not in ("candidates", "candidate_user")}
+        candidates = np.resize(tensors["candidates"], (max(CANDIDATES), tensors["candidates"].shape[1]))  # repeats rows if few
+        np.savez(cdir / "request.npz", candidates=candidates, **request)
+    q = quality(eval_df["label"].to_numpy(), p)
+    seconds = time.perf_counter() - started
+    _atomic_json(cdir / "result.json", {"quality": q, "seconds": seconds, "config": asdict(cfg), "threads": torch.get_num_threads()})
+    log(f"seed {cfg.world.seed} {cell.path}: AUC {q['auc']:.4f} NE {q['ne']:.4f} ({seconds:.0f} s)")
+
+
+def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: Overrides, redis_url: str,
+            started: float, threads: int) -> None:  # fmt: skip
+    """Everything that shares one (seed, FM): its worlds in order, each world's cells on one
+    Feast retrieval (service vm_loopfm_kd, a superset of every variant's features)."""
+    import torch
+
+    from loopfm.features.store import historical_features, open_store
+
+    torch.set_num_threads(threads)
+    log = Progress(started)
+    seed_dir = Path(out) / f"seed{seed}"
+    for world in worlds:
+        cfg = prepare_world(seed_dir, world, base, seed, redis_url, log)
+        todo = [c for c in cells if c.world == world and not (seed_dir / c.path / "result.json").exists()]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        paths = RunPaths(seed_dir / world.path)
+        store = open_store(paths.root, redis_url)
+        frames = tuple(
+            historical_features(store, read_parquet(paths.features / f"vm_{part}_entities.parquet"), "vm_loopfm_kd")
+            for part in ("train", "eval")
+        )
+        log(f"seed {seed} {world.path}: Feast get_historical_features in {time.perf_counter() - t0:.1f} s")
+        for cell in todo:
+            train_cell(seed_dir, cell, run_config(base, seed, world.fm, world.log, cell.vm), frames, log)
+
+
+def measure_latency(seed_dir: Path, cell: Cell, repeats: int = 200) -> dict:
+    """ONNX Runtime (one thread) scoring one user with a full history against 100 and 1,000
+    candidates, as the server calls it; p50/p99 over `repeats` runs after a warm-up."""
+    import onnxruntime as ort
+
+    cdir = seed_dir / cell.path
+    cached = cdir / "latency.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(cdir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    request = dict(np.load(cdir / "request.npz"))
+    names = {i.name for i in session.get_inputs()}
+    result = {}
+    for n in CANDIDATES:
+        feeds = {**request, "candidates": request["candidates"][:n], "candidate_user": np.zeros(n, dtype=np.int64)}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        for _ in range(20):
+            session.run(None, feeds)
+        ms = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            session.run(None, feeds)
+            ms.append((time.perf_counter() - t) * 1000)
+        result[str(n)] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    _atomic_json(cached, result)
+    return result
+
+
+def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: int, log: Progress) -> None:
+    """All worlds and cells of `experiments` for seeds 0..seeds-1, then the latency of timed cells."""
+    from loopfm.redis_server import local_redis
+
+    cells = cells_of(experiments)
+    worlds = list(dict.fromkeys(c.world for c in cells))
+    by_fm: dict[Overrides, list[World]] = {}
+    for w in sorted(worlds, key=lambda w: len(w.log)):  # a root world before its derived worlds
+        by_fm.setdefault(w.fm, []).append(w)
+    units = [(seed, ws) for ws in by_fm.values() for seed in range(seeds)]
+    units.sort(key=lambda u: -len(u[1]))  # the longest jobs first
+    log(f"{len(cells)} cells in {len(worlds)} worlds x {seeds} seeds; {len(units)} jobs on {jobs} process(es)")
+    threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
+    # feast apply talks to the online store; a private Valkey keeps any other Redis untouched.
+    with local_redis() as redis_url:
+        args = [(str(out), s, ws, cells, base, redis_url, log.started, threads) for s, ws in units]
+        if jobs == 1:
+            for a in args:
+                run_job(*a)
+        else:
+            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+                for future in [pool.submit(run_job, *a) for a in args]:
+                    future.result()
+    timed = [c for c in cells if c.latency]
+    for seed in range(seeds):
+        for cell in timed:
+            measure_latency(out / f"seed{seed}", cell)
+    log(f"latency measured for {len(timed)} cells x {seeds} seeds")

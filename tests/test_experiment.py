@@ -1,0 +1,98 @@
+"""The experiment machinery on a tiny world: schema, statistics across seeds, cache reuse.
+(The real experiments are `make results`; these only check the machinery is right.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary, weighted_auc, weighted_ne
+from loopfm.features.codec import code_bytes, decode_codes, encode_codes
+from loopfm.features.tensorize import decode_fm_history
+
+TINY = (
+    ("world.n_users", 250), ("world.n_days", 10), ("fm.warmup_days", 3), ("vm.eval_days", 3),
+    ("vm.epochs", 1), ("vm.history_length", 8), ("fm.passes_per_day", 1),
+)  # fmt: skip
+
+
+def test_weighted_metrics_match_unweighted_definitions():
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.2).astype(float)
+    p = np.round(rng.random(3000) * 0.5 + 0.2 * y, 2)  # rounded: many ties
+    ones = np.ones((1, y.size))
+    assert weighted_auc(y, p, ones)[0] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    # integer weights = repeating rows
+    w = rng.integers(0, 3, y.size)
+    assert weighted_auc(y, p, w[None].astype(float))[0] == pytest.approx(roc_auc_score(np.repeat(y, w), np.repeat(p, w)))
+    base = y.mean()
+    ll = -np.mean(y * np.log(p.clip(1e-7)) + (1 - y) * np.log((1 - p).clip(1e-7)))
+    assert weighted_ne(y, p, ones)[0] == pytest.approx(ll / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
+
+
+def test_paired_tests():
+    rng = np.random.default_rng(1)
+    y = (rng.random(2000) < 0.3).astype(float)
+    good = np.clip(0.3 + 0.4 * (y - 0.3) + rng.normal(0, 0.1, y.size), 0.01, 0.99)
+    noise = np.clip(0.3 + rng.normal(0, 0.1, y.size), 0.01, 0.99)
+    clear = paired_bootstrap([y, y], [(1, [good, good]), (-1, [noise, noise])], "auc", reps=200)
+    assert clear["p"] <= 0.01 and clear["ci95"][0] > 0
+    same = paired_bootstrap([y], [(1, [noise]), (-1, [noise])], "ne", reps=50)
+    assert same["p"] == 1.0
+    p = paired_ttest([0.61, 0.63, 0.62], [0.60, 0.60, 0.61])
+    assert 0 <= p <= 1
+    assert paired_ttest([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert summary([1.0, 2.0, 4.0])["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
+
+
+def test_fp32_and_int4_codes_round_trip_through_histories():
+    z = np.linspace(-0.99, 0.99, 5 * 8).reshape(5, 8).astype(np.float32)
+    for fmt, expected, tolerance in (("fp32", z, 0.0), ("int4", np.clip(z, -1, 7 / 8), 1 / 16 + 1e-6)):
+        stored = encode_codes(z, fmt)  # int4 levels end at 7/8
+        assert stored.dtype == np.uint8 and stored.shape == (5, code_bytes(8, fmt))
+        assert np.abs(decode_codes(stored, fmt) - expected).max() <= tolerance
+        values, mask = decode_fm_history([stored.tobytes(), None], 3, 8, fmt)  # newest 3 codes, right-aligned
+        np.testing.assert_array_equal(values[0], decode_codes(stored[2:], fmt))
+        assert mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
+    from loopfm.experiments.main import run_experiments
+
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    results = run_experiments(out, docs, seeds=2, jobs=1, names=("main",), overrides=TINY, command="test")
+    saved = json.loads((docs / "results.json").read_text())
+    assert saved["seeds"] == 2 and saved["impressions"] > 0
+    assert set(saved["main"]) == {"base", "kd", "loopfm", "loopfm_kd", "fm"}
+    for row in saved["main"].values():
+        assert {"auc", "ne", "tr"} <= set(row) and {"mean", "std"} <= set(row["auc"])
+    # std is the sample std across the seeds' own results
+    aucs = [json.loads((out / f"seed{s}/fm-default/cells/loopfm_kd__default/result.json").read_text())["quality"]["auc"]
+            for s in range(2)]  # fmt: skip
+    assert saved["main"]["loopfm_kd"]["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert saved["main"]["loopfm_kd"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert saved["main"]["fm"]["tr"]["mean"] == pytest.approx(1.0)
+    for claim in saved["main_claims"]:
+        for metric in ("auc", "ne"):
+            assert 0 <= claim[metric]["p_ttest"] <= 1 and 0 < claim[metric]["p_bootstrap"] <= 1
+    assert "## Main table" in (docs / "results.md").read_text() and (docs / "results" / "main.png").stat().st_size > 0
+
+    # A second invocation reuses every finished cell: nothing is retrained, same numbers.
+    cell = out / "seed0/fm-default/cells/kd__default/result.json"
+    before = cell.stat().st_mtime_ns
+    again = run_experiments(out, docs, seeds=2, jobs=1, names=("main",), overrides=TINY, command="test again")
+    assert cell.stat().st_mtime_ns == before
+    assert again["main"] == results["main"]
+    assert [i["from_scratch"] for i in again["run"]["invocations"]] == [True, False]
+
+
+def test_bad_experiment_flags_are_named(tmp_path):
+    from loopfm.experiments.main import run_experiments
+
+    with pytest.raises(ValueError, match="--experiments"):
+        run_experiments(tmp_path, tmp_path, 2, 1, ("main", "nope"), (), "x")
+    with pytest.raises(ValueError, match="--seeds"):
+        run_experiments(tmp_path, tmp_path, 1, 1, ("main",), (), "x")
