@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -56,6 +61,33 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty folder to fill with a stage's outputs. When the block succeeds, `target`
+    (a symlink to its current version folder) is switched to the new folder by one atomic
+    rename and the old version removed; a stage killed or failing inside the block leaves
+    `target` exactly as it was, so readers see the whole old result or the whole new one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{target.name}.v{time.time_ns()}.", dir=target.parent))
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    old = target.resolve() if target.is_symlink() else None
+    if target.exists() and old is None:  # a run written before versioned folders: a one-time move
+        old = target.rename(target.with_name(f".{target.name}.legacy"))
+    link = target.with_name(f".{target.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(new.name)  # relative: the run directory can be moved or copied
+    os.replace(link, target)
+    if old is not None and old != new:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.v*"):  # left by earlier killed runs
+        if stale != new:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:

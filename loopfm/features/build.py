@@ -10,13 +10,15 @@ available strictly before the example.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
 from loopfm.data.synth import US_PER_DAY
 from loopfm.features.sequences import last_n_before
-from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
 
 ENTITY_OFFSET = pd.Timedelta(microseconds=1)  # one tick of the project's time unit
 
@@ -65,8 +67,9 @@ def build_vm_click_history(imp: pd.DataFrame, vertical: str, length: int) -> pd.
     )
 
 
-def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
-    """Write the Feast sources and the VM's train/eval entity frames; return their row counts."""
+def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True)) -> dict[str, int]:
+    """Write the Feast sources and the VM's train/eval entity frames, all or none (a staged
+    folder swapped in at the end); return their row counts."""
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
     if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():
@@ -99,6 +102,8 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig) -> dict[str, int]:
     eval_start = cfg.world.n_days - cfg.vm.eval_days
     tables["vm_train_entities"] = entities[target & (day >= cfg.fm.warmup_days).to_numpy() & (day < eval_start).to_numpy()]
     tables["vm_eval_entities"] = entities[target & (day >= eval_start).to_numpy()]
-    for name, df in tables.items():
-        write_parquet(df.reset_index(drop=True), paths.features / f"{name}.parquet")
+    with staged_dir(paths.features) as out:
+        for name, df in tables.items():
+            write_parquet(df.reset_index(drop=True), out / f"{name}.parquet")
+            progress(f"  wrote {name}: {len(df)} rows")
     return {name: len(df) for name, df in tables.items()}
