@@ -168,6 +168,12 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     print(f"written to {out}/loadtest.json and loadtest.png")
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from loopfm.ingest import ingest
+
+    ingest(args.run_dir, args.events, _redis_url(args))
+
+
 def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving import markdown, run_serving_bench
 
@@ -271,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
     p.add_argument("--p99-bound-ms", type=float, default=10.0)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
+
+    p = command(sub, "ingest", cmd_ingest, "fresh impressions -> FM log (offline) -> Feast push; idempotent, safe to re-run")
+    p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
+        ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
+    p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")

@@ -179,42 +179,54 @@ def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int
     return fm.eval(), compressor.eval(), int(state["trained_until_us"])
 
 
-def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
-    """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
-    checkpoint's code), one row per event (see module docstring)."""
-    arrays, imp = build_inputs(paths, cfg)
-    n = arrays["day"].size
+def log_events(
+    paths: RunPaths, cfg: RunConfig, arrays: dict[str, np.ndarray], imp: pd.DataFrame, rows: np.ndarray,
+    progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Embedding-log rows for the events at positions `rows` of `imp`, day by day with each
+    day's checkpoint. Events after the last trained day (fresh ingested events) take the
+    newest checkpoint under `rolling`, the warm-up one under `frozen`."""
+    n = rows.size
     logits = np.zeros(n, dtype=np.float32)
     codes = np.zeros((n, code_bytes(cfg.fm.code_dim, cfg.fm.code_format)), dtype=np.uint8)
     trained_until = np.zeros(n, dtype=np.int64)
     frozen = cfg.fm.checkpoint_scheme == "frozen"
+    days = arrays["day"][rows]
     loaded: dict[int, tuple] = {}
-    for d in tqdm(range(cfg.world.n_days), desc="fm log (days)", disable=not progress):
-        index = cfg.fm.warmup_days if frozen else d
+    for d in tqdm(np.unique(days), desc="fm log (days)", disable=not progress):
+        index = cfg.fm.warmup_days if frozen else int(min(d, cfg.world.n_days))
         if index not in loaded:
             loaded = {index: _load(paths, index)}
         fm, compressor, until = loaded[index]
         if compressor.encoder.out_features < cfg.fm.code_dim:
             raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
-        idx = np.flatnonzero(arrays["day"] == d)
+        at = np.flatnonzero(days == d)  # positions in the output
         with torch.no_grad():
-            for lo in range(0, idx.size, 8192):
-                bi = idx[lo : lo + 8192]
-                logit, acts = fm(_batch(arrays, bi))
+            for lo in range(0, at.size, 8192):
+                out = at[lo : lo + 8192]
+                logit, acts = fm(_batch(arrays, rows[out]))
                 z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()[:, : cfg.fm.code_dim]
-                logits[bi] = logit.numpy()
-                codes[bi] = encode_codes(z, cfg.fm.code_format)
-        trained_until[idx] = until
-    log = pd.DataFrame(
+                logits[out] = logit.numpy()
+                codes[out] = encode_codes(z, cfg.fm.code_format)
+        trained_until[at] = until
+    events = imp.iloc[rows].reset_index(drop=True)
+    return pd.DataFrame(
         {
-            "impression_id": imp["impression_id"].to_numpy(),
-            "user_id": imp["user_id"].to_numpy(),
-            "event_timestamp": imp["event_timestamp"],
-            "available_at": imp["event_timestamp"] + pd.Timedelta(seconds=cfg.fm.logging_delay_s),
+            "impression_id": events["impression_id"],
+            "user_id": events["user_id"],
+            "event_timestamp": events["event_timestamp"],
+            "available_at": events["event_timestamp"] + pd.Timedelta(seconds=cfg.fm.logging_delay_s),
             "fm_code": [row.tobytes() for row in codes],
             "fm_logit": logits,
             "fm_trained_until": from_unix_us(trained_until).to_numpy(),
         }
     )
+
+
+def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
+    """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
+    checkpoint's code), one row per event (see module docstring)."""
+    arrays, imp = build_inputs(paths, cfg)
+    log = log_events(paths, cfg, arrays, imp, np.arange(len(imp)), progress)
     write_parquet(log, paths.fm_log)
     return log
