@@ -243,6 +243,8 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
         ("movielens", {"ratings.dat": ["1::2::five::978300760"], "users.dat": ["1::F::1::10::48067"], "movies.dat": ["2::T::Drama"]}, "genre=Drama",
          ["ratings.dat: line 1, column 'rating': not a number, got 'five'"]),
         ("movielens", {"ratings.txt": ["1"]}, "genre=Drama", ["neither u.data (MovieLens 100K) nor ratings.dat"]),
+        ("movielens", {"u.data": ["1\t2\t5\t881250949"], "u.user": ["1|20|M|x|1", "2|30|F|x|1", "3|30|X|x|1"], "u.item": ["2|T|d||u" + "|0" * 19]},
+         "genre=Drama", ["u.user: line 3, column 'gender': gender takes two values (F and M come first), got 'X'"]),
         ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110000,1,p,1,0"]},
          "pid=p", ["line 2, column 'time_stamp': not a unix time in seconds between 1970 and 2100 (milliseconds?)"]),
     ],

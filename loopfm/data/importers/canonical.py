@@ -128,6 +128,15 @@ def _absolute_time_us(df: pd.DataFrame, column: str) -> pd.Series:
     return parsed.astype("datetime64[us, UTC]").astype(np.int64)
 
 
+def _two_values(df: pd.DataFrame, column: str) -> pd.Series:
+    """The models have two genders: a third distinct value is an error (missing is allowed)."""
+    kept = sorted(df[column].dropna().unique())[:2]
+    bad = (df[column].notna() & ~df[column].isin(kept)).to_numpy(bool)
+    if bad.any():
+        raise _fail(df, column, bad, f"gender takes two values ({' and '.join(kept)} come first)")
+    return df[column]
+
+
 def age_buckets(years: pd.Series) -> pd.Series:
     return pd.Series(np.digitize(years, AGE_EDGES), index=years.index).where(years.notna())
 
@@ -144,8 +153,10 @@ def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, cl
             value = _absolute_time_us(df, column)
         elif role in ("order", "price"):
             value = numbers(df, column, required=role == "order")
-        elif role in ("category", "brand", "gender"):
+        elif role in ("category", "brand"):
             value = df[column]  # any text; missing values are a value of their own
+        elif role == "gender":
+            value = _two_values(df, column)
         elif role == "age":
             value = age_buckets(numbers(df, column, required=False))
         elif role == "age_level":
