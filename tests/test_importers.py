@@ -66,7 +66,7 @@ def taobao_files(folder: Path, behaviors: bool = True) -> Path:
 
 
 def test_taobao_raw_files_become_canonical_tables(tmp_path):
-    tables, span = imported(taobao_files(tmp_path), "taobao", "pid=430548_1007").tables, None
+    tables = imported(taobao_files(tmp_path), "taobao", "pid=430548_1007").tables
     imp = tables["impressions"]
     users, items = source_ids(tables, "user"), source_ids(tables, "item")
     # Time order, exact UTC times, labels from clk, ids mapped back to the source.
@@ -89,6 +89,8 @@ def test_taobao_raw_files_become_canonical_tables(tmp_path):
     user = tables["users"].set_index("user_id")
     assert user.loc[users[users == "581738"].index[0]].tolist() == [5, 1]  # age_level 6 -> bucket 5; gender 2 -> 1
     assert user.loc[users[users == "914836"].index[0]].tolist() == [0, 0]  # no profile
+    by_role = imported(tmp_path, "taobao", "category=6261").tables["impressions"]  # a role names its column (cate_id)
+    assert (by_role["vertical"] == "target").sum() == 2  # ad 1's two impressions; the behaviour row keeps its vertical
     assert Vocab.from_tables(tables["users"], tables["items"]) == Vocab(3, 4, 2, 3)  # categories 6261, 4520; brands 95471, missing, 1
 
 

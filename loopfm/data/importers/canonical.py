@@ -170,8 +170,10 @@ def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, cl
 @dataclass(frozen=True)
 class VerticalRule:
     """`column=value[,value...]`: the rows whose `column` holds one of the values form the VM's
-    vertical; every other row is still seen by the FM. Values are compared as text; a cell
-    holding several values separated by `|` (MovieLens genres) matches if any of them does."""
+    vertical; every other row is still seen by the FM. `column` is a column of the source or,
+    when no source column has that name, a role (`category=12` reads the column mapped to the
+    category). Values are compared as text; a cell holding several values separated by `|`
+    (MovieLens genres) matches if any of them does."""
 
     column: str
     values: tuple[str, ...]
@@ -187,11 +189,19 @@ class VerticalRule:
     def __str__(self) -> str:
         return f"{self.column}={','.join(self.values)}"
 
+    def cells(self, events: pd.DataFrame) -> pd.Series:
+        """The column the rule reads, as text."""
+        column = self.column if not self.column.startswith("_") else None
+        if column not in events.columns:
+            column = COLUMNS.get(self.column)
+        if column not in events.columns:
+            usable = [c for c in events.columns if not c.startswith("_")]
+            usable += [role for role, c in COLUMNS.items() if c in events.columns and role not in ("timestamp", "order")]
+            raise DataFormatError(f"--vertical {self}: the data has no column {self.column!r} (columns: {', '.join(usable)})")
+        return events[column].astype(TEXT)
+
     def matches(self, events: pd.DataFrame) -> np.ndarray:
-        if self.column not in events.columns or self.column.startswith("_"):
-            usable = ", ".join(c for c in events.columns if not c.startswith("_"))
-            raise DataFormatError(f"--vertical {self}: the data has no column {self.column!r} (columns: {usable})")
-        cells = events[self.column].astype(TEXT)
+        cells = self.cells(events)
         hit = cells.isin(self.values).fillna(False).to_numpy(bool)
         multi = cells.str.contains("|", regex=False).fillna(False).to_numpy(bool)
         if multi.any():
@@ -248,7 +258,7 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
     preset = events["_vertical"] if "_vertical" in events else pd.Series(None, index=events.index, dtype=object)
     target &= preset.isna().to_numpy()
     if not target.any():
-        common = events[rule.column].astype(TEXT).value_counts().index[:8].tolist()
+        common = rule.cells(events).value_counts().index[:8].tolist()
         raise DataFormatError(f"--vertical {rule}: no impression matches; common values of {rule.column!r}: {common}")
     vertical = preset.where(preset.notna(), np.where(target, TARGET, OTHER))
 
