@@ -82,6 +82,12 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
     from loopfm.fm.stream import train_fm
     from loopfm.io import RunPaths
 
+    if args.nproc is not None:
+        from loopfm.distributed.fm_train import launch
+
+        RunConfig.load(args.run_dir)  # a missing run is named here, not by every rank
+        launch(args.run_dir, args.nproc)
+        return
     summary = train_fm(RunPaths(args.run_dir), RunConfig.load(args.run_dir))
     print(f"trained on {summary['events']} events in {summary['seconds']:.1f} s")
 
@@ -244,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_arguments(p)
 
     fm = sub.add_parser("fm", help="foundation model").add_subparsers(dest="cmd", required=True)
-    command(fm, "train", cmd_fm_train, "stream-train the FM day by day")
+    p = command(fm, "train", cmd_fm_train, "stream-train the FM day by day")
+    p.add_argument("--nproc", type=int, help="data-parallel over N local processes (torchrun, gloo)")
     p = command(fm, "log", cmd_fm_log, "write the embedding log (codes + logits)")
     p.add_argument("--scheme", choices=("frozen", "rolling"))
     p.add_argument("--delay-s", type=int, help="logging delay: available_at = event time + delay")

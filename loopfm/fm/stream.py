@@ -16,6 +16,7 @@ of every VM example that uses it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -119,18 +120,43 @@ def checkpoint_path(paths: RunPaths, index: int) -> Path:
     return paths.fm / "checkpoints" / f"ckpt_{index:03d}.pt"
 
 
-def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
+class _Objective(torch.nn.Module):
+    """FM task loss and compressor reconstruction loss in one forward, so that one module
+    (DistributedDataParallel when data-parallel) owns every trained parameter."""
+
+    def __init__(self, fm: FoundationModel, compressor: Compressor, layer: str, prefixes: tuple[int, ...]):
+        super().__init__()
+        self.fm, self.compressor, self.layer, self.prefixes = fm, compressor, layer, prefixes
+
+    def forward(self, batch: dict[str, torch.Tensor], label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, acts = self.fm(batch)
+        task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
+        target = acts[self.layer].detach()  # stop-gradient into the FM
+        return task, self.compressor.reconstruction_loss(target, self.prefixes)
+
+
+def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
     """`passes_per_day` shuffled passes over each day, days in time order; checkpoint i =
-    trained on days [0, i)."""
+    trained on days [0, i).
+
+    Data-parallel when world_size > 1 (torch.distributed already initialised, see
+    loopfm/distributed/fm_train.py): every rank draws the same shuffle, takes its share
+    `batch[rank::world_size]` of each global batch, and DDP averages the gradients, so one
+    step still covers `fm.batch_size` events. Rank 0 alone writes checkpoints and history."""
     torch.manual_seed(cfg.world.seed)
     arrays, _ = build_inputs(paths, cfg)
     shapes = _shapes(cfg, Vocab.load(paths), arrays["intent"].shape[1])
     fm, compressor = _build(shapes)
-    opt = torch.optim.Adam([*fm.parameters(), *compressor.parameters()], lr=cfg.fm.lr)
+    objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.extract_layer, cfg.fm.matryoshka_dims)
+    if world_size > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
+    opt = torch.optim.Adam(objective.parameters(), lr=cfg.fm.lr)
     rng = np.random.default_rng(cfg.world.seed)
     history: list[dict] = []
 
     def save(index: int) -> None:
+        if rank != 0:
+            return
         path = checkpoint_path(paths, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -150,22 +176,45 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> dict:
         idx = np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)])
         losses, recon = [], []
         for lo in range(0, idx.size, cfg.fm.batch_size):
-            bi = idx[lo : lo + cfg.fm.batch_size]
-            logit, acts = fm(_batch(arrays, bi))
-            label = torch.from_numpy(arrays["label"][bi])
-            task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
-            target = acts[cfg.fm.extract_layer].detach()  # stop-gradient into the FM
-            rec = compressor.reconstruction_loss(target, cfg.fm.matryoshka_dims)
+            global_batch = idx[lo : lo + cfg.fm.batch_size]
+            if global_batch.size < world_size:
+                continue  # a tail too small to give every rank a row (never when single-process)
+            bi = global_batch[rank::world_size]
+            task, rec = objective(_batch(arrays, bi), torch.from_numpy(arrays["label"][bi]))
             opt.zero_grad()
             (task + rec).backward()
             opt.step()
             losses.append(task.item())
             recon.append(rec.item())
-        history.append({"day": d, "logloss": float(np.mean(losses)), "recon_mse": float(np.mean(recon))})
+        logloss, recon_mse = _mean_over_ranks([float(np.mean(losses)), float(np.mean(recon))], world_size)
+        history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse})
         save(d + 1)
-    summary = {"days": history, "seconds": time.perf_counter() - started, "events": int(arrays["day"].size)}
-    (paths.fm / "train_history.json").write_text(pd.Series(summary).to_json(indent=2))
+    summary = {
+        "days": history, "seconds": time.perf_counter() - started, "events": int(arrays["day"].size),
+        "world_size": world_size, "parameter_sha256": parameter_digest(fm.state_dict(), compressor.state_dict()),
+    }  # fmt: skip
+    if rank == 0:
+        (paths.fm / "train_history.json").write_text(pd.Series(summary).to_json(indent=2))
     return summary
+
+
+def parameter_digest(fm_state: dict[str, torch.Tensor], compressor_state: dict[str, torch.Tensor]) -> str:
+    """sha256 of every FM and compressor tensor: equal digests = bit-identical models."""
+    h = hashlib.sha256()
+    for prefix, state in (("fm.", fm_state), ("compressor.", compressor_state)):
+        for name, tensor in sorted(state.items()):
+            h.update((prefix + name).encode())
+            h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _mean_over_ranks(values: list[float], world_size: int) -> list[float]:
+    """The mean of each value over all ranks (the values themselves when single-process)."""
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t / world_size).tolist()
 
 
 def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int]:
