@@ -18,7 +18,6 @@ from typing import Annotated
 
 import orjson
 import redis
-import redis.asyncio
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +26,7 @@ from serving.guards import BodySizeLimit, admin_key_guard, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.models import ModelRefused, ModelRegistry
+from serving.redis_client import async_client
 from serving.schemas import ScoreRequest, ScoreResponse
 from serving.scorer import Scorer
 from serving.settings import Settings
@@ -51,9 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
         registry_holder.append(app.state.models)
-        app.state.redis = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
-        )
+        app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s)  # one node or a cluster
         yield
         await app.state.redis.aclose()
 

@@ -16,16 +16,19 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from serving.redis_client import cluster_node_url
+
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 PROJECT = "loopfm"
 OFFLINE_ONLY = "redis://127.0.0.1:6379"  # placeholder: offline retrieval never contacts Redis
 
 
 def feast_connection_string(redis_url: str) -> str:
-    """redis://[:password@]host:port[/db] or rediss://... -> Feast's "host:port,password=..,ssl=true"."""
-    u = urlparse(redis_url)
+    """redis://[:password@]host:port[/db] or rediss://... -> Feast's "host:port,password=..,ssl=true";
+    a redis+cluster:// URL gives its startup node the same way."""
+    u = urlparse(cluster_node_url(redis_url) or redis_url)
     if u.scheme not in ("redis", "rediss") or not u.hostname:
-        raise ValueError(f"REDIS_URL must look like redis://host:port, got {redis_url!r}")
+        raise ValueError(f"REDIS_URL must look like redis://host:port or redis+cluster://host:port, got {redis_url!r}")
     parts = [f"{u.hostname}:{u.port or 6379}"]
     if u.password:
         parts.append(f"password={unquote(u.password)}")
@@ -36,8 +39,18 @@ def feast_connection_string(redis_url: str) -> str:
     return ",".join(parts)
 
 
+def feature_store_yaml(redis_url: str) -> Path:
+    """The profile: feature_store.cluster.yaml (Feast's redis_cluster online store) for a
+    redis+cluster:// URL, else feature_store.yaml. Both share features.py."""
+    return FEATURE_REPO / ("feature_store.cluster.yaml" if cluster_node_url(redis_url) else "feature_store.yaml")
+
+
 def feast_env(run_dir: Path, redis_url: str) -> dict[str, str]:
-    return {"LOOPFM_RUN_DIR": str(run_dir.resolve()), "REDIS_CONNECTION_STRING": feast_connection_string(redis_url)}
+    return {
+        "LOOPFM_RUN_DIR": str(run_dir.resolve()),
+        "REDIS_CONNECTION_STRING": feast_connection_string(redis_url),
+        "FEAST_FS_YAML_FILE_PATH": str(feature_store_yaml(redis_url)),  # read by the feast CLI
+    }
 
 
 def feast_cli(args: list[str], run_dir: Path, redis_url: str) -> str:
@@ -86,7 +99,7 @@ def open_store(run_dir: Path, redis_url: str = OFFLINE_ONLY):
     # dependencies' deprecations are nothing a loopfm user can act on.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _environment(feast_env(run_dir, redis_url)):
-        return FeatureStore(repo_path=str(FEATURE_REPO))
+        return FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=feature_store_yaml(redis_url))
 
 
 def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:

@@ -1,0 +1,91 @@
+"""The Redis Cluster profile: a real three-master Valkey cluster on loopback, filled by the
+real `feast materialize` through Feast's redis_cluster online store, read by the server's
+reader and by a real uvicorn /score, selected only by a redis+cluster:// URL."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from conftest import loopfm
+from loopfm.features.store import feast_connection_string, open_store
+from loopfm.redis_server import local_redis_cluster
+from loopfm.server_process import start_server, stop_server
+from serving.feast_layout import feature_refs
+from serving.online_reader import read_online_features
+from serving.redis_client import async_client, cluster_node_url
+from test_online_reader import ITEM_VIEWS, USER_VIEWS
+
+
+@pytest.fixture(scope="module")
+def cluster_url():
+    with local_redis_cluster(3) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cluster_run(trained_run: Path, cluster_url: str, tmp_path_factory) -> Path:
+    """A copy of the trained run (its own registry) applied and materialized into the cluster."""
+    run = tmp_path_factory.mktemp("cluster") / "run"
+    shutil.copytree(trained_run, run)
+    loopfm("features", "apply", "--run-dir", str(run), "--redis-url", cluster_url)
+    return run
+
+
+def test_materialize_spreads_the_keys_over_every_master(cluster_run: Path, cluster_url: str):
+    cluster = redis.RedisCluster.from_url(cluster_node_url(cluster_url))
+    masters = cluster.get_primaries()
+    assert len(masters) == 3
+    sizes = [cluster.get_redis_connection(node).dbsize() for node in masters]
+    assert all(size > 0 for size in sizes), sizes
+    assert sum(sizes) > 500  # users (profile, histories) and 1,200 items
+
+
+def test_reader_on_the_cluster_equals_get_online_features(cluster_run: Path, cluster_url: str):
+    store = open_store(cluster_run, cluster_url)
+    assert store.config.online_store.redis_type.value == "redis_cluster"
+    users, items = [0, 1, 2, 3, 17, 499, 10**9], [0, 5, 399, 1199, 10**9]
+
+    async def read():
+        client = async_client(cluster_url, timeout_s=2.0)
+        try:
+            return await read_online_features(client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)])
+        finally:
+            await client.aclose()
+
+    user_rows, item_rows = asyncio.run(read())
+    for views, rows, ids, key in ((USER_VIEWS, user_rows, users, "user_id"), (ITEM_VIEWS, item_rows, items, "item_id")):
+        expected = store.get_online_features(features=feature_refs(views), entity_rows=[{key: i} for i in ids]).to_dict()
+        for feature in (f for fs in views.values() for f in fs):
+            assert rows.values[feature] == expected[feature], feature
+    assert any(v is not None for v in user_rows.values["fm_codes"])
+    assert user_rows.values["age_bucket"][-1] is None and item_rows.values["category"][-1] is None
+
+
+def test_uvicorn_on_the_cluster_scores_like_the_single_node_server(cluster_run: Path, cluster_url: str, redis_url: str):
+    model_dir = cluster_run / "vm" / "loopfm_kd" / "onnx"
+    servers = [start_server(model_dir, url, cluster_run / f"server-{i}.log") for i, url in enumerate((cluster_url, redis_url))]
+    try:
+        (_, on_cluster), (_, single) = servers
+        assert httpx.get(f"{on_cluster}/readyz").json()["redis"] is True
+        for user in (0, 3, 42, 499, 10**12):
+            body = {"user_id": user, "candidate_item_ids": [801, 802, 850, 900, 1000, 5, 10**9], "context": {"hour": 9}}
+            got, want = (httpx.post(f"{base}/score", json=body, timeout=10) for base in (on_cluster, single))
+            assert got.status_code == want.status_code == 200, got.text
+            assert got.json()["scores"] == want.json()["scores"]
+            assert got.json()["user_known"] == want.json()["user_known"] == (user < 10**12)
+    finally:
+        for proc, _ in servers:
+            stop_server(proc)
+
+
+def test_cluster_urls_reach_feast_as_a_startup_node_and_refuse_a_database():
+    assert feast_connection_string("redis+cluster://:pw@10.0.0.1:7000") == "10.0.0.1:7000,password=pw"
+    assert feast_connection_string("rediss+cluster://10.0.0.1:7000") == "10.0.0.1:7000,ssl=true"
+    with pytest.raises(ValueError, match="REDIS_URL"):
+        cluster_node_url("redis+cluster://10.0.0.1:7000/2")
