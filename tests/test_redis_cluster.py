@@ -5,6 +5,7 @@ reader and by a real uvicorn /score, selected only by a redis+cluster:// URL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import redis
 
 from conftest import loopfm
 from loopfm.features.store import feast_connection_string, open_store
-from loopfm.redis_server import local_redis_cluster
+from loopfm.redis_server import local_redis, local_redis_cluster
 from loopfm.server_process import start_server, stop_server
 from serving.feast_layout import feature_refs
 from serving.online_reader import read_online_features
@@ -67,11 +68,27 @@ def test_reader_on_the_cluster_equals_get_online_features(cluster_run: Path, clu
     assert user_rows.values["age_bucket"][-1] is None and item_rows.values["category"][-1] is None
 
 
-def test_uvicorn_on_the_cluster_scores_like_the_single_node_server(cluster_run: Path, cluster_url: str, redis_url: str):
+def _copy_to_one_node(cluster_url: str, single_url: str) -> int:
+    """DUMP/RESTORE every key of every master into one server: the same bytes, one node."""
+    cluster, target = redis.RedisCluster.from_url(cluster_node_url(cluster_url)), redis.Redis.from_url(single_url)
+    for node in cluster.get_primaries():
+        source = cluster.get_redis_connection(node)
+        for key in source.scan_iter(count=1000):
+            target.restore(key, 0, source.dump(key), replace=True)
+    return target.dbsize()
+
+
+def test_uvicorn_on_the_cluster_scores_like_a_single_node_server_on_the_same_keys(cluster_run: Path, cluster_url: str):
     model_dir = cluster_run / "vm" / "loopfm_kd" / "onnx"
-    servers = [start_server(model_dir, url, cluster_run / f"server-{i}.log") for i, url in enumerate((cluster_url, redis_url))]
-    try:
-        (_, on_cluster), (_, single) = servers
+    with contextlib.ExitStack() as stack:
+        single_url = stack.enter_context(local_redis())
+        assert _copy_to_one_node(cluster_url, single_url) > 500
+        bases = []
+        for i, url in enumerate((cluster_url, single_url)):
+            proc, base = start_server(model_dir, url, cluster_run / f"server-{i}.log")
+            stack.callback(stop_server, proc)
+            bases.append(base)
+        on_cluster, single = bases
         assert httpx.get(f"{on_cluster}/readyz").json()["redis"] is True
         for user in (0, 3, 42, 499, 10**12):
             body = {"user_id": user, "candidate_item_ids": [801, 802, 850, 900, 1000, 5, 10**9], "context": {"hour": 9}}
@@ -79,9 +96,6 @@ def test_uvicorn_on_the_cluster_scores_like_the_single_node_server(cluster_run: 
             assert got.status_code == want.status_code == 200, got.text
             assert got.json()["scores"] == want.json()["scores"]
             assert got.json()["user_known"] == want.json()["user_known"] == (user < 10**12)
-    finally:
-        for proc, _ in servers:
-            stop_server(proc)
 
 
 def test_cluster_urls_reach_feast_as_a_startup_node_and_refuse_a_database():
