@@ -26,7 +26,9 @@ NOTES = {
         "`world.fm_signal_noise` is the noise on the FM-only daily intent signal: 0.2 = the FM knows the "
         "user's current interest almost exactly, 8.0 = that signal is nearly useless and the FM's edge is "
         "only its cross-vertical view. Every point retrains the FM (same seed: impressions and labels are "
-        "identical across points, only the FM's input changes). TR is against that point's own FM."
+        "identical across points, only the FM's input changes). TR is against that point's own FM: it divides by "
+        "the FM's NE gain over the base VM, so where the FM is hardly better (or worse) than the base VM, TR "
+        "is meaningless and its std explodes; read the AUC and NE columns there."
     ),
     "length": (
         "L is the history length of both the VM's own click history and the FM history (the same L for "
