@@ -11,6 +11,7 @@ available strictly before the example.
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,14 +58,17 @@ def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.
     )
 
 
-def build_vm_click_history(imp: pd.DataFrame, vertical: str, length: int) -> pd.DataFrame:
-    """Per-user sequences of the last `length` clicked item ids in the VM's own vertical."""
-    c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
-    user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
-    item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
-    return pd.DataFrame(
-        {"user_id": user, "event_timestamp": from_unix_us(snap_us), "item_ids": _pack_rows(item_rows, idx)}
-    )
+def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: int) -> pd.DataFrame:
+    """Per (user, vertical) sequences of the last `length` clicked item ids in that vertical:
+    every vertical's VM reads its own rows of the one view."""
+    frames = []
+    for vertical in verticals:
+        c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
+        user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
+        item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
+        frames.append(pd.DataFrame({"user_id": user, "vertical": vertical, "event_timestamp": from_unix_us(snap_us),
+                                    "item_ids": _pack_rows(item_rows, idx)}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
 
 
 def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True)) -> dict[str, int]:
@@ -81,7 +85,7 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print
     tables = {
         "user_profile": users[["user_id", "age_bucket", "gender"]].assign(event_timestamp=static_ts),
         "item_features": items[["item_id", "category", "brand", "price_bucket"]].assign(event_timestamp=static_ts),
-        "vm_click_history": build_vm_click_history(imp, cfg.vm.target_vertical, cfg.vm.history_length),
+        "vm_click_history": build_vm_click_history(imp, cfg.world.verticals, cfg.vm.history_length),
         "fm_history": build_fm_history(log, imp["label"].to_numpy() == 1, cfg.vm.history_length),
     }
 
@@ -92,6 +96,7 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print
             "impression_id": imp["impression_id"],
             "user_id": imp["user_id"],
             "item_id": imp["item_id"],
+            "vertical": imp["vertical"],
             "hour": imp["hour"],
             "event_timestamp": imp["event_timestamp"] - ENTITY_OFFSET,
             "label": imp["label"],
