@@ -17,6 +17,8 @@ from pathlib import Path
 from loopfm.config import VARIANTS, ConfigError, RunConfig
 
 DEFAULT_RUN_DIR = Path("runs/demo")
+ENGINES = ("local", "ray")
+ENGINE_HELP = "ray: the same functions as Ray Data jobs (local Ray, or the cluster at RAY_ADDRESS)"
 
 
 def _redis_url(args: argparse.Namespace) -> str:
@@ -101,7 +103,7 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
         cfg.fm = replace(cfg.fm, checkpoint_scheme=args.scheme)
     if args.delay_s is not None:
         cfg.fm = replace(cfg.fm, logging_delay_s=args.delay_s)
-    log = log_embeddings(RunPaths(args.run_dir), cfg.validate())
+    log = log_embeddings(RunPaths(args.run_dir), cfg.validate(), engine=args.engine)
     cfg.save(args.run_dir)  # only once the log it describes exists
     print(f"logged {len(log)} events to {RunPaths(args.run_dir).fm_log}")
 
@@ -110,7 +112,7 @@ def cmd_features_build(args: argparse.Namespace) -> None:
     from loopfm.features.build import build_feature_tables
     from loopfm.io import RunPaths
 
-    print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir)))
+    print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir), engine=args.engine))
 
 
 def cmd_features_apply(args: argparse.Namespace) -> None:
@@ -255,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(fm, "log", cmd_fm_log, "write the embedding log (codes + logits)")
     p.add_argument("--scheme", choices=("frozen", "rolling"))
     p.add_argument("--delay-s", type=int, help="logging delay: available_at = event time + delay")
+    p.add_argument("--engine", choices=ENGINES, default="local", help=ENGINE_HELP)
 
     feats = sub.add_parser("features", help="structuring and Feast").add_subparsers(dest="cmd", required=True)
-    command(feats, "build", cmd_features_build, "write Feast sources and entity frames")
+    p = command(feats, "build", cmd_features_build, "write Feast sources and entity frames")
+    p.add_argument("--engine", choices=ENGINES, default="local", help=ENGINE_HELP)
     p = command(feats, "apply", cmd_features_apply, "feast apply + feast materialize into Redis")
     p.add_argument("--redis-url")
 

@@ -26,7 +26,7 @@ def parse_models(spec: str) -> dict[str, Path]:
 @dataclass(frozen=True)
 class Settings:
     models: dict[str, Path]  # name -> folder with model.onnx + model.json (`loopfm vm export`); first = default
-    redis_url: str = "redis://127.0.0.1:6379"
+    redis_url: str = "redis://127.0.0.1:6379"  # or redis+cluster://host:port (serving/redis_client.py)
     max_candidates: int = 1000
     ort_threads: int = 1  # ONNX Runtime threads for requests below large_batch candidates
     ort_threads_large: int = 2  # ... and at or above it (docs/serving.md has the measurements)

@@ -71,9 +71,32 @@ def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: 
     return pd.concat(frames, ignore_index=True)
 
 
-def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True)) -> dict[str, int]:
+def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: str) -> dict[str, pd.DataFrame]:
+    """The two history tables, built per user (every user's rows in one call, on any engine)."""
+    length = cfg.vm.history_length
+    vm_history = partial(build_vm_click_history, verticals=cfg.world.verticals, length=length)
+    log = log.assign(clicked=imp["label"].to_numpy() == 1)
+
+    def fm_history(rows: pd.DataFrame) -> pd.DataFrame:
+        return build_fm_history(rows.drop(columns="clicked"), rows["clicked"].to_numpy(), length)
+
+    if engine == "ray":
+        from loopfm.distributed.ray_jobs import per_user_ray
+
+        tables = {"vm_click_history": per_user_ray(vm_history, imp), "fm_history": per_user_ray(fm_history, log)}
+    else:
+        tables = {"vm_click_history": vm_history(imp), "fm_history": fm_history(log)}
+    # one snapshot per (entity, time): this order is canonical, so every engine writes the same file
+    return {name: t.sort_values([c for c in ("user_id", "vertical", "event_timestamp") if c in t], kind="stable")
+            .reset_index(drop=True) for name, t in tables.items()}  # fmt: skip
+
+
+def build_feature_tables(
+    paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True), engine: str = "local"
+) -> dict[str, int]:
     """Write the Feast sources and the VM's train/eval entity frames, all or none (a staged
-    folder swapped in at the end); return their row counts."""
+    folder swapped in at the end); return their row counts. engine "ray": the two history
+    builders run per user shard as Ray Data jobs (loopfm/distributed/ray_jobs.py)."""
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
     if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():
@@ -85,8 +108,7 @@ def build_feature_tables(paths: RunPaths, cfg: RunConfig, progress=partial(print
     tables = {
         "user_profile": users[["user_id", "age_bucket", "gender"]].assign(event_timestamp=static_ts),
         "item_features": items[["item_id", "category", "brand", "price_bucket"]].assign(event_timestamp=static_ts),
-        "vm_click_history": build_vm_click_history(imp, cfg.world.verticals, cfg.vm.history_length),
-        "fm_history": build_fm_history(log, imp["label"].to_numpy() == 1, cfg.vm.history_length),
+        **_histories(imp, log, cfg, engine),
     }
 
     day = (unix_us(imp["event_timestamp"]) - start.value // 1000) // US_PER_DAY

@@ -272,10 +272,16 @@ def log_events(
     )
 
 
-def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
+def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True, engine: str = "local") -> pd.DataFrame:
     """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
-    checkpoint's code), one row per event (see module docstring)."""
+    checkpoint's code), one row per event (see module docstring). engine "ray": the same
+    `log_events` as Ray Data tasks over blocks of events (loopfm/distributed/ray_jobs.py)."""
     arrays, imp = build_inputs(paths, cfg)
-    log = log_events(paths, cfg, arrays, imp, np.arange(len(imp)), progress)
+    if engine == "ray":
+        from loopfm.distributed.ray_jobs import log_events_ray
+
+        log = log_events_ray(paths, cfg, arrays, imp, np.arange(len(imp)))
+    else:
+        log = log_events(paths, cfg, arrays, imp, np.arange(len(imp)), progress)
     write_parquet(log, paths.fm_log)
     return log
