@@ -1,4 +1,8 @@
-"""Feast definitions for LoopFM: two entities, four feature views, one service per VM variant.
+"""Feast definitions for LoopFM: three entities, four feature views, one service per VM variant.
+
+One FM serves many VMs: `fm_history` is keyed by user alone and shared by every VM, while
+`vm_click_history` is keyed by (user, vertical), so each vertical's VM reads its own
+vertical's clicks from the same view (a VM's `model.json` names its vertical).
 
 Sources are the parquet tables `loopfm features build` writes to $LOOPFM_RUN_DIR/features.
 Sequences are packed bytes (int32 item ids; int4 FM codes, code_dim/2 bytes each), oldest
@@ -29,6 +33,7 @@ def _pushed(name: str) -> PushSource:
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A person seeing impressions")
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A rankable item")
+vertical = Entity(name="vertical", join_keys=["vertical"], value_type=ValueType.STRING, description="A surface with its own VM")
 
 user_profile = FeatureView(
     name="user_profile",
@@ -52,9 +57,9 @@ item_features = FeatureView(
 
 vm_click_history = FeatureView(
     name="vm_click_history",
-    entities=[user],
+    entities=[user, vertical],
     ttl=TTL,
-    schema=[Field(name="item_ids", dtype=Bytes, description="last L clicked item ids in the VM's vertical, int32 LE")],
+    schema=[Field(name="item_ids", dtype=Bytes, description="last L clicked item ids in this vertical, int32 LE")],
     source=_pushed("vm_click_history"),
 )
 

@@ -102,16 +102,20 @@ def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict
     mine = imp["user_id"].isin(users).to_numpy()
     snapshots = {
         "fm_history": build_fm_history(log[mine], imp["label"].to_numpy()[mine] == 1, cfg.vm.history_length),
-        "vm_click_history": build_vm_click_history(imp[mine], cfg.vm.target_vertical, cfg.vm.history_length),
+        "vm_click_history": build_vm_click_history(imp[mine], cfg.world.verticals, cfg.vm.history_length),
     }
-    return {view: df.sort_values("event_timestamp").groupby("user_id").tail(1) for view, df in snapshots.items()}
+    return {view: df.sort_values("event_timestamp").groupby(entity_keys(df)).tail(1) for view, df in snapshots.items()}
+
+
+def entity_keys(snapshots: pd.DataFrame) -> list[str]:
+    return [key for key in ("user_id", "vertical") if key in snapshots]
 
 
 def _append_sources(paths: RunPaths, snapshots: dict[str, pd.DataFrame]) -> None:
     for view, df in snapshots.items():
         path = paths.features / f"{view}.parquet"
         merged = pd.concat([read_parquet(path), df], ignore_index=True)
-        write_parquet(merged.drop_duplicates(["user_id", "event_timestamp"], keep="last"), path)
+        write_parquet(merged.drop_duplicates([*entity_keys(df), "event_timestamp"], keep="last"), path)
 
 
 def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print) -> dict:

@@ -11,31 +11,57 @@ tests/test_online_reader.py keeps this equal to FeatureStore.get_online_features
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 import mmh3
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 _STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
+USER_KEY, ITEM_KEY = "user_id", "item_id"
 
 
-def entity_key(join_key: str, value: int, project: str) -> bytes:
-    """Redis key of one int64 entity (entity key serialization version 3)."""
-    name = join_key.encode()
-    return b"".join(
-        (
-            struct.pack("<III", 1, _STRING, len(name)),
-            name,
-            struct.pack("<IIq", _INT64, 8, value),
-            project.encode(),
-        )
-    )
+def entity_key(join_keys: Sequence[str], values: Sequence[int | str], project: str) -> bytes:
+    """Redis key of one entity of int64 and string join keys (serialization version 3: the
+    key count, then names and values in join-key order, sorted when there are several)."""
+    pairs = sorted(zip(join_keys, values)) if len(join_keys) > 1 else list(zip(join_keys, values))
+    out = [struct.pack("<I", len(pairs))]
+    for name, _ in pairs:
+        encoded = name.encode()
+        out += [struct.pack("<II", _STRING, len(encoded)), encoded]
+    for _, value in pairs:
+        if isinstance(value, str):
+            encoded = value.encode()
+            out += [struct.pack("<II", _STRING, len(encoded)), encoded]
+        else:
+            out.append(struct.pack("<IIq", _INT64, 8, value))
+    out.append(project.encode())
+    return b"".join(out)
 
 
 def feature_refs(views: dict[str, list[str]]) -> list[str]:
     """{view: [features]} -> Feast's "view:feature" references."""
     return [f"{view}:{feature}" for view, features in views.items() for feature in features]
+
+
+def request_side(meta: dict) -> tuple[list[tuple[tuple[str, ...], dict[str, list[str]]]], dict[str, list[str]]]:
+    """A model.json's feature groups: [(join keys, {view: [features]})] read once per request
+    (keyed by the user, or by the user and the model's vertical), and the item views."""
+    groups = [(tuple(keys.split(",")), views) for keys, views in meta["features"].items() if keys != ITEM_KEY]
+    return groups, meta["features"].get(ITEM_KEY, {})
+
+
+def user_side_refs(meta: dict, user_id: int) -> tuple[list[str], dict[str, Any]]:
+    """For the Feast SDK: every request-side feature reference of a model and the entity row
+    that reaches all of them (the user id plus the model's vertical)."""
+    groups, _ = request_side(meta)
+    return [ref for _, views in groups for ref in feature_refs(views)], {USER_KEY: user_id, **meta.get("entity_values", {})}
+
+
+def user_entity(join_keys: Sequence[str], user_id: int, meta: dict) -> tuple:
+    """Values of a request-side entity: the user id, and the model's own `entity_values`
+    (its vertical) for the other join keys."""
+    return tuple(user_id if key == USER_KEY else meta["entity_values"][key] for key in join_keys)
 
 
 def feature_field(view: str, feature: str) -> bytes:

@@ -39,7 +39,7 @@ def check_model(scorer: Scorer, serving: Scorer | None) -> None:
     if graph_inputs != declared:
         raise ModelRefused(f"model.onnx takes inputs {sorted(graph_inputs)} but model.json declares {sorted(declared)}: "
                            "the two files come from different exports")  # fmt: skip
-    user_features = {f for features in scorer.user_views.values() for f in features}
+    user_features = {f for _, views in scorer.user_groups for features in views.values() for f in features}
     tensors = request_tensors({f: [None] for f in user_features}, [0], scorer.spec)
     tensors["candidates"] = candidate_tensors([0, 1], {f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
     tensors["candidate_user"] = np.zeros(2, dtype=np.int64)

@@ -32,16 +32,17 @@ def _decode_all(blobs: list, decode, rows: EntityRows) -> list:
     return out
 
 
-Request = tuple[str, Sequence[int], dict[str, list[str]]]  # (join key, entity ids, {view: [features]})
+# (join keys, one tuple of join-key values per entity, {view: [features]})
+Request = tuple[tuple[str, ...], Sequence[tuple], dict[str, list[str]]]
 
 
 def _commands(project: str, requests: Sequence[Request]) -> list[tuple[bytes, list[bytes]]]:
     commands = []
-    for join_key, ids, views in requests:
+    for join_keys, entities, views in requests:
         fields: list[bytes] = []
         for view, features in views.items():
             fields += [feature_field(view, f) for f in features] + [timestamp_field(view)]
-        commands += [(entity_key(join_key, int(entity_id), project), fields) for entity_id in ids]
+        commands += [(entity_key(join_keys, entity, project), fields) for entity in entities]
     return commands
 
 

@@ -14,9 +14,8 @@ import redis.asyncio
 
 from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
 from serving.item_cache import ItemCache
-from serving.online_reader import read_online_features
-
-USER_KEY, ITEM_KEY = "user_id", "item_id"
+from serving.feast_layout import ITEM_KEY, request_side, user_entity
+from serving.online_reader import EntityRows, read_online_features
 
 
 def _session(onnx_path: Path, threads: int) -> ort.InferenceSession:
@@ -56,8 +55,7 @@ class Scorer:
                 raise FileNotFoundError(f"{path} not found: export a model with `loopfm vm export`")
         self.meta = json.loads(meta_path.read_text())
         self.spec = TensorSpec(**self.meta["spec"])
-        self.user_views: dict[str, list[str]] = self.meta["features"][USER_KEY]
-        self.item_views: dict[str, list[str]] = self.meta["features"][ITEM_KEY]
+        self.user_groups, self.item_views = request_side(self.meta)
         self.items = item_cache if item_cache is not None else ItemCache(max_items=0, ttl_s=0)
         # Two sessions of one model: small requests run on one thread (a second only adds
         # synchronisation), large ones on `large_batch_threads` without spin-waiting, so an
@@ -76,11 +74,15 @@ class Scorer:
         started = time.perf_counter()
         rows, missing = self.items.lookup(item_ids)
         missing = list(dict.fromkeys(missing))
-        user, fetched = await read_online_features(
-            client,
-            self.meta["project"],
-            [(USER_KEY, [user_id], self.user_views), (ITEM_KEY, missing, self.item_views)],
+        requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
+        *user_side, fetched = await read_online_features(
+            client, self.meta["project"], [*requests, ((ITEM_KEY,), [(int(i),) for i in missing], self.item_views)]
         )
+        user = EntityRows({}, {}, 0)
+        for group in user_side:  # the user's own views and the (user, this model's vertical) ones
+            user.values.update(group.values)
+            user.timestamps.update(group.timestamps)
+            user.corrupt += group.corrupt
         read_done = time.perf_counter()
         if missing:
             fresh = candidate_tensors(missing, fetched.values, self.spec)

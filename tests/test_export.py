@@ -57,7 +57,8 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
     paths, cfg = RunPaths(trained_run), RunConfig.load(trained_run)
     after_everything = pd.Timestamp(cfg.world.start_date, tz="UTC") + pd.Timedelta(days=cfg.world.n_days + 1)
     users, items = [3, 4, 5, 10**9], [801, 950, 10**9, 1100]
-    entity = pd.DataFrame({"user_id": users, "item_id": items, "hour": [1, 2, 3, 4], "event_timestamp": after_everything})
+    entity = pd.DataFrame({"user_id": users, "item_id": items, "vertical": "shop", "hour": [1, 2, 3, 4],
+                           "event_timestamp": after_everything})  # fmt: skip
     training = frame_tensors(historical_features(store, entity, "vm_loopfm_kd"), load_variant(paths, "loopfm_kd")[1])
     scorer = Scorer(paths.vm / "loopfm_kd" / "onnx")
     session = ort.InferenceSession(str(paths.vm / "loopfm_kd" / "onnx" / "model.onnx"))

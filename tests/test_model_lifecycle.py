@@ -15,10 +15,16 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import onnxruntime as ort
+
+from conftest import loopfm
 from loopfm.bench.serving import request_pool
+from loopfm.config import RunConfig
+from loopfm.features.tensorize import TensorSpec, one_request_inputs
 from loopfm.io import RunPaths
 from loopfm.loadtest import LoadSpec, run_load
 from loopfm.server_process import start_server, stop_server
+from serving.feast_layout import feature_refs, user_side_refs
 
 ADMIN = {"Authorization": "Bearer admin-s3cret"}
 BODY = {"user_id": 3, "candidate_item_ids": [801, 802, 850], "context": {"hour": 9}}
@@ -67,9 +73,24 @@ def versions(trained_run: Path, tmp_path: Path) -> dict[str, Path]:
             "base": exports / "base" / "onnx", "current": link}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def video_vm(trained_run: Path, tmp_path_factory) -> Path:
+    """A VM for another vertical of the same world and FM: same FM history view, its own
+    vertical's rows of the click-history view."""
+    run = tmp_path_factory.mktemp("video") / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("vm"))  # the shop VMs stay behind
+    cfg = RunConfig.load(run)
+    cfg.override("vm.target_vertical=video")
+    cfg.save(run)
+    loopfm("features", "build", "--run-dir", str(run))
+    loopfm("vm", "train", "--run-dir", str(run), "--variant", "base")
+    loopfm("vm", "export", "--run-dir", str(run), "--variant", "base")
+    return RunPaths(run).vm / "base" / "onnx"
+
+
 @pytest.fixture
-def server(versions, redis_url, tmp_path):
-    env = {"LOOPFM_MODELS": f"shop={versions['current']},shop_base={versions['base']}", "LOOPFM_ADMIN_KEY": "admin-s3cret"}
+def server(versions, video_vm, redis_url, tmp_path):
+    env = {"LOOPFM_MODELS": f"shop={versions['current']},video={video_vm}", "LOOPFM_ADMIN_KEY": "admin-s3cret"}
     proc, url = start_server(versions["current"], redis_url, tmp_path / "server.log", env=env)
     yield url
     stop_server(proc)
@@ -114,18 +135,33 @@ def test_a_model_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(serv
     assert still["model_version"] == serving["model_version"] and still["scores"] == serving["scores"]
 
 
-def test_several_models_are_hosted_by_name_and_every_response_names_its_version(server, versions):
+def test_one_server_hosts_a_vm_per_vertical_each_reading_its_own_rows_and_the_shared_fm_view(
+    server, versions, video_vm, store
+):
     listed = httpx.get(f"{server}/models").json()
-    assert list(listed) == ["shop", "shop_base"] and listed["shop"]["default"]
-    assert listed["shop"]["feature_service"] == "vm_loopfm_kd" and listed["shop_base"]["feature_service"] == "vm_base"
+    assert list(listed) == ["shop", "video"] and listed["shop"]["default"]
+    assert listed["shop"]["feature_service"] == "vm_loopfm_kd" and listed["video"]["feature_service"] == "vm_base"
     default = httpx.post(f"{server}/score", json=BODY).json()
-    named = httpx.post(f"{server}/models/shop/score", json=BODY).json()
-    base = httpx.post(f"{server}/models/shop_base/score", json=BODY).json()
-    assert default["scores"] == named["scores"] and default["model_version"] == named["model_version"]
-    assert base["model_version"].startswith("base-") and named["model_version"].startswith("loopfm_kd-")
-    assert base["scores"] != named["scores"]
-    missing = httpx.post(f"{server}/models/video/score", json=BODY)
-    assert missing.status_code == 404 and "shop_base" in missing.json()["detail"]
+    shop = httpx.post(f"{server}/models/shop/score", json=BODY).json()
+    video_items = [401, 402, 450]
+    video = httpx.post(f"{server}/models/video/score", json={**BODY, "candidate_item_ids": video_items}).json()
+    assert default["scores"] == shop["scores"] and default["model_version"] == shop["model_version"]
+    assert shop["model_version"].startswith("loopfm_kd-") and video["model_version"].startswith("base-")
+
+    # The video VM read the user's *video* clicks: Feast's own read with its entity row agrees.
+    meta = json.loads((video_vm / "model.json").read_text())
+    refs, row = user_side_refs(meta, BODY["user_id"])
+    assert row == {"user_id": BODY["user_id"], "vertical": "video"}
+    user = store.get_online_features(features=refs, entity_rows=[row]).to_dict()
+    items = store.get_online_features(features=feature_refs(meta["features"]["item_id"]),
+                                      entity_rows=[{"item_id": i} for i in video_items]).to_dict()  # fmt: skip
+    tensors = one_request_inputs(user, BODY["context"]["hour"], video_items, items, TensorSpec(**meta["spec"]))
+    session = ort.InferenceSession(str(video_vm / "model.onnx"))
+    expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(video["scores"], expected, rtol=1e-6)
+
+    missing = httpx.post(f"{server}/models/cars/score", json=BODY)
+    assert missing.status_code == 404 and "video" in missing.json()["detail"]
     assert httpx.get(f"{server}/readyz").json()["models"] == {n: m["model_version"] for n, m in listed.items()}
 
 

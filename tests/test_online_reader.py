@@ -12,9 +12,9 @@ from serving.online_reader import read_online_features
 
 USER_VIEWS = {
     "user_profile": ["age_bucket", "gender"],
-    "vm_click_history": ["item_ids"],
     "fm_history": ["fm_codes", "fm_newest_available_at_us", "fm_trained_until_us"],
 }
+CLICK_VIEWS = {"vm_click_history": ["item_ids"]}  # keyed by (user_id, vertical)
 ITEM_VIEWS = {"item_features": ["category", "brand", "price_bucket"]}
 
 
@@ -36,27 +36,39 @@ def test_corrupt_or_unsupported_values_raise_a_clear_error_instead_of_misreading
         decode_value(blob)
 
 
-def test_reader_equals_get_online_features_for_known_and_unknown_entities(store, redis_url):
-    users = [0, 1, 2, 3, 17, 10**9]  # the last is unknown
+def reader_agrees_with_feast(make_client, store, users: list[int]) -> None:
+    """Read users (the last unknown), their shop and video clicks and some items with the
+    server's reader through `make_client()`, and compare with get_online_features."""
+    clicks = [(u, v) for u in users[:3] for v in ("shop", "video")] + [(3, "cars")]  # no such vertical
     items = [0, 5, 399, 1199, 10**9]
-    async def read():
-        async with redis.asyncio.Redis.from_url(redis_url) as client:
-            return await read_online_features(
-                client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)]
-            )
+    requests = [
+        (("user_id",), [(u,) for u in users], USER_VIEWS),
+        (("user_id", "vertical"), clicks, CLICK_VIEWS),
+        (("item_id",), [(i,) for i in items], ITEM_VIEWS),
+    ]
 
-    user_rows, item_rows = asyncio.run(read())
-    expected_users = store.get_online_features(
-        features=feature_refs(USER_VIEWS), entity_rows=[{"user_id": u} for u in users]
-    ).to_dict()
-    expected_items = store.get_online_features(
-        features=feature_refs(ITEM_VIEWS), entity_rows=[{"item_id": i} for i in items]
-    ).to_dict()
-    for view_features, rows, expected in ((USER_VIEWS, user_rows, expected_users), (ITEM_VIEWS, item_rows, expected_items)):
-        for feature in (f for fs in view_features.values() for f in fs):
+    async def read():
+        client = make_client()
+        try:
+            return await read_online_features(client, "loopfm", requests)
+        finally:
+            await client.aclose()
+
+    got = asyncio.run(read())
+    for (keys, entities, views), rows in zip(requests, got):
+        rows_as_dicts = [dict(zip(keys, entity)) for entity in entities]
+        expected = store.get_online_features(features=feature_refs(views), entity_rows=rows_as_dicts).to_dict()
+        for feature in (f for fs in views.values() for f in fs):
             assert rows.values[feature] == expected[feature], feature
-    assert user_rows.corrupt == 0 and item_rows.corrupt == 0
+        assert rows.corrupt == 0
+    user_rows, click_rows, item_rows = got
     assert any(v is not None for v in user_rows.values["fm_codes"])
+    assert click_rows.values["item_ids"][0] != click_rows.values["item_ids"][1]  # shop and video differ
+    assert click_rows.values["item_ids"][-1] is None
     assert user_rows.values["age_bucket"][-1] is None and item_rows.values["category"][-1] is None
     assert all(ts[-1] is None for ts in user_rows.timestamps.values())
     assert np.isfinite(user_rows.timestamps["user_profile"][0])
+
+
+def test_reader_equals_get_online_features_for_known_and_unknown_entities(store, redis_url):
+    reader_agrees_with_feast(lambda: redis.asyncio.Redis.from_url(redis_url), store, [0, 1, 2, 3, 17, 10**9])

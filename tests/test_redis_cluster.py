@@ -4,7 +4,6 @@ reader and by a real uvicorn /score, selected only by a redis+cluster:// URL."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 from pathlib import Path
@@ -17,10 +16,8 @@ from conftest import loopfm
 from loopfm.features.store import feast_connection_string, open_store
 from loopfm.redis_server import local_redis, local_redis_cluster
 from loopfm.server_process import start_server, stop_server
-from serving.feast_layout import feature_refs
-from serving.online_reader import read_online_features
 from serving.redis_client import async_client, cluster_node_url
-from test_online_reader import ITEM_VIEWS, USER_VIEWS
+from test_online_reader import reader_agrees_with_feast
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +47,7 @@ def test_materialize_spreads_the_keys_over_every_master(cluster_run: Path, clust
 def test_reader_on_the_cluster_equals_get_online_features(cluster_run: Path, cluster_url: str):
     store = open_store(cluster_run, cluster_url)
     assert store.config.online_store.redis_type.value == "redis_cluster"
-    users, items = [0, 1, 2, 3, 17, 499, 10**9], [0, 5, 399, 1199, 10**9]
-
-    async def read():
-        client = async_client(cluster_url, timeout_s=2.0)
-        try:
-            return await read_online_features(client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)])
-        finally:
-            await client.aclose()
-
-    user_rows, item_rows = asyncio.run(read())
-    for views, rows, ids, key in ((USER_VIEWS, user_rows, users, "user_id"), (ITEM_VIEWS, item_rows, items, "item_id")):
-        expected = store.get_online_features(features=feature_refs(views), entity_rows=[{key: i} for i in ids]).to_dict()
-        for feature in (f for fs in views.values() for f in fs):
-            assert rows.values[feature] == expected[feature], feature
-    assert any(v is not None for v in user_rows.values["fm_codes"])
-    assert user_rows.values["age_bucket"][-1] is None and item_rows.values["category"][-1] is None
+    reader_agrees_with_feast(lambda: async_client(cluster_url, timeout_s=2.0), store, [0, 1, 2, 3, 17, 499, 10**9])
 
 
 def _copy_to_one_node(cluster_url: str, single_url: str) -> int:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from loopfm.features.tensorize import one_request_inputs
-from serving.feast_layout import feature_refs
+from serving.feast_layout import feature_refs, user_side_refs
 from loopfm.io import RunPaths
 from loopfm.server_process import start_server, stop_server
 
@@ -66,8 +66,10 @@ def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(
     from loopfm.features.tensorize import TensorSpec
 
     spec = TensorSpec(**meta["spec"])
-    user_refs, item_refs = feature_refs(meta["features"]["user_id"]), feature_refs(meta["features"]["item_id"])
-    user = store.get_online_features(features=user_refs, entity_rows=[{"user_id": 3}]).to_dict()
+    user_refs, user_row = user_side_refs(meta, 3)
+    assert user_row == {"user_id": 3, "vertical": "shop"}
+    user = store.get_online_features(features=user_refs, entity_rows=[user_row]).to_dict()
+    item_refs = feature_refs(meta["features"]["item_id"])
     items = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in candidates]).to_dict()
     tensors = one_request_inputs(user, 9, candidates, items, spec)
     session = ort.InferenceSession(str(model_dir / "model.onnx"))
@@ -117,7 +119,7 @@ def test_a_corrupt_stored_value_is_read_as_missing_flagged_and_never_a_500(serve
 
     url, _ = server
     client = redis.Redis.from_url(redis_url)
-    key, field = entity_key("user_id", 11, "loopfm"), feature_field("fm_history", "fm_codes")
+    key, field = entity_key(("user_id",), (11,), "loopfm"), feature_field("fm_history", "fm_codes")
     original = client.hget(key, field)
     client.hset(key, field, b"\x0a\x05ab")  # says 5 bytes follow, holds 2
     try:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from loopfm.features.store import open_store
 from loopfm.features.tensorize import TensorSpec, one_request_inputs
-from serving.feast_layout import feature_refs
+from serving.feast_layout import feature_refs, user_side_refs
 from serving.schemas import ScoreRequest
 
 
@@ -25,7 +25,7 @@ def create_app() -> FastAPI:
     store = open_store(Path(os.environ["LOOPFM_RUN_DIR"]), os.environ["REDIS_URL"])
     meta = json.loads((model_dir / "model.json").read_text())
     spec = TensorSpec(**meta["spec"])
-    user_refs, item_refs = feature_refs(meta["features"]["user_id"]), feature_refs(meta["features"]["item_id"])
+    item_refs = feature_refs(meta["features"]["item_id"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -39,7 +39,8 @@ def create_app() -> FastAPI:
     @app.post("/score")
     def score(body: ScoreRequest) -> dict:
         items = body.candidate_item_ids
-        user = store.get_online_features(features=user_refs, entity_rows=[{"user_id": body.user_id}]).to_dict()
+        user_refs, user_row = user_side_refs(meta, body.user_id)
+        user = store.get_online_features(features=user_refs, entity_rows=[user_row]).to_dict()
         item_rows = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in items]).to_dict()
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
         tensors = one_request_inputs(user, hour, items, item_rows, spec)

@@ -11,6 +11,7 @@ available strictly before the example.
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,20 +58,23 @@ def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.
     )
 
 
-def build_vm_click_history(imp: pd.DataFrame, vertical: str, length: int) -> pd.DataFrame:
-    """Per-user sequences of the last `length` clicked item ids in the VM's own vertical."""
-    c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
-    user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
-    item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
-    return pd.DataFrame(
-        {"user_id": user, "event_timestamp": from_unix_us(snap_us), "item_ids": _pack_rows(item_rows, idx)}
-    )
+def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: int) -> pd.DataFrame:
+    """Per (user, vertical) sequences of the last `length` clicked item ids in that vertical:
+    every vertical's VM reads its own rows of the one view."""
+    frames = []
+    for vertical in verticals:
+        c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
+        user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
+        item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
+        frames.append(pd.DataFrame({"user_id": user, "vertical": vertical, "event_timestamp": from_unix_us(snap_us),
+                                    "item_ids": _pack_rows(item_rows, idx)}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
 
 
 def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: str) -> dict[str, pd.DataFrame]:
     """The two history tables, built per user (every user's rows in one call, on any engine)."""
     length = cfg.vm.history_length
-    vm_history = partial(build_vm_click_history, vertical=cfg.vm.target_vertical, length=length)
+    vm_history = partial(build_vm_click_history, verticals=cfg.world.verticals, length=length)
     log = log.assign(clicked=imp["label"].to_numpy() == 1)
 
     def fm_history(rows: pd.DataFrame) -> pd.DataFrame:
@@ -82,8 +86,9 @@ def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: str
         tables = {"vm_click_history": per_user_ray(vm_history, imp), "fm_history": per_user_ray(fm_history, log)}
     else:
         tables = {"vm_click_history": vm_history(imp), "fm_history": fm_history(log)}
-    # one snapshot per (user, time): this order is canonical, so every engine writes the same file
-    return {name: t.sort_values(["user_id", "event_timestamp"]).reset_index(drop=True) for name, t in tables.items()}
+    # one snapshot per (entity, time): this order is canonical, so every engine writes the same file
+    return {name: t.sort_values([c for c in ("user_id", "vertical", "event_timestamp") if c in t], kind="stable")
+            .reset_index(drop=True) for name, t in tables.items()}  # fmt: skip
 
 
 def build_feature_tables(
@@ -113,6 +118,7 @@ def build_feature_tables(
             "impression_id": imp["impression_id"],
             "user_id": imp["user_id"],
             "item_id": imp["item_id"],
+            "vertical": imp["vertical"],
             "hour": imp["hour"],
             "event_timestamp": imp["event_timestamp"] - ENTITY_OFFSET,
             "label": imp["label"],

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from loopfm.config import RunConfig
 from loopfm.features.store import PROJECT, historical_features
 from loopfm.io import RunPaths, read_parquet
 from loopfm.vm.model import ServingHead, VerticalModel
@@ -35,12 +36,12 @@ def input_names(use_fm_history: bool) -> list[str]:
 
 
 def _feature_refs(store, service: str) -> dict[str, dict[str, list[str]]]:
-    """{join key: {feature view: [features]}} of a feature service, from the Feast registry."""
+    """{join keys ("user_id", "user_id,vertical", "item_id"): {feature view: [features]}} of a
+    feature service, from the Feast registry."""
     refs: dict[str, dict[str, list[str]]] = {}
     for projection in store.get_feature_service(service).feature_view_projections:
         view = store.get_feature_view(projection.name)
-        (join_key,) = view.join_keys
-        refs.setdefault(join_key, {})[projection.name] = [f.name for f in projection.features]
+        refs.setdefault(",".join(view.join_keys), {})[projection.name] = [f.name for f in projection.features]
     return refs
 
 
@@ -65,6 +66,7 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
         "feature_service": f"vm_{variant}",
         "project": PROJECT,
         "features": _feature_refs(store, f"vm_{variant}"),
+        "entity_values": {"vertical": RunConfig.load(paths.root).vm.target_vertical},  # the VM's own rows
         "inputs": names,
         "spec": asdict(spec),
         "parity": parity,

@@ -157,6 +157,9 @@ def evaluate(paths: RunPaths) -> dict[str, dict]:
     predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
     for v in variants:
         p = read_parquet(paths.vm / v / "eval_predictions.parquet").set_index("impression_id")["p"]
+        if not entities["impression_id"].isin(p.index).all():
+            raise ValueError(f"{paths.vm / v / 'eval_predictions.parquet'} predicts another held-out window (features "
+                             f"were rebuilt since): re-train it with `loopfm vm train --variant {v}` or remove it")  # fmt: skip
         predictions[v] = p.loc[entities["impression_id"]].to_numpy()
     rows = comparison_table(entities["label"].to_numpy(), predictions)
     paths.results.mkdir(parents=True, exist_ok=True)
