@@ -66,6 +66,8 @@ def test_redis_killed_mid_load_and_restarted_confines_errors_to_the_outage(serve
     report, records = result["report"], result["records"]
     origin = report["schedule_origin_perf_counter"]
     failed = [(origin + t, lat, kind) for t, lat, kind in records if kind != "ok"]
+    print(f"outage {up_at - down_at:.2f} s: {report['sent']} sent, errors {report['errors']}, "
+          f"max latency {max(lat for _, lat, _ in records) * 1000:.0f} ms")  # fmt: skip
     assert failed, "the outage went unnoticed: the test did not inject a fault"
     assert {kind for _, _, kind in failed} <= {"http_503", "http_504"}  # answered, never dropped or hung
     assert all(down_at - 0.1 <= sent <= up_at + 0.5 for sent, _, _ in failed), "errors outside the outage"
