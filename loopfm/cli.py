@@ -7,6 +7,7 @@ without them and a wrong flag is reported before anything slow happens.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -331,5 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `loopfm` command: main(), then atexit handlers (Ray, servers, temp folders), then
+    exit without the interpreter's module teardown, where pyarrow's thread pool can abort a
+    process that has already finished its work (apache/arrow#34314: "terminate called
+    without an active exception", seen here on a loaded machine)."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
