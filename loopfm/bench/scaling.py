@@ -35,22 +35,29 @@ from serving.redis_client import async_client, cluster_node_url
 
 USER_VIEWS = {
     "user_profile": ["age_bucket", "gender"],
-    "vm_click_history": ["item_ids"],
     "fm_history": ["fm_codes", "fm_newest_available_at_us", "fm_trained_until_us"],
 }
+CLICK_VIEWS = {"vm_click_history": ["item_ids"]}  # keyed by (user_id, vertical)
 ITEM_VIEWS = {"item_features": ["category", "brand", "price_bucket"]}
 FORMATS = {"int4 d=8": (8, "int4"), "int4 d=16": (16, "int4"), "int4 d=32": (32, "int4"), "fp32 d=32": (32, "fp32")}
 COPIES = 2000
 
 
-def _read_p50_ms(url: str, n_users: int, n_items: int, repeats: int = 200) -> float:
+def _read_p50_ms(url: str, n_users: int, n_items: int, vertical: str, repeats: int = 200) -> float:
+    """One /score's read: the user's key, its (user, vertical) click key and 100 item keys."""
+
     async def run() -> float:
         client = async_client(url, 2.0)
         rng, times = np.random.default_rng(0), []
         for _ in range(repeats):
-            users, items = [int(rng.integers(n_users))], rng.integers(n_items, size=100).tolist()
+            user, items = int(rng.integers(n_users)), [(int(i),) for i in rng.integers(n_items, size=100)]
+            requests = [
+                (("user_id",), [(user,)], USER_VIEWS),
+                (("user_id", "vertical"), [(user, vertical)], CLICK_VIEWS),
+                (("item_id",), items, ITEM_VIEWS),
+            ]
             t = time.perf_counter()
-            await read_online_features(client, "loopfm", [("user_id", users, USER_VIEWS), ("item_id", items, ITEM_VIEWS)])
+            await read_online_features(client, "loopfm", requests)
             times.append(time.perf_counter() - t)
         await client.aclose()
         return float(np.median(times) * 1e3)
@@ -58,21 +65,28 @@ def _read_p50_ms(url: str, n_users: int, n_items: int, repeats: int = 200) -> fl
     return asyncio.run(run())
 
 
-def _key_sizes(client: redis.Redis, pattern_join_key: bytes) -> dict:
-    usage, payload = [], []
+def _kind(key: bytes) -> str:
+    """Which entity a Feast key belongs to (its join-key names are in the key)."""
+    return "user_vertical" if b"vertical" in key else "user" if b"user_id" in key else "item"
+
+
+def _key_sizes(client: redis.Redis) -> dict:
+    sizes: dict[str, dict[str, list[int]]] = {}
     for key in client.scan_iter(count=1000):
-        if pattern_join_key not in key:
-            continue
         fields = client.hgetall(key)
-        usage.append(client.memory_usage(key, samples=0))
-        payload.append(len(key) + sum(len(f) + len(v) for f, v in fields.items()))
-    return {"keys": len(usage), "memory_usage_mean_b": float(np.mean(usage)), "payload_mean_b": float(np.mean(payload))}
+        kind = sizes.setdefault(_kind(key), {"usage": [], "payload": []})
+        kind["usage"].append(client.memory_usage(key, samples=0))
+        kind["payload"].append(len(key) + sum(len(f) + len(v) for f, v in fields.items()))
+    return {
+        kind: {"keys": len(v["usage"]), "memory_usage_mean_b": float(np.mean(v["usage"])), "payload_mean_b": float(np.mean(v["payload"]))}
+        for kind, v in sizes.items()
+    }  # fmt: skip
 
 
 def _per_format(client: redis.Redis, history_length: int) -> dict:
     """MEMORY USAGE and used_memory growth per key for COPIES copies of a real user hash with
     fm_codes resized to L codes of each format."""
-    users = [k for k, _ in zip((k for k in client.scan_iter(count=1000) if b"user_id" in k), range(1000))]
+    users = [k for k, _ in zip((k for k in client.scan_iter(count=1000) if _kind(k) == "user"), range(1000))]
     template = max((client.hgetall(k) for k in users), key=lambda h: sum(map(len, h.values())))  # fullest history
     out = {}
     for name, (dim, fmt) in FORMATS.items():
@@ -122,10 +136,9 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             materialize(args.run_dir, url)
             report[f"materialize_s_{name}"] = time.perf_counter() - t
-            report[f"read_1_user_100_items_p50_ms_{name}"] = _read_p50_ms(url, world.n_users, n_items)
+            report[f"read_1_user_100_items_p50_ms_{name}"] = _read_p50_ms(url, world.n_users, n_items, cfg.vm.target_vertical)
         client = redis.Redis.from_url(single)
-        report["user_keys"] = _key_sizes(client, b"user_id")
-        report["item_keys"] = _key_sizes(client, b"item_id")
+        report["keys"] = _key_sizes(client)
         report["used_memory_b"] = client.info("memory")["used_memory"]
         report["per_format_user_key"] = _per_format(client, args.history_length)
         cluster_client = redis.RedisCluster.from_url(cluster_node_url(cluster))

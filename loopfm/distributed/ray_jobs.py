@@ -42,9 +42,11 @@ def log_events_ray(
 
     ray = _ray()
     blocks = ray.data.from_items([{"rows": part} for part in np.array_split(rows, BLOCKS) if part.size])
+    inputs = ray.put((arrays, imp))  # once into the object store, not pickled into every task
 
     def log_block(batch: dict) -> pd.DataFrame:
-        return pd.concat([log_events(paths, cfg, arrays, imp, part, progress=False) for part in batch["rows"]])
+        block_arrays, block_imp = ray.get(inputs)
+        return pd.concat([log_events(paths, cfg, block_arrays, block_imp, part, progress=False) for part in batch["rows"]])
 
     out = _to_pandas(ray, blocks.map_batches(log_block, batch_size=1, batch_format="numpy"))
     order = pd.Series(np.arange(rows.size), index=imp["impression_id"].to_numpy()[rows])
