@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from loopfm.features.codec import CODE_FORMATS
+
 
 VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
 
@@ -87,7 +89,7 @@ class RunConfig:
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
             (fm.extract_layer in ("embedding", "hidden1", "hidden2"), "fm.extract_layer: embedding|hidden1|hidden2"),
             (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),
-            (fm.code_format in ("int4", "fp32"), "fm.code_format must be int4 or fp32"),
+            (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
         ]
         problems = [message for ok, message in checks if not ok]

@@ -24,7 +24,6 @@ from loopfm.data.dataset import Vocab
 from loopfm.io import RunPaths, read_parquet, write_parquet
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
-PUSHED_VIEWS = ("fm_history", "vm_click_history")
 
 
 class IngestError(ValueError):
@@ -120,7 +119,7 @@ def _append_sources(paths: RunPaths, snapshots: dict[str, pd.DataFrame]) -> None
 
 def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print) -> dict:
     """Run the four steps (module docstring); return what each added."""
-    from loopfm.demo import stage
+    from loopfm.pipeline import stage
     from loopfm.features.store import open_store
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)

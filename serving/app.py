@@ -44,13 +44,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
         return Scorer(model_dir, settings.ort_threads, cache, settings.large_batch, settings.ort_threads_large)
 
-    registry_holder: list[ModelRegistry] = []
-    metrics = Metrics(lambda: [h.scorer.items for r in registry_holder for h in r.models.values()])
+    def item_caches() -> list[ItemCache]:  # read at each scrape: reloads replace the caches
+        models: ModelRegistry | None = getattr(app.state, "models", None)  # None before start-up
+        return [] if models is None else [hosted.scorer.items for hosted in models.models.values()]
+
+    metrics = Metrics(item_caches)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
-        registry_holder.append(app.state.models)
         app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s)  # one node or a cluster
         yield
         await app.state.redis.aclose()
@@ -60,6 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
     admin = [Depends(admin_key_guard(settings.admin_key))]
+
+    def hosting(request: Request, name: str) -> ModelRegistry:
+        """The registry, once it is known to host `name` (404 with the hosted names if not)."""
+        models: ModelRegistry = request.app.state.models
+        if name not in models.models:
+            raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
+        return models
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -89,9 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/admin/models/{name}/reload", dependencies=admin)
     async def reload_model(name: str, request: Request) -> Response:
-        models: ModelRegistry = request.app.state.models
-        if name not in models.models:
-            raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
+        models = hosting(request, name)
         try:
             old, new = await models.reload(name)
         except ModelRefused as exc:
@@ -135,9 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/models/{name}/score", response_model=ScoreResponse, dependencies=authorized)
     async def score_named(name: Annotated[str, FastApiPath(max_length=64)], body: ScoreRequest, request: Request) -> Response:
         """Score with the model hosted under `name` (GET /models lists them)."""
-        models: ModelRegistry = request.app.state.models
-        if name not in models.models:
-            raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
-        return await score_with(models.scorer(name), body, request)
+        return await score_with(hosting(request, name).scorer(name), body, request)
 
     return app

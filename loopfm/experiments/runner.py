@@ -68,7 +68,7 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redis_url: str, log: Progress) -> RunConfig:
+def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redis_url: str, log: Progress) -> None:
     """Synth and train the FM (root worlds only), then log, structure and `feast apply`."""
     from loopfm.data.synth import write_world
     from loopfm.features.build import build_feature_tables
@@ -94,7 +94,6 @@ def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redi
         _write_world_summary(paths, cfg)
 
     _stage(wdir, "world", log, what, structure)
-    return cfg
 
 
 def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
@@ -172,7 +171,7 @@ def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: O
     log = Progress(started)
     seed_dir = Path(out) / f"seed{seed}"
     for world in worlds:
-        cfg = prepare_world(seed_dir, world, base, seed, redis_url, log)
+        prepare_world(seed_dir, world, base, seed, redis_url, log)
         todo = [c for c in cells if c.world == world and not (seed_dir / c.path / "result.json").exists()]
         if not todo:
             continue
