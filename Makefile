@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-serving results
+.PHONY: demo test venv clean bench-serving results results-real
 
 venv: $(STAMP)
 
@@ -30,3 +30,8 @@ results: $(STAMP)  # ~35-45 min on 2 cores: every experiment of issue 3 from scr
 
 clean:
 	rm -rf runs .pytest_cache
+
+ML100K_DEV := runs/data/ml100k-dev
+results-real: $(STAMP)  # ~15 min on 2 cores: MovieLens-100K dev half, Comedy and Drama, 5 seeds; writes docs/results-real.{md,json} + docs/results-real/*.png
+	../shared/data/movielens-100k-dev.sh $(ML100K_DEV) $(abspath $(BIN)/python)
+	$(BIN)/loopfm experiment-real --data $(ML100K_DEV) --format movielens --dataset comedy=genre=Comedy --dataset drama=genre=Drama --seeds 5

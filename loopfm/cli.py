@@ -214,6 +214,20 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     run_experiments(args.out, args.docs, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
 
 
+def cmd_experiment_real(args: argparse.Namespace) -> None:
+    from loopfm.experiments.real import run_real
+
+    datasets = {}
+    for entry in args.dataset:
+        name, sep, rule = entry.partition("=")
+        if not sep or not name or "=" not in rule:
+            raise ConfigError(f"--dataset {entry!r}: expected NAME=COLUMN=VALUE, e.g. comedy=genre=Comedy")
+        datasets[name] = rule
+    if args.seeds < 2:
+        raise ConfigError("--seeds must be at least 2 (the claims are paired tests over seeds)")
+    run_real(args.data, args.format, datasets, args.seeds, args.out, args.docs, args.set or [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopfm", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
@@ -316,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override the bench config (7,600 users, Matryoshka dims 8,16), e.g. world.n_users=2000")  # fmt: skip
+
+    p = sub.add_parser("experiment-real", help="the main table with baselines on a dataset on disk, several seeds "
+                       "-> results-real.md/json (resumable)")  # fmt: skip
+    p.set_defaults(func=cmd_experiment_real)
+    p.add_argument("--data", type=Path, required=True, help="the dataset's folder or file, as for `loopfm run`")
+    p.add_argument("--format", required=True, help="as for `loopfm run`")
+    p.add_argument("--dataset", action="append", required=True, metavar="NAME=COLUMN=VALUE",
+                   help="a named vertical rule (repeatable), e.g. comedy=genre=Comedy")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("runs/results-real"), help="run directories; an existing one is resumed")
+    p.add_argument("--docs", type=Path, default=Path("docs"), help="writes results-real.md, results-real.json, results-real/*.png")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a default for every run")
     return parser
 
 

@@ -48,8 +48,13 @@ class FMConfig:
     extract_layer: str = "hidden1"  # embedding | hidden1 | hidden2
     batch_size: int = 512
     lr: float = 2e-3
+    weight_decay: float = 0.0  # AdamW
+    id_dropout: float = 0.1  # share of training events whose user and item ids read as unknown
     warmup_days: int = 10  # VM examples start after this many days of FM training
-    passes_per_day: int = 2  # streaming: each day is seen this many times, in day order
+    warmup_epochs: int = 20  # the most; early stopping on the warm-up's newest days picks the epoch
+    validation_fraction: float = 0.1
+    patience: int = 2
+    passes_per_day: int = 2  # streaming after the warm-up: each day is seen this many times, in day order
     checkpoint_scheme: str = "frozen"  # frozen | rolling
     logging_delay_s: int = 60
 
@@ -63,9 +68,15 @@ class VMConfig:
     embedding_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
     encoder: str = "din"  # sum | mean | dot | din
-    epochs: int = 3
+    epochs: int = 30  # the most; early stopping on validation log loss picks the epoch kept
+    patience: int = 3  # epochs without a better validation log loss before stopping
+    validation_fraction: float = 0.1  # the newest share of the training window, by event time
+    refit: bool = True  # then train afresh on the whole window for the chosen number of epochs
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW
+    wide_lr_multiplier: float = 20.0  # the candidate biases learn this much faster than the rest
+    dropout: float = 0.5  # after each hidden layer of the MLP
     kd_weight: float = 0.5
     eval_days: int = 6
     seed: int = 0
@@ -86,6 +97,12 @@ class RunConfig:
             (fm.code_dim > 0 and fm.code_dim % 2 == 0, "fm.code_dim must be a positive even number (int4 packs pairs)"),
             (0 < fm.warmup_days < w.n_days - vm.eval_days, "need 0 < fm.warmup_days < world.n_days - vm.eval_days"),
             (vm.eval_days > 0 and vm.history_length > 0, "vm.eval_days and vm.history_length must be positive"),
+            (0 < vm.validation_fraction < 1, "vm.validation_fraction must lie in (0, 1)"),
+            (vm.epochs > 0 and vm.patience > 0, "vm.epochs and vm.patience must be positive"),
+            (0 <= vm.dropout < 1 and vm.weight_decay >= 0, "vm.dropout must lie in [0, 1) and vm.weight_decay be >= 0"),
+            (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
+             "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),
+            (0 <= fm.id_dropout < 1 and fm.weight_decay >= 0, "fm.id_dropout must lie in [0, 1) and fm.weight_decay be >= 0"),
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
             (fm.extract_layer in ("embedding", "hidden1", "hidden2"), "fm.extract_layer: embedding|hidden1|hidden2"),
             (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),

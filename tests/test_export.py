@@ -72,3 +72,30 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
         expected = session.run(None, {n: training[n][row : row + 1] if n != "candidate_user" else np.zeros(1, np.int64)
                                       for n in scorer.inputs})[0]  # fmt: skip
         assert served.scores == pytest.approx(expected.tolist(), abs=1e-7), (user, item)
+
+
+def test_recency_weights_reach_the_onnx_graph_and_the_server_s_scores(trained_run, store):
+    """A VM that learned to ignore all but the newest history positions scores, through ONNX
+    Runtime (what the server runs), exactly as in PyTorch, and differently from the same VM
+    with flat recency weights."""
+    import torch
+
+    from loopfm.vm.export import onnx_bytes
+
+    paths = RunPaths(trained_run)
+    model, spec = load_variant(paths, "loopfm_kd")
+    rows = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet").head(300), "vm_loopfm_kd")
+    tensors = frame_tensors(rows, spec)
+    names = json.loads((paths.vm / "loopfm_kd" / "onnx" / "model.json").read_text())["inputs"]
+    inputs = {n: tensors[n] for n in names}
+
+    def onnx_scores(recency: float) -> np.ndarray:
+        with torch.no_grad():
+            model.own_recency[:-2] = recency
+            model.fm_recency[:-2] = recency
+        session = ort.InferenceSession(onnx_bytes(model, inputs))
+        return session.run(None, inputs)[0]
+
+    newest_only = onnx_scores(-60.0)
+    assert parity_check(model, onnx_bytes(model, inputs), inputs)["max_abs_diff"] <= PARITY_TOLERANCE
+    assert np.abs(newest_only - onnx_scores(0.0)).max() > 1e-4

@@ -8,7 +8,7 @@ from loopfm.vm.model import ENCODERS, VerticalModel, VMShapes, masked_pool, DinS
 
 def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
     shapes = VMShapes(user_context_vocab=(7, 3, 25), candidate_vocab=(51, 11, 21, 11), code_dim=4,
-                      embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder)  # fmt: skip
+                      embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6)  # fmt: skip
     return VerticalModel(shapes).eval()
 
 
@@ -42,3 +42,15 @@ def test_an_all_padding_history_pools_to_zero(encoder):
     pooled = masked_pool(keys, mask, query, torch.tensor([0, 1, 0]), encoder, DinScorer(8) if encoder == "din" else None)
     assert pooled.shape == (3, 8)
     assert torch.all(pooled[[0, 2]] == 0) and torch.any(pooled[1] != 0)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_recency_weights_can_drop_old_positions_so_a_longer_history_pools_like_a_shorter_one(encoder):
+    keys, query, users = torch.randn(2, 6, 8), torch.randn(3, 8), torch.tensor([0, 1, 0])
+    din = DinScorer(8) if encoder == "din" else None
+    mask = torch.ones(2, 6)
+    drop_oldest_four = torch.tensor([-60.0] * 4 + [0.0] * 2)
+    long = masked_pool(keys, mask, query, users, encoder, din, drop_oldest_four)
+    short = masked_pool(keys[:, 4:], mask[:, 4:], query, users, encoder, din, torch.zeros(2))
+    torch.testing.assert_close(long, short)
+    assert not torch.allclose(masked_pool(keys, mask, query, users, encoder, din), short)  # without recency it differs

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM"}
+ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
+             "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id"}  # fmt: skip
 COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
 
 
@@ -148,6 +149,8 @@ def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str
     for name, row in results["main"].items():
         gap = pct(row["bayes_gap_closed"]).replace("+", "") if "bayes_gap_closed" in row else "n/a"
         md.append(f"| {ROW_NAMES[name]} | {ms(row['auc'])} | {ms(row['logloss'])} | {ms(row['ne'])} | {ms(row['tr'], 3)} | {gap} |")
+    for name, row in results.get("baselines", {}).items():  # fitted on the VM's training rows
+        md.append(f"| {ROW_NAMES[name]} | {ms(row['auc'])} | {ms(row['logloss'])} | {ms(row['ne'])} | | |")
     if "bayes_ceiling" in results:
         b = results["bayes_ceiling"]
         md.append(f"| Bayes (true p) | {ms(b['auc'])} | {ms(b['logloss'])} | {ms(b['ne'])} | | 100% |")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import quality
 from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
@@ -157,6 +158,9 @@ def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
         "main": {v: _summaries([d.metrics(Cell(MAIN, v)) for d in data]) for v in VARIANT_ROWS},
     }
     results["main"]["fm"] = _summaries([d.fm_metrics() for d in data])
+    main_eval = data[0].world_eval[MAIN.path]
+    results["baselines"] = {b: _summaries([quality(d.y, d.world_eval[MAIN.path][b].to_numpy()) for d in data])
+                            for b in BASELINES if b in main_eval}  # fmt: skip
     if "bayes" in data[0].world_eval[MAIN.path]:
         results["bayes_ceiling"] = _summaries([quality(d.y, d.world_eval[MAIN.path]["bayes"].to_numpy()) for d in data])
     for e in experiments:

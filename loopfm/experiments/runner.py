@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
+from loopfm.eval.baselines import baseline_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
 from loopfm.io import RunPaths, read_parquet
 
@@ -108,6 +109,9 @@ def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
     if paths.table("truth").exists():
         truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
         eval_frame["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
+    train_entities = read_parquet(paths.features / "vm_train_entities.parquet")
+    for name, p in baseline_predictions(train_entities, entities, cfg.vm.validation_fraction).items():
+        eval_frame[name] = p  # fitted on the VM's training rows, as every results table carries
     eval_frame.to_parquet(paths.root / "eval.parquet", index=False)
     history = read_parquet(paths.features / "fm_history.parquet", columns=["user_id", "event_timestamp", "fm_codes"])
     newest = history.sort_values("event_timestamp").groupby("user_id").tail(1)["fm_codes"].map(len)
@@ -144,7 +148,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
     if not cell.variant.startswith("loopfm"):  # base/kd services have no FM history view
         train_df, eval_df = train_df.drop(columns=FM_HISTORY_FEATURE), eval_df.drop(columns=FM_HISTORY_FEATURE)
     spec = tensor_spec(cfg, Vocab.load(RunPaths(seed_dir / cell.world.path)))
-    model, p = fit_variant(cfg, spec, cell.variant, train_df, eval_df, log=lambda _: None)
+    model, p, fit = fit_variant(cfg, spec, cell.variant, train_df, eval_df, log=lambda _: None)
     np.save(cdir / "pred.npy", p.astype(np.float32))
     if cell.latency:
         tensors = frame_tensors(eval_df, spec)
@@ -155,7 +159,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
         np.savez(cdir / "request.npz", candidates=candidates, **request)
     q = quality(eval_df["label"].to_numpy(), p)
     seconds = time.perf_counter() - started
-    _atomic_json(cdir / "result.json", {"quality": q, "seconds": seconds, "config": asdict(cfg), "threads": torch.get_num_threads()})
+    _atomic_json(cdir / "result.json", {"quality": q, "seconds": seconds, "training": fit, "config": asdict(cfg), "threads": torch.get_num_threads()})
     log(f"seed {cfg.world.seed} {cell.path}: AUC {q['auc']:.4f} NE {q['ne']:.4f} ({seconds:.0f} s)")
 
 

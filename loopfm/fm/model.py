@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 EXTRACT_LAYERS = ("embedding", "hidden1", "hidden2")
+EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 
 
 @dataclass
@@ -36,8 +37,12 @@ class FoundationModel(nn.Module):
     def __init__(self, s: FMShapes):
         super().__init__()
         e = s.embedding_dim
-        self.user = nn.Embedding(s.n_users, e)
-        self.item = nn.Embedding(s.n_items + 1, e, padding_idx=0)  # 0 = history padding
+        # Ids are shifted by one: row 0 is the unknown id (a user or item the checkpoint never
+        # trained on, or history padding) and stays the zero vector.
+        self.user = nn.Embedding(s.n_users + 1, e, padding_idx=0)
+        self.item = nn.Embedding(s.n_items + 1, e, padding_idx=0)
+        self.user_bias = nn.Embedding(s.n_users + 1, 1, padding_idx=0)  # first-order terms, as in DeepFM
+        self.item_bias = nn.Embedding(s.n_items + 1, 1, padding_idx=0)
         self.category = nn.Embedding(s.n_categories, e // 2)
         self.brand = nn.Embedding(s.n_brands, e // 2)
         self.vertical = nn.Embedding(s.n_verticals, 4)
@@ -56,12 +61,19 @@ class FoundationModel(nn.Module):
             self.hidden.append(nn.Linear(width, h))
             width = h
         self.head = nn.Linear(width, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=EMBEDDING_INIT_STD)
+                if module.padding_idx is not None:
+                    nn.init.zeros_(module.weight[module.padding_idx])
 
     def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """b: per-event tensors [B] (ids) plus intent [B, k] and raw_history [B, H] (item id + 1)."""
+        """b: per-event tensors [B] (ids; user_id and item_id -1 = unknown) plus intent [B, k] and
+        raw_history [B, H] (item id + 1, 0 = padding or unknown) -> logit [B], activations by layer."""
         hist = self.item(b["raw_history"])  # [B, H, e]
         n_hist = (b["raw_history"] > 0).sum(1, keepdim=True).clamp(min=1)
-        user, item, category = self.user(b["user_id"]), self.item(b["item_id"] + 1), self.category(b["category"])
+        user_index, item_index = b["user_id"] + 1, b["item_id"] + 1
+        user, item, category = self.user(user_index), self.item(item_index), self.category(b["category"])
         hist_mean = hist.sum(1) / n_hist
         user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"]], dim=1))
         item_vec = self.item_tower(torch.cat([item, category], dim=1))
@@ -88,7 +100,8 @@ class FoundationModel(nn.Module):
         for i, layer in enumerate(self.hidden, start=1):
             x = torch.relu(layer(x))
             activations[f"hidden{i}"] = x
-        return self.head(x).squeeze(1), activations
+        wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
+        return (self.head(x) + wide).squeeze(1), activations
 
 
 class Compressor(nn.Module):

@@ -3,12 +3,19 @@
 Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so it carries
 `trained_until = start + i days`. Logging picks, for the events of day d:
 
-- `frozen` (default): checkpoint `warmup_days` for every event. One consistent embedding
+- `frozen` (default): checkpoint `warmup_days` (W) for every event. One consistent embedding
   space, which the LoopFM paper found matters more than freshness. VM examples start at
   day `warmup_days`, so every code and KD label they see comes from a checkpoint that
   trained only on data older than the example.
-- `rolling`: checkpoint d, i.e. the FM as it stood when the event happened (trained on
-  everything before that day). Fresher, but the code space drifts between days.
+- `rolling`: checkpoint max(d, W), i.e. the FM as it stood when the event happened (trained
+  on everything before that day; warm-up days take checkpoint W, which no VM example
+  precedes). Fresher, and it knows users who arrived after the warm-up, but the code space
+  drifts between days.
+
+Checkpoints exist for W..n_days only: W is fit by epochs on the warm-up days with early
+stopping, later ones stream one day at a time. A checkpoint reads users and items it never
+trained on as unknown (a zero embedding the FM learned to use through id dropout), never
+through an untrained random embedding.
 
 Either way each log row records `fm_trained_until`, and tests check it against the time
 of every VM example that uses it.
@@ -33,6 +40,7 @@ from loopfm.features.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
 from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
+from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
 
@@ -105,10 +113,19 @@ def _shapes(cfg: RunConfig, vocab: Vocab, intent_dim: int) -> FMShapes:
     )
 
 
-def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    b = {k: torch.from_numpy(arrays[k][idx].astype(np.int64)) for k in (*_ID_COLUMNS, "raw_history")}
-    b["intent"] = torch.from_numpy(arrays["intent"][idx])
-    return b
+def _batch(
+    arrays: dict[str, np.ndarray], idx: np.ndarray, known_users: np.ndarray | None = None, known_items: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """FM inputs of events `idx`; given a checkpoint's known ids [bool], every other user and
+    item id reads as unknown (-1; 0 in raw_history, which holds item id + 1)."""
+    b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, "raw_history")}
+    if known_users is not None:
+        b["user_id"] = np.where(known_users[b["user_id"]], b["user_id"], -1)
+        b["item_id"] = np.where(known_items[b["item_id"]], b["item_id"], -1)
+        b["raw_history"] = np.where(np.concatenate([[False], known_items])[b["raw_history"]], b["raw_history"], 0)
+    out = {k: torch.from_numpy(v) for k, v in b.items()}
+    out["intent"] = torch.from_numpy(arrays["intent"][idx])
+    return out
 
 
 def _build(shapes: FMShapes) -> tuple[FoundationModel, Compressor]:
@@ -122,13 +139,17 @@ def checkpoint_path(paths: RunPaths, index: int) -> Path:
 
 class _Objective(torch.nn.Module):
     """FM task loss and compressor reconstruction loss in one forward, so that one module
-    (DistributedDataParallel when data-parallel) owns every trained parameter."""
+    (DistributedDataParallel when data-parallel) owns every trained parameter. In training,
+    each event's user and item id is read as unknown with probability `id_dropout`, so the
+    FM learns what to make of the ids a checkpoint never saw (users who arrive later)."""
 
-    def __init__(self, fm: FoundationModel, compressor: Compressor, layer: str, prefixes: tuple[int, ...]):
+    def __init__(self, fm: FoundationModel, compressor: Compressor, layer: str, prefixes: tuple[int, ...], id_dropout: float):
         super().__init__()
-        self.fm, self.compressor, self.layer, self.prefixes = fm, compressor, layer, prefixes
+        self.fm, self.compressor, self.layer, self.prefixes, self.id_dropout = fm, compressor, layer, prefixes, id_dropout
 
     def forward(self, batch: dict[str, torch.Tensor], label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.id_dropout:
+            batch = {**batch, **{k: batch[k].masked_fill(torch.rand(label.shape) < self.id_dropout, -1) for k in ("user_id", "item_id")}}
         logit, acts = self.fm(batch)
         task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
         target = acts[self.layer].detach()  # stop-gradient into the FM
@@ -136,8 +157,13 @@ class _Objective(torch.nn.Module):
 
 
 def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
-    """`passes_per_day` shuffled passes over each day, days in time order; checkpoint i =
-    trained on days [0, i).
+    """Checkpoint i = the FM and compressor trained on days [0, i) only.
+
+    Warm-up: checkpoint `fm.warmup_days` (W) is fit on days [0, W) by epochs, validated on the
+    newest `fm.validation_fraction` of them, stopped `fm.patience` epochs after the best
+    validation log loss and restored to it. Stream: every later day d is then seen
+    `passes_per_day` shuffled times, in day order, and checkpoint d + 1 saved. Each checkpoint
+    records the users and items it trained on; logging reads every other id as unknown.
 
     Data-parallel when world_size > 1 (torch.distributed already initialised, see
     loopfm/distributed/fm_train.py): every rank draws the same shuffle, takes its share
@@ -147,12 +173,12 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     arrays, _ = build_inputs(paths, cfg)
     shapes = _shapes(cfg, Vocab.load(paths), arrays["intent"].shape[1])
     fm, compressor = _build(shapes)
-    objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.extract_layer, cfg.fm.matryoshka_dims)
+    objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.extract_layer, cfg.fm.matryoshka_dims, cfg.fm.id_dropout)
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
-    opt = torch.optim.Adam(objective.parameters(), lr=cfg.fm.lr)
+    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)
     rng = np.random.default_rng(cfg.world.seed)
-    history: list[dict] = []
+    known_users, known_items = np.zeros(shapes.n_users, bool), np.zeros(shapes.n_items, bool)
 
     def save(index: int) -> None:
         if rank != 0:
@@ -164,16 +190,15 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             "compressor": compressor.state_dict(),
             "shapes": asdict(shapes),
             "trained_until_us": _start_us(cfg) + index * US_PER_DAY,
+            "known_users": known_users.copy(),
+            "known_items": known_items.copy(),
         }
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
-    save(0)
-    started = time.perf_counter()
-    days = range(cfg.world.n_days)
-    for d in tqdm(days, desc="fm train (days)", disable=not progress):
-        day_idx = np.flatnonzero(arrays["day"] == d)
-        idx = np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)])
+    def train_on(idx: np.ndarray) -> tuple[float, float]:
+        """One optimizer step per global batch of `idx` (in the given order); mean losses."""
+        objective.train()
         losses, recon = [], []
         for lo in range(0, idx.size, cfg.fm.batch_size):
             global_batch = idx[lo : lo + cfg.fm.batch_size]
@@ -186,16 +211,46 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             opt.step()
             losses.append(task.item())
             recon.append(rec.item())
-        logloss, recon_mse = _mean_over_ranks([float(np.mean(losses)), float(np.mean(recon))], world_size)
-        history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse})
+        return tuple(_mean_over_ranks([float(np.mean(losses)), float(np.mean(recon))], world_size))  # type: ignore[return-value]
+
+    started = time.perf_counter()
+    warmup = np.flatnonzero(arrays["day"] < cfg.fm.warmup_days)
+    fit_rows, val_rows = (warmup[i] for i in time_split(arrays["time_s"][warmup], cfg.fm.validation_fraction))
+    stopping = EarlyStopping(cfg.fm.patience)
+    for epoch in tqdm(range(cfg.fm.warmup_epochs), desc="fm warm-up (epochs)", disable=not progress):
+        train_on(rng.permutation(fit_rows))
+        if stopping.update(_validation_logloss(fm, arrays, val_rows), objective):
+            break
+    stopping.restore(objective)
+    known_users[arrays["user_id"][warmup]] = known_items[arrays["item_id"][warmup]] = True
+    save(cfg.fm.warmup_days)
+    history: list[dict] = []
+    for d in tqdm(range(cfg.fm.warmup_days, cfg.world.n_days), desc="fm stream (days)", disable=not progress):
+        day_idx = np.flatnonzero(arrays["day"] == d)
+        if day_idx.size:
+            next_day = np.flatnonzero(arrays["day"] == d + 1)
+            logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]))
+            history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
+                            "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
+            known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
         save(d + 1)
     summary = {
-        "days": history, "seconds": time.perf_counter() - started, "events": int(arrays["day"].size),
-        "world_size": world_size, "parameter_sha256": parameter_digest(fm.state_dict(), compressor.state_dict()),
+        "warmup": stopping.summary(), "days": history, "seconds": time.perf_counter() - started,
+        "events": int(arrays["day"].size), "world_size": world_size,
+        "parameter_sha256": parameter_digest(fm.state_dict(), compressor.state_dict()),
     }  # fmt: skip
     if rank == 0:
         (paths.fm / "train_history.json").write_text(pd.Series(summary).to_json(indent=2))
     return summary
+
+
+def _validation_logloss(fm: FoundationModel, arrays: dict[str, np.ndarray], rows: np.ndarray) -> float:
+    """Task log loss of the FM on events `rows` (every id read as it is: they were trained on or not)."""
+    fm.eval()
+    with torch.no_grad():
+        logits = torch.cat([fm(_batch(arrays, rows[lo : lo + 8192]))[0] for lo in range(0, rows.size, 8192)])
+    label = torch.from_numpy(arrays["label"][rows])
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, label))
 
 
 def parameter_digest(fm_state: dict[str, torch.Tensor], compressor_state: dict[str, torch.Tensor]) -> str:
@@ -217,7 +272,8 @@ def _mean_over_ranks(values: list[float], world_size: int) -> list[float]:
     return (t / world_size).tolist()
 
 
-def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int]:
+def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int, np.ndarray, np.ndarray]:
+    """Checkpoint `index` -> FM, compressor, trained-until (unix µs), known users and items [bool]."""
     path = checkpoint_path(paths, index)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `loopfm fm train` first")
@@ -225,7 +281,7 @@ def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int
     fm, compressor = _build(FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])}))
     fm.load_state_dict(state["fm"])
     compressor.load_state_dict(state["compressor"])
-    return fm.eval(), compressor.eval(), int(state["trained_until_us"])
+    return fm.eval(), compressor.eval(), int(state["trained_until_us"]), state["known_users"], state["known_items"]
 
 
 def log_events(
@@ -243,17 +299,17 @@ def log_events(
     days = arrays["day"][rows]
     loaded: dict[int, tuple] = {}
     for d in tqdm(np.unique(days), desc="fm log (days)", disable=not progress):
-        index = cfg.fm.warmup_days if frozen else int(min(d, cfg.world.n_days))
+        index = cfg.fm.warmup_days if frozen else int(np.clip(d, cfg.fm.warmup_days, cfg.world.n_days))
         if index not in loaded:
             loaded = {index: _load(paths, index)}
-        fm, compressor, until = loaded[index]
+        fm, compressor, until, known_users, known_items = loaded[index]
         if compressor.encoder.out_features < cfg.fm.code_dim:
             raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
         at = np.flatnonzero(days == d)  # positions in the output
         with torch.no_grad():
             for lo in range(0, at.size, 8192):
                 out = at[lo : lo + 8192]
-                logit, acts = fm(_batch(arrays, rows[out]))
+                logit, acts = fm(_batch(arrays, rows[out], known_users, known_items))
                 z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()[:, : cfg.fm.code_dim]
                 logits[out] = logit.numpy()
                 codes[out] = encode_codes(z, cfg.fm.code_format)

@@ -16,7 +16,8 @@ import torch
 
 from loopfm.config import VARIANTS, RunConfig
 from loopfm.data.dataset import Vocab
-from loopfm.eval.metrics import comparison_table, markdown_table
+from loopfm.eval.baselines import baseline_predictions
+from loopfm.eval.metrics import comparison_table, markdown_table, quality
 from loopfm.features.store import historical_features
 from loopfm.features.tensorize import (
     FM_HISTORY_FEATURE,
@@ -27,7 +28,8 @@ from loopfm.features.tensorize import (
     candidate_tensors,
     request_tensors,
 )
-from loopfm.io import RunPaths, read_parquet, write_parquet
+from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.training import EarlyStopping, time_split
 from loopfm.vm.model import VerticalModel, VMShapes
 
 
@@ -76,6 +78,8 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         hidden=tuple(cfg.vm.hidden),
         use_fm_history=variant.startswith("loopfm"),
         encoder=cfg.vm.encoder,
+        history_length=spec.history_length,
+        dropout=cfg.vm.dropout,
     )
 
 
@@ -88,46 +92,87 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     train_df = historical_features(store, read_parquet(paths.features / "vm_train_entities.parquet"), service)
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     spec = tensor_spec(cfg, Vocab.load(paths))
-    model, p = fit_variant(cfg, spec, variant, train_df, eval_df, log)
+    model, p, fit = fit_variant(cfg, spec, variant, train_df, eval_df, log)
     out = paths.vm / variant
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}, out / "model.pt")
+    (out / "training.json").write_text(json.dumps(fit, indent=2))
     write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
-    return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started}
+    return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started,
+            **fit}  # fmt: skip
 
 
 def fit_variant(
     cfg: RunConfig, spec: TensorSpec, variant: str, train_df: pd.DataFrame, eval_df: pd.DataFrame, log=print
-) -> tuple[VerticalModel, np.ndarray]:
-    """Train one variant on frames read through its feature service; return the model and its
-    eval-window predictions. Split from train_variant so experiments can train many cells on
-    one retrieval."""
-    train_t, eval_t = frame_tensors(train_df, spec), frame_tensors(eval_df, spec)
-    label = torch.from_numpy(train_df["label"].to_numpy(np.float32))
-    kd_target = torch.sigmoid(torch.from_numpy(train_df["fm_logit"].to_numpy(np.float32)))
-    use_kd = variant.endswith("kd")
+) -> tuple[VerticalModel, np.ndarray, dict]:
+    """Train one variant on frames read through its feature service; return the model, its
+    eval-window predictions and its training summary (epochs run, the epoch restored).
 
+    Selection: the newest `vm.validation_fraction` of the training window validates every
+    epoch (the initial weights are epoch 0); training stops `vm.patience` epochs after the
+    best validation log loss (serving head only) and restores that epoch's weights. With
+    `vm.refit` (default) a fresh model, same seed, then trains on the whole window for the
+    chosen number of epochs: the newest days are the ones most like the held-out window, and
+    selection alone would never learn from them. Split from train_variant so experiments can
+    train many cells on one retrieval."""
+    train_t, eval_t = frame_tensors(train_df, spec), frame_tensors(eval_df, spec)
+    label = train_df["label"].to_numpy(np.float32)
+    kd_target = 1 / (1 + np.exp(-train_df["fm_logit"].to_numpy(np.float32)))
+    fit_idx, val_idx = time_split(unix_us(train_df["event_timestamp"]).to_numpy(), cfg.vm.validation_fraction)
+    stopping = EarlyStopping(cfg.vm.patience, first=0)
+    val_t, val_label = {k: v[val_idx] for k, v in train_t.items()}, label[val_idx]
+
+    def validate(model: VerticalModel, epoch: int) -> bool:
+        loss = quality(val_label, predict(model, val_t))["logloss"]
+        log(f"  vm {variant}: epoch {epoch}/{cfg.vm.epochs} val logloss {loss:.4f}")
+        return stopping.update(loss, model)
+
+    model = _train(cfg, spec, variant, train_t, label, kd_target, fit_idx, cfg.vm.epochs, validate)
+    stopping.restore(model)
+    summary = stopping.summary()
+    log(f"  vm {variant}: best epoch {stopping.best_epoch} of {stopping.epochs} (val logloss {stopping.best_loss:.4f})")
+    if cfg.vm.refit:
+        model = _train(cfg, spec, variant, train_t, label, kd_target, np.arange(len(label)), stopping.best_epoch)
+        summary["refit_epochs"] = stopping.best_epoch
+        log(f"  vm {variant}: refit on all {len(label)} training rows for {stopping.best_epoch} epochs")
+    return model, predict(model, eval_t), summary
+
+
+def _train(
+    cfg: RunConfig, spec: TensorSpec, variant: str, tensors: dict[str, np.ndarray], label: np.ndarray, kd_target: np.ndarray,
+    rows: np.ndarray, epochs: int, after_epoch=None,
+) -> VerticalModel:  # fmt: skip
+    """A fresh model (seed vm.seed, serving head started at the popularity of `rows`) trained on
+    `rows` for up to `epochs` epochs; `after_epoch(model, epoch)` (epoch 0 = before training)
+    returns True to stop early."""
     torch.manual_seed(cfg.vm.seed)
-    model = VerticalModel(shapes_for(cfg, spec, variant))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.vm.lr)
     rng = np.random.default_rng(cfg.vm.seed)
+    model = VerticalModel(shapes_for(cfg, spec, variant))
+    model.init_biases(tensors["candidates"][rows, 0], label[rows])
+    wide = [p for n, p in model.named_parameters() if n.startswith("candidate_bias.")]
+    deep = [p for n, p in model.named_parameters() if not n.startswith("candidate_bias.")]
+    opt = torch.optim.AdamW([{"params": deep}, {"params": wide, "lr": cfg.vm.lr * cfg.vm.wide_lr_multiplier}],
+                            lr=cfg.vm.lr, weight_decay=cfg.vm.weight_decay)  # fmt: skip
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    for epoch in range(cfg.vm.epochs):
+    y, kd = torch.from_numpy(label), torch.from_numpy(kd_target)
+    use_kd = variant.endswith("kd")
+    if after_epoch and after_epoch(model, 0):
+        return model
+    for epoch in range(1, epochs + 1):
         model.train()
-        order = rng.permutation(len(train_df))
-        losses = []
+        order = rng.permutation(rows)
         for lo in range(0, len(order), cfg.vm.batch_size):
             idx = order[lo : lo + cfg.vm.batch_size]
-            logit, kd_logit = model(**_rows(train_t, idx))
-            loss = bce(logit, label[idx])
+            logit, kd_logit = model(**_rows(tensors, idx))
+            loss = bce(logit, y[idx])
             if use_kd:  # auxiliary head: FM bias does not flow into the serving head
-                loss = loss + cfg.vm.kd_weight * bce(kd_logit, kd_target[idx])
+                loss = loss + cfg.vm.kd_weight * bce(kd_logit, kd[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
-        log(f"  vm {variant}: epoch {epoch + 1}/{cfg.vm.epochs} loss {np.mean(losses):.4f}")
-    return model, predict(model, eval_t)
+        if after_epoch and after_epoch(model, epoch):
+            break
+    return model
 
 
 def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSpec]:
@@ -143,8 +188,9 @@ def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSp
 
 
 def evaluate(paths: RunPaths) -> dict[str, dict]:
-    """Eval-window table of every trained variant against the base VM, the FM and, when the
-    data is synthetic (it has a truth table), the Bayes-optimal predictor."""
+    """Eval-window table of every trained variant against the base VM, the FM, the baselines
+    fitted on the same training rows (loopfm/eval/baselines.py) and, when the data is
+    synthetic (it has a truth table), the Bayes-optimal predictor."""
     variants = [v for v in VARIANTS if (paths.vm / v / "eval_predictions.parquet").exists()]
     if "base" not in variants:
         raise FileNotFoundError(f"{paths.vm / 'base'} has no predictions: every comparison is against the base VM; "
@@ -155,6 +201,8 @@ def evaluate(paths: RunPaths) -> dict[str, dict]:
         truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
         predictions["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
     predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
+    train_entities = read_parquet(paths.features / "vm_train_entities.parquet")
+    predictions.update(baseline_predictions(train_entities, entities, RunConfig.load(paths.root).vm.validation_fraction))
     for v in variants:
         p = read_parquet(paths.vm / v / "eval_predictions.parquet").set_index("impression_id")["p"]
         if not entities["impression_id"].isin(p.index).all():

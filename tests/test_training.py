@@ -1,0 +1,95 @@
+"""Training that generalises: a time-ordered validation split inside the training window,
+early stopping that restores the best epoch, baselines on the same rows, and an FM that
+reads ids it never trained on as unknown while later checkpoints learn late users."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from loopfm.config import RunConfig
+from loopfm.eval.baselines import BASELINES, baseline_predictions
+from loopfm.fm.stream import checkpoint_path, log_embeddings, train_fm
+from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.training import EarlyStopping, time_split
+
+
+def test_validation_rows_are_the_newest_of_the_training_window_and_never_from_the_eval_window(built_run):
+    paths, cfg = RunPaths(built_run), RunConfig.load(built_run)
+    train = read_parquet(paths.features / "vm_train_entities.parquet")
+    eval_start = unix_us(read_parquet(paths.features / "vm_eval_entities.parquet")["event_timestamp"]).min()
+    t = unix_us(train["event_timestamp"]).to_numpy()
+    fit, val = time_split(t, cfg.vm.validation_fraction)
+    assert len(val) == round(len(t) * cfg.vm.validation_fraction) and len(fit) + len(val) == len(t)
+    assert t[fit].max() <= t[val].min() and t[val].max() < eval_start
+
+
+def test_a_split_that_leaves_nothing_to_fit_or_validate_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        time_split(np.arange(5), 0.01)
+
+
+def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weights():
+    model = torch.nn.Linear(1, 1)
+    stopping = EarlyStopping(patience=2)
+    stops = []
+    for epoch, loss in enumerate([0.9, 0.5, 0.6, 0.7, 0.4], start=1):
+        torch.nn.init.constant_(model.weight, float(epoch))
+        stops.append(stopping.update(loss, model))
+        if stops[-1]:
+            break
+    assert stops == [False, False, False, True]  # epoch 0.4 is never reached
+    stopping.restore(model)
+    assert model.weight.item() == 2.0 and stopping.best_epoch == 2 and stopping.epochs == 4
+
+
+def test_each_trained_vm_records_the_epoch_it_restored(trained_run):
+    for variant in ("base", "kd", "loopfm", "loopfm_kd"):
+        fit = json.loads((RunPaths(trained_run).vm / variant / "training.json").read_text())
+        assert 0 <= fit["best_epoch"] <= fit["epochs_run"] == len(fit["val_logloss"]) - 1  # entry 0 = the initial weights
+        assert fit["best_val_logloss"] == min(fit["val_logloss"])
+        assert fit["refit_epochs"] == fit["best_epoch"]  # vm.refit: then trained afresh on the whole window
+
+
+def test_baselines_are_fitted_on_training_rows_only_and_learn_item_quality():
+    rng = np.random.default_rng(0)
+    quality = rng.uniform(0.05, 0.9, 40)
+    n = 6000
+    items = rng.integers(0, 40, n)
+    frame = pd.DataFrame({"user_id": rng.integers(0, 50, n), "item_id": items, "label": (rng.random(n) < quality[items]).astype(int),
+                          "event_timestamp": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(n), unit="s")})  # fmt: skip
+    train, rows = frame.iloc[:5000], frame.iloc[5000:]
+    predictions = baseline_predictions(train, rows.drop(columns="label"), 0.1)
+    assert set(predictions) == set(BASELINES)
+    for p in predictions.values():
+        assert np.corrcoef(p, quality[rows["item_id"]])[0, 1] > 0.9
+
+
+def test_the_quality_table_carries_the_baselines(trained_run):
+    rows = json.loads((RunPaths(trained_run).results / "quality.json").read_text())["models"]
+    assert set(BASELINES) <= set(rows) and {"base", "fm", "bayes"} <= set(rows)
+
+
+def test_a_late_user_is_unknown_to_the_frozen_checkpoint_and_known_to_the_rolling_ones_after_their_first_day(copy_of_run):
+    paths, cfg = RunPaths(copy_of_run), RunConfig.load(copy_of_run)
+    start_us = pd.Timestamp(cfg.world.start_date, tz="UTC").value // 1000
+    imp = read_parquet(paths.table("impressions"))
+    day = (unix_us(imp["event_timestamp"]) - start_us) // 86_400_000_000
+    arrival = cfg.fm.warmup_days + 2
+    late = np.arange(20)  # these users arrive two days after the warm-up: drop their earlier events
+    write_parquet(imp[~(imp["user_id"].isin(late) & (day < arrival))].reset_index(drop=True), paths.table("impressions"))
+    train_fm(paths, cfg, progress=False)
+
+    def known(index: int) -> np.ndarray:
+        return torch.load(checkpoint_path(paths, index), weights_only=False)["known_users"][late]
+
+    assert not known(cfg.fm.warmup_days).any() and not known(arrival).any()
+    assert known(arrival + 1).all()  # trained on days [0, arrival]: their first day included
+    cfg.fm.checkpoint_scheme = "rolling"
+    log = log_embeddings(paths, cfg, progress=False)
+    first_seen = log[log["user_id"].isin(late)].groupby("user_id")["event_timestamp"].transform("min")
+    mine = log[log["user_id"].isin(late)].assign(first_seen=first_seen)
+    later_days = mine[mine["event_timestamp"].dt.floor("D") > mine["first_seen"].dt.floor("D")]
+    assert len(later_days) and (later_days["fm_trained_until"] > later_days["first_seen"]).all()
