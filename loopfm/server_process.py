@@ -47,17 +47,20 @@ def start_server(
         proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+    except BaseException:  # not ready, or a stop signal while waiting: leave no server behind
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen) -> None:

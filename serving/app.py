@@ -11,6 +11,7 @@ while Redis answers) and every request has a deadline: a slow Redis gives 504s, 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Annotated
 import orjson
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,9 +34,42 @@ from serving.scorer import Scorer
 from serving.settings import Settings
 
 
-def json_response(body: dict, status_code: int = 200) -> Response:
+def json_response(body: dict, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """orjson straight to bytes: no second validation pass over a 1,000-score list."""
-    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", headers=headers)
+
+
+NON_FINITE = "it holds a number that is not finite (NaN, Infinity, or beyond a double's range such as 1e400)"
+
+
+def _json_safe(value) -> tuple[object, bool]:
+    """(`value` with what JSON or orjson cannot hold written as text, whether it held a
+    non-finite float): NaN and Infinity are no JSON, orjson refuses integers beyond 64 bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value), True
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value), False
+    if isinstance(value, (list, tuple)):
+        pairs = [_json_safe(v) for v in value]
+        return [v for v, _ in pairs], any(r for _, r in pairs)
+    if isinstance(value, dict):
+        pairs = {str(k): _json_safe(v) for k, v in value.items()}
+        return {k: v for k, (v, _) in pairs.items()}, any(r for _, r in pairs.values())
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value, False
+    return str(value), False
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict]:
+    """Pydantic's errors as plain JSON: Python's json module reads NaN, Infinity and 1e400 (as
+    inf) into the request, and FastAPI's own 422 body, echoing them, cannot be serialised (a
+    500). Each error keeps where and what; a non-finite input is named as such."""
+    out = []
+    for error in exc.errors():
+        given, non_finite = _json_safe(error.get("input"))
+        message = f"{error.get('msg', 'invalid')}; {NON_FINITE}" if non_finite else error.get("msg", "invalid")
+        out.append({"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type"), "input": given})
+    return out
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,6 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"detail": validation_errors(exc)}, status_code=422)
+
     admin = [Depends(admin_key_guard(settings.admin_key))]
 
     def hosting(request: Request, name: str) -> ModelRegistry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def _number(name: str, kind: type, default, low, high=None):
         value = kind(raw)
     except ValueError:
         raise RuntimeError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise RuntimeError(f"{name}={raw!r}: not a finite number")
     if value < low or (high is not None and value > high):
         raise RuntimeError(f"{name}={raw!r}: must be in [{low}, {high if high is not None else 'inf'}]")
     return value

@@ -32,7 +32,7 @@ from loopfm.data.synth import US_PER_DAY
 from loopfm.features.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
-from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
 
@@ -165,8 +165,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             "shapes": asdict(shapes),
             "trained_until_us": _start_us(cfg) + index * US_PER_DAY,
         }
-        torch.save(state, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     save(0)
     started = time.perf_counter()

@@ -36,7 +36,7 @@ def read_movielens(folder: Path, click_threshold: float) -> pd.DataFrame:
         ratings, users, items = _ml1m(folder)
     else:
         raise DataFormatError(f"{folder}: neither u.data (MovieLens 100K) nor ratings.dat (MovieLens 1M) found")
-    events = convert(ratings, RATINGS, integer_ids=True, click_threshold=click_threshold)
+    events = convert(ratings, RATINGS, integer_ids=True, click_threshold=click_threshold, time_unit="s")
     items = convert(items, {"item_id": "item_id"}, integer_ids=True)[["_item", "title", "genre"]]
     items["_category"] = items["genre"].str.split("|").str[0]
     users = convert(users, USERS, integer_ids=True).drop(columns="user_id")
