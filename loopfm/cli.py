@@ -19,7 +19,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from loopfm.config import VARIANTS, ConfigError, RunConfig
+from loopfm.config import VARIANTS, ConfigError, RunConfig, setting_value
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 TIME_UNITS = ("s", "ms", "us", "ns")  # loopfm.parse.TIME_UNITS, without importing pandas for every command
@@ -178,7 +178,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     with running_server(args.run_dir, args.variant, args.url, os.environ.get("REDIS_URL")) as url:
         warm_up(url, pool, candidates=args.candidates, rate=args.rate)
         if args.sweep:
-            rates = [float(r) for r in args.sweep.split(",")]
+            rates = args.sweep
             result = sweep(url, spec, pool, rates, args.p99_bound_ms)
             out.mkdir(parents=True, exist_ok=True)
             (out / "sweep.json").write_text(json.dumps(result, indent=2))
@@ -216,13 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     from loopfm.experiments.main import run_experiments
 
-    overrides = []
-    for assignment in args.set or []:
-        key, _, raw = assignment.partition("=")
-        try:
-            overrides.append((key, json.loads(raw)))
-        except json.JSONDecodeError:
-            overrides.append((key, raw))
+    overrides = [(assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or []]
     names = tuple(n.strip() for n in args.experiments.split(",") if n.strip())
     run_experiments(args.out, args.docs, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
 
@@ -301,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
     p.add_argument("--hot-fraction", type=finite_float, default=0.8, help="share of requests for 100 hot users")
     p.add_argument("--timeout", type=finite_float, default=2.0, help="per-request client timeout, seconds")
-    p.add_argument("--sweep", help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
+    p.add_argument("--sweep", type=lambda text: [finite_float(r) for r in text.split(",")], help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
     p.add_argument("--p99-bound-ms", type=finite_float, default=10.0)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 

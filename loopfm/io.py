@@ -93,9 +93,11 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder.
 
     An OS file lock (filelock: flock on POSIX), so a holder that dies, even by SIGKILL,
-    releases it. `LOCK_NAME.holder` says who holds it (pid, command, since when)."""
+    releases it. `LOCK_NAME.holder` says who holds it (pid, command, since when). A directory
+    created only to hold the lock is removed again if the command wrote nothing into it."""
     from filelock import FileLock, Timeout
 
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(run_dir / LOCK_NAME), run_dir / f"{LOCK_NAME}.holder"
     try:
@@ -112,6 +114,8 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     finally:
         holder.unlink(missing_ok=True)
         lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

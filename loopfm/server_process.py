@@ -19,6 +19,9 @@ def free_port() -> int:
 
 
 SERVING_APP = "serving.app:create_app"
+# uvicorn answers 503 above this many concurrent connections and requests; the environment
+# variable of the same name (read by uvicorn itself) overrides it.
+LIMIT_CONCURRENCY = {"UVICORN_LIMIT_CONCURRENCY": "1000"}
 
 
 def uvicorn_command(app: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -41,7 +44,7 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """Start uvicorn on a free loopback port and wait until `wait_for` answers 200."""
     port = port or free_port()
-    env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
+    env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)

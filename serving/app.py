@@ -11,6 +11,7 @@ while Redis answers) and every request has a deadline: a slow Redis gives 504s, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from contextlib import asynccontextmanager
@@ -24,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.guards import BodySizeLimit, admin_key_guard, api_key_guard
+from serving.feast_layout import ready_marker
+from serving.guards import BodyLimits, admin_key_guard, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.models import ModelRefused, ModelRegistry
@@ -32,6 +34,9 @@ from serving.redis_client import async_client
 from serving.schemas import ScoreRequest, ScoreResponse
 from serving.scorer import Scorer
 from serving.settings import Settings
+
+
+log = logging.getLogger("uvicorn.error")
 
 
 def json_response(body: dict, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -88,12 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
-        app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s)  # one node or a cluster
+        app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s, settings.redis_max_connections)
+        missing = (await feature_data(app.state.models, app.state.redis))[1]
+        if missing:
+            log.warning("not ready: %s", missing)
         yield
         await app.state.redis.aclose()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
 
@@ -114,15 +122,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    async def feature_data(models: ModelRegistry | None, client) -> tuple[dict[str, bool], str | None]:
+        """Whether the store holds each hosted model's Feast project (the marker materialize
+        and ingest write), and what is missing, if anything, in words."""
+        if models is None:
+            return {}, "no model loaded"
+        projects = sorted({hosted.scorer.meta["project"] for hosted in models.models.values()})
+        try:
+            found = {p: bool(await asyncio.wait_for(client.exists(ready_marker(p)), settings.redis_timeout_s)) for p in projects}
+        except (redis.RedisError, TimeoutError) as exc:
+            return {}, f"online store at {settings.redis_url} unreachable: {type(exc).__name__}"
+        empty = [p for p, ok in found.items() if not ok]
+        if empty:
+            return found, (f"the online store holds no features of Feast project(s) {empty}: "
+                           "run `loopfm features apply` (feast apply + materialize) against it")  # fmt: skip
+        return found, None
+
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
         models: ModelRegistry | None = getattr(request.app.state, "models", None)
-        try:
-            redis_ok = bool(await asyncio.wait_for(request.app.state.redis.ping(), settings.redis_timeout_s))
-        except (redis.RedisError, AttributeError, TimeoutError):
-            redis_ok = False
-        ready = models is not None and redis_ok
-        body = {"ready": ready, "model_loaded": models is not None, "redis": redis_ok}
+        client = getattr(request.app.state, "redis", None)
+        found, missing = await feature_data(models, client) if client is not None else ({}, "starting")
+        ready = missing is None
+        body = {"ready": ready, "model_loaded": models is not None, "redis": bool(found), "feature_data": found}
+        if missing:
+            body["missing"] = missing
         if models is not None:
             body["model_version"] = models.scorer().version
             body["models"] = {name: h.scorer.version for name, h in models.models.items()}
@@ -155,6 +179,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour),
                 settings.request_timeout_s,
             )
+        except redis.exceptions.MaxConnectionsError as exc:
+            metrics.errors.labels("redis_pool_exhausted").inc()
+            raise HTTPException(503, f"server busy: {exc} (LOOPFM_REDIS_MAX_CONNECTIONS); retry", headers={"Retry-After": "1"}) from None
         except redis.RedisError as exc:
             metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
             raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc

@@ -143,6 +143,19 @@ def _two_values(df: pd.DataFrame, column: str) -> pd.Series:
     return df[column]
 
 
+def one_row_per_id(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The rows of a side table (ads, users, movies), one per id. Identical repeats are
+    dropped; an id repeated with other values is refused, naming the ids: which row holds the
+    truth cannot be told, and taking the first would alter the data in silence."""
+    rows = df.drop_duplicates()
+    clash = rows[key].duplicated(keep=False).to_numpy()
+    if clash.any():
+        ids = list(dict.fromkeys(rows.loc[clash, key].astype(str)))
+        raise DataFormatError(f"{df.attrs.get('path', 'a side table')}: id(s) {ids[:5]}{' ...' if len(ids) > 5 else ''} "
+                              "appear in several rows with different values; one row per id")  # fmt: skip
+    return rows
+
+
 def age_buckets(years: pd.Series) -> pd.Series:
     return pd.Series(np.digitize(years, AGE_EDGES), index=years.index).where(years.notna())
 
