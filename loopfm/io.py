@@ -85,7 +85,11 @@ class RunDirBusy(RuntimeError):
     """Another loopfm process is writing the same run directory; the message names it."""
 
 
-LOCK_NAME = ".loopfm.lock"
+def lock_path(run_dir: Path) -> Path:
+    """The lock of a run directory: a hidden file beside it (`runs/.demo.lock` for
+    `runs/demo`), so the run directory holds only its artifacts and a copy carries no lock."""
+    run_dir = run_dir.resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 @contextlib.contextmanager
@@ -93,13 +97,12 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder.
 
     An OS file lock (filelock: flock on POSIX), so a holder that dies, even by SIGKILL,
-    releases it. `LOCK_NAME.holder` says who holds it (pid, command, since when). A directory
-    created only to hold the lock is removed again if the command wrote nothing into it."""
+    releases it. `<lock>.holder` says who holds it (pid, command, since when)."""
     from filelock import FileLock, Timeout
 
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock, holder = FileLock(run_dir / LOCK_NAME), run_dir / f"{LOCK_NAME}.holder"
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(path), path.with_name(path.name + ".holder")
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -114,8 +117,6 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     finally:
         holder.unlink(missing_ok=True)
         lock.release()
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

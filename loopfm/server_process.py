@@ -67,6 +67,7 @@ def start_server(
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (a process that has children of its own stops them), then SIGKILL after 10 s."""
     proc.terminate()
     try:
         proc.wait(timeout=10)

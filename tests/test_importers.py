@@ -298,7 +298,7 @@ def test_the_cli_reports_a_bad_file_without_a_trace_and_keeps_the_old_run(tmp_pa
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "ad_feature.csv: line 82, column 'price': not a number, got 'cheap'" in r.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(run / "data" / "impressions.parquet"), before)
-    assert sorted(p.name for p in run.iterdir() if p.name != ".loopfm.lock") == ["config.json", "data"]  # no staging left
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "data"]  # no staging left behind
     r = loopfm(*args, "--data", str(bad), "--map", "user_id=u", check=False)
     assert r.returncode == 2 and "--map and --map-file apply to --format csv only" in r.stderr
 

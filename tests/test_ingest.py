@@ -115,6 +115,19 @@ def test_a_bad_events_file_is_refused_by_name_and_nothing_is_written(run, privat
     assert digest(paths.table("impressions"), paths.fm_log) == state
 
 
+@pytest.mark.parametrize("unit, value", [(None, 1790848800), ("s", 1790848800), ("ms", 1790848800_000), (None, 1790848800_000_000_000)])
+def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(built_run, tmp_path, unit, value):
+    """1790848800 is 2026-10-01 10:00 UTC in seconds (it was stored as 1970-01-01 00:00:01.79)."""
+    from loopfm.config import RunConfig
+    from loopfm.ingest import read_events
+
+    batch = tmp_path / "batch.csv"
+    fresh_events(built_run, n=1).assign(event_timestamp=value).to_csv(batch, index=False)
+    events = read_events(batch, RunConfig.load(built_run), RunPaths(built_run), unit)
+    assert events["event_timestamp"].iloc[0] == pd.Timestamp("2026-10-01 10:00", tz="UTC")
+    assert events["hour"].iloc[0] == 10
+
+
 def ingest_cmd(run: Path, batch: Path, redis_url: str) -> list[str]:
     return [LOOPFM, "ingest", "--run-dir", str(run), "--events", str(batch), "--redis-url", redis_url]
 
@@ -136,21 +149,21 @@ def test_a_reused_impression_id_with_other_values_is_refused_naming_it(run, priv
 def test_a_late_event_becomes_available_when_ingested_online_equals_offline_and_the_past_is_unchanged(
     run, private_redis, tmp_path
 ):
-    """A click stamped (in unix seconds) a day before USER's newest snapshot: offline and online
-    newest rows hold it, stamped at the ingest; every older snapshot stays as it was."""
+    """A click stamped a day before USER's newest snapshot: offline and online newest rows hold
+    it, stamped at the ingest; every older snapshot stays as it was."""
     from loopfm.features.store import open_store
 
     paths = RunPaths(run)
     views = {"fm_history": ["user_id"], "vm_click_history": ["user_id", "vertical"]}
     before = {v: read_parquet(paths.features / f"{v}.parquet") for v in views}
     newest = before["vm_click_history"].query("user_id == @USER and vertical == 'shop'")["event_timestamp"].max()
-    late = fresh_events(run, n=1).assign(event_timestamp=int(newest.timestamp()) - 86400)  # unix seconds
+    late = fresh_events(run, n=1).assign(event_timestamp=(newest - pd.Timedelta(days=1)).isoformat())
     late.to_csv(tmp_path / "late.csv", index=False)
     started = pd.Timestamp.now(tz="UTC")
     loopfm("ingest", "--run-dir", str(run), "--events", str(tmp_path / "late.csv"), "--redis-url", private_redis.url)
 
     imp = read_parquet(paths.table("impressions")).set_index("impression_id")
-    assert imp.loc[late["impression_id"].iloc[0], "event_timestamp"] == newest.floor("s") - pd.Timedelta(days=1)  # not 1970
+    assert imp.loc[late["impression_id"].iloc[0], "event_timestamp"] == newest - pd.Timedelta(days=1)
     code = read_parquet(paths.fm_log).set_index("impression_id").loc[late["impression_id"].iloc[0], "fm_code"]
     online = open_store(run, private_redis.url).get_online_features(
         features=["fm_history:fm_codes", "vm_click_history:item_ids"], entity_rows=[{"user_id": USER, "vertical": "shop"}]
@@ -188,4 +201,4 @@ def test_two_ingests_on_one_run_directory_never_lose_or_corrupt_a_batch(run, pri
     stored = read_parquet(paths.table("impressions"))["impression_id"]
     assert set(events["impression_id"]) <= set(stored) and stored.is_unique
     assert set(events["impression_id"]) <= set(read_parquet(paths.fm_log)["impression_id"])
-    assert not list(run.rglob("*.tmp")) and not (run / ".loopfm.lock.holder").exists()
+    assert not list(run.rglob("*.tmp")) and not (tmp_path / ".run.lock.holder").exists()
