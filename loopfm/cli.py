@@ -341,12 +341,18 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop(signum: int, frame) -> None:
-    """First SIGTERM/SIGINT: stop the multiprocessing workers and unwind the main thread.
-    Later ones are ignored, so they cannot interrupt the clean-up (servers, temp files)."""
+    """First SIGTERM/SIGINT: stop the multiprocessing workers (and what they started: a
+    worker killed by a signal cannot stop its own children) and unwind the main thread, whose
+    `finally` blocks stop the servers. Later signals are ignored, so they cannot interrupt
+    that clean-up."""
+    from loopfm.server_process import descendants
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     for child in multiprocessing.active_children():
-        child.terminate()
+        for pid in [*descendants(child.pid), child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     raise Stopped(signum)
 
 

@@ -39,9 +39,9 @@ from serving.settings import Settings
 log = logging.getLogger("uvicorn.error")
 
 
-def json_response(body: dict, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(body: dict, status_code: int = 200) -> Response:
     """orjson straight to bytes: no second validation pass over a 1,000-score list."""
-    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", headers=headers)
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
 
 
 NON_FINITE = "it holds a number that is not finite (NaN, Infinity, or beyond a double's range such as 1e400)"
@@ -104,12 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
+    admin = [Depends(admin_key_guard(settings.admin_key))]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return json_response({"detail": validation_errors(exc)}, status_code=422)
-
-    admin = [Depends(admin_key_guard(settings.admin_key))]
 
     def hosting(request: Request, name: str) -> ModelRegistry:
         """The registry, once it is known to host `name` (404 with the hosted names if not)."""
@@ -123,8 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     async def feature_data(models: ModelRegistry | None, client) -> tuple[dict[str, bool], str | None]:
-        """Whether the store holds each hosted model's Feast project (the marker materialize
-        and ingest write), and what is missing, if anything, in words."""
+        """Whether the store holds each hosted model's Feast project (the marker `loopfm
+        features apply` sets), and what is missing, if anything, in words (None: nothing)."""
         if models is None:
             return {}, "no model loaded"
         projects = sorted({hosted.scorer.meta["project"] for hosted in models.models.values()})

@@ -123,7 +123,7 @@ def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(
 
     batch = tmp_path / "batch.csv"
     fresh_events(built_run, n=1).assign(event_timestamp=value).to_csv(batch, index=False)
-    events = read_events(batch, RunConfig.load(built_run), RunPaths(built_run), unit)
+    events = read_events(batch, RunConfig.load(built_run), RunPaths(built_run), **({"time_unit": unit} if unit else {}))
     assert events["event_timestamp"].iloc[0] == pd.Timestamp("2026-10-01 10:00", tz="UTC")
     assert events["hour"].iloc[0] == 10
 
