@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.data.synth import PRICE_BUCKETS, US_PER_DAY, US_PER_HOUR
-from loopfm.parse import BadValues, integers, unix_times_us
+from loopfm.parse import BadValues, integer_keys, unix_times_us
 
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
@@ -113,7 +113,7 @@ def _keys(df: pd.DataFrame, column: str, integer: bool) -> pd.Series:
     if df[column].isna().any() and integer:
         raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
     if integer:
-        return _parsed(df, column, integers).astype(str).astype(TEXT)
+        return _parsed(df, column, integer_keys)
     if df[column].isna().any():
         raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
     return df[column]
