@@ -24,12 +24,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uvicorn_along(trained_run, tmp_path, sig):
+@pytest.mark.parametrize("sig, own_valkey", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uvicorn_along(
+    trained_run, redis_url, tmp_path, sig, own_valkey
+):
+    """Without a Redis URL serve starts its own Valkey (and materializes into it) and uvicorn;
+    with one, uvicorn only."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)  # serve materializes into its own Valkey: the registry is rewritten
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port())],
+    store = [] if own_valkey else ["--redis-url", redis_url]
+    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port()), *store],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     children: set[int] = set()
     try:
@@ -37,7 +42,7 @@ def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uv
             if line.startswith("serving"):
                 break
         children = descendants(proc.pid)
-        assert len(children) >= 2, (children, proc.stderr.read() if proc.poll() is not None else "")  # Valkey + uvicorn
+        assert len(children) >= 1 + own_valkey, (children, proc.stderr.read() if proc.poll() is not None else "")
         proc.send_signal(sig)
         started = time.perf_counter()
         code = proc.wait(timeout=30)
