@@ -112,7 +112,7 @@ def test_a_password_protected_redis_is_reached_through_the_connection_string(tra
     redis.Redis(port=secured.port).config_set("requirepass", "pw-123")
     model_dir = RunPaths(trained_run).vm / "base" / "onnx"
     good, wrong = f"redis://:pw-123@127.0.0.1:{secured.port}", f"redis://:nope@127.0.0.1:{secured.port}"
-    mark_materialized(good)  # what `loopfm features apply` leaves, through the same password URL
+    mark_materialized(good, "by hand")  # what `loopfm features apply` leaves, through the same password URL
     proc, url = start_server(model_dir, good, tmp_path / "good.log")
     bad_proc, bad_url = start_server(model_dir, wrong, tmp_path / "bad.log", wait_for="/healthz")
     try:
