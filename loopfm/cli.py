@@ -8,18 +8,31 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
+import math
+import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from loopfm.config import VARIANTS, ConfigError, RunConfig
+from loopfm.config import VARIANTS, ConfigError, RunConfig, setting_value
 
 DEFAULT_RUN_DIR = Path("runs/demo")
+TIME_UNITS = ("s", "ms", "us", "ns")  # loopfm.parse.TIME_UNITS, without importing pandas for every command
 ENGINES = ("local", "ray")
 ENGINE_HELP = "ray: the same functions as Ray Data jobs (local Ray, or the cluster at RAY_ADDRESS)"
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan, inf and 1e400 are refused, naming the value)."""
+    value = float(text)  # argparse reports its ValueError as "invalid finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _redis_url(args: argparse.Namespace) -> str:
@@ -56,7 +69,9 @@ def _import_options(args: argparse.Namespace):
     roles = parse_map(args.map or [], args.map_file)
     if roles and args.format != "csv":
         raise ConfigError(f"--map and --map-file apply to --format csv only (the {args.format} columns are known)")
-    return ImportOptions(args.format, VerticalRule.parse(args.vertical), roles, args.click_threshold, args.days)
+    if args.time_unit and args.format != "csv":
+        raise ConfigError(f"--time-unit applies to --format csv only (the {args.format} time unit is known)")
+    return ImportOptions(args.format, VerticalRule.parse(args.vertical), roles, args.click_threshold, args.days, args.time_unit)
 
 
 def _config_with_overrides(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
@@ -142,15 +157,13 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import signal
-
     from loopfm.pipeline import running_server
 
-    stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait, so the servers are stopped cleanly
     with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
-        print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C stops")
-        signal.sigwait(stop)
+        print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C or SIGTERM stops",
+              flush=True)  # fmt: skip
+        while True:
+            signal.pause()  # until SIGINT or SIGTERM raises Stopped (see main)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -165,7 +178,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     with running_server(args.run_dir, args.variant, args.url, os.environ.get("REDIS_URL")) as url:
         warm_up(url, pool, candidates=args.candidates, rate=args.rate)
         if args.sweep:
-            rates = [float(r) for r in args.sweep.split(",")]
+            rates = args.sweep
             result = sweep(url, spec, pool, rates, args.p99_bound_ms)
             out.mkdir(parents=True, exist_ok=True)
             (out / "sweep.json").write_text(json.dumps(result, indent=2))
@@ -180,7 +193,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 def cmd_ingest(args: argparse.Namespace) -> None:
     from loopfm.ingest import ingest
 
-    ingest(args.run_dir, args.events, _redis_url(args))
+    ingest(args.run_dir, args.events, _redis_url(args), time_unit=args.time_unit)
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
@@ -203,13 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     from loopfm.experiments.main import run_experiments
 
-    overrides = []
-    for assignment in args.set or []:
-        key, _, raw = assignment.partition("=")
-        try:
-            overrides.append((key, json.loads(raw)))
-        except json.JSONDecodeError:
-            overrides.append((key, raw))
+    overrides = [(assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or []]
     names = tuple(n.strip() for n in args.experiments.split(",") if n.strip())
     run_experiments(args.out, args.docs, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
 
@@ -243,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--users", dest="n_users", type=int)
     p.add_argument("--days", dest="n_days", type=int)
-    p.add_argument("--impressions-per-user-day", type=float)
-    p.add_argument("--fm-signal-noise", type=float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
+    p.add_argument("--impressions-per-user-day", type=finite_float)
+    p.add_argument("--fm-signal-noise", type=finite_float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. fm.code_dim=16")
 
     def import_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="csv: user_id, item_id, label required; timestamp|order, category, brand, price, age, "
                             "age_level, gender optional")  # fmt: skip
         p.add_argument("--map-file", type=Path, help="csv: a JSON or YAML file of {role: column}")
-        p.add_argument("--click-threshold", type=float, help="label = value >= threshold (movielens default: 4)")
+        p.add_argument("--click-threshold", type=finite_float, help="label = value >= threshold (movielens default: 4)")
         p.add_argument("--days", type=int, default=10, help="data without absolute times is spread over this many days")
+        p.add_argument("--time-unit", choices=TIME_UNITS, help="csv: unit of a numeric timestamp column "
+                       "(default: inferred from its size, refused when it cannot be told)")  # fmt: skip
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. vm.epochs=2")
 
     p = command(data, "import", cmd_data_import, "import a dataset on disk into the canonical tables")
@@ -294,20 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
     p.add_argument("--url", help="a running server on loopback; default: start one for the run")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
-    p.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of sending (bounded)")
+    p.add_argument("--rate", type=finite_float, default=200.0, help="offered requests per second")
+    p.add_argument("--duration", type=finite_float, default=20.0, help="seconds of sending (bounded)")
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
-    p.add_argument("--hot-fraction", type=float, default=0.8, help="share of requests for 100 hot users")
-    p.add_argument("--timeout", type=float, default=2.0, help="per-request client timeout, seconds")
-    p.add_argument("--sweep", help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
-    p.add_argument("--p99-bound-ms", type=float, default=10.0)
+    p.add_argument("--hot-fraction", type=finite_float, default=0.8, help="share of requests for 100 hot users")
+    p.add_argument("--timeout", type=finite_float, default=2.0, help="per-request client timeout, seconds")
+    p.add_argument("--sweep", type=lambda text: [finite_float(r) for r in text.split(",")], help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
+    p.add_argument("--p99-bound-ms", type=finite_float, default=10.0)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 
     p = command(sub, "ingest", cmd_ingest, "fresh impressions -> FM log (offline) -> Feast push; idempotent, safe to re-run")
     p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
     p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
+    p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
+                   "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")
@@ -345,14 +356,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock).
+# serve, loadtest and bench only read it (and write their own logs and reports).
+WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_features_build, cmd_features_apply,
+           cmd_vm_train, cmd_vm_export, cmd_ingest, cmd_demo)  # fmt: skip
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT: unwinds the command so every `finally` stops its children."""
+
+
+def _stop(signum: int, frame) -> None:
+    """First SIGTERM/SIGINT: stop the multiprocessing workers (and what they started: a
+    worker killed by a signal cannot stop its own children) and unwind the main thread, whose
+    `finally` blocks stop the servers. Later signals are ignored, so they cannot interrupt
+    that clean-up."""
+    from loopfm.server_process import descendants
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    for child in multiprocessing.active_children():
+        for pid in [*descendants(child.pid), child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from loopfm.io import run_dir_lock
+
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library deprecations are not the user's concern
+    for sig in (signal.SIGTERM, signal.SIGINT):  # process managers stop with SIGTERM, a terminal with SIGINT
+        signal.signal(sig, _stop)
+    target = args.out if args.func in (cmd_experiment, cmd_experiment_real) else args.run_dir if args.func in WRITERS else None
+    command = " ".join(["loopfm", *(sys.argv[1:] if argv is None else argv)])
     try:
-        args.func(args)
+        with run_dir_lock(target, command) if target is not None else contextlib.nullcontext():
+            args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"loopfm: stopped by {signal.Signals(stop.args[0]).name}", file=sys.stderr)
+        return 128 + stop.args[0]
     except KeyboardInterrupt:
         return 130
     return 0

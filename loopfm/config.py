@@ -7,6 +7,7 @@ the CLI and its numbers can be traced back to the knobs that produced them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -115,9 +116,11 @@ class RunConfig:
         return self
 
     def save(self, run_dir: Path) -> None:
+        from loopfm.io import write_text  # pandas: not for every importer of the config
+
         self.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(self), indent=2))
+        write_text(run_dir / "config.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunConfig":
@@ -140,15 +143,28 @@ class RunConfig:
         if section is None or key not in {f.name for f in fields(section)}:
             valid = ", ".join(f"{s.name}.{f.name}" for s in fields(self) for f in fields(getattr(self, s.name)))
             raise ConfigError(f"--set {assignment!r}: expected section.key=value with a key among: {valid}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
+        parsed = setting_value(assignment)
         current = getattr(section, key)
         expected = list if isinstance(current, tuple) else type(current)
         if not isinstance(parsed, expected) and not (expected is float and isinstance(parsed, int)):
             raise ConfigError(f"--set {assignment!r}: {name} must be of type {expected.__name__}, got {value!r}")
         setattr(section, key, tuple(parsed) if expected is list else parsed)
+
+
+def setting_value(assignment: str):
+    """The value of a `key=value` setting: JSON if it parses, else the text. Raises
+    ConfigError for a number that is not finite (NaN, Infinity, 1e400)."""
+    value = assignment.partition("=")[2]
+
+    def finite(text: str) -> float:
+        if not math.isfinite(float(text)):
+            raise ConfigError(f"--set {assignment!r}: {text} is not a finite number")
+        return float(text)
+
+    try:
+        return json.loads(value, parse_float=finite, parse_constant=finite)
+    except json.JSONDecodeError:
+        return value
 
 
 class ConfigError(ValueError):

@@ -5,11 +5,19 @@ The FM runs here, in a batch job, never in the server. Every step is keyed by
 command can be killed anywhere: a re-run completes a half-done batch, and a repeated batch
 adds nothing.
 
-  1. append the new impressions to data/impressions.parquet;
+  1. append the new impressions to data/impressions.parquet (an impression_id already
+     stored with other values is refused: one id, one event);
   2. FM-log every impression the embedding log lacks, and append those rows to the log;
   3. recompute the newest history snapshots of every user in the batch, append them to the
      Feast batch sources (features/{fm_history,vm_click_history}.parquet);
   4. push the same snapshots to the online store through Feast's push API.
+
+Event time versus availability time: whatever an ingest adds became known when it was
+ingested, however old its events. Its codes are logged as available at the ingest time at
+the earliest, and a newest snapshot whose content the ingest changed is stamped with the
+ingest time (never earlier than its own newest element). So a late event never reaches a
+training row older than the ingest, and the push, newer than anything stored, is never
+skipped by Feast's writer: online equals offline after every ingest.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import pandas as pd
 
 from loopfm.config import RunConfig
 from loopfm.data.dataset import Vocab
-from loopfm.io import RunPaths, read_parquet, write_parquet
+from loopfm.io import RunPaths, from_unix_us, read_parquet, write_parquet
+from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
 
@@ -30,31 +39,41 @@ class IngestError(ValueError):
     """A bad events file; the message names the file, the column and the row."""
 
 
-def _first_bad(path: Path, column: str, bad: pd.Series, what: str) -> None:
+def _first_bad(path: Path, column: str, bad, what: str) -> None:
+    bad = np.asarray(bad, dtype=bool)
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(np.flatnonzero(bad)[0])
         raise IngestError(f"{path}: column {column!r}, row {row + 1}: {what} ({int(bad.sum())} such rows)")
 
 
-def read_events(path: Path, cfg: RunConfig, paths: RunPaths) -> pd.DataFrame:
-    """Load and check a batch of impressions (parquet or CSV) against the run it joins."""
+def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
+    """`parse(raw[column])` (loopfm.parse), its BadValues named by file, column and row."""
+    _first_bad(path, column, raw[column].isna(), "missing value")
+    try:
+        return parse(raw[column])
+    except BadValues as exc:
+        _first_bad(path, column, exc.bad, exc.problem)
+        raise
+
+
+def read_events(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | None = None) -> pd.DataFrame:
+    """Load and check a batch of impressions (parquet or CSV) against the run it joins. Ids
+    are parsed exactly, times by the project's one parser (`time_unit`: the unit of numeric
+    event_timestamp values, None infers it)."""
     if not path.exists():
         raise IngestError(f"{path}: no such file")
-    try:
-        raw = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    csv = path.suffix.lower() == ".csv"
+    try:  # CSV as text: numbers are parsed exactly below, never through float64
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]) if csv else pd.read_parquet(path)
     except Exception as exc:  # pyarrow and pandas raise many kinds for a file that is not what it says
-        raise IngestError(f"{path}: not a readable {'CSV' if path.suffix.lower() == '.csv' else 'parquet'} file: {exc}") from None
+        raise IngestError(f"{path}: not a readable {'CSV' if csv else 'parquet'} file: {exc}") from None
     missing = [c for c in EVENT_COLUMNS if c not in raw.columns]
     if missing:
         raise IngestError(f"{path}: missing column(s) {missing}; expected {list(EVENT_COLUMNS)}")
     events = pd.DataFrame({"vertical": raw["vertical"].astype(str)})
     for column in ("impression_id", "user_id", "item_id", "label"):
-        values = pd.to_numeric(raw[column], errors="coerce")
-        _first_bad(path, column, values.isna() | (values != values.round()), "not an integer")
-        events[column] = values.astype(np.int64)
-    stamps = pd.to_datetime(raw["event_timestamp"], utc=True, errors="coerce")
-    _first_bad(path, "event_timestamp", stamps.isna(), "not a timestamp")
-    events["event_timestamp"] = stamps.astype("datetime64[us, UTC]")
+        events[column] = _parsed(path, raw, column, lambda v: integers(v, INT64_RANGE)).astype(np.int64)
+    events["event_timestamp"] = from_unix_us(_parsed(path, raw, "event_timestamp", lambda v: unix_times_us(v, time_unit)))
     events["hour"] = events["event_timestamp"].dt.hour.astype(np.int64)
 
     vocab = Vocab.load(paths)
@@ -69,15 +88,30 @@ def read_events(path: Path, cfg: RunConfig, paths: RunPaths) -> pd.DataFrame:
     return events[["impression_id", "user_id", "item_id", "vertical", "event_timestamp", "hour", "label"]]
 
 
-def _append_impressions(paths: RunPaths, events: pd.DataFrame) -> int:
+def _append_impressions(paths: RunPaths, events: pd.DataFrame, events_path: Path) -> int:
+    """Append the events not yet stored; raise IngestError, writing nothing, if an
+    impression_id is already stored with other values (a re-sent batch matches exactly)."""
     imp = read_parquet(paths.table("impressions"))
+    stored = imp.merge(events, on="impression_id", suffixes=("", "_batch"))
+    columns = [c for c in EVENT_COLUMNS if c != "impression_id"]
+    differs = np.zeros(len(stored), dtype=bool)
+    for c in columns:
+        differs |= (stored[c] != stored[f"{c}_batch"]).to_numpy()
+    if differs.any():
+        ids = stored.loc[differs, "impression_id"].tolist()
+        first = stored[differs].iloc[0]
+        changed = {c: (first[c], first[f"{c}_batch"]) for c in columns if first[c] != first[f"{c}_batch"]}
+        raise IngestError(f"{events_path}: impression_id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} already stored in "
+                          f"{paths.table('impressions')} with other values (impression {ids[0]}, stored vs batch: {changed}); "
+                          "an impression_id names one event: give new events new ids")  # fmt: skip
     new = events[~events["impression_id"].isin(imp["impression_id"])]
     if len(new):
         write_parquet(pd.concat([imp, new], ignore_index=True), paths.table("impressions"))
     return len(new)
 
 
-def _append_fm_log(paths: RunPaths, cfg: RunConfig) -> int:
+def _append_fm_log(paths: RunPaths, cfg: RunConfig, ingested_at: pd.Timestamp) -> int:
+    """Log what the embedding log lacks; a code logged now is available now at the earliest."""
     from loopfm.fm.stream import build_inputs, log_events
 
     log = read_parquet(paths.fm_log)
@@ -85,6 +119,7 @@ def _append_fm_log(paths: RunPaths, cfg: RunConfig) -> int:
     rows = np.flatnonzero(~imp["impression_id"].isin(log["impression_id"]).to_numpy())
     if rows.size:
         fresh = log_events(paths, cfg, arrays, imp, rows, progress=False)
+        fresh["available_at"] = fresh["available_at"].clip(lower=ingested_at)
         position = pd.Series(np.arange(len(imp)), index=imp["impression_id"])
         log = pd.concat([log, fresh], ignore_index=True)
         log = log.iloc[np.argsort(position.loc[log["impression_id"]].to_numpy(), kind="stable")]
@@ -110,27 +145,46 @@ def entity_keys(snapshots: pd.DataFrame) -> list[str]:
     return [key for key in ("user_id", "vertical") if key in snapshots]
 
 
-def _append_sources(paths: RunPaths, snapshots: dict[str, pd.DataFrame]) -> None:
+def _stamp_and_append(paths: RunPaths, snapshots: dict[str, pd.DataFrame], ingested_at: pd.Timestamp) -> dict[str, pd.DataFrame]:
+    """Per view: a recomputed newest snapshot equal to the stored newest one keeps that row
+    (a re-run adds nothing); one the ingest changed is stamped max(its own time, the ingest
+    time, just after the stored newest) and appended. Returns the rows to push."""
+    out = {}
     for view, df in snapshots.items():
         path = paths.features / f"{view}.parquet"
-        merged = pd.concat([read_parquet(path), df], ignore_index=True)
-        write_parquet(merged.drop_duplicates([*entity_keys(df), "event_timestamp"], keep="last"), path)
+        stored = read_parquet(path)
+        keys = entity_keys(df)
+        content = [c for c in df.columns if c not in (*keys, "event_timestamp")]
+        newest = stored.sort_values("event_timestamp").groupby(keys).tail(1)
+        both = df.merge(newest, on=keys, how="left", suffixes=("", "_stored"), indicator=True)
+        same = (both["_merge"] == "both").to_numpy()
+        for c in content:
+            same &= (both[c] == both[f"{c}_stored"]).to_numpy()
+        after_stored = both["event_timestamp_stored"] + pd.Timedelta(microseconds=1)
+        stamp = np.maximum(both["event_timestamp"], ingested_at)
+        stamp = stamp.where(after_stored.isna() | (stamp >= after_stored), after_stored)
+        both["event_timestamp"] = stamp.where(~same, both["event_timestamp_stored"])
+        rows = both[df.columns].astype({"event_timestamp": "datetime64[us, UTC]"})
+        if (~same).any():
+            write_parquet(pd.concat([stored, rows[~same]], ignore_index=True), path)
+        out[view] = rows.reset_index(drop=True)
+    return out
 
 
-def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print) -> dict:
+def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print, time_unit: str | None = None) -> dict:
     """Run the four steps (module docstring); return what each added."""
     from loopfm.pipeline import stage
     from loopfm.features.store import open_store
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
-    events = read_events(events_path, cfg, paths)
+    ingested_at = pd.Timestamp.now(tz="UTC").as_unit("us")  # when this batch becomes available
+    events = read_events(events_path, cfg, paths, time_unit)
     with stage(1, 4, f"append {len(events)} impressions from {events_path}"):
-        added = _append_impressions(paths, events)
+        added = _append_impressions(paths, events, events_path)
     with stage(2, 4, "FM-log the impressions the embedding log lacks (offline, never in the server)"):
-        logged = _append_fm_log(paths, cfg)
+        logged = _append_fm_log(paths, cfg, ingested_at)
     with stage(3, 4, "recompute the batch's users' newest histories into the Feast sources"):
-        snapshots = newest_snapshots(paths, cfg, events["user_id"].unique())
-        _append_sources(paths, snapshots)
+        snapshots = _stamp_and_append(paths, newest_snapshots(paths, cfg, events["user_id"].unique()), ingested_at)
     with stage(4, 4, "push them to the online store (Feast push API)"):
         from feast.data_source import PushMode
 

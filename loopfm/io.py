@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -58,9 +58,65 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     for col in df.columns:
         if isinstance(df[col].dtype, pd.DatetimeTZDtype):
             df = df.assign(**{col: df[col].dt.tz_convert("UTC").astype("datetime64[us, UTC]")})
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a temporary file of a unique name beside `path`, then one rename onto
+    `path`: readers see the old file or the new one, two writers never share a temporary file,
+    and a write that fails or is interrupted leaves no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file written atomically (atomic_write)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+class RunDirBusy(RuntimeError):
+    """Another loopfm process is writing the same run directory; the message names it."""
+
+
+def lock_path(run_dir: Path) -> Path:
+    """The lock of a run directory: a hidden file beside it (`runs/.demo.lock` for
+    `runs/demo`), so the run directory holds only its artifacts and a copy carries no lock."""
+    run_dir = run_dir.resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder.
+
+    An OS file lock (filelock: flock on POSIX), so a holder that dies, even by SIGKILL,
+    releases it. `<lock>.holder` says who holds it (pid, command, since when)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(path), path.with_name(path.name + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = holder.read_text().strip()
+        except OSError:
+            who = "another loopfm process"
+        raise RunDirBusy(f"{run_dir} is being written by {who}; wait for it to finish or stop it, then run this again") from None
+    try:
+        write_text(holder, f"pid {os.getpid()} (`{command}`, since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -79,10 +135,7 @@ def staged_dir(target: Path) -> Iterator[Path]:
     old = target.resolve() if target.is_symlink() else None
     if target.exists() and old is None:  # a run written before versioned folders: a one-time move
         old = target.rename(target.with_name(f".{target.name}.legacy"))
-    link = target.with_name(f".{target.name}.link")
-    link.unlink(missing_ok=True)
-    link.symlink_to(new.name)  # relative: the run directory can be moved or copied
-    os.replace(link, target)
+    atomic_write(target, lambda link: (link.unlink(), link.symlink_to(new.name)))  # relative: the run can be moved
     if old is not None and old != new:
         shutil.rmtree(old, ignore_errors=True)
     for stale in target.parent.glob(f".{target.name}.v*"):  # left by earlier killed runs

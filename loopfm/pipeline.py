@@ -85,8 +85,11 @@ def running_server(
         raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
     with redis_url_or_local(redis_url) as store_url:
         if not redis_url:
+            from loopfm.io import run_dir_lock
+
             print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")
-            materialize(run_dir, store_url)
+            with run_dir_lock(run_dir, "loopfm serve (feast apply + materialize)"):  # rewrites registry.db
+                materialize(run_dir, store_url)
         proc, base = start_server(model_dir, store_url, RunPaths(run_dir).root / "server.log", port=port)
         try:
             yield base

@@ -19,6 +19,9 @@ def free_port() -> int:
 
 
 SERVING_APP = "serving.app:create_app"
+# uvicorn answers 503 above this many concurrent connections and requests; the environment
+# variable of the same name (read by uvicorn itself) overrides it.
+LIMIT_CONCURRENCY = {"UVICORN_LIMIT_CONCURRENCY": "1000"}
 
 
 def uvicorn_command(app: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -41,26 +44,47 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """Start uvicorn on a free loopback port and wait until `wait_for` answers 200."""
     port = port or free_port()
-    env = {**os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
+    env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+    except BaseException:  # not ready, or a stop signal while waiting: leave no server behind
+        stop_server(proc)
+        raise
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, theirs, ...), read from /proc (Linux)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (a process that has children of its own stops them), then SIGKILL after 10 s."""
     proc.terminate()
     try:
         proc.wait(timeout=10)

@@ -11,6 +11,8 @@ while Redis answers) and every request has a deadline: a slow Redis gives 504s, 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,10 +21,12 @@ from typing import Annotated
 import orjson
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.guards import BodySizeLimit, admin_key_guard, api_key_guard
+from serving.feast_layout import ready_marker
+from serving.guards import BodyLimits, admin_key_guard, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.models import ModelRefused, ModelRegistry
@@ -32,9 +36,45 @@ from serving.scorer import Scorer
 from serving.settings import Settings
 
 
+log = logging.getLogger("uvicorn.error")
+
+
 def json_response(body: dict, status_code: int = 200) -> Response:
     """orjson straight to bytes: no second validation pass over a 1,000-score list."""
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
+NON_FINITE = "it holds a number that is not finite (NaN, Infinity, or beyond a double's range such as 1e400)"
+
+
+def _json_safe(value) -> tuple[object, bool]:
+    """(`value` with what JSON or orjson cannot hold written as text, whether it held a
+    non-finite float): NaN and Infinity are no JSON, orjson refuses integers beyond 64 bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value), True
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value), False
+    if isinstance(value, (list, tuple)):
+        pairs = [_json_safe(v) for v in value]
+        return [v for v, _ in pairs], any(r for _, r in pairs)
+    if isinstance(value, dict):
+        pairs = {str(k): _json_safe(v) for k, v in value.items()}
+        return {k: v for k, (v, _) in pairs.items()}, any(r for _, r in pairs.values())
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value, False
+    return str(value), False
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict]:
+    """Pydantic's errors as plain JSON: Python's json module reads NaN, Infinity and 1e400 (as
+    inf) into the request, and FastAPI's own 422 body, echoing them, cannot be serialised (a
+    500). Each error keeps where and what; a non-finite input is named as such."""
+    out = []
+    for error in exc.errors():
+        given, non_finite = _json_safe(error.get("input"))
+        message = f"{error.get('msg', 'invalid')}; {NON_FINITE}" if non_finite else error.get("msg", "invalid")
+        out.append({"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type"), "input": given})
+    return out
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,15 +93,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
-        app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s)  # one node or a cluster
+        app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s, settings.redis_max_connections)
+        missing = (await feature_data(app.state.models, app.state.redis))[1]
+        if missing:
+            log.warning("not ready: %s", missing)
         yield
         await app.state.redis.aclose()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     authorized = [Depends(api_key_guard(settings.api_key))]
     admin = [Depends(admin_key_guard(settings.admin_key))]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"detail": validation_errors(exc)}, status_code=422)
 
     def hosting(request: Request, name: str) -> ModelRegistry:
         """The registry, once it is known to host `name` (404 with the hosted names if not)."""
@@ -74,15 +121,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    async def feature_data(models: ModelRegistry | None, client) -> tuple[dict[str, bool], str | None]:
+        """Whether the store holds each hosted model's Feast project (the marker `loopfm
+        features apply` sets), and what is missing, if anything, in words (None: nothing)."""
+        if models is None:
+            return {}, "no model loaded"
+        projects = sorted({hosted.scorer.meta["project"] for hosted in models.models.values()})
+        try:
+            found = {p: bool(await asyncio.wait_for(client.exists(ready_marker(p)), settings.redis_timeout_s)) for p in projects}
+        except (redis.RedisError, TimeoutError) as exc:
+            return {}, f"online store at {settings.redis_url} unreachable: {type(exc).__name__}"
+        empty = [p for p, ok in found.items() if not ok]
+        if empty:
+            return found, (f"the online store holds no features of Feast project(s) {empty}: "
+                           "run `loopfm features apply` (feast apply + materialize) against it")  # fmt: skip
+        return found, None
+
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
         models: ModelRegistry | None = getattr(request.app.state, "models", None)
-        try:
-            redis_ok = bool(await asyncio.wait_for(request.app.state.redis.ping(), settings.redis_timeout_s))
-        except (redis.RedisError, AttributeError, TimeoutError):
-            redis_ok = False
-        ready = models is not None and redis_ok
-        body = {"ready": ready, "model_loaded": models is not None, "redis": redis_ok}
+        client = getattr(request.app.state, "redis", None)
+        found, missing = await feature_data(models, client) if client is not None else ({}, "starting")
+        ready = missing is None
+        body = {"ready": ready, "model_loaded": models is not None, "redis": bool(found), "feature_data": found}
+        if missing:
+            body["missing"] = missing
         if models is not None:
             body["model_version"] = models.scorer().version
             body["models"] = {name: h.scorer.version for name, h in models.models.items()}
@@ -115,6 +178,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 scorer.score(request.app.state.redis, body.user_id, body.candidate_item_ids, hour),
                 settings.request_timeout_s,
             )
+        except redis.exceptions.MaxConnectionsError as exc:
+            metrics.errors.labels("redis_pool_exhausted").inc()
+            raise HTTPException(503, f"server busy: {exc} (LOOPFM_REDIS_MAX_CONNECTIONS); retry", headers={"Retry-After": "1"}) from None
         except redis.RedisError as exc:
             metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
             raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc

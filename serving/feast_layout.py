@@ -21,6 +21,13 @@ _STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
 USER_KEY, ITEM_KEY = "user_id", "item_id"
 
 
+def ready_marker(project: str) -> bytes:
+    """The key `loopfm features apply` sets once `feast materialize` has written `project`'s
+    features (loopfm/features/store.py): /readyz tells an empty store from a filled one. A
+    push does not set it: it writes only its batch's users."""
+    return f"loopfm:materialized:{project}".encode()
+
+
 def entity_key(join_keys: Sequence[str], values: Sequence[int | str], project: str) -> bytes:
     """Redis key of one entity of int64 and string join keys (serialization version 3: the
     key count, then names and values in join-key order, sorted when there are several)."""

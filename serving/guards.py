@@ -1,8 +1,11 @@
-"""Request guards: an optional API key and a body-size limit, both checked before any work."""
+"""Request guards: an optional API key, and limits on the body's size and on the time its
+reading may take, all checked before any work."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 
 from fastapi import HTTPException, Request
 
@@ -37,11 +40,13 @@ def admin_key_guard(expected: str | None):
     return check
 
 
-class BodySizeLimit:
-    """Pure ASGI middleware: 413 for a body over `max_bytes`, before it is read whole or parsed."""
+class BodyLimits:
+    """Pure ASGI middleware: 413 for a body over `max_bytes`, before it is read whole or parsed;
+    408 (and the connection closed) for a body not received within `deadline_s` of the
+    request's start, so a client sending slowly cannot hold a connection past the deadline."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, deadline_s: float):
+        self.app, self.max_bytes, self.deadline_s = app, max_bytes, deadline_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,11 +54,18 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _too_large(send, self.max_bytes)
-        received = 0
+        received, complete, deadline = 0, False, time.monotonic() + self.deadline_s
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: later receives wait for a disconnect, unbounded by design
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within the {self.deadline_s} s request deadline",
+                                    headers={"Connection": "close"}) from None  # fmt: skip
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, f"request body over {self.max_bytes} bytes")

@@ -8,12 +8,16 @@ slot map from it). The same URL selects Feast's `redis_cluster` online store
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.cluster
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+MAX_CONNECTIONS = 64  # per server process (LOOPFM_REDIS_MAX_CONNECTIONS); one request holds one at a time
 
 
 def cluster_node_url(url: str) -> str | None:
@@ -26,10 +30,37 @@ def cluster_node_url(url: str) -> str | None:
     return urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
 
 
-def async_client(url: str, timeout_s: float) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """A client whose pipeline(transaction=False) / hmget / ping / aclose serve both kinds;
-    a cluster pipeline sends each node its keys' commands and returns replies in order."""
+class CappedPool(redis.asyncio.BlockingConnectionPool):
+    """At most `max_connections` connections; a request waits up to `timeout` seconds for a
+    free one, then gets MaxConnectionsError (the server answers 503 with the reason)."""
+
+    async def get_connection(self, *args, **kwargs):
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError):
+                raise redis.exceptions.MaxConnectionsError(
+                    f"all {self.max_connections} online-store connections busy for {self.timeout} s") from None  # fmt: skip
+            raise
+
+
+def async_client(url: str, timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """A client whose pipeline(transaction=False) / hmget / ping / exists / aclose serve both
+    kinds; a cluster pipeline sends each node its keys' commands and returns replies in order.
+    At most `max_connections` connections (per node of a cluster, where one more request
+    fails at once with MaxConnectionsError instead of waiting)."""
     node = cluster_node_url(url)
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if node is None:
-        return redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return redis.asyncio.cluster.RedisCluster.from_url(node, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        pool = CappedPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **timeouts)
+        return redis.asyncio.Redis.from_pool(pool)
+    return redis.asyncio.cluster.RedisCluster.from_url(node, max_connections=max_connections, **timeouts)
+
+
+def sync_client(url: str, timeout_s: float = 5.0) -> redis.Redis | redis.cluster.RedisCluster:
+    """A blocking client of either kind, for the batch jobs (materialize, ingest)."""
+    node = cluster_node_url(url)
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if node is None:
+        return redis.Redis.from_url(url, **timeouts)
+    return redis.cluster.RedisCluster.from_url(node, **timeouts)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.redis_client import MAX_CONNECTIONS
 from serving.schemas import MAX_CANDIDATES
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -31,8 +33,9 @@ class Settings:
     ort_threads: int = 1  # ONNX Runtime threads for requests below large_batch candidates
     ort_threads_large: int = 2  # ... and at or above it (docs/serving.md has the measurements)
     large_batch: int = 256
-    redis_timeout_s: float = 0.5
-    request_timeout_s: float = 1.0  # deadline for the feature read + scoring of one request
+    redis_timeout_s: float = 0.5  # per Redis call, and the longest wait for a free pooled connection
+    redis_max_connections: int = MAX_CONNECTIONS  # a request finding all busy for redis_timeout_s gets 503
+    request_timeout_s: float = 1.0  # deadline for one request: body read (408), feature read + scoring (504)
     api_key: str | None = None  # when set, /score and /metrics need it (Bearer or X-API-Key)
     admin_key: str | None = None  # /admin/* is disabled unless set; never the same as api_key
     max_body_bytes: int = 64 * 1024  # 1,000 ids of 19 digits fit in about 20 KB
@@ -55,6 +58,7 @@ class Settings:
             ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, cls.ort_threads_large, 1),
             large_batch=_number("LOOPFM_LARGE_BATCH", int, cls.large_batch, 1),
             redis_timeout_s=_number("LOOPFM_REDIS_TIMEOUT_S", float, cls.redis_timeout_s, 0.001),
+            redis_max_connections=_number("LOOPFM_REDIS_MAX_CONNECTIONS", int, cls.redis_max_connections, 1),
             request_timeout_s=_number("LOOPFM_REQUEST_TIMEOUT_S", float, cls.request_timeout_s, 0.001),
             api_key=os.environ.get("LOOPFM_API_KEY") or None,
             admin_key=os.environ.get("LOOPFM_ADMIN_KEY") or None,
@@ -73,6 +77,8 @@ def _number(name: str, kind: type, default, low, high=None):
         value = kind(raw)
     except ValueError:
         raise RuntimeError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise RuntimeError(f"{name}={raw!r}: not a finite number")
     if value < low or (high is not None and value > high):
         raise RuntimeError(f"{name}={raw!r}: must be in [{low}, {high if high is not None else 'inf'}]")
     return value

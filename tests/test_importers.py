@@ -248,14 +248,31 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
         ("movielens", {"u.data": ["1\t2\t5\t881250949"], "u.user": ["1|20|M|x|1", "2|30|F|x|1", "3|30|X|x|1"], "u.item": ["2|T|d||u" + "|0" * 19]},
          "genre=Drama", ["u.user: line 3, column 'gender': gender takes two values (F and M come first), got 'X'"]),
         ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110000,1,p,1,0"]},
-         "pid=p", ["line 2, column 'time_stamp': not a unix time in seconds between 1970 and 2100 (milliseconds?)"]),
+         "pid=p", ["line 2, column 'time_stamp': a unix time in s outside 1980 to 2100, got '1494032110000'"]),
+        ("bars-amazon", {"train.csv": ["label,user_id,item_id,cate_id", "1,0,40,7", f"1,{2**64},40,7"]},
+         "cate_id=7", [f"train.csv: line 3, column 'user_id': an integer outside [-9223372036854775808, "
+                       f"18446744073709551615] cannot be held exactly, got '{2**64}'"]),
+        ("bars-amazon", {"train.csv": ["label,user_id,item_id,cate_id", "1,0,40,7", "1,1e3,40,7"]},
+         "cate_id=7", ["train.csv: line 3, column 'user_id': not an integer, got '1e3'"]),
+        ("taobao", {"raw_sample.csv": ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,1494032110,1,p,0,1"],
+                    "ad_feature.csv": ["adgroup_id,cate_id,campaign_id,customer,brand,price", "1,1,1,1,1,9.9", "1,1,1,1,1,19.9"],
+                    "user_profile.csv": ["userid,final_gender_code,age_level", "1,1,2"]},
+         "pid=p", ["ad_feature.csv: id(s) ['1'] appear in several rows with different values"]),
+        ("csv", {"log.csv": ["uid,iid,y,when", "1,2,1,1790848800", "1,3,0,12345"]},
+         "iid=2", ["log.csv: line 3, column 'when': a unix time whose unit cannot be told", "got '12345'"]),
+        ("csv", {"log.csv": ["uid,iid,y,when", "1,2,1,1790848800", "1,3,0,1790848800000"]},
+         "iid=2", ["log.csv: line 3, column 'when': a unix time in another unit than the column's first row (s)"]),
+        ("csv", {"log.csv": ["uid,iid,y,when,price", "1,2,1,1790848800,inf"]},
+         "iid=2", ["log.csv: line 2, column 'price': not a finite number, got 'inf'"]),
     ],
 )  # fmt: skip
 def test_bad_files_are_named_with_column_and_line(tmp_path, fmt, files, rule, expected):
     for name, lines in files.items():
         write(tmp_path / name, lines)
+    roles = {"user_id": "uid", "item_id": "iid", "label": "y", "timestamp": "when", "price": "price"} if fmt == "csv" else {}
     with pytest.raises(DataFormatError) as exc:
-        imported(tmp_path, fmt, rule)
+        imported(tmp_path / "log.csv" if fmt == "csv" else tmp_path, fmt, rule,
+                 roles={r: c for r, c in roles.items() if c in files.get("log.csv", [""])[0].split(",")})  # fmt: skip
     for part in expected:
         assert part in str(exc.value)
 
@@ -336,3 +353,29 @@ def test_loopfm_run_end_to_end_on_taobao_files(tmp_path, redis_url):
     assert "Bayes" not in (run / "results" / "quality.md").read_text()
     assert quality["models"]["fm"]["auc"] > 0.6  # the FM learns which categories are clicked
     print(r.stdout[r.stdout.index("### Held-out"):])
+
+
+def test_large_integer_ids_are_kept_exactly_never_merged_through_float64(tmp_path):
+    """2**53 + k: float64 merges odd and even k; from 2**63 int64 overflows. Every id stays itself."""
+    base = 2**53
+    rows = [f"{k % 2},{base + k % 30},{2**63 + k % 7},{k % 3}" for k in range(60)]
+    write(tmp_path / "train.csv", ["label,user_id,item_id,cate_id", *rows])
+    tables = imported(tmp_path, "bars-amazon", "cate_id=1").tables
+    assert len(tables["users"]) == 30 and len(tables["items"]) == 7
+    assert sorted(source_ids(tables, "user").map(int)) == [base + k for k in range(30)]
+    assert sorted(source_ids(tables, "item").map(int)) == [2**63 + k for k in range(7)]
+
+
+def test_one_time_parser_infers_the_unit_from_the_size_or_takes_it_given(tmp_path):
+    """1790848800 is 2026-10-01 10:00 UTC in seconds, not 1.79 s after 1970 in nanoseconds."""
+    expected = pd.Timestamp("2026-10-01 10:00", tz="UTC")
+    for unit, value in (("s", 1790848800), ("ms", 1790848800_000), ("us", 1790848800_000_000), ("ns", 1790848800_000_000_000)):
+        lines = ["uid,iid,y,when", f"1,2,1,{value}", f"1,3,0,{value + 1}", f"2,2,0,{value}"]
+        write(tmp_path / "log.csv", lines)
+        roles = {"user_id": "uid", "item_id": "iid", "label": "y", "timestamp": "when"}
+        for given in (None, unit):
+            imp = imported(tmp_path / "log.csv", "csv", "iid=2", roles=roles, time_unit=given).tables["impressions"]
+            assert imp["event_timestamp"].iloc[0] == expected, (unit, given)
+    write(tmp_path / "log.csv", ["uid,iid,y,when", "1,2,1,1790848800"])
+    with pytest.raises(DataFormatError, match="line 2, column 'when': a unix time in ms outside 1980 to 2100"):
+        imported(tmp_path / "log.csv", "csv", "iid=2", roles=roles, time_unit="ms")

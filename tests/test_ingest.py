@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,6 +97,11 @@ def test_a_killed_ingest_rerun_adds_each_event_once_and_score_sees_the_new_histo
         (lambda df: df.assign(label=[1, 0, 2, 1, 1]), "column 'label', row 3: labels must be 0 or 1"),
         (lambda df: df.assign(user_id=10**7), "column 'user_id', row 1: user unknown to the FM"),
         (lambda df: df.assign(vertical="cars"), "column 'vertical', row 1: vertical not in"),
+        (lambda df: df.assign(event_timestamp=[1790848800, 12345, 1790848801, 1790848802, 1790848803]),
+         "column 'event_timestamp', row 2: a unix time whose unit cannot be told"),
+        (lambda df: df.astype({"user_id": object}).assign(user_id=[3, 3, 3, "inf", 3]), "column 'user_id', row 4: not an integer"),
+        (lambda df: df.astype({"item_id": object}).assign(item_id=[801, 802, 2**63, 803, 804]),
+         "column 'item_id', row 3: an integer outside"),
     ],
 )
 def test_a_bad_events_file_is_refused_by_name_and_nothing_is_written(run, private_redis, tmp_path, change, message):
@@ -107,3 +113,92 @@ def test_a_bad_events_file_is_refused_by_name_and_nothing_is_written(run, privat
     assert result.returncode == 2 and str(bad) in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert digest(paths.table("impressions"), paths.fm_log) == state
+
+
+@pytest.mark.parametrize("unit, value", [(None, 1790848800), ("s", 1790848800), ("ms", 1790848800_000), (None, 1790848800_000_000_000)])
+def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(built_run, tmp_path, unit, value):
+    """1790848800 is 2026-10-01 10:00 UTC in seconds (it was stored as 1970-01-01 00:00:01.79)."""
+    from loopfm.config import RunConfig
+    from loopfm.ingest import read_events
+
+    batch = tmp_path / "batch.csv"
+    fresh_events(built_run, n=1).assign(event_timestamp=value).to_csv(batch, index=False)
+    events = read_events(batch, RunConfig.load(built_run), RunPaths(built_run), **({"time_unit": unit} if unit else {}))
+    assert events["event_timestamp"].iloc[0] == pd.Timestamp("2026-10-01 10:00", tz="UTC")
+    assert events["hour"].iloc[0] == 10
+
+
+def ingest_cmd(run: Path, batch: Path, redis_url: str) -> list[str]:
+    return [LOOPFM, "ingest", "--run-dir", str(run), "--events", str(batch), "--redis-url", redis_url]
+
+
+def test_a_reused_impression_id_with_other_values_is_refused_naming_it(run, private_redis, tmp_path):
+    paths = RunPaths(run)
+    shop_item = int(read_parquet(paths.table("items")).query("vertical == 'shop'")["item_id"].iloc[-1])
+    stored = read_parquet(paths.table("impressions")).iloc[0]
+    assert (stored["user_id"], stored["item_id"]) != (7, shop_item)
+    batch = tmp_path / "reused.csv"
+    batch.write_text(f"impression_id,user_id,item_id,vertical,event_timestamp,label\n0,7,{shop_item},shop,2026-10-01T10:00:00Z,1\n")
+    state = digest(paths.table("impressions"), paths.fm_log)
+    result = subprocess.run(ingest_cmd(run, batch, private_redis.url), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "impression_id(s) [0] already stored" in result.stderr and "give new events new ids" in result.stderr
+    assert digest(paths.table("impressions"), paths.fm_log) == state
+
+
+def test_a_late_event_becomes_available_when_ingested_online_equals_offline_and_the_past_is_unchanged(
+    run, private_redis, tmp_path
+):
+    """A click stamped a day before USER's newest snapshot: offline and online newest rows hold
+    it, stamped at the ingest; every older snapshot stays as it was."""
+    from loopfm.features.store import open_store
+
+    paths = RunPaths(run)
+    views = {"fm_history": ["user_id"], "vm_click_history": ["user_id", "vertical"]}
+    before = {v: read_parquet(paths.features / f"{v}.parquet") for v in views}
+    newest = before["vm_click_history"].query("user_id == @USER and vertical == 'shop'")["event_timestamp"].max()
+    late = fresh_events(run, n=1).assign(event_timestamp=(newest - pd.Timedelta(days=1)).isoformat())
+    late.to_csv(tmp_path / "late.csv", index=False)
+    started = pd.Timestamp.now(tz="UTC")
+    loopfm("ingest", "--run-dir", str(run), "--events", str(tmp_path / "late.csv"), "--redis-url", private_redis.url)
+
+    imp = read_parquet(paths.table("impressions")).set_index("impression_id")
+    assert imp.loc[late["impression_id"].iloc[0], "event_timestamp"] == newest - pd.Timedelta(days=1)
+    code = read_parquet(paths.fm_log).set_index("impression_id").loc[late["impression_id"].iloc[0], "fm_code"]
+    online = open_store(run, private_redis.url).get_online_features(
+        features=["fm_history:fm_codes", "vm_click_history:item_ids"], entity_rows=[{"user_id": USER, "vertical": "shop"}]
+    ).to_dict()
+    for view, keys in views.items():
+        after = read_parquet(paths.features / f"{view}.parquet")
+        mine = after.query("user_id == @USER" + (" and vertical == 'shop'" if "vertical" in keys else ""))
+        top = mine.sort_values("event_timestamp").iloc[-1]
+        assert top["event_timestamp"] >= started  # available when ingested, not at its event time
+        value = top["fm_codes"] if view == "fm_history" else top["item_ids"]
+        assert value == online["fm_codes" if view == "fm_history" else "item_ids"][0]  # online equals offline
+        held = code if view == "fm_history" else np.int32(late["item_id"].iloc[0]).tobytes()
+        assert held in value
+        old = after[after["event_timestamp"] < started].reset_index(drop=True)
+        pd.testing.assert_frame_equal(old, before[view].reset_index(drop=True))  # no earlier row sees it
+
+
+def test_two_ingests_on_one_run_directory_never_lose_or_corrupt_a_batch(run, private_redis, tmp_path):
+    """Started together: one writes, the other stops at once naming the holder; every table
+    still reads, and nothing is lost: the refused batch goes in when run again."""
+    paths = RunPaths(run)
+    events = fresh_events(run, n=20)
+    batches = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    events.iloc[:10].to_csv(batches[0], index=False)
+    events.iloc[10:].assign(user_id=USER + 1).to_csv(batches[1], index=False)
+    procs = [subprocess.Popen(ingest_cmd(run, b, private_redis.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for b in batches]  # fmt: skip
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert all("Traceback" not in err for _, _, err in outs), outs
+    refused = [i for i, (code, _, _) in enumerate(outs) if code != 0]
+    assert len(refused) <= 1, outs
+    for i in refused:
+        assert outs[i][0] == 2 and "is being written by pid" in outs[i][2] and "loopfm ingest" in outs[i][2]
+        loopfm("ingest", "--run-dir", str(run), "--events", str(batches[i]), "--redis-url", private_redis.url)
+    stored = read_parquet(paths.table("impressions"))["impression_id"]
+    assert set(events["impression_id"]) <= set(stored) and stored.is_unique
+    assert set(events["impression_id"]) <= set(read_parquet(paths.fm_log)["impression_id"])
+    assert not list(run.rglob("*.tmp")) and not (tmp_path / ".run.lock.holder").exists()

@@ -112,6 +112,27 @@ def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
     assert r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"user_id": NaN, "candidate_item_ids": [1]}',
+        b"[Infinity]",
+        b'{"user_id": 1, "candidate_item_ids": [1], "context": {"hour": -Infinity}}',
+        b'{"user_id": 1e400, "candidate_item_ids": [1]}',
+        b'{"user_id": 1, "candidate_item_ids": [1, 123456789012345678901234567890]}',
+    ],
+)
+def test_non_finite_and_huge_numbers_get_a_422_with_a_reason_never_a_500(server, raw):
+    """Python's JSON reader takes NaN, Infinity and 1e400 (as inf); the 422 body that echoes
+    them must still be JSON."""
+    url, _ = server
+    r = httpx.post(f"{url}/score", content=raw, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    if b"Infinity" in raw or b"NaN" in raw or b"1e400" in raw:
+        assert "not finite" in json.dumps(detail)
+
+
 def test_a_corrupt_stored_value_is_read_as_missing_flagged_and_never_a_500(server, redis_url):
     import redis
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from loopfm.config import WorldConfig
-from loopfm.io import RunPaths
+from loopfm.io import RunPaths, write_text
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Vocab:
 
     def save(self, paths: RunPaths) -> None:
         paths.data.mkdir(parents=True, exist_ok=True)
-        (paths.data / "vocab.json").write_text(json.dumps(asdict(self), indent=2))
+        write_text(paths.data / "vocab.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, paths: RunPaths) -> "Vocab":

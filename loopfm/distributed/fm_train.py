@@ -34,7 +34,15 @@ def launch(run_dir: Path, nproc: int) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "loopfm.distributed.fm_train", "--run-dir", str(run_dir),
     ]  # fmt: skip
-    if subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
+    from loopfm.server_process import stop_server
+
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        code = proc.wait()
+    except BaseException:  # a stop signal: SIGTERM to torchrun, which stops its ranks (a SIGKILL would orphan them)
+        stop_server(proc)
+        raise
+    if code != 0:
         raise RuntimeError(f"data-parallel FM training failed: {' '.join(cmd)}")
 
 

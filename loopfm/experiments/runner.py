@@ -22,7 +22,7 @@ import pandas as pd
 from loopfm.config import RunConfig
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
-from loopfm.io import RunPaths, read_parquet
+from loopfm.io import RunPaths, read_parquet, write_text
 
 CANDIDATES = (100, 1000)
 
@@ -47,9 +47,7 @@ def run_config(base: Overrides, seed: int, *overrides: Overrides) -> RunConfig:
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def _stage(directory: Path, name: str, log: Progress, what: str, fn) -> None:

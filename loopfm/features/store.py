@@ -74,6 +74,18 @@ def apply_and_materialize(run_dir: Path, redis_url: str, start: pd.Timestamp, en
     fmt = "%Y-%m-%dT%H:%M:%S"
     feast_cli(["apply"], run_dir, redis_url)
     feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url)
+    mark_materialized(redis_url)
+
+
+def mark_materialized(redis_url: str, by: str = "feast materialize") -> None:
+    """Set the project's marker (serving.feast_layout.ready_marker), a hash like Feast's own
+    keys, after its features were written: the server's /readyz is 503 on a store without
+    it. A constant value: materializing again leaves the store as it was."""
+    from serving.feast_layout import ready_marker
+    from serving.redis_client import sync_client
+
+    with contextlib.closing(sync_client(redis_url)) as client:
+        client.hset(ready_marker(PROJECT), "by", by)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from loopfm.data.synth import US_PER_DAY
 from loopfm.features.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
-from loopfm.io import RunPaths, from_unix_us, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
@@ -193,8 +193,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             "known_users": known_users.copy(),
             "known_items": known_items.copy(),
         }
-        torch.save(state, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def train_on(idx: np.ndarray) -> tuple[float, float]:
         """One optimizer step per global batch of `idx` (in the given order); mean losses."""

@@ -28,7 +28,7 @@ from loopfm.features.tensorize import (
     candidate_tensors,
     request_tensors,
 )
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet
 from loopfm.training import EarlyStopping, time_split
 from loopfm.vm.model import VerticalModel, VMShapes
 
@@ -96,7 +96,7 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     out = paths.vm / variant
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}, out / "model.pt")
-    (out / "training.json").write_text(json.dumps(fit, indent=2))
+    atomic_write(out / "training.json", lambda tmp: tmp.write_text(json.dumps(fit, indent=2)))
     write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
     return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started,
             **fit}  # fmt: skip

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class ImportOptions:
     roles: dict[str, str] = field(default_factory=dict)  # csv only: role -> column
     click_threshold: float | None = None  # label = value >= threshold (MovieLens default: 4)
     days: int = 10  # data without absolute times is spread over this many days
+    time_unit: str | None = None  # csv: unit of a numeric timestamp column (s, ms, us, ns); None infers it
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def read_source(path: Path, opts: ImportOptions) -> pd.DataFrame:
     if opts.fmt == "csv":
         if not path.is_file():
             raise DataFormatError(f"{path}: --format csv needs one CSV or parquet file")
-        return read_mapped([path], opts.roles, integer_ids=False, click_threshold=opts.click_threshold)
+        return read_mapped([path], opts.roles, integer_ids=False, click_threshold=opts.click_threshold, time_unit=opts.time_unit)
     if not path.is_dir():
         raise DataFormatError(f"{path}: --format {opts.fmt} needs the folder holding the dataset's files")
     if opts.fmt == "taobao":
@@ -102,16 +104,17 @@ def _check_windows(imported: Imported, cfg: RunConfig) -> None:
 def write_imported(run_dir: Path, imported: Imported, cfg: RunConfig) -> None:
     """Write the tables and vocab.json into a fresh folder, then swap it for `data/` and save
     the config: an import that fails leaves the run directory as it was."""
-    paths, staging = RunPaths(run_dir), RunPaths(run_dir / ".import")
-    shutil.rmtree(staging.root, ignore_errors=True)
-    for name, df in imported.tables.items():
-        write_parquet(df, staging.table(name))
-    imported.vocab.save(staging)
-    old = run_dir / ".data.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if paths.data.exists():
-        paths.data.rename(old)
-    staging.data.rename(paths.data)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging.root, ignore_errors=True)
+    paths = RunPaths(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = RunPaths(Path(tempfile.mkdtemp(prefix=".import.", dir=run_dir)))  # a unique name per import
+    try:
+        for name, df in imported.tables.items():
+            write_parquet(df, staging.table(name))
+        imported.vocab.save(staging)
+        old = staging.root / "data.old"
+        if paths.data.exists():
+            paths.data.rename(old)
+        staging.data.rename(paths.data)
+    finally:
+        shutil.rmtree(staging.root, ignore_errors=True)
     cfg.save(run_dir)

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 
 from loopfm.data.synth import PRICE_BUCKETS, US_PER_DAY, US_PER_HOUR
+from loopfm.parse import BadValues, integer_keys, unix_times_us
 
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
 AGE_EDGES = (18, 25, 35, 45, 56)
 NO_TIME_START_US = pd.Timestamp("2000-01-01", tz="UTC").value // 1000  # for data without absolute times
-LAST_UNIX_SECOND = pd.Timestamp("2100-01-01", tz="UTC").value // 10**9  # later: milliseconds, most likely
-# role (what a column means) -> its canonical column. timestamp: unix seconds or date-time text;
+# role (what a column means) -> its canonical column. timestamp: unix time (loopfm.parse) or date-time text;
 # order: sortable numbers without absolute time; age: years; age_level: a bucket 0-5 (higher: 5).
 COLUMNS = {
     "user_id": "_user", "item_id": "_item", "label": "_label", "timestamp": "_time_us", "order": "_order",
@@ -81,10 +81,22 @@ def _fail(df: pd.DataFrame, column: str, bad: np.ndarray, problem: str) -> DataF
     return DataFormatError(f"{path}: {where} {df['_line'].iloc[i]}, column {column!r}: {problem}, got {shown}{more}")
 
 
+def _parsed(df: pd.DataFrame, column: str, parse):
+    """`parse(df[column])`, its BadValues turned into a DataFormatError naming file, column and line."""
+    try:
+        return parse(df[column])
+    except BadValues as exc:
+        raise _fail(df, column, exc.bad, exc.problem) from None
+
+
 def numbers(df: pd.DataFrame, column: str, *, integer: bool = False, required: bool = True) -> pd.Series:
-    """A column as float64 (NaN where empty and not required); names the first bad row."""
+    """A column of finite numbers as float64 (NaN where empty and not required); names the
+    first bad row. Small integers only (flags, levels): ids go through `_keys`."""
     raw = df[column]
     values = pd.Series(pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan), index=raw.index)
+    infinite = np.isinf(values).to_numpy()
+    if infinite.any():
+        raise _fail(df, column, infinite, "not a finite number")
     bad = (values.isna() & raw.notna()).to_numpy()
     if integer:
         bad |= (values % 1 > 0).to_numpy()
@@ -96,9 +108,12 @@ def numbers(df: pd.DataFrame, column: str, *, integer: bool = False, required: b
 
 
 def _keys(df: pd.DataFrame, column: str, integer: bool) -> pd.Series:
-    """Ids as text keys; integer ids are checked and written without a decimal point."""
+    """Ids as text keys; integer ids are parsed exactly (64-bit, never through float64) and
+    written in plain decimal ("007" and "7.0" are 7)."""
+    if df[column].isna().any() and integer:
+        raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
     if integer:
-        return numbers(df, column, integer=True).astype(np.int64).astype(TEXT)
+        return _parsed(df, column, integer_keys)
     if df[column].isna().any():
         raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
     return df[column]
@@ -114,18 +129,9 @@ def _label(df: pd.DataFrame, column: str, click_threshold: float | None) -> pd.S
     return values.astype(np.int64)
 
 
-def _absolute_time_us(df: pd.DataFrame, column: str) -> pd.Series:
-    """Unix seconds, or date-time text (UTC unless it says otherwise) -> int64 microseconds."""
-    seconds = pd.to_numeric(df[column], errors="coerce")
-    if seconds.notna().all():
-        out_of_range = ((seconds < 0) | (seconds >= LAST_UNIX_SECOND)).to_numpy()
-        if out_of_range.any():
-            raise _fail(df, column, out_of_range, "not a unix time in seconds between 1970 and 2100 (milliseconds?)")
-        return (seconds * 1_000_000).round().astype(np.int64)
-    parsed = pd.to_datetime(df[column], errors="coerce", utc=True, format="mixed")
-    if parsed.isna().any():
-        raise _fail(df, column, parsed.isna().to_numpy(), "not a unix time in seconds nor a date-time")
-    return parsed.astype("datetime64[us, UTC]").astype(np.int64)
+def _absolute_time_us(df: pd.DataFrame, column: str, unit: str | None) -> pd.Series:
+    """Unix times in `unit` (inferred when None) or date-time text -> int64 microseconds (loopfm.parse)."""
+    return pd.Series(_parsed(df, column, lambda values: unix_times_us(values, unit)), index=df.index)
 
 
 def _two_values(df: pd.DataFrame, column: str) -> pd.Series:
@@ -137,12 +143,29 @@ def _two_values(df: pd.DataFrame, column: str) -> pd.Series:
     return df[column]
 
 
+def one_row_per_id(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The rows of a side table (ads, users, movies), one per id. Identical repeats are
+    dropped; an id repeated with other values is refused, naming the ids: which row holds the
+    truth cannot be told, and taking the first would alter the data in silence."""
+    rows = df.drop_duplicates()
+    clash = rows[key].duplicated(keep=False).to_numpy()
+    if clash.any():
+        ids = list(dict.fromkeys(rows.loc[clash, key].astype(str)))
+        raise DataFormatError(f"{df.attrs.get('path', 'a side table')}: id(s) {ids[:5]}{' ...' if len(ids) > 5 else ''} "
+                              "appear in several rows with different values; one row per id")  # fmt: skip
+    return rows
+
+
 def age_buckets(years: pd.Series) -> pd.Series:
     return pd.Series(np.digitize(years, AGE_EDGES), index=years.index).where(years.notna())
 
 
-def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, click_threshold: float | None = None) -> pd.DataFrame:
-    """Add the canonical column of each role (`roles`: role -> column of this file), checked."""
+def convert(
+    df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, click_threshold: float | None = None,
+    time_unit: str | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Add the canonical column of each role (`roles`: role -> column of this file), checked.
+    `time_unit`: the unit of a numeric timestamp column (s, ms, us, ns); None infers it."""
     out = df.drop(columns="_line")
     for role, column in roles.items():
         if role in ("user_id", "item_id"):
@@ -150,7 +173,7 @@ def convert(df: pd.DataFrame, roles: Mapping[str, str], *, integer_ids: bool, cl
         elif role == "label":
             value = _label(df, column, click_threshold)
         elif role == "timestamp":
-            value = _absolute_time_us(df, column)
+            value = _absolute_time_us(df, column, time_unit)
         elif role in ("order", "price"):
             value = numbers(df, column, required=role == "order")
         elif role in ("category", "brand"):

@@ -14,7 +14,8 @@ from loopfm.data.importers.canonical import REQUIRED_ROLES, ROLES, DataFormatErr
 
 
 def read_mapped(
-    files: Sequence[Path], roles: Mapping[str, str], *, integer_ids: bool, click_threshold: float | None = None
+    files: Sequence[Path], roles: Mapping[str, str], *, integer_ids: bool, click_threshold: float | None = None,
+    time_unit: str | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """The rows of every file, in file order, with the canonical column of each role added."""
     unknown = sorted(set(roles) - set(ROLES))
@@ -28,7 +29,7 @@ def read_mapped(
     for path in files:
         sep = "\t" if path.suffix == ".tsv" else ","
         table = read_table(path, list(roles.values()), sep=sep)
-        frames.append(convert(table, roles, integer_ids=integer_ids, click_threshold=click_threshold))
+        frames.append(convert(table, roles, integer_ids=integer_ids, click_threshold=click_threshold, time_unit=time_unit))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loopfm.data.importers.canonical import DataFormatError, convert, numbers, read_table
+from loopfm.data.importers.canonical import DataFormatError, convert, numbers, one_row_per_id, read_table
 
 GENRES_100K = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -36,12 +36,12 @@ def read_movielens(folder: Path, click_threshold: float) -> pd.DataFrame:
         ratings, users, items = _ml1m(folder)
     else:
         raise DataFormatError(f"{folder}: neither u.data (MovieLens 100K) nor ratings.dat (MovieLens 1M) found")
-    events = convert(ratings, RATINGS, integer_ids=True, click_threshold=click_threshold)
+    events = convert(ratings, RATINGS, integer_ids=True, click_threshold=click_threshold, time_unit="s")
     items = convert(items, {"item_id": "item_id"}, integer_ids=True)[["_item", "title", "genre"]]
     items["_category"] = items["genre"].str.split("|").str[0]
     users = convert(users, USERS, integer_ids=True).drop(columns="user_id")
-    events = events.merge(items.drop_duplicates("_item"), on="_item", how="left")
-    return events.merge(users.drop_duplicates("_user"), on="_user", how="left")
+    events = events.merge(one_row_per_id(items, "_item"), on="_item", how="left")
+    return events.merge(one_row_per_id(users, "_user"), on="_user", how="left")
 
 
 def _ml100k(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

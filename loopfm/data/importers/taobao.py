@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loopfm.data.importers.canonical import TEXT, convert, read_table
+from loopfm.data.importers.canonical import TEXT, convert, one_row_per_id, read_table
 
 BEHAVIOR_VERTICAL = "behavior"
 RAW = {"user_id": "user", "item_id": "adgroup_id", "label": "clk", "timestamp": "time_stamp"}
@@ -24,14 +24,14 @@ BEHAVIOR = {"user_id": "user", "timestamp": "time_stamp", "category": "cate", "b
 
 
 def read_taobao(folder: Path) -> pd.DataFrame:
-    raw = convert(read_table(folder / "raw_sample.csv", ["pid", *RAW.values()]), RAW, integer_ids=True)
+    raw = convert(read_table(folder / "raw_sample.csv", ["pid", *RAW.values()]), RAW, integer_ids=True, time_unit="s")
     ads = convert(read_table(folder / "ad_feature.csv", list(ADS.values())), ADS, integer_ids=True)
     profile = convert(read_table(folder / "user_profile.csv", list(PROFILE.values())), PROFILE, integer_ids=True)
-    events = raw.merge(ads.drop(columns="adgroup_id").drop_duplicates("_item"), on="_item", how="left")
+    events = raw.merge(one_row_per_id(ads.drop(columns="adgroup_id"), "_item"), on="_item", how="left")
     behavior_path = folder / "behavior_log.csv"
     if behavior_path.is_file():
-        log = convert(read_table(behavior_path, ["btag", *BEHAVIOR.values()]), BEHAVIOR, integer_ids=True)
+        log = convert(read_table(behavior_path, ["btag", *BEHAVIOR.values()]), BEHAVIOR, integer_ids=True, time_unit="s")
         log = log[log["_user"].isin(raw["_user"])]
         pseudo_item = ("behavior:" + log["_category"].astype(str) + ":" + log["_brand"].astype(str)).astype(TEXT)
         events = pd.concat([events, log.assign(_item=pseudo_item, _label=1, _vertical=BEHAVIOR_VERTICAL)], ignore_index=True)
-    return events.merge(profile.drop_duplicates("_user"), on="_user", how="left")
+    return events.merge(one_row_per_id(profile, "_user"), on="_user", how="left")

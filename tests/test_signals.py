@@ -1,0 +1,60 @@
+"""Long-running commands stop on the signal process managers send (SIGTERM: systemd,
+`docker stop`, Kubernetes) and on Ctrl-C (SIGINT) within seconds, with their children."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LOOPFM
+from loopfm.server_process import descendants, free_port
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig, own_valkey", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uvicorn_along(
+    trained_run, redis_url, tmp_path, sig, own_valkey
+):
+    """Without a Redis URL serve starts its own Valkey (and materializes into it) and uvicorn;
+    with one, uvicorn only."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # serve materializes into its own Valkey: the registry is rewritten
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    store = [] if own_valkey else ["--redis-url", redis_url]
+    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port()), *store],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    children: set[int] = set()
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        children = descendants(proc.pid)
+        assert len(children) >= 1 + own_valkey, (children, proc.stderr.read() if proc.poll() is not None else "")
+        proc.send_signal(sig)
+        started = time.perf_counter()
+        code = proc.wait(timeout=30)
+        assert time.perf_counter() - started < 5.0
+        assert code == 128 + sig and "Traceback" not in proc.stderr.read()
+        deadline = time.monotonic() + 2
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in children:  # only what this test started, should the command have left it
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
