@@ -15,7 +15,7 @@ debootstrap --variant=minbase --include=ca-certificates,python3-venv bookworm "$
 # CAs the host added (e.g. a TLS-intercepting proxy in front of PyPI) are trusted inside too.
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
-  chroot "$ROOTFS" /usr/sbin/update-ca-certificates >/dev/null
+  chroot "$ROOTFS" /usr/sbin/update-ca-certificates >/dev/null 2>&1
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$ROOTFS/etc/pip.conf"
 fi
 # The official image has `python` on PATH; Debian's only `python3`.

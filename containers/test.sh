@@ -104,7 +104,7 @@ for _ in $(seq 30); do podman healthcheck run "$(container redis)" >/dev/null 2>
 podman healthcheck run "$(container redis)" >/dev/null || fail "redis never became healthy"
 up materialize
 MAT=$(container materialize)
-code=$(podman wait "$MAT")
+code=$(timeout 900 podman wait "$MAT") || fail "the materialize job did not end within 15 min"
 [ "$code" = 0 ] || { podman logs "$MAT" 2>&1 | tail -20; fail "the materialize job exited with $code"; }
 echo "  materialize: exit 0: $(podman logs "$MAT" 2>&1 | tail -1 | cut -c1-70)..."
 up server
@@ -130,7 +130,8 @@ echo "  both images and the server container run as uid 10001"
 podman exec "$SERVER" python -c '
 import importlib.util as u, sys
 present = [m for m in ("torch", "feast", "loopfm.fm", "pip") if u.find_spec(m)]
-sys.exit(f"present in the serving image: {present}" if present or not u.find_spec("onnxruntime") else 0)'
+sys.exit(f"  present: {present}" if present or not u.find_spec("onnxruntime") else 0)' \
+  || fail "the serving image must hold onnxruntime and none of torch, feast, loopfm.fm, pip"
 echo "  serving image: onnxruntime, no torch, no feast, no loopfm.fm, no pip"
 leftovers=$(podman run --rm --no-healthcheck --entrypoint sh loopfm-serve -c \
   'find / -xdev -name "*.egg-info" 2>/dev/null; ls -d /src /app 2>/dev/null; command -v cc gcc; true')
