@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-serving results results-real
+.PHONY: demo test venv clean bench-serving results results-real container-test
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/be
 results: $(STAMP)  # ~35-45 min on 2 cores: every experiment of issue 3 from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
+
+container-test: $(STAMP)  # runs the demo first if needed; podman builds of both images + docker-compose.yml run for real (containers/test.sh; root)
+	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
+	containers/test.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -167,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
+    from loopfm.io import write_text
     from loopfm.loadtest import LoadSpec, run_load, sweep, warm_up, write_report
     from loopfm.pipeline import running_server
     from loopfm.bench.serving import request_pool
@@ -181,7 +182,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
             rates = args.sweep
             result = sweep(url, spec, pool, rates, args.p99_bound_ms)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "sweep.json").write_text(json.dumps(result, indent=2))
+            write_text(out / "sweep.json", json.dumps(result, indent=2))
             print(f"highest rate with p99 <= {args.p99_bound_ms} ms: {result['best_rate']} req/s ({out / 'sweep.json'})")
             return
         report, records = run_load(url, spec, pool)
@@ -198,9 +199,10 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving import markdown, run_serving_bench
+    from loopfm.io import write_text
 
     summary = run_serving_bench(args.run_dir, args.variant, args.out)
-    (args.out / "benchmarks.md").write_text(markdown(summary))
+    write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
 
 

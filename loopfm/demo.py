@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 
 from loopfm.config import RunConfig
-from loopfm.io import RunPaths, read_parquet
+from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.pipeline import stage
 
 SERVED_VARIANT = "loopfm_kd"
@@ -85,7 +85,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
         "latency": latency,
         "model_version": meta["model_version"],
     }
-    (paths.results / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(paths.results / "demo_summary.json", json.dumps(summary, indent=2))
     print((paths.results / "quality.md").read_text())
     print(f"latency over HTTP, {latency['candidates_per_request']} candidates: p50 {latency['p50_ms']:.2f} ms, "
           f"p90 {latency['p90_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms ({latency['note']})")  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +125,8 @@ def staged_dir(target: Path) -> Iterator[Path]:
     rename and the old version removed; a stage killed or failing inside the block leaves
     `target` exactly as it was, so readers see the whole old result or the whole new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{target.name}.v{time.time_ns()}.", dir=target.parent))
+    new = target.with_name(f".{target.name}.v{time.time_ns()}.{os.getpid()}")
+    new.mkdir()  # mode from the umask, as any folder (mkdtemp's 0700 hid it from a container's user)
     try:
         yield new
     except BaseException:

@@ -20,6 +20,8 @@ import numpy as np
 import orjson
 import uvloop
 
+from loopfm.io import write_text
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -218,7 +220,7 @@ def plot_load(records: list[tuple], title: str, path: Path) -> None:
 
 def write_report(report: dict, records: list[tuple], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loadtest.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "loadtest.json", json.dumps(report, indent=2))
     plot_load(records, title, out / "loadtest.png")
 
 

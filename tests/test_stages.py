@@ -12,11 +12,20 @@ import redis
 
 from conftest import LOOPFM, loopfm
 from loopfm.config import RunConfig
-from loopfm.io import RunPaths
+from loopfm.io import RunPaths, staged_dir
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_a_staged_folder_has_the_mode_of_any_new_folder(tmp_path: Path):
+    """Not mkdtemp's 0700: the compose materialize job reads the run as another uid."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with staged_dir(tmp_path / "features") as new:
+        (new / "table.parquet").write_bytes(b"")
+    assert (tmp_path / "features").resolve().stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_a_features_build_killed_midway_leaves_the_previous_tables_whole(copy_of_run: Path):

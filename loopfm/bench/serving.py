@@ -23,7 +23,7 @@ import redis.asyncio
 import uvloop
 
 from loopfm.config import RunConfig
-from loopfm.io import RunPaths, read_parquet
+from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up, write_report
 
 CANDIDATES = (10, 100, 1000)
@@ -137,7 +137,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> 
         "seconds": time.perf_counter() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmarks.json").write_text(json.dumps(summary, indent=2))
+    write_text(out_dir / "benchmarks.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from loopfm.config import RunConfig
 from loopfm.fm.stream import checkpoint_path, parameter_digest, train_fm
-from loopfm.io import RunPaths
+from loopfm.io import RunPaths, write_text
 
 
 def launch(run_dir: Path, nproc: int) -> None:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                 "world_size": world_size, "seconds": summary["seconds"], "rank_parameter_sha256": digests,
                 "checkpoint_sha256": parameter_digest(last["fm"], last["compressor"]),
             }  # fmt: skip
-            (paths.fm / "distributed.json").write_text(json.dumps(report, indent=2))
+            write_text(paths.fm / "distributed.json", json.dumps(report, indent=2))
             print(f"trained on {summary['events']} events in {summary['seconds']:.1f} s on {world_size} ranks")
     finally:
         dist.destroy_process_group()

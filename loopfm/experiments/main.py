@@ -12,6 +12,7 @@ from loopfm.experiments.plan import BENCH, EXPERIMENTS, Overrides, build_experim
 from loopfm.experiments.report import build_results
 from loopfm.experiments.render import render
 from loopfm.experiments.runner import Progress, run_config, run_plan
+from loopfm.io import write_text
 
 NOTES = {
     "goals": (
@@ -101,7 +102,7 @@ def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[s
         "base_overrides": [f"{k}={json.dumps(v)}" for k, v in dict(base).items()],
     }
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "results.json").write_text(json.dumps(results, indent=2))
+    write_text(docs / "results.json", json.dumps(results, indent=2))
     rerun = f"; re-rendered by `{command}`" if len(invocations) > 1 else ""
     header = (
         "# LoopFM experiment results\n\n"
@@ -116,7 +117,7 @@ def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[s
         "`get_historical_features` (service `vm_loopfm_kd`, a superset of every variant's features; base and "
         "KD drop the FM history column) and shared by the VMs trained on that world."
     )
-    (docs / "results.md").write_text(render(results, docs, NOTES, header))
+    write_text(docs / "results.md", render(results, docs, NOTES, header))
     log(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and {docs / 'results'}/*.png")
     return results
 
@@ -126,5 +127,5 @@ def _record_invocation(out: Path, entry: dict) -> list[dict]:
     long the from-scratch run took."""
     path = out / "invocations.json"
     entries = [*(json.loads(path.read_text()) if path.exists() else []), entry]
-    path.write_text(json.dumps(entries, indent=2))
+    write_text(path, json.dumps(entries, indent=2))
     return entries

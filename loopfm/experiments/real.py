@@ -24,7 +24,7 @@ from loopfm.eval.baselines import BASELINES, baseline_predictions
 from loopfm.eval.metrics import quality
 from loopfm.experiments.render import ROW_NAMES
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
-from loopfm.io import RunPaths, atomic_write, read_parquet
+from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
 
 MODELS = ("fm", *VARIANTS)
 CLAIMS = (("loopfm_kd", "kd"), ("loopfm", "base"), ("kd", "base"), ("loopfm_kd", "base"))
@@ -69,7 +69,7 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
         a, b = (train_df, eval_df) if uses_fm else (train_df.drop(columns=FM_HISTORY_FEATURE), eval_df.drop(columns=FM_HISTORY_FEATURE))
         _, pred[variant], fit = fit_variant(cfg, spec, variant, a, b, log=lambda _: None)
         epochs[variant] = fit["best_epoch"]
-    atomic_write(run / "epochs.json", lambda tmp: tmp.write_text(json.dumps(epochs)))
+    write_text(run / "epochs.json", json.dumps(epochs))
 
     def save(tmp: Path) -> None:
         with tmp.open("wb") as f:
@@ -158,8 +158,8 @@ def run_real(data: Path, fmt: str, datasets: dict[str, str], seeds: int, out: Pa
     summary_ = report(results)
     command = f"loopfm experiment-real --data {data} --format {fmt} " + " ".join(f"--dataset {k}={v}" for k, v in datasets.items())
     docs.mkdir(parents=True, exist_ok=True)
-    atomic_write(docs / "results-real.json", lambda tmp: tmp.write_text(json.dumps({**summary_, "command": command}, indent=2)))
-    atomic_write(docs / "results-real.md", lambda tmp: tmp.write_text(markdown(summary_, command)))
+    write_text(docs / "results-real.json", json.dumps({**summary_, "command": command}, indent=2))
+    write_text(docs / "results-real.md", markdown(summary_, command))
     plot(summary_, docs / "results-real")
     log(f"wrote {docs / 'results-real.md'} in {time.perf_counter() - started:.0f} s")
     return summary_

@@ -1,13 +1,14 @@
 """The Feast feature store of a run: environment, CLI calls and historical retrieval.
 
 `feature_repo/` is the one set of definitions; a run points it at its own sources,
-registry and Redis through LOOPFM_RUN_DIR and REDIS_CONNECTION_STRING.
+registry and Redis through LOOPFM_RUN_DIR, LOOPFM_REGISTRY and REDIS_CONNECTION_STRING.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -46,18 +47,31 @@ def feature_store_yaml(redis_url: str) -> Path:
 
 
 def feast_env(run_dir: Path, redis_url: str) -> dict[str, str]:
+    """The variables feature_store.yaml reads. The registry is RUN_DIR/registry.db unless
+    LOOPFM_REGISTRY names another file (a job that may not write into the run directory)."""
     return {
         "LOOPFM_RUN_DIR": str(run_dir.resolve()),
+        "LOOPFM_REGISTRY": os.environ.get("LOOPFM_REGISTRY") or str(run_dir.resolve() / "registry.db"),
         "REDIS_CONNECTION_STRING": feast_connection_string(redis_url),
         "FEAST_FS_YAML_FILE_PATH": str(feature_store_yaml(redis_url)),  # read by the feast CLI
     }
 
 
+def feast_executable() -> str:
+    """The Feast CLI next to this interpreter (a venv used without activating it), else on PATH."""
+    here = Path(sys.executable).parent
+    found = shutil.which("feast", path=os.pathsep.join([str(here), os.environ.get("PATH", "")]))
+    if found is None:
+        raise FileNotFoundError(
+            f"the Feast CLI `feast` is neither in {here} nor on PATH: install the train extra (pip install 'loopfm[train]')"
+        )
+    return found
+
+
 def feast_cli(args: list[str], run_dir: Path, redis_url: str) -> str:
     """Run the real `feast` CLI in the feature repo; raise with its output on failure."""
-    feast = Path(sys.executable).with_name("feast")
     result = subprocess.run(
-        [str(feast), *args],
+        [feast_executable(), *args],
         cwd=FEATURE_REPO,
         env={**os.environ, **feast_env(run_dir, redis_url)},
         capture_output=True,

@@ -39,7 +39,7 @@ from loopfm.data.synth import US_PER_DAY
 from loopfm.features.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
-from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
@@ -239,7 +239,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         "parameter_sha256": parameter_digest(fm.state_dict(), compressor.state_dict()),
     }  # fmt: skip
     if rank == 0:
-        (paths.fm / "train_history.json").write_text(pd.Series(summary).to_json(indent=2))
+        write_text(paths.fm / "train_history.json", pd.Series(summary).to_json(indent=2))
     return summary
 
 

@@ -22,7 +22,7 @@ import torch
 
 from loopfm.config import RunConfig
 from loopfm.features.store import PROJECT, historical_features
-from loopfm.io import RunPaths, read_parquet
+from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 
@@ -72,7 +72,7 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
         "parity": parity,
     }
     os.replace(tmp, out_dir / "model.onnx")
-    (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    write_text(out_dir / "model.json", json.dumps(meta, indent=2))
     return meta
 
 

@@ -28,7 +28,7 @@ from loopfm.features.tensorize import (
     candidate_tensors,
     request_tensors,
 )
-from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet
+from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 from loopfm.vm.model import VerticalModel, VMShapes
 
@@ -95,8 +95,9 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     model, p, fit = fit_variant(cfg, spec, variant, train_df, eval_df, log)
     out = paths.vm / variant
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}, out / "model.pt")
-    atomic_write(out / "training.json", lambda tmp: tmp.write_text(json.dumps(fit, indent=2)))
+    state = {"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}
+    atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
+    write_text(out / "training.json", json.dumps(fit, indent=2))
     write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
     return {"variant": variant, "train_rows": len(train_df), "eval_rows": len(eval_df), "seconds": time.perf_counter() - started,
             **fit}  # fmt: skip
@@ -211,7 +212,7 @@ def evaluate(paths: RunPaths) -> dict[str, dict]:
         predictions[v] = p.loc[entities["impression_id"]].to_numpy()
     rows = comparison_table(entities["label"].to_numpy(), predictions)
     paths.results.mkdir(parents=True, exist_ok=True)
-    (paths.results / "quality.json").write_text(json.dumps({"eval_rows": len(entities), "models": rows}, indent=2))
+    write_text(paths.results / "quality.json", json.dumps({"eval_rows": len(entities), "models": rows}, indent=2))
     md = markdown_table(rows, f"Held-out window: {len(entities)} impressions of the target vertical")
-    (paths.results / "quality.md").write_text(md)
+    write_text(paths.results / "quality.md", md)
     return rows
