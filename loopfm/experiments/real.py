@@ -156,7 +156,8 @@ def run_real(data: Path, fmt: str, datasets: dict[str, str], seeds: int, out: Pa
                                 redis_url, lambda m: log(f"[{time.perf_counter() - started:6.0f} s] {m}"))  # fmt: skip
                 results[name].append(dict(np.load(done)))
     summary_ = report(results)
-    command = f"loopfm experiment-real --data {data} --format {fmt} " + " ".join(f"--dataset {k}={v}" for k, v in datasets.items())
+    command = (f"loopfm experiment-real --data {data} --format {fmt} " + " ".join(f"--dataset {k}={v}" for k, v in datasets.items())
+               + f" --seeds {seeds}" + "".join(f" --set {o}" for o in overrides))  # fmt: skip
     docs.mkdir(parents=True, exist_ok=True)
     write_text(docs / "results-real.json", json.dumps({**summary_, "command": command}, indent=2))
     write_text(docs / "results-real.md", markdown(summary_, command))
