@@ -1,4 +1,5 @@
-"""What FM and VM training share: a time-ordered validation split and early stopping.
+"""What FM and VM training share: a time-ordered validation split, early stopping, and the
+shrinkage of an item's click rate (the popularity baseline and the VM's item-bias start).
 
 The validation rows are the newest `fraction` of a training window (by event time), so
 they are never drawn from a later held-out window and the model is selected on the data
@@ -12,6 +13,15 @@ import copy
 
 import numpy as np
 import torch
+
+
+PRIOR_IMPRESSIONS = 5.0  # pseudo-impressions at the overall click rate that shrink an item's own rate
+
+
+def shrunk_rate(clicks, shown, overall: float):
+    """An item's click rate shrunk toward the overall rate by PRIOR_IMPRESSIONS pseudo-
+    impressions (arrays or Series of click and impression counts, same shape)."""
+    return (clicks + PRIOR_IMPRESSIONS * overall) / (shown + PRIOR_IMPRESSIONS)
 
 
 def time_split(event_us: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Simple baselines every results table carries, fitted on the VM's own training rows.
 
 - `popularity`: the item's click rate on the training rows, shrunk toward the overall rate
-  by `PRIOR_IMPRESSIONS` pseudo-impressions (an item never seen scores the overall rate);
+  by `training.PRIOR_IMPRESSIONS` pseudo-impressions (an item never seen scores the overall rate);
 - `lr_item`, `lr_user_item`: L2 logistic regression on one-hot ids (scikit-learn), its
   strength C chosen on the newest `validation_fraction` of the training rows (the split the
   VM validates on), then refitted on all of them.
@@ -18,11 +18,10 @@ from sklearn.preprocessing import OneHotEncoder
 
 from loopfm.eval.metrics import quality
 from loopfm.io import unix_us
-from loopfm.training import time_split
+from loopfm.training import shrunk_rate, time_split
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
 BASELINES = ("popularity", *LR_COLUMNS)
-PRIOR_IMPRESSIONS = 5.0
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -30,7 +29,7 @@ def popularity(train: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """Shrunk item click rate of each row of `rows` [n] from the labelled `train` rows."""
     prior = float(train["label"].mean())
     counts = train.groupby("item_id")["label"].agg(["sum", "count"])
-    rate = (counts["sum"] + PRIOR_IMPRESSIONS * prior) / (counts["count"] + PRIOR_IMPRESSIONS)
+    rate = shrunk_rate(counts["sum"], counts["count"], prior)
     return rate.reindex(rows["item_id"]).fillna(prior).to_numpy(np.float64)
 
 

@@ -22,7 +22,7 @@ import torch
 import numpy as np
 from torch import nn
 
-from loopfm.eval.baselines import PRIOR_IMPRESSIONS
+from loopfm.training import shrunk_rate
 
 ENCODERS = ("sum", "mean", "dot", "din")
 EMBEDDING_INIT_STD = 0.01  # measured: N(0, 1) embeddings left the VM below an item-id LR on MovieLens
@@ -122,7 +122,7 @@ class VerticalModel(nn.Module):
                 nn.init.normal_(module.weight, std=EMBEDDING_INIT_STD)
 
     @torch.no_grad()
-    def init_biases(self, item_index: np.ndarray, label: np.ndarray, prior_impressions: float = PRIOR_IMPRESSIONS) -> None:
+    def init_biases(self, item_index: np.ndarray, label: np.ndarray) -> None:
         """Start the serving head at the popularity baseline of its training rows: the head's
         bias at the click rate's log-odds, each item's bias at its shrunk click rate's log-odds
         relative to it (item_index [N] as in `candidates[:, 0]`, label [N] 0/1). The output-bias
@@ -131,7 +131,7 @@ class VerticalModel(nn.Module):
         n = self.candidate_bias[0].num_embeddings
         clicks = np.bincount(item_index, weights=label, minlength=n)
         shown = np.bincount(item_index, minlength=n)
-        item_rate = (clicks + prior_impressions * rate) / (shown + prior_impressions)
+        item_rate = shrunk_rate(clicks, shown, rate)
         logit = lambda q: np.log(q / (1 - q))  # noqa: E731
         self.head.bias.fill_(logit(rate))
         self.candidate_bias[0].weight.copy_(torch.from_numpy(logit(item_rate) - logit(rate)).float().unsqueeze(1))
