@@ -10,9 +10,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# Only the serving path: the shared tensorization and codec, and the server.
+# Only the serving path: the train/serve contract package (loopfm/contract: names, codec,
+# tensorization) and the server.
 COPY loopfm/__init__.py loopfm/
-COPY loopfm/features/__init__.py loopfm/features/codec.py loopfm/features/tensorize.py loopfm/features/
+COPY loopfm/contract/ loopfm/contract/
 COPY serving/ serving/
 RUN /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall -y -q pip setuptools
 

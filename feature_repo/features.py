@@ -16,6 +16,21 @@ from pathlib import Path
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Bytes, Int64
 
+from loopfm.contract.names import (
+    FM_HISTORY,
+    FM_HISTORY_FEATURES,
+    ITEM_FEATURES,
+    ITEM_FEATURES_VIEW,
+    ITEM_KEY,
+    USER_FEATURES,
+    USER_KEY,
+    USER_PROFILE,
+    VERTICAL_KEY,
+    VM_CLICK_HISTORY,
+    VM_HISTORY_FEATURE,
+    feature_service,
+)
+
 SOURCES = Path(os.environ.get("LOOPFM_RUN_DIR", Path(__file__).parent / "data")) / "features"
 # Long enough to cover any run; feature views' ttl bounds only offline point-in-time lookback.
 TTL = timedelta(days=3650)
@@ -31,52 +46,49 @@ def _pushed(name: str) -> PushSource:
     return PushSource(name=f"{name}_push", batch_source=_source(name))
 
 
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A person seeing impressions")
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A rankable item")
-vertical = Entity(name="vertical", join_keys=["vertical"], value_type=ValueType.STRING, description="A surface with its own VM")
+user = Entity(name="user", join_keys=[USER_KEY], value_type=ValueType.INT64, description="A person seeing impressions")
+item = Entity(name="item", join_keys=[ITEM_KEY], value_type=ValueType.INT64, description="A rankable item")
+vertical = Entity(name="vertical", join_keys=[VERTICAL_KEY], value_type=ValueType.STRING, description="A surface with its own VM")
 
 user_profile = FeatureView(
-    name="user_profile",
+    name=USER_PROFILE,
     entities=[user],
     ttl=TTL,
-    schema=[Field(name="age_bucket", dtype=Int64), Field(name="gender", dtype=Int64)],
-    source=_source("user_profile"),
+    schema=[Field(name=name, dtype=Int64) for name in USER_FEATURES],
+    source=_source(USER_PROFILE),
 )
 
 item_features = FeatureView(
-    name="item_features",
+    name=ITEM_FEATURES_VIEW,
     entities=[item],
     ttl=TTL,
-    schema=[
-        Field(name="category", dtype=Int64),
-        Field(name="brand", dtype=Int64),
-        Field(name="price_bucket", dtype=Int64),
-    ],
-    source=_source("item_features"),
+    schema=[Field(name=name, dtype=Int64) for name in ITEM_FEATURES],
+    source=_source(ITEM_FEATURES_VIEW),
 )
 
 vm_click_history = FeatureView(
-    name="vm_click_history",
+    name=VM_CLICK_HISTORY,
     entities=[user, vertical],
     ttl=TTL,
-    schema=[Field(name="item_ids", dtype=Bytes, description="last L clicked item ids in this vertical, int32 LE")],
-    source=_pushed("vm_click_history"),
+    schema=[Field(name=VM_HISTORY_FEATURE, dtype=Bytes, description="last L clicked item ids in this vertical, int32 LE")],
+    source=_pushed(VM_CLICK_HISTORY),
 )
 
+_codes, _newest, _trained_until = FM_HISTORY_FEATURES
 fm_history = FeatureView(
-    name="fm_history",
+    name=FM_HISTORY,
     entities=[user],
     ttl=TTL,
     schema=[
-        Field(name="fm_codes", dtype=Bytes, description="last L FM codes of clicked events, int4 packed"),
-        Field(name="fm_newest_available_at_us", dtype=Int64, description="unix µs: when the newest code became available"),
-        Field(name="fm_trained_until_us", dtype=Int64, description="unix µs: newest data any code's FM checkpoint saw"),
+        Field(name=_codes, dtype=Bytes, description="last L FM codes of clicked events, int4 or fp32 packed"),
+        Field(name=_newest, dtype=Int64, description="unix µs: when the newest code became available"),
+        Field(name=_trained_until, dtype=Int64, description="unix µs: newest data any code's FM checkpoint saw"),
     ],
-    source=_pushed("fm_history"),
+    source=_pushed(FM_HISTORY),
 )
 
 _vm_features = [user_profile, item_features, vm_click_history]
-vm_base = FeatureService(name="vm_base", features=_vm_features)
-vm_kd = FeatureService(name="vm_kd", features=_vm_features, description="KD labels come with the entity rows")
-vm_loopfm = FeatureService(name="vm_loopfm", features=[*_vm_features, fm_history])
-vm_loopfm_kd = FeatureService(name="vm_loopfm_kd", features=[*_vm_features, fm_history])
+vm_base = FeatureService(name=feature_service("base"), features=_vm_features)
+vm_kd = FeatureService(name=feature_service("kd"), features=_vm_features, description="KD labels come with the entity rows")
+vm_loopfm = FeatureService(name=feature_service("loopfm"), features=[*_vm_features, fm_history])
+vm_loopfm_kd = FeatureService(name=feature_service("loopfm_kd"), features=[*_vm_features, fm_history])

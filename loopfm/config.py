@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from loopfm.features.codec import CODE_FORMATS
+from loopfm.contract.codec import CODE_FORMATS
 
 
 VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")

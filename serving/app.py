@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.feast_layout import ready_marker
+from loopfm.contract.names import ready_marker
 from serving.guards import BodyLimits, admin_key_guard, api_key_guard
 from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware

@@ -17,15 +17,9 @@ import mmh3
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loopfm.contract.names import ITEM_KEY, USER_KEY
+
 _STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
-USER_KEY, ITEM_KEY = "user_id", "item_id"
-
-
-def ready_marker(project: str) -> bytes:
-    """The key `loopfm features apply` sets once `feast materialize` has written `project`'s
-    features (loopfm/features/store.py): /readyz tells an empty store from a filled one. A
-    push does not set it: it writes only its batch's users."""
-    return f"loopfm:materialized:{project}".encode()
 
 
 def entity_key(join_keys: Sequence[str], values: Sequence[int | str], project: str) -> bytes:

@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from loopfm.features.tensorize import ITEM_FEATURES, candidate_tensors, request_tensors
+from loopfm.contract.names import ITEM_FEATURES
+from loopfm.contract.tensorize import candidate_tensors, model_inputs
 from serving.scorer import Scorer
 
 
@@ -40,9 +41,8 @@ def check_model(scorer: Scorer, serving: Scorer | None) -> None:
         raise ModelRefused(f"model.onnx takes inputs {sorted(graph_inputs)} but model.json declares {sorted(declared)}: "
                            "the two files come from different exports")  # fmt: skip
     user_features = {f for _, views in scorer.user_groups for features in views.values() for f in features}
-    tensors = request_tensors({f: [None] for f in user_features}, [0], scorer.spec)
-    tensors["candidates"] = candidate_tensors([0, 1], {f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
-    tensors["candidate_user"] = np.zeros(2, dtype=np.int64)
+    candidates = candidate_tensors([0, 1], {f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
+    tensors = model_inputs({f: [None] for f in user_features}, [0], candidates, scorer.spec)
     unfed = graph_inputs - set(tensors)
     if unfed:
         raise ModelRefused(f"the model needs inputs {sorted(unfed)} that its features {sorted(user_features)} do not give")

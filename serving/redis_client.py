@@ -3,31 +3,21 @@
 `redis://` / `rediss://` is one node; `redis+cluster://host:port` / `rediss+cluster://...`
 is a Redis Cluster reached through that startup node (the client learns the others and the
 slot map from it). The same URL selects Feast's `redis_cluster` online store
-(loopfm/features/store.py), so one setting places both the writer and the reader.
+(loopfm/features/store.py), so one setting places both the writer and the reader
+(loopfm/contract/redis_url.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
-import redis.cluster
 
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+from loopfm.contract.redis_url import cluster_node_url
+
 MAX_CONNECTIONS = 64  # per server process (LOOPFM_REDIS_MAX_CONNECTIONS); one request holds one at a time
-
-
-def cluster_node_url(url: str) -> str | None:
-    """redis+cluster://... -> the startup node's redis://... URL; None for a single-node URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in CLUSTER_SCHEMES:
-        return None
-    if parts.path.strip("/"):
-        raise ValueError(f"REDIS_URL {url!r}: a Redis Cluster has one database, drop the /{parts.path.strip('/')}")
-    return urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
 
 
 class CappedPool(redis.asyncio.BlockingConnectionPool):
@@ -55,12 +45,3 @@ def async_client(url: str, timeout_s: float, max_connections: int = MAX_CONNECTI
         pool = CappedPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **timeouts)
         return redis.asyncio.Redis.from_pool(pool)
     return redis.asyncio.cluster.RedisCluster.from_url(node, max_connections=max_connections, **timeouts)
-
-
-def sync_client(url: str, timeout_s: float = 5.0) -> redis.Redis | redis.cluster.RedisCluster:
-    """A blocking client of either kind, for the batch jobs (materialize, ingest)."""
-    node = cluster_node_url(url)
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if node is None:
-        return redis.Redis.from_url(url, **timeouts)
-    return redis.cluster.RedisCluster.from_url(node, **timeouts)

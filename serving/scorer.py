@@ -12,9 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import redis.asyncio
 
-from loopfm.features.tensorize import TensorSpec, candidate_tensors, request_tensors
+from loopfm.contract.names import ITEM_KEY
+from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from serving.item_cache import ItemCache
-from serving.feast_layout import ITEM_KEY, request_side, user_entity
+from serving.feast_layout import request_side, user_entity
 from serving.online_reader import EntityRows, read_online_features
 
 
@@ -89,9 +90,7 @@ class Scorer:
             self.items.store(missing, fresh)
             by_id = dict(zip(missing, fresh))
             rows = [by_id[i] if row is None else row for i, row in zip(item_ids, rows)]
-        tensors = request_tensors(user.values, [hour], self.spec)
-        tensors["candidates"] = np.stack(rows)
-        tensors["candidate_user"] = np.zeros(len(item_ids), dtype=np.int64)
+        tensors = model_inputs(user.values, [hour], np.stack(rows), self.spec)
         session = self.large_session if len(item_ids) >= self.large_batch else self.session
         scores = session.run(None, {name: tensors[name] for name in self.inputs})[0]
         now = time.time()

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from loopfm.features.codec import pack_int4, quantize_int4, unpack_int4
-from loopfm.features.tensorize import TensorSpec, candidate_tensors, decode_fm_history, request_tensors
+from loopfm.contract.codec import pack_int4, quantize_int4, unpack_int4
+from loopfm.contract.tensorize import TensorSpec, candidate_tensors, decode_fm_history, request_tensors
 
 SPEC = TensorSpec(history_length=4, code_dim=4, n_items=100, n_categories=10, n_brands=20)
 

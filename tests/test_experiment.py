@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary, weighted_auc, weighted_ne
-from loopfm.features.codec import code_bytes, decode_codes, encode_codes
-from loopfm.features.tensorize import decode_fm_history
+from loopfm.contract.codec import code_bytes, decode_codes, encode_codes
+from loopfm.contract.tensorize import decode_fm_history
 
 TINY = (
     ("world.n_users", 250), ("world.n_days", 10), ("fm.warmup_days", 3), ("vm.eval_days", 3),

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from conftest import loopfm
 from loopfm.bench.serving import request_pool
 from loopfm.config import RunConfig
-from loopfm.features.tensorize import TensorSpec, one_request_inputs
+from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from loopfm.io import RunPaths
 from loopfm.loadtest import LoadSpec, run_load
 from loopfm.server_process import start_server, stop_server

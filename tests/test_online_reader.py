@@ -7,15 +7,11 @@ import pytest
 import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 
+from loopfm.contract.names import FM_HISTORY, ITEM_FEATURES_VIEW, PROJECT, USER_PROFILE, VM_CLICK_HISTORY, views
 from serving.feast_layout import CorruptValue, decode_value, feature_refs
 from serving.online_reader import read_online_features
 
-USER_VIEWS = {
-    "user_profile": ["age_bucket", "gender"],
-    "fm_history": ["fm_codes", "fm_newest_available_at_us", "fm_trained_until_us"],
-}
-CLICK_VIEWS = {"vm_click_history": ["item_ids"]}  # keyed by (user_id, vertical)
-ITEM_VIEWS = {"item_features": ["category", "brand", "price_bucket"]}
+USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +46,7 @@ def reader_agrees_with_feast(make_client, store, users: list[int]) -> None:
     async def read():
         client = make_client()
         try:
-            return await read_online_features(client, "loopfm", requests)
+            return await read_online_features(client, PROJECT, requests)
         finally:
             await client.aclose()
 

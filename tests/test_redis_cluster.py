@@ -16,7 +16,8 @@ from conftest import loopfm
 from loopfm.features.store import feast_connection_string, open_store
 from loopfm.redis_server import local_redis, local_redis_cluster
 from loopfm.server_process import start_server, stop_server
-from serving.redis_client import async_client, cluster_node_url
+from loopfm.contract.redis_url import cluster_node_url
+from serving.redis_client import async_client
 from test_online_reader import reader_agrees_with_feast
 
 

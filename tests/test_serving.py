@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loopfm.features.tensorize import one_request_inputs
+from loopfm.contract.tensorize import one_request_inputs
 from serving.feast_layout import feature_refs, user_side_refs
 from loopfm.io import RunPaths
 from loopfm.server_process import start_server, stop_server
@@ -63,7 +63,7 @@ def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(
 
     # Offline: Feast's own online read -> the shared tensorization -> ONNX Runtime.
     meta = json.loads((model_dir / "model.json").read_text())
-    from loopfm.features.tensorize import TensorSpec
+    from loopfm.contract.tensorize import TensorSpec
 
     spec = TensorSpec(**meta["spec"])
     user_refs, user_row = user_side_refs(meta, 3)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from fastapi import FastAPI
 
 from loopfm.features.store import open_store
-from loopfm.features.tensorize import TensorSpec, one_request_inputs
+from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from serving.feast_layout import feature_refs, user_side_refs
 from serving.schemas import ScoreRequest
 

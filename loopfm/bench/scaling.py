@@ -24,21 +24,29 @@ import redis
 from feast.protos.feast.types.Value_pb2 import Value
 
 from loopfm.config import RunConfig
-from loopfm.features.codec import code_bytes
+from loopfm.contract.codec import code_bytes
+from loopfm.contract.names import (
+    FM_HISTORY,
+    FM_HISTORY_FEATURE,
+    ITEM_FEATURES_VIEW,
+    ITEM_KEY,
+    PROJECT,
+    USER_KEY,
+    USER_PROFILE,
+    VERTICAL_KEY,
+    VM_CLICK_HISTORY,
+    views,
+)
 from loopfm.fm.stream import build_inputs, log_events
 from loopfm.io import RunPaths, write_parquet
 from loopfm.pipeline import materialize
 from loopfm.redis_server import local_redis, local_redis_cluster
 from serving.feast_layout import feature_field
 from serving.online_reader import read_online_features
-from serving.redis_client import async_client, cluster_node_url
+from loopfm.contract.redis_url import cluster_node_url
+from serving.redis_client import async_client
 
-USER_VIEWS = {
-    "user_profile": ["age_bucket", "gender"],
-    "fm_history": ["fm_codes", "fm_newest_available_at_us", "fm_trained_until_us"],
-}
-CLICK_VIEWS = {"vm_click_history": ["item_ids"]}  # keyed by (user_id, vertical)
-ITEM_VIEWS = {"item_features": ["category", "brand", "price_bucket"]}
+USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW)
 FORMATS = {"int4 d=8": (8, "int4"), "int4 d=16": (16, "int4"), "int4 d=32": (32, "int4"), "fp32 d=32": (32, "fp32")}
 COPIES = 2000
 
@@ -52,12 +60,12 @@ def _read_p50_ms(url: str, n_users: int, n_items: int, vertical: str, repeats: i
         for _ in range(repeats):
             user, items = int(rng.integers(n_users)), [(int(i),) for i in rng.integers(n_items, size=100)]
             requests = [
-                (("user_id",), [(user,)], USER_VIEWS),
-                (("user_id", "vertical"), [(user, vertical)], CLICK_VIEWS),
-                (("item_id",), items, ITEM_VIEWS),
+                ((USER_KEY,), [(user,)], USER_VIEWS),
+                ((USER_KEY, VERTICAL_KEY), [(user, vertical)], CLICK_VIEWS),
+                ((ITEM_KEY,), items, ITEM_VIEWS),
             ]
             t = time.perf_counter()
-            await read_online_features(client, "loopfm", requests)
+            await read_online_features(client, PROJECT, requests)
             times.append(time.perf_counter() - t)
         await client.aclose()
         return float(np.median(times) * 1e3)
@@ -91,7 +99,7 @@ def _per_format(client: redis.Redis, history_length: int) -> dict:
     out = {}
     for name, (dim, fmt) in FORMATS.items():
         value_bytes = history_length * code_bytes(dim, fmt)
-        fields = {**template, feature_field("fm_history", "fm_codes"): Value(bytes_val=b"\x5a" * value_bytes).SerializeToString()}
+        fields = {**template, feature_field(FM_HISTORY, FM_HISTORY_FEATURE): Value(bytes_val=b"\x5a" * value_bytes).SerializeToString()}
         before = client.info("memory")["used_memory"]
         pipe = client.pipeline(transaction=False)
         for i in range(COPIES):

@@ -40,7 +40,7 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     from loopfm.run import import_run
     from loopfm.vm.train import fit_variant, tensor_spec
     from loopfm.data.dataset import Vocab
-    from loopfm.features.tensorize import FM_HISTORY_FEATURE
+    from loopfm.contract.tensorize import FM_HISTORY_FEATURE
 
     run = out / f"seed{seed}"
     done = run / "predictions.npz"

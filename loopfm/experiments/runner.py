@@ -133,7 +133,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
 
     from loopfm.data.dataset import Vocab
     from loopfm.eval.metrics import quality
-    from loopfm.features.tensorize import FM_HISTORY_FEATURE
+    from loopfm.contract.tensorize import FM_HISTORY_FEATURE
     from loopfm.vm.export import onnx_bytes
     from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec
 

@@ -16,11 +16,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
+import redis
+import redis.cluster
 
-from serving.redis_client import cluster_node_url
+from loopfm.contract.names import PROJECT, ready_marker
+from loopfm.contract.redis_url import cluster_node_url
 
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
-PROJECT = "loopfm"
 OFFLINE_ONLY = "redis://127.0.0.1:6379"  # placeholder: offline retrieval never contacts Redis
 
 
@@ -92,14 +94,21 @@ def apply_and_materialize(run_dir: Path, redis_url: str, start: pd.Timestamp, en
 
 
 def mark_materialized(redis_url: str, by: str = "feast materialize") -> None:
-    """Set the project's marker (serving.feast_layout.ready_marker), a hash like Feast's own
+    """Set the project's marker (loopfm.contract.names.ready_marker), a hash like Feast's own
     keys, after its features were written: the server's /readyz is 503 on a store without
     it. A constant value: materializing again leaves the store as it was."""
-    from serving.feast_layout import ready_marker
-    from serving.redis_client import sync_client
-
     with contextlib.closing(sync_client(redis_url)) as client:
         client.hset(ready_marker(PROJECT), "by", by)
+
+
+def sync_client(url: str, timeout_s: float = 5.0) -> redis.Redis | redis.cluster.RedisCluster:
+    """A blocking client of either kind (loopfm/contract/redis_url.py), for the batch jobs
+    (materialize, ingest)."""
+    node = cluster_node_url(url)
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if node is None:
+        return redis.Redis.from_url(url, **timeouts)
+    return redis.cluster.RedisCluster.from_url(node, **timeouts)
 
 
 @contextlib.contextmanager

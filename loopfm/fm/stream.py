@@ -36,7 +36,7 @@ from tqdm import tqdm
 from loopfm.config import RunConfig
 from loopfm.data.dataset import Vocab
 from loopfm.data.synth import US_PER_DAY
-from loopfm.features.codec import code_bytes, encode_codes
+from loopfm.contract.codec import code_bytes, encode_codes
 from loopfm.features.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
 from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text

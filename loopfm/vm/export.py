@@ -21,18 +21,13 @@ import onnxruntime as ort
 import torch
 
 from loopfm.config import RunConfig
-from loopfm.features.store import PROJECT, historical_features
+from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, feature_service, input_names
+from loopfm.features.store import historical_features
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 
 PARITY_TOLERANCE = 1e-5
-USER_SIDE_INPUTS = ("user_context", "vm_history", "fm_codes", "fm_mask")
-
-
-def input_names(use_fm_history: bool) -> list[str]:
-    names = ["user_context", "vm_history", "candidates", "candidate_user"]
-    return names + ["fm_codes", "fm_mask"] if use_fm_history else names
 
 
 def _feature_refs(store, service: str) -> dict[str, dict[str, list[str]]]:
@@ -52,7 +47,8 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
     out_dir = out_dir or paths.vm / variant / "onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), f"vm_{variant}")
+    service = feature_service(variant)
+    eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     tensors = frame_tensors(eval_df, spec)
     blob = onnx_bytes(model, tensors)
     parity = parity_check(model, blob, {n: tensors[n] for n in names})
@@ -63,10 +59,10 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
     meta = {
         "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
         "variant": variant,
-        "feature_service": f"vm_{variant}",
+        "feature_service": service,
         "project": PROJECT,
-        "features": _feature_refs(store, f"vm_{variant}"),
-        "entity_values": {"vertical": RunConfig.load(paths.root).vm.target_vertical},  # the VM's own rows
+        "features": _feature_refs(store, service),
+        "entity_values": {VERTICAL_KEY: RunConfig.load(paths.root).vm.target_vertical},  # the VM's own rows
         "inputs": names,
         "spec": asdict(spec),
         "parity": parity,

@@ -19,15 +19,8 @@ from loopfm.data.dataset import Vocab
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.eval.metrics import comparison_table, markdown_table, quality
 from loopfm.features.store import historical_features
-from loopfm.features.tensorize import (
-    FM_HISTORY_FEATURE,
-    ITEM_FEATURES,
-    USER_FEATURES,
-    VM_HISTORY_FEATURE,
-    TensorSpec,
-    candidate_tensors,
-    request_tensors,
-)
+from loopfm.contract.names import FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_HISTORY_FEATURE
+from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 from loopfm.vm.model import VerticalModel, VMShapes
@@ -47,10 +40,9 @@ def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
 def frame_tensors(df: pd.DataFrame, spec: TensorSpec) -> dict[str, np.ndarray]:
     """A historical-features frame (one candidate per row) -> model inputs."""
     user_columns = [*USER_FEATURES, VM_HISTORY_FEATURE] + ([FM_HISTORY_FEATURE] if FM_HISTORY_FEATURE in df else [])
-    tensors = request_tensors({c: df[c].tolist() for c in user_columns}, df["hour"].tolist(), spec)
-    tensors["candidates"] = candidate_tensors(df["item_id"].tolist(), {c: df[c].tolist() for c in ITEM_FEATURES}, spec)
-    tensors["candidate_user"] = np.arange(len(df), dtype=np.int64)
-    return tensors
+    candidates = candidate_tensors(df["item_id"].tolist(), {c: df[c].tolist() for c in ITEM_FEATURES}, spec)
+    return model_inputs({c: df[c].tolist() for c in user_columns}, df["hour"].tolist(), candidates, spec,
+                        candidate_user=np.arange(len(df), dtype=np.int64))  # fmt: skip
 
 
 def _rows(tensors: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:

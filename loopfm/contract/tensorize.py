@@ -15,12 +15,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from loopfm.features.codec import code_bytes, decode_codes
-
-USER_FEATURES = ("age_bucket", "gender")
-ITEM_FEATURES = ("category", "brand", "price_bucket")
-VM_HISTORY_FEATURE = "item_ids"
-FM_HISTORY_FEATURE = "fm_codes"
+from loopfm.contract.codec import code_bytes, decode_codes
+from loopfm.contract.names import (
+    FM_HISTORY_FEATURE,
+    ITEM_FEATURES,
+    USER_FEATURES,
+    N_AGE_BUCKETS,
+    N_GENDERS,
+    N_HOURS,
+    N_PRICE_BUCKETS,
+    VM_HISTORY_FEATURE,
+)
 
 
 @dataclass(frozen=True)
@@ -32,14 +37,14 @@ class TensorSpec:
     n_items: int
     n_categories: int
     n_brands: int
-    n_price_buckets: int = 10
-    n_age_buckets: int = 6
-    n_genders: int = 2
-    code_format: str = "int4"  # int4 | fp32 (loopfm/features/codec.py)
+    n_price_buckets: int = N_PRICE_BUCKETS
+    n_age_buckets: int = N_AGE_BUCKETS
+    n_genders: int = N_GENDERS
+    code_format: str = "int4"  # int4 | fp32 (loopfm/contract/codec.py)
 
     @property
     def user_context_vocab(self) -> tuple[int, ...]:
-        return (self.n_age_buckets + 1, self.n_genders + 1, 25)
+        return (self.n_age_buckets + 1, self.n_genders + 1, N_HOURS + 1)
 
     @property
     def candidate_vocab(self) -> tuple[int, ...]:
@@ -106,10 +111,11 @@ def request_tensors(
 ) -> dict[str, np.ndarray]:
     """Request-side inputs for U users: context ids, own click history, FM code history."""
     age_vocab, gender_vocab, hour_vocab = spec.user_context_vocab
+    age, gender = USER_FEATURES
     user_context = np.stack(
         [
-            _index(users["age_bucket"], age_vocab),
-            _index(users["gender"], gender_vocab),
+            _index(users[age], age_vocab),
+            _index(users[gender], gender_vocab),
             _index(hours, hour_vocab),
         ],
         axis=1,
@@ -125,15 +131,25 @@ def request_tensors(
     return tensors
 
 
+def model_inputs(
+    users: Mapping[str, Sequence[Any]], hours: Sequence[Any], candidates: np.ndarray, spec: TensorSpec,
+    candidate_user: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every model input: U users' request-side tensors (request_tensors), the candidates
+    [C, 4] (candidate_tensors) and candidate_user [C], the user row of each candidate
+    (default: all 0, one request of one user)."""
+    tensors = request_tensors(users, hours, spec)
+    tensors["candidates"] = candidates
+    tensors["candidate_user"] = np.zeros(len(candidates), dtype=np.int64) if candidate_user is None else candidate_user
+    return tensors
+
+
 def one_request_inputs(
     user: Mapping[str, Sequence[Any]], hour: int, item_ids: Sequence[int], items: Mapping[str, Sequence[Any]],
     spec: TensorSpec,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """All model inputs of one request (one user row, many candidates) from plain feature values."""
-    tensors = request_tensors(user, [hour], spec)
-    tensors["candidates"] = candidate_tensors(item_ids, items, spec)
-    tensors["candidate_user"] = np.zeros(len(item_ids), dtype=np.int64)
-    return tensors
+    return model_inputs(user, [hour], candidate_tensors(item_ids, items, spec), spec)
 
 
 def candidate_tensors(

@@ -1,0 +1,59 @@
+"""Names and sizes that training and serving must agree on (feature_repo/features.py defines
+the Feast objects with them; exported model.json files carry them to the server)."""
+
+from __future__ import annotations
+
+PROJECT = "loopfm"  # feature_repo/feature_store.yaml's `project`, the suffix of every Redis key
+
+# Entity join keys.
+USER_KEY, ITEM_KEY, VERTICAL_KEY = "user_id", "item_id", "vertical"
+
+# Feature views and their features.
+USER_PROFILE = "user_profile"
+ITEM_FEATURES_VIEW = "item_features"
+VM_CLICK_HISTORY = "vm_click_history"
+FM_HISTORY = "fm_history"
+USER_FEATURES = ("age_bucket", "gender")
+ITEM_FEATURES = ("category", "brand", "price_bucket")
+VM_HISTORY_FEATURE = "item_ids"  # packed int32 item ids, oldest first
+FM_HISTORY_FEATURE = "fm_codes"  # packed codes (contract/codec.py), oldest first
+FM_HISTORY_FEATURES = (FM_HISTORY_FEATURE, "fm_newest_available_at_us", "fm_trained_until_us")
+VIEW_FEATURES = {
+    USER_PROFILE: USER_FEATURES,  # keyed by user_id
+    FM_HISTORY: FM_HISTORY_FEATURES,  # keyed by user_id, shared by every vertical's VM
+    VM_CLICK_HISTORY: (VM_HISTORY_FEATURE,),  # keyed by (user_id, vertical)
+    ITEM_FEATURES_VIEW: ITEM_FEATURES,  # keyed by item_id
+}
+
+
+def views(*names: str) -> dict[str, list[str]]:
+    """{view: [features]} of the named feature views, as model.json and the reader take them."""
+    return {name: list(VIEW_FEATURES[name]) for name in names}
+
+
+def ready_marker(project: str) -> bytes:
+    """The key `loopfm features apply` sets once `feast materialize` has written `project`'s
+    features (loopfm/features/store.py): the server's /readyz tells an empty store from a
+    filled one. A push does not set it: it writes only its batch's users."""
+    return f"loopfm:materialized:{project}".encode()
+
+
+def feature_service(variant: str) -> str:
+    """The Feast feature service a VM variant reads: vm_<variant>."""
+    return f"vm_{variant}"
+
+
+# Vocabularies fixed by the canonical schema (categorical values are 0 .. n-1).
+N_HOURS = 24
+N_AGE_BUCKETS = 6  # the six MovieLens-1M age groups
+N_GENDERS = 2
+N_PRICE_BUCKETS = 10  # price deciles
+
+# ONNX graph inputs: request-side ones once per user, candidate-side ones once per candidate.
+USER_SIDE_INPUTS = ("user_context", "vm_history", "fm_codes", "fm_mask")
+
+
+def input_names(use_fm_history: bool) -> list[str]:
+    """The exported graph's input names, in the order of ServingHead's arguments."""
+    names = ["user_context", "vm_history", "candidates", "candidate_user"]
+    return names + ["fm_codes", "fm_mask"] if use_fm_history else names
