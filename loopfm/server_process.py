@@ -24,10 +24,11 @@ SERVING_APP = "serving.app:create_app"
 LIMIT_CONCURRENCY = {"UVICORN_LIMIT_CONCURRENCY": "1000"}
 
 
-def uvicorn_command(app: str, host: str, port: int, workers: int = 1) -> list[str]:
-    """The tuned defaults: uvloop, httptools, no access log, one worker per process."""
+def uvicorn_command(app: str, host: str, port: int, workers: int = 1, python: str = sys.executable) -> list[str]:
+    """The tuned defaults: uvloop, httptools, no access log, one worker per process; `python`
+    is the interpreter of the install to serve from (default: this one)."""
     return [
-        sys.executable, "-m", "uvicorn", app, "--factory",
+        python, "-m", "uvicorn", app, "--factory",
         "--host", host, "--port", str(port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log",
     ]  # fmt: skip
@@ -41,13 +42,15 @@ def start_server(
     wait_for: str = "/readyz",
     app: str = SERVING_APP,
     env: dict[str, str] | None = None,
+    python: str = sys.executable,
 ) -> tuple[subprocess.Popen, str]:
-    """Start uvicorn on a free loopback port and wait until `wait_for` answers 200."""
+    """Start uvicorn (of `python`'s install) on a free loopback port and wait until `wait_for`
+    answers 200."""
     port = port or free_port()
     env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port, python=python), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
