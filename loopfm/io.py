@@ -1,4 +1,5 @@
-"""Run-directory layout and atomic file writes shared by every stage."""
+"""Run-directory layout, atomic file writes and time units shared by every stage (times are
+unix microseconds, UTC, everywhere inside the project)."""
 
 from __future__ import annotations
 
@@ -148,6 +149,10 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
     return pd.read_parquet(path, columns=columns)
+
+
+US_PER_HOUR = 3_600 * 1_000_000
+US_PER_DAY = 24 * US_PER_HOUR
 
 
 def unix_us(timestamps: pd.Series) -> pd.Series:

@@ -14,7 +14,7 @@ import redis
 
 from loopfm.bench.serving import request_pool
 from loopfm.io import RunPaths
-from loopfm.loadtest import LoadSpec, run_load
+from loopfm.bench.loadtest import LoadSpec, run_load
 from loopfm.server_process import start_server, stop_server
 
 BODY = {"user_id": 3, "candidate_item_ids": [801, 802], "context": {"hour": 9}}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loopfm.cli import main
+from loopfm.pipeline.cli import main
 from loopfm.features.store import FEATURE_REPO, feast_env, feast_executable
 from loopfm.redis_server import local_redis
 from tests.conftest import loopfm

@@ -119,7 +119,7 @@ def test_a_bad_events_file_is_refused_by_name_and_nothing_is_written(run, privat
 def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(built_run, tmp_path, unit, value):
     """1790848800 is 2026-10-01 10:00 UTC in seconds (it was stored as 1970-01-01 00:00:01.79)."""
     from loopfm.config import RunConfig
-    from loopfm.ingest import read_events
+    from loopfm.pipeline.ingest import read_events
 
     batch = tmp_path / "batch.csv"
     fresh_events(built_run, n=1).assign(event_timestamp=value).to_csv(batch, index=False)

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from loopfm.loadtest import LoadSpec, RequestPool, run_load, schedule
+from loopfm.bench.loadtest import LoadSpec, RequestPool, run_load, schedule
 
 STALL_S = 0.3
 

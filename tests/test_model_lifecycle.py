@@ -22,7 +22,7 @@ from loopfm.bench.serving import request_pool
 from loopfm.config import RunConfig
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from loopfm.io import RunPaths
-from loopfm.loadtest import LoadSpec, run_load
+from loopfm.bench.loadtest import LoadSpec, run_load
 from loopfm.server_process import start_server, stop_server
 from serving.feast_layout import feature_refs, user_side_refs
 

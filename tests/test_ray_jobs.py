@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from loopfm.config import RunConfig
+from loopfm.distributed.ray_jobs import RAY
 from loopfm.features.build import build_feature_tables
 from loopfm.fm.stream import log_embeddings
 from loopfm.io import RunPaths, read_parquet
@@ -30,10 +31,10 @@ def test_ray_jobs_write_the_local_paths_tables(local_ray, built_run: Path, copy_
     on_ray.fm_log.unlink()
     shutil.rmtree(on_ray.features)  # the copy holds real folders (copytree follows the link)
 
-    log_embeddings(on_ray, cfg, progress=False, engine="ray")
+    log_embeddings(on_ray, cfg, progress=False, engine=RAY)
     pd.testing.assert_frame_equal(read_parquet(on_ray.fm_log), read_parquet(local.fm_log))
 
-    build_feature_tables(on_ray, cfg, progress=lambda *_: None, engine="ray")
+    build_feature_tables(on_ray, cfg, progress=lambda *_: None, engine=RAY)
     for name in TABLES:
         pd.testing.assert_frame_equal(read_parquet(on_ray.features / f"{name}.parquet"), read_parquet(local.features / f"{name}.parquet"))
     assert read_parquet(on_ray.features / "fm_history.parquet")["user_id"].nunique() > 100  # many users, many shards

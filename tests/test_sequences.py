@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from loopfm.features.sequences import last_n_before
+from loopfm.sequences import last_n_before
 
 
 def brute_force(seq_user, seq_time, q_user, q_time, n):

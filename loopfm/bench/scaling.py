@@ -39,7 +39,7 @@ from loopfm.contract.names import (
 )
 from loopfm.fm.stream import build_inputs, log_events
 from loopfm.io import RunPaths, write_parquet
-from loopfm.pipeline import materialize
+from loopfm.pipeline.stages import materialize
 from loopfm.redis_server import local_redis, local_redis_cluster
 from serving.feast_layout import feature_field
 from serving.online_reader import read_online_features

@@ -24,7 +24,7 @@ import uvloop
 
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up, write_report
+from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up, write_report
 
 CANDIDATES = (10, 100, 1000)
 PATHS = ("loopfm", "feast_sdk", "floor", "noop")
@@ -58,7 +58,7 @@ def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n:
 
 
 def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> dict:
-    from loopfm.pipeline import materialize
+    from loopfm.pipeline.stages import materialize
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
     from serving.item_cache import ItemCache

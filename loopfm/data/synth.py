@@ -21,12 +21,10 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import WorldConfig
+from loopfm.contract.names import N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS
 from loopfm.data.dataset import Vocab
-from loopfm.io import RunPaths, write_parquet
+from loopfm.io import US_PER_DAY, US_PER_HOUR, RunPaths, write_parquet
 
-US_PER_DAY = 86_400 * 1_000_000
-US_PER_HOUR = 3_600 * 1_000_000
-PRICE_BUCKETS = 10
 
 
 def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
@@ -41,14 +39,14 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     category = rng.zipf(1.6, n_items) % cfg.n_categories
     brand = (category * 7 + rng.integers(0, 5, n_items)) % cfg.n_brands
     log_price = rng.normal(3.0, 0.8, n_items) + 0.05 * category
-    price_bucket = np.digitize(log_price, np.quantile(log_price, np.linspace(0, 1, PRICE_BUCKETS + 1)[1:-1]))
+    price_bucket = np.digitize(log_price, np.quantile(log_price, np.linspace(0, 1, N_PRICE_BUCKETS + 1)[1:-1]))
     category_vec = rng.normal(0, 1 / np.sqrt(k), (cfg.n_categories, k))
     item_vec = category_vec[category] + 0.5 * rng.normal(0, 1 / np.sqrt(k), (n_items, k))
     quality = rng.normal(0, 0.4, n_items)
 
     # Users: static profile plus a drifting interest vector per day.
-    age_bucket = rng.integers(0, 6, n_users)
-    gender = rng.integers(0, 2, n_users)
+    age_bucket = rng.integers(0, N_AGE_BUCKETS, n_users)
+    gender = rng.integers(0, N_GENDERS, n_users)
     activity = rng.lognormal(0, 0.5, n_users)
     vertical_pref = rng.dirichlet(np.asarray(cfg.vertical_mix) * 20, n_users)
     interest = np.empty((n_users, n_days, k))
@@ -69,8 +67,8 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     item = vertical * cfg.n_items_per_vertical + rng.integers(0, cfg.n_items_per_vertical, user.size)
 
     vertical_bias = np.linspace(-2.6, -3.0, n_verticals)
-    hour_effect = 0.3 * np.sin(np.arange(24)[None, :] / 24 * 2 * np.pi + rng.uniform(0, 6, (n_verticals, 1)))
-    age_affinity = rng.normal(0, 0.3, (6, cfg.n_categories))
+    hour_effect = 0.3 * np.sin(np.arange(N_HOURS)[None, :] / N_HOURS * 2 * np.pi + rng.uniform(0, 6, (n_verticals, 1)))
+    age_affinity = rng.normal(0, 0.3, (N_AGE_BUCKETS, cfg.n_categories))
     z_price = (log_price - log_price.mean()) / log_price.std()
     logit = (
         vertical_bias[vertical]

@@ -1,25 +1,25 @@
-"""FM logging and structuring as Ray Data jobs, on the very functions the local path runs.
+"""The Ray engine (loopfm/engine.py): FM logging and structuring as Ray Data jobs, on the
+very work functions the local engine runs.
 
-- FM logging: events are independent once their inputs are built, so `log_events` runs on
-  blocks of event positions (`fm.log_blocks` per job; Ray schedules one task per block).
-- Structuring: histories are per user, so `build_fm_history` / `build_vm_click_history` run
-  on shards that hold all of a user's rows (user_id % shards), grouped by Ray Data.
+- map_blocks (FM logging): events are independent once their inputs are built, so the work
+  runs on BLOCKS blocks of event positions, one Ray task per block.
+- map_users (structuring): histories are per user, so the work runs on shards that hold all
+  of a user's rows (user_id % shards), grouped by Ray Data.
 
-The embedding log comes back in event order and the histories are sorted by the caller,
-so both engines write the same tables.
-Ray starts locally (one worker per core) unless RAY_ADDRESS names a cluster.
+Outputs come back in block order, and the histories are sorted by the caller, so both
+engines write the same tables. Ray starts locally (one worker per core) unless RAY_ADDRESS
+names a cluster.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from loopfm.config import ConfigError, RunConfig
-from loopfm.io import RunPaths
+from loopfm.config import ConfigError
+from loopfm.engine import BlockWork, Engine, UserWork
 
 BLOCKS = 8  # tasks per job: enough to keep every local core busy, few enough to start fast
 
@@ -34,31 +34,27 @@ def _ray():
     return ray
 
 
-def log_events_ray(
-    paths: RunPaths, cfg: RunConfig, arrays: dict[str, np.ndarray], imp: pd.DataFrame, rows: np.ndarray
-) -> pd.DataFrame:
-    """`stream.log_events` over blocks of `rows`, one Ray task per block, rows in order."""
-    from loopfm.fm.stream import log_events
-
+def map_blocks(work: BlockWork, rows: np.ndarray) -> pd.DataFrame:
+    """`work` over BLOCKS blocks of `rows`, one Ray task per block; outputs in `rows` order."""
     ray = _ray()
-    blocks = ray.data.from_items([{"rows": part} for part in np.array_split(rows, BLOCKS) if part.size])
-    inputs = ray.put((arrays, imp))  # once into the object store, not pickled into every task
+    parts = [part for part in np.array_split(rows, BLOCKS) if part.size]
+    blocks = ray.data.from_items([{"block": i, "rows": part} for i, part in enumerate(parts)])
+    shared = ray.put(work)  # once into the object store (it holds the inputs), not pickled into every task
 
-    def log_block(batch: dict) -> pd.DataFrame:
-        block_arrays, block_imp = ray.get(inputs)
-        return pd.concat([log_events(paths, cfg, block_arrays, block_imp, part, progress=False) for part in batch["rows"]])
+    def run(batch: dict) -> pd.DataFrame:
+        block_work = ray.get(shared)
+        return pd.concat([block_work(part).assign(_block=b) for b, part in zip(batch["block"], batch["rows"])])
 
-    out = _to_pandas(ray, blocks.map_batches(log_block, batch_size=1, batch_format="numpy"))
-    order = pd.Series(np.arange(rows.size), index=imp["impression_id"].to_numpy()[rows])
-    return out.iloc[np.argsort(order.loc[out["impression_id"]].to_numpy())].reset_index(drop=True)
+    out = _to_pandas(ray, blocks.map_batches(run, batch_size=1, batch_format="numpy"))
+    return out.sort_values("_block", kind="stable").drop(columns="_block").reset_index(drop=True)
 
 
-def per_user_ray(build: Callable[[pd.DataFrame], pd.DataFrame], table: pd.DataFrame, shards: int = BLOCKS) -> pd.DataFrame:
-    """`build(rows)` on shards holding every row of their users (user_id % shards), one Ray
+def map_users(work: UserWork, table: pd.DataFrame, shards: int = BLOCKS) -> pd.DataFrame:
+    """`work(rows)` on shards holding every row of their users (user_id % shards), one Ray
     task per shard; rows in shard order (the caller sorts)."""
     ray = _ray()
     ds = ray.data.from_pandas(table.assign(_shard=table["user_id"].to_numpy() % shards))
-    return _to_pandas(ray, ds.groupby("_shard").map_groups(lambda rows: build(rows.drop(columns="_shard")), batch_format="pandas"))
+    return _to_pandas(ray, ds.groupby("_shard").map_groups(lambda rows: work(rows.drop(columns="_shard")), batch_format="pandas"))
 
 
 def _to_pandas(ray, ds) -> pd.DataFrame:
@@ -67,3 +63,6 @@ def _to_pandas(ray, ds) -> pd.DataFrame:
     import pyarrow as pa
 
     return pa.concat_tables(ray.get(ds.to_arrow_refs())).to_pandas()
+
+
+RAY = Engine("ray", map_blocks=map_blocks, map_users=map_users)

@@ -37,7 +37,7 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli, historical_features, open_store
     from loopfm.fm.stream import log_embeddings, train_fm
-    from loopfm.run import import_run
+    from loopfm.pipeline.run import import_run
     from loopfm.vm.train import fit_variant, tensor_spec
     from loopfm.data.dataset import Vocab
     from loopfm.contract.tensorize import FM_HISTORY_FEATURE

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
-from loopfm.data.synth import US_PER_DAY
-from loopfm.features.sequences import last_n_before
-from loopfm.io import RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
+from loopfm.engine import LOCAL, Engine
+from loopfm.sequences import last_n_before
+from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
 
 ENTITY_OFFSET = pd.Timedelta(microseconds=1)  # one tick of the project's time unit
 
@@ -71,7 +71,7 @@ def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: 
     return pd.concat(frames, ignore_index=True)
 
 
-def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: str) -> dict[str, pd.DataFrame]:
+def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: Engine) -> dict[str, pd.DataFrame]:
     """The two history tables, built per user (every user's rows in one call, on any engine)."""
     length = cfg.vm.history_length
     vm_history = partial(build_vm_click_history, verticals=cfg.world.verticals, length=length)
@@ -80,23 +80,18 @@ def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: str
     def fm_history(rows: pd.DataFrame) -> pd.DataFrame:
         return build_fm_history(rows.drop(columns="clicked"), rows["clicked"].to_numpy(), length)
 
-    if engine == "ray":
-        from loopfm.distributed.ray_jobs import per_user_ray
-
-        tables = {"vm_click_history": per_user_ray(vm_history, imp), "fm_history": per_user_ray(fm_history, log)}
-    else:
-        tables = {"vm_click_history": vm_history(imp), "fm_history": fm_history(log)}
+    tables = {"vm_click_history": engine.map_users(vm_history, imp), "fm_history": engine.map_users(fm_history, log)}
     # one snapshot per (entity, time): this order is canonical, so every engine writes the same file
     return {name: t.sort_values([c for c in ("user_id", "vertical", "event_timestamp") if c in t], kind="stable")
             .reset_index(drop=True) for name, t in tables.items()}  # fmt: skip
 
 
 def build_feature_tables(
-    paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True), engine: str = "local"
+    paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True), engine: Engine = LOCAL
 ) -> dict[str, int]:
     """Write the Feast sources and the VM's train/eval entity frames, all or none (a staged
-    folder swapped in at the end); return their row counts. engine "ray": the two history
-    builders run per user shard as Ray Data jobs (loopfm/distributed/ray_jobs.py)."""
+    folder swapped in at the end); return their row counts. `engine` maps the two history
+    builders over shards of users (loopfm/engine.py)."""
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
     if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loopfm.contract.names import N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS
+
 EXTRACT_LAYERS = ("embedding", "hidden1", "hidden2")
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 
@@ -46,10 +48,10 @@ class FoundationModel(nn.Module):
         self.category = nn.Embedding(s.n_categories, e // 2)
         self.brand = nn.Embedding(s.n_brands, e // 2)
         self.vertical = nn.Embedding(s.n_verticals, 4)
-        self.hour = nn.Embedding(24, 4)
-        self.age = nn.Embedding(6, 4)
-        self.gender = nn.Embedding(2, 2)
-        self.price = nn.Embedding(10, 4)
+        self.hour = nn.Embedding(N_HOURS, 4)
+        self.age = nn.Embedding(N_AGE_BUCKETS, 4)
+        self.gender = nn.Embedding(N_GENDERS, 2)
+        self.price = nn.Embedding(N_PRICE_BUCKETS, 4)
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
         self.user_tower = nn.Linear(2 * e + s.intent_dim, e)

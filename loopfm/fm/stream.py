@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,12 @@ import torch
 from tqdm import tqdm
 
 from loopfm.config import RunConfig
-from loopfm.data.dataset import Vocab
-from loopfm.data.synth import US_PER_DAY
 from loopfm.contract.codec import code_bytes, encode_codes
-from loopfm.features.sequences import last_n_before
+from loopfm.data.dataset import Vocab
+from loopfm.engine import LOCAL, Engine
+from loopfm.sequences import last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
-from loopfm.io import RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
+from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
@@ -327,16 +328,11 @@ def log_events(
     )
 
 
-def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True, engine: str = "local") -> pd.DataFrame:
+def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True, engine: Engine = LOCAL) -> pd.DataFrame:
     """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
-    checkpoint's code), one row per event (see module docstring). engine "ray": the same
-    `log_events` as Ray Data tasks over blocks of events (loopfm/distributed/ray_jobs.py)."""
+    checkpoint's code), one row per event (see module docstring). `engine` maps `log_events`
+    over blocks of events (loopfm/engine.py)."""
     arrays, imp = build_inputs(paths, cfg)
-    if engine == "ray":
-        from loopfm.distributed.ray_jobs import log_events_ray
-
-        log = log_events_ray(paths, cfg, arrays, imp, np.arange(len(imp)))
-    else:
-        log = log_events(paths, cfg, arrays, imp, np.arange(len(imp)), progress)
+    log = engine.map_blocks(partial(log_events, paths, cfg, arrays, imp, progress=progress), np.arange(len(imp)))
     write_parquet(log, paths.fm_log)
     return log

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from loopfm.data.synth import PRICE_BUCKETS, US_PER_DAY, US_PER_HOUR
+from loopfm.contract.names import N_PRICE_BUCKETS
+from loopfm.io import US_PER_DAY, US_PER_HOUR
 from loopfm.parse import BadValues, integer_keys, unix_times_us
 
 TARGET, OTHER = "target", "other"
@@ -261,7 +262,7 @@ def _codes(values: pd.Series) -> np.ndarray:
 def _price_buckets(price: pd.Series) -> np.ndarray:
     """Deciles of the items' prices (rank based, so ties and skew do not matter); none -> 0."""
     ranks = price.rank(method="first", pct=True)
-    return np.nan_to_num(np.ceil(ranks * PRICE_BUCKETS) - 1, nan=0).clip(0, PRICE_BUCKETS - 1).astype(np.int64)
+    return np.nan_to_num(np.ceil(ranks * N_PRICE_BUCKETS) - 1, nan=0).clip(0, N_PRICE_BUCKETS - 1).astype(np.int64)
 
 
 def _gender_codes(gender: pd.Series) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Iterator
 import pandas as pd
 
 from loopfm.config import VARIANTS, RunConfig
+from loopfm.engine import LOCAL, Engine
 from loopfm.io import RunPaths
 
 
@@ -19,6 +20,15 @@ def stage(n: int, total: int, title: str):
     started = time.perf_counter()
     yield
     print(f"[{n}/{total}] {title}: done in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def engine_named(name: str) -> Engine:
+    """The engine an `--engine` flag names: local, or ray (Ray is imported only then)."""
+    if name == "ray":
+        from loopfm.distributed.ray_jobs import RAY
+
+        return RAY
+    return LOCAL
 
 
 def train_stages(run_dir: Path, cfg: RunConfig, redis_url: str, first: int, total: int) -> dict[str, dict]:

@@ -83,14 +83,14 @@ def _config_with_overrides(args: argparse.Namespace) -> tuple[RunConfig, set[str
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
-    from loopfm.run import import_run
+    from loopfm.pipeline.run import import_run
 
     cfg, explicit = _config_with_overrides(args)
     import_run(args.run_dir, cfg, args.data, _import_options(args), explicit)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from loopfm.run import run_on_data
+    from loopfm.pipeline.run import run_on_data
 
     cfg, explicit = _config_with_overrides(args)
     run_on_data(args.run_dir, cfg, args.data, _import_options(args), explicit)
@@ -113,13 +113,14 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
 def cmd_fm_log(args: argparse.Namespace) -> None:
     from loopfm.fm.stream import log_embeddings
     from loopfm.io import RunPaths
+    from loopfm.pipeline.stages import engine_named
 
     cfg = RunConfig.load(args.run_dir)
     if args.scheme:
         cfg.fm = replace(cfg.fm, checkpoint_scheme=args.scheme)
     if args.delay_s is not None:
         cfg.fm = replace(cfg.fm, logging_delay_s=args.delay_s)
-    log = log_embeddings(RunPaths(args.run_dir), cfg.validate(), engine=args.engine)
+    log = log_embeddings(RunPaths(args.run_dir), cfg.validate(), engine=engine_named(args.engine))
     cfg.save(args.run_dir)  # only once the log it describes exists
     print(f"logged {len(log)} events to {RunPaths(args.run_dir).fm_log}")
 
@@ -127,13 +128,14 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
 def cmd_features_build(args: argparse.Namespace) -> None:
     from loopfm.features.build import build_feature_tables
     from loopfm.io import RunPaths
+    from loopfm.pipeline.stages import engine_named
 
-    print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir), engine=args.engine))
+    print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir), engine=engine_named(args.engine)))
 
 
 def cmd_features_apply(args: argparse.Namespace) -> None:
     from loopfm.features.store import feast_env
-    from loopfm.pipeline import materialize
+    from loopfm.pipeline.stages import materialize
 
     url = _redis_url(args)
     materialize(args.run_dir, url)
@@ -142,7 +144,7 @@ def cmd_features_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_train(args: argparse.Namespace) -> None:
-    from loopfm.pipeline import train_variants
+    from loopfm.pipeline.stages import train_variants
 
     train_variants(args.run_dir, args.variant or list(VARIANTS))
 
@@ -157,7 +159,7 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loopfm.pipeline import running_server
+    from loopfm.pipeline.stages import running_server
 
     with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
         print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C or SIGTERM stops",
@@ -168,8 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
     from loopfm.io import write_text
-    from loopfm.loadtest import LoadSpec, run_load, sweep, warm_up, write_report
-    from loopfm.pipeline import running_server
+    from loopfm.bench.loadtest import LoadSpec, run_load, sweep, warm_up, write_report
+    from loopfm.pipeline.stages import running_server
     from loopfm.bench.serving import request_pool
 
     spec = LoadSpec(rate=args.rate, duration_s=args.duration, candidates=args.candidates, arrival=args.arrival,
@@ -192,7 +194,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    from loopfm.ingest import ingest
+    from loopfm.pipeline.ingest import ingest
 
     ingest(args.run_dir, args.events, _redis_url(args), time_unit=args.time_unit)
 
@@ -207,7 +209,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from loopfm.demo import run_demo
+    from loopfm.pipeline.demo import run_demo
 
     cfg = RunConfig()
     for assignment in args.set or []:

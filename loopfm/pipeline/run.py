@@ -9,7 +9,7 @@ from pathlib import Path
 from loopfm.config import RunConfig
 from loopfm.data.importers import ImportOptions, configure, import_data, write_imported
 from loopfm.io import RunPaths
-from loopfm.pipeline import stage, train_stages
+from loopfm.pipeline.stages import stage, train_stages
 
 
 def import_run(run_dir: Path, cfg: RunConfig, data: Path, opts: ImportOptions, explicit: set[str]) -> RunConfig:

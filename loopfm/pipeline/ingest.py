@@ -173,7 +173,7 @@ def _stamp_and_append(paths: RunPaths, snapshots: dict[str, pd.DataFrame], inges
 
 def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print, time_unit: str | None = None) -> dict:
     """Run the four steps (module docstring); return what each added."""
-    from loopfm.pipeline import stage
+    from loopfm.pipeline.stages import stage
     from loopfm.features.store import open_store
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)

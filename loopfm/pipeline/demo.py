@@ -11,7 +11,7 @@ import numpy as np
 
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.pipeline import stage
+from loopfm.pipeline.stages import stage
 
 SERVED_VARIANT = "loopfm_kd"
 
@@ -56,7 +56,7 @@ def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int
 def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
     from loopfm.features.store import open_store
-    from loopfm.pipeline import train_stages
+    from loopfm.pipeline.stages import train_stages
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
     from loopfm.vm.export import export_variant
