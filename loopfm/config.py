@@ -12,9 +12,35 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from loopfm.contract.codec import CODE_FORMATS
+from loopfm.contract.names import feature_service
 
 
-VARIANTS = ("base", "kd", "loopfm", "loopfm_kd")
+@dataclass(frozen=True)
+class Variant:
+    """A VM variant: whether it reads the FM history (LoopFM) and learns from the FM's logged
+    prediction (KD); the Feast feature service it reads through."""
+
+    name: str
+    fm_history: bool
+    kd: bool
+
+    @property
+    def feature_service(self) -> str:
+        return feature_service(self.name)
+
+
+_VARIANTS = (Variant("base", False, False), Variant("kd", False, True), Variant("loopfm", True, False),
+             Variant("loopfm_kd", True, True))  # fmt: skip
+VARIANTS = tuple(v.name for v in _VARIANTS)  # names, in the results table's order
+ENCODERS = ("sum", "mean", "dot", "din")  # how a VM pools a history (loopfm/vm/model.py)
+
+
+def variant_named(name: str) -> Variant:
+    """The variant of a name; ValueError naming the valid ones otherwise."""
+    for v in _VARIANTS:
+        if v.name == name:
+            return v
+    raise ValueError(f"--variant must be one of {VARIANTS}, got {name!r}")
 
 
 @dataclass

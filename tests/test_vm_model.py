@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from loopfm.vm.model import ENCODERS, VerticalModel, VMShapes, masked_pool, DinScorer
+from loopfm.config import ENCODERS
+from loopfm.vm.model import VerticalModel, VMShapes, masked_pool, DinScorer
 
 
 def _model(encoder: str, use_fm: bool = True) -> VerticalModel:

@@ -14,13 +14,14 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from loopfm.config import ENCODERS, VARIANTS
+
 Overrides = tuple[tuple[str, object], ...]
 
 EXPERIMENTS = ("main", "gap", "length", "encoder", "compression", "freshness", "layer", "vm_size")
 BENCH: Overrides = (("world.n_users", 7600), ("fm.matryoshka_dims", (8, 16)))  # >= 1M impressions
 GAP_NOISE = (0.2, 0.7, 2.0, 8.0)  # fm_signal_noise: small = the FM knows much more than the VM
 LENGTHS = (5, 10, 25, 50, 100)
-ENCODERS = ("sum", "mean", "dot", "din")
 CODES = (("fp32", 32), ("int4", 32), ("int4", 16), ("int4", 8))  # (format, logged dims)
 DELAYS_S = (0, 60, 3600, 86400)
 LAYERS = ("embedding", "hidden1", "hidden2")
@@ -101,7 +102,7 @@ def _gain_claims(points: list[Point]) -> list[Claim]:
 def build_experiments(names: tuple[str, ...], base_length: int) -> list[Experiment]:
     """The experiments to run; `base_length` is the world's default history length L."""
     out = []
-    main = {v: Cell(MAIN, v) for v in ("base", "kd", "loopfm", "loopfm_kd")}
+    main = {v: Cell(MAIN, v) for v in VARIANTS}
     if "main" in names:
         out.append(Experiment("main", "Main table", [Point("main", None, main)], [
             Claim("LoopFM+KD vs KD (the goal)", main["loopfm_kd"], main["kd"]),

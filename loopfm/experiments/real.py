@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopfm.config import VARIANTS, RunConfig
+from loopfm.config import VARIANTS, RunConfig, variant_named
 from loopfm.data.importers import ImportOptions, VerticalRule
 from loopfm.eval.baselines import BASELINES, baseline_predictions
 from loopfm.eval.metrics import quality
@@ -38,9 +38,8 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     from loopfm.features.store import feast_cli, historical_features, open_store
     from loopfm.fm.stream import log_embeddings, train_fm
     from loopfm.pipeline.run import import_run
-    from loopfm.vm.train import fit_variant, tensor_spec
+    from loopfm.vm.train import fit_variant, tensor_spec, variant_frame
     from loopfm.data.dataset import Vocab
-    from loopfm.contract.tensorize import FM_HISTORY_FEATURE
 
     run = out / f"seed{seed}"
     done = run / "predictions.npz"
@@ -65,8 +64,7 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     pred.update(baseline_predictions(train_e, eval_e, cfg.vm.validation_fraction))
     epochs = {}
     for variant in VARIANTS:
-        uses_fm = variant.startswith("loopfm")
-        a, b = (train_df, eval_df) if uses_fm else (train_df.drop(columns=FM_HISTORY_FEATURE), eval_df.drop(columns=FM_HISTORY_FEATURE))
+        a, b = (variant_frame(df, variant_named(variant)) for df in (train_df, eval_df))
         _, pred[variant], fit = fit_variant(cfg, spec, variant, a, b, log=lambda _: None)
         epochs[variant] = fit["best_epoch"]
     write_text(run / "epochs.json", json.dumps(epochs))

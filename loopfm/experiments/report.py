@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from loopfm.config import VARIANTS
 from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import quality
 from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
 
-VARIANT_ROWS = ("base", "kd", "loopfm", "loopfm_kd")
 GOAL_REL = 0.01
 GOAL_TR_RATIO = 2.0
 ALPHA = 0.01
@@ -155,7 +155,7 @@ def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
         "seeds": seeds,
         "impressions": min(i["impressions"] for i in info),  # the smallest seed's world
         "per_seed_rows": {k: [i[k] for i in info] for k in ("impressions", "train_rows", "eval_rows")},
-        "main": {v: _summaries([d.metrics(Cell(MAIN, v)) for d in data]) for v in VARIANT_ROWS},
+        "main": {v: _summaries([d.metrics(Cell(MAIN, v)) for d in data]) for v in VARIANTS},
     }
     results["main"]["fm"] = _summaries([d.fm_metrics() for d in data])
     main_eval = data[0].world_eval[MAIN.path]

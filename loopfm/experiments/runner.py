@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.config import RunConfig
+from loopfm.config import RunConfig, variant_named
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
 from loopfm.io import RunPaths, read_parquet, write_text
@@ -133,18 +133,15 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
 
     from loopfm.data.dataset import Vocab
     from loopfm.eval.metrics import quality
-    from loopfm.contract.tensorize import FM_HISTORY_FEATURE
     from loopfm.vm.export import onnx_bytes
-    from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec
+    from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec, variant_frame
 
     cdir = seed_dir / cell.path
     if (cdir / "result.json").exists():
         return
     cdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    train_df, eval_df = frames
-    if not cell.variant.startswith("loopfm"):  # base/kd services have no FM history view
-        train_df, eval_df = train_df.drop(columns=FM_HISTORY_FEATURE), eval_df.drop(columns=FM_HISTORY_FEATURE)
+    train_df, eval_df = (variant_frame(df, variant_named(cell.variant)) for df in frames)
     spec = tensor_spec(cfg, Vocab.load(RunPaths(seed_dir / cell.world.path)))
     model, p, fit = fit_variant(cfg, spec, cell.variant, train_df, eval_df, log=lambda _: None)
     np.save(cdir / "pred.npy", p.astype(np.float32))

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from loopfm.config import RunConfig
-from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, feature_service, input_names
+from loopfm.config import RunConfig, variant_named
+from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, input_names
 from loopfm.features.store import historical_features
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
@@ -47,7 +47,7 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
     out_dir = out_dir or paths.vm / variant / "onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    service = feature_service(variant)
+    service = variant_named(variant).feature_service
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     tensors = frame_tensors(eval_df, spec)
     blob = onnx_bytes(model, tensors)

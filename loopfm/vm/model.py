@@ -22,9 +22,9 @@ import torch
 import numpy as np
 from torch import nn
 
+from loopfm.config import ENCODERS
 from loopfm.training import shrunk_rate
 
-ENCODERS = ("sum", "mean", "dot", "din")
 EMBEDDING_INIT_STD = 0.01  # measured: N(0, 1) embeddings left the VM below an item-id LR on MovieLens
 
 

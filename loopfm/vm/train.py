@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loopfm.config import VARIANTS, RunConfig
+from loopfm.config import VARIANTS, RunConfig, Variant, variant_named
 from loopfm.data.dataset import Vocab
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.eval.metrics import comparison_table, markdown_table, quality
@@ -61,6 +61,12 @@ def predict(model: VerticalModel, tensors: dict[str, np.ndarray], batch: int = 4
         )
 
 
+def variant_frame(df: pd.DataFrame, variant: Variant) -> pd.DataFrame:
+    """A frame read through the LoopFM+KD feature service as `variant`'s own service gives it:
+    without the FM history unless the variant reads it."""
+    return df if variant.fm_history else df.drop(columns=FM_HISTORY_FEATURE)
+
+
 def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
     return VMShapes(
         user_context_vocab=spec.user_context_vocab,
@@ -68,7 +74,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         code_dim=spec.code_dim,
         embedding_dim=cfg.vm.embedding_dim,
         hidden=tuple(cfg.vm.hidden),
-        use_fm_history=variant.startswith("loopfm"),
+        use_fm_history=variant_named(variant).fm_history,
         encoder=cfg.vm.encoder,
         history_length=spec.history_length,
         dropout=cfg.vm.dropout,
@@ -77,10 +83,8 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
 
 def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=print) -> dict:
     """Train one variant, save it to vm/<variant>/, return eval-window predictions."""
-    if variant not in VARIANTS:
-        raise ValueError(f"--variant must be one of {VARIANTS}, got {variant!r}")
+    service = variant_named(variant).feature_service
     started = time.perf_counter()
-    service = f"vm_{variant}"
     train_df = historical_features(store, read_parquet(paths.features / "vm_train_entities.parquet"), service)
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     spec = tensor_spec(cfg, Vocab.load(paths))
@@ -148,7 +152,7 @@ def _train(
                             lr=cfg.vm.lr, weight_decay=cfg.vm.weight_decay)  # fmt: skip
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     y, kd = torch.from_numpy(label), torch.from_numpy(kd_target)
-    use_kd = variant.endswith("kd")
+    use_kd = variant_named(variant).kd
     if after_epoch and after_epoch(model, 0):
         return model
     for epoch in range(1, epochs + 1):
