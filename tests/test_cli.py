@@ -3,7 +3,7 @@
 import json
 import os
 
-from tests.conftest import loopfm
+from conftest import loopfm
 
 
 def test_a_stage_run_before_its_inputs_exist_names_the_missing_file(tmp_path):
@@ -36,7 +36,7 @@ def test_a_synth_refused_for_an_inconsistent_world_leaves_nothing_behind(tmp_pat
     assert not any(tmp_path.iterdir())
 
 
-def test_training_without_the_base_vm_says_what_is_missing(tmp_path):
+def test_an_odd_code_dim_is_refused_naming_the_rule(tmp_path):
     r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=7", check=False)
     assert r.returncode == 2 and "fm.code_dim must be a positive even number" in r.stderr
 

@@ -42,8 +42,9 @@ def test_paired_tests():
     assert clear["p"] <= 0.01 and clear["ci95"][0] > 0
     same = paired_bootstrap([y], [(1, [noise]), (-1, [noise])], "ne", reps=50)
     assert same["p"] == 1.0
-    p = paired_ttest([0.61, 0.63, 0.62], [0.60, 0.60, 0.61])
-    assert 0 <= p <= 1
+    t = 2.5  # differences 0.01, 0.03, 0.01: mean 1/60, standard error 1/150
+    assert paired_ttest([0.61, 0.63, 0.62], [0.60, 0.60, 0.61]) == pytest.approx(1 - t / np.sqrt(2 + t**2))  # 2 dof, closed form
+    assert paired_ttest([0.61, 0.62, 0.63], [0.60, 0.61, 0.62]) == 0.0  # a constant gain
     assert paired_ttest([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
     assert summary([1.0, 2.0, 4.0])["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
 

@@ -11,7 +11,7 @@ import pytest
 from loopfm.pipeline.cli import main
 from loopfm.features.store import FEATURE_REPO, feast_env, feast_executable
 from loopfm.redis_server import local_redis
-from tests.conftest import loopfm
+from conftest import loopfm
 
 
 def test_feast_cli_by_hand_applies_and_materializes_incrementally_into_a_fresh_redis(copy_of_run, monkeypatch):

@@ -16,7 +16,7 @@ from loopfm.data.dataset import Vocab
 from loopfm.data.importers import ImportOptions, configure, import_data
 from loopfm.data.importers.canonical import DataFormatError, VerticalRule
 from loopfm.data.importers.mapped import parse_map
-from tests.conftest import loopfm
+from conftest import loopfm
 
 DAY = 86_400
 T0 = 1494032110  # 2017-05-06 00:55:10 UTC, TaobaoAd's first day (its README's example time)
@@ -336,7 +336,7 @@ def test_loopfm_run_end_to_end_on_taobao_files(tmp_path, redis_url):
     env = {**os.environ, "REDIS_URL": redis_url}
     import subprocess
 
-    from tests.conftest import LOOPFM
+    from conftest import LOOPFM
 
     r = subprocess.run(
         [LOOPFM, "run", "--data", str(taobao_world(tmp_path / "taobao")), "--format", "taobao",

@@ -2,8 +2,8 @@
 
 Histories are snapshots: one row per (user, time the sequence changed), holding the last L
 elements available at or before that time. Feast's point-in-time join takes, for an entity
-row at time e, the newest snapshot stamped <= e. Entity rows are stamped one millisecond
-before their impression (times are microseconds), so a snapshot that includes the
+row at time e, the newest snapshot stamped <= e. Entity rows are stamped 1 µs (one tick
+of the project's time unit) before their impression, so a snapshot that includes the
 impression itself (logging delay 0) can never reach it: histories hold exactly the elements
 available strictly before the example.
 """
