@@ -13,15 +13,33 @@ from sklearn.metrics import log_loss, roc_auc_score
 EPS = 1e-7
 
 
+def rate_entropy(rate):
+    """Log loss of always predicting click rate(s) `rate` (a float or an array), clipped to
+    [EPS, 1 - EPS]: NE's denominator."""
+    rate = np.clip(rate, EPS, 1 - EPS)
+    return -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+
+
 def base_rate_entropy(y: np.ndarray) -> float:
-    """Log loss of always predicting the observed click rate: NE's denominator."""
-    base = float(np.clip(y.mean(), EPS, 1 - EPS))
-    return -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    """Log loss of always predicting the observed click rate of labels `y`."""
+    return float(rate_entropy(y.mean()))
 
 
 def quality(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     logloss = float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]))
     return {"auc": float(roc_auc_score(y, p)), "logloss": logloss, "ne": logloss / base_rate_entropy(y)}
+
+
+def gains(ne: float, reference_ne: float, fm_ne: float, bayes_ne: float | None = None) -> dict[str, float]:
+    """dNE over the reference (the base VM), TR = dNE / dNE_FM and, given the Bayes-optimal
+    NE (synthetic data only), the share of the reference-to-Bayes gap closed; NaN where a
+    denominator is zero."""
+    gain, fm_gain = reference_ne - ne, reference_ne - fm_ne
+    out = {"delta_ne": gain, "tr": gain / fm_gain if abs(fm_gain) > 1e-12 else float("nan")}
+    if bayes_ne is not None:
+        bayes_gap = reference_ne - bayes_ne
+        out["bayes_gap_closed"] = gain / bayes_gap if bayes_gap else float("nan")
+    return out
 
 
 def comparison_table(y: np.ndarray, predictions: dict[str, np.ndarray], reference: str = "base") -> dict[str, dict]:
@@ -30,15 +48,9 @@ def comparison_table(y: np.ndarray, predictions: dict[str, np.ndarray], referenc
     `predictions` must hold `reference` (the base VM) and `fm`; `bayes` (the true click
     probability) is optional and only known on synthetic data."""
     rows = {name: quality(y, p) for name, p in predictions.items()}
-    ref_ne = rows[reference]["ne"]
-    fm_gain = ref_ne - rows["fm"]["ne"]
-    bayes_gap = ref_ne - rows["bayes"]["ne"] if "bayes" in rows else None
+    bayes_ne = rows["bayes"]["ne"] if "bayes" in rows else None
     for row in rows.values():
-        gain = ref_ne - row["ne"]
-        row["delta_ne"] = gain
-        row["tr"] = gain / fm_gain if abs(fm_gain) > 1e-12 else float("nan")
-        if bayes_gap is not None:
-            row["bayes_gap_closed"] = gain / bayes_gap if bayes_gap else float("nan")
+        row.update(gains(row["ne"], rows[reference]["ne"], rows["fm"]["ne"], bayes_ne))
     return rows
 
 

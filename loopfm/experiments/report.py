@@ -15,7 +15,7 @@ import pandas as pd
 
 from loopfm.config import VARIANTS
 from loopfm.eval.baselines import BASELINES
-from loopfm.eval.metrics import quality
+from loopfm.eval.metrics import gains, quality
 from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
 
@@ -48,11 +48,10 @@ class Seed:
         """Adds TR (against the FM of the same world) and the share of the gap between the
         base VM and the Bayes-optimal predictor that `q` closes (synthetic data only)."""
         base = self.q[Cell(MAIN, "base").path]["ne"]
-        row = {**q, "tr": (base - q["ne"]) / (base - self.fm_quality(world)["ne"])}
-        if "bayes" in self.world_eval[MAIN.path]:
-            bayes = quality(self.y, self.world_eval[MAIN.path]["bayes"].to_numpy())["ne"]
-            row["bayes_gap_closed"] = (base - q["ne"]) / (base - bayes)
-        return row
+        bayes = quality(self.y, self.world_eval[MAIN.path]["bayes"].to_numpy())["ne"] if "bayes" in self.world_eval[MAIN.path] else None
+        relative = gains(q["ne"], base, self.fm_quality(world)["ne"], bayes)
+        relative.pop("delta_ne")  # the results tables carry TR and the gap closed, not dNE
+        return {**q, **relative}
 
 
 def load_seed(seed_dir: Path, cells: list[Cell]) -> Seed:

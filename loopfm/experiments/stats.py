@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-EPS = 1e-7
+from loopfm.eval.metrics import EPS, rate_entropy
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -50,8 +50,7 @@ def weighted_ne(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
     p = np.clip(p, EPS, 1 - EPS)
     n = w.sum(1)
     logloss = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum(1) / n
-    base = np.clip((w * y).sum(1) / n, EPS, 1 - EPS)
-    return logloss / -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    return logloss / rate_entropy((w * y).sum(1) / n)
 
 
 METRICS = {"auc": weighted_auc, "ne": weighted_ne}

@@ -65,14 +65,15 @@ def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, d
     from loopfm.eval.metrics import markdown_table
     from loopfm.eval.plots import plot_quality
     from loopfm.features.store import open_store
-    from loopfm.vm.train import evaluate, train_variant
+    from loopfm.eval.results import evaluate
+    from loopfm.vm.train import train_variant
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
     store = open_store(run_dir)
     for variant in variants:
         info = train_variant(paths, cfg, store, variant, log=log)
         log(f"  vm {variant}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
-    rows = evaluate(paths)
+    rows = evaluate(paths, cfg)
     plot_quality(rows, paths.results / "quality.png")
     log(markdown_table(rows, "Held-out window (target vertical)"))
     return rows
