@@ -154,7 +154,7 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
     from loopfm.io import RunPaths
     from loopfm.vm.export import export_variant
 
-    meta = export_variant(RunPaths(args.run_dir), open_store(args.run_dir), args.variant)
+    meta = export_variant(RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir), args.variant)
     print(f"exported {meta['model_version']}; parity {meta['parity']}")
 
 

@@ -69,7 +69,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     with redis_url_or_local() as redis_url:
         quality = train_stages(run_dir, cfg, redis_url, first=2, total=total)
         with stage(7, total, f"export {SERVED_VARIANT} to ONNX"):
-            meta = export_variant(paths, open_store(run_dir), SERVED_VARIANT)
+            meta = export_variant(paths, cfg, open_store(run_dir), SERVED_VARIANT)
             print(f"  {meta['model_version']}: parity on {meta['parity']['rows']} rows, "
                   f"max |ONNX - torch| = {meta['parity']['max_abs_diff']:.2e}")  # fmt: skip
         with stage(8, total, f"serve and send {requests} requests over HTTP"):

@@ -40,7 +40,7 @@ def _feature_refs(store, service: str) -> dict[str, dict[str, list[str]]]:
     return refs
 
 
-def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = None) -> dict:
+def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir: Path | None = None) -> dict:
     """Write model.onnx + model.json for a variant; return its metadata (incl. parity)."""
     model, spec = load_variant(paths, variant)
     names = input_names(model.shapes.use_fm_history)
@@ -62,7 +62,7 @@ def export_variant(paths: RunPaths, store, variant: str, out_dir: Path | None = 
         "feature_service": service,
         "project": PROJECT,
         "features": _feature_refs(store, service),
-        "entity_values": {VERTICAL_KEY: RunConfig.load(paths.root).vm.target_vertical},  # the VM's own rows
+        "entity_values": {VERTICAL_KEY: cfg.vm.target_vertical},  # the VM's own rows
         "inputs": names,
         "spec": asdict(spec),
         "parity": parity,
