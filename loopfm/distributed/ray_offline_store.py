@@ -6,13 +6,14 @@ only within one `window_size_for_joins` window when a source exceeds the broadca
 threshold, and converts `Bytes` values through NumPy (trailing zero bytes stripped,
 nulls as b'nan'); docs/scaling.md has the reproductions. `ExactRayOfflineStore`
 replaces that one method and its retrieval job's conversions; everything else (Ray
-start-up from the config, parquet reading, staging, `persist`) is Feast's.
+start-up from the config, source paths, staging, `persist`, materialization's reads) is
+Feast's.
 
-The join, per feature view: entity rows and source rows are hash-partitioned by the
-view's join keys (`partitions` groups), shuffled together with Ray Data's
-`groupby().map_groups()`, and each group runs a backward as-of match on integer
-nanoseconds (feature time <= entity time, and >= entity time - ttl), the newest feature
-row winning. Values are taken by Arrow `take` from the source's own Arrow columns, so
+The join, per feature view, is a map/reduce shuffle in Ray tasks: every block of entity
+rows and every parquet row group of the source (read in its task: Ray Data's reader costs
+about 2 s per view to start on 2 cores) is split by a hash of the view's join keys into `partitions` pieces; one task per partition then runs a backward
+as-of match on integer nanoseconds (feature time <= entity time, and >= entity time - ttl;
+the newest feature row wins) and its output is the next view's entity block. Values are taken by Arrow `take` from the source's own Arrow columns, so
 bytes, integer types and nulls reach the result as they are in the source. Rows come
 back in entity-row order, duplicates kept: what the DuckDB store returns.
 
@@ -27,6 +28,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from feast import FeatureView
 from feast.infra.offline_stores.contrib.ray_offline_store.ray import (
     RayOfflineStore,
@@ -40,8 +45,7 @@ from feast.repo_config import RepoConfig
 from pydantic import PositiveInt
 
 ROW = "_loopfm_row"  # entity-row position, carried through every shuffle, dropped at the end
-PART, SIDE, FEATURE_TS = "_loopfm_part", "_loopfm_side", "_loopfm_feature_ts"
-ENTITY, FEATURE = 0, 1
+FEATURE_TS = "_loopfm_feature_ts"  # a source's timestamp column inside the join
 
 
 class ExactRayOfflineStoreConfig(RayOfflineStoreConfig):
@@ -50,44 +54,46 @@ class ExactRayOfflineStoreConfig(RayOfflineStoreConfig):
     type: Literal["loopfm.distributed.ray_offline_store.ExactRayOfflineStore"] = (
         "loopfm.distributed.ray_offline_store.ExactRayOfflineStore"
     )
-    partitions: PositiveInt = 8  # groups per view join: a few per worker core
+    partitions: PositiveInt = 8  # join tasks per feature view: a few per worker core
 
 
 class ExactRetrievalJob(RayRetrievalJob):
-    """Feast's Ray retrieval job, read through Arrow only: `to_arrow` concatenates the
-    result blocks as they are, `to_df` is its pandas conversion (ints with nulls become
-    float64, bytes stay bytes, as the DuckDB store's frame)."""
+    """The joined blocks (object refs, any order) read in entity-row order: `to_arrow`
+    concatenates them and sorts by entity row on the caller, `to_df` is its pandas
+    conversion (ints with nulls become float64, bytes stay bytes, as the DuckDB store's
+    frame); Feast's Ray paths (`persist`, `to_ray_dataset`) get a sorted Ray Dataset."""
+
+    def __init__(self, blocks: list, config: ExactRayOfflineStoreConfig):
+        import ray
+
+        super().__init__(
+            lambda: ray.data.from_arrow_refs(blocks).sort(ROW).drop_columns([ROW]),
+            staging_location=config.storage_path,
+            config=config,
+        )
+        self._blocks = blocks
 
     def to_arrow(self, validation_reference=None, timeout: int | None = None) -> pa.Table:
         import ray
 
-        dataset = self._get_ray_dataset()
-        tables = ray.get(list(dataset.to_arrow_refs()))
-        return pa.concat_tables(tables) if tables else dataset.schema().base_schema.empty_table()
+        table = pa.concat_tables(ray.get(self._blocks, timeout=timeout))
+        return table.take(pc.sort_indices(table.column(ROW))).drop_columns([ROW])
 
     def to_df(self, validation_reference=None, timeout: int | None = None) -> pd.DataFrame:
         if self._cached_df is None:
-            self._cached_df = self.to_arrow().to_pandas()
+            self._cached_df = self.to_arrow(timeout=timeout).to_pandas()
         return self._cached_df
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        return self.to_arrow()
+        return self.to_arrow(timeout=timeout)
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
-        return self.to_df()
-
-
-def _partition(table: pa.Table, keys: list[str], partitions: int) -> np.ndarray:
-    """Partition id (int64, shape (rows,)) of each row: a hash of its join-key values that
-    is the same in every process (pandas' seeded SipHash), modulo `partitions`."""
-    hashes = pd.util.hash_pandas_object(table.select(keys).to_pandas(), index=False).to_numpy()
-    return (hashes % np.uint64(partitions)).astype(np.int64)
+        return self.to_df(timeout=timeout)
 
 
 def _nanoseconds(column: pa.ChunkedArray) -> np.ndarray:
-    """A timestamp column (any unit, any zone) as int64 UTC nanoseconds, nulls as int64 min."""
-    ns = column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
-    return ns.fill_null(np.iinfo(np.int64).min).to_numpy()
+    """A timestamp column (any unit, any zone) as int64 UTC nanoseconds, shape (rows,)."""
+    return column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy()
 
 
 def asof_positions(
@@ -98,43 +104,67 @@ def asof_positions(
     Shapes: (n,) and (m,) int64 ns, key frames of n and m rows; returns (n,) int64."""
     left = entity_keys.assign(_t=entity_ns, _i=np.arange(len(entity_ns))).sort_values("_t", kind="stable")
     right = feature_keys.assign(_t=feature_ns, _j=np.arange(len(feature_ns))).sort_values("_t", kind="stable")
-    keys = list(entity_keys.columns)
-    matched = pd.merge_asof(left, right, on="_t", by=keys, direction="backward", allow_exact_matches=True)
+    matched = pd.merge_asof(left, right, on="_t", by=list(entity_keys.columns), direction="backward")
     found = matched["_j"].to_numpy(dtype=float, na_value=np.nan)
     position = np.where(np.isnan(found), -1, found).astype(np.int64)
     if ttl_ns is not None:
-        too_old = position >= 0
-        too_old[too_old] = feature_ns[position[too_old]] < matched["_t"].to_numpy()[too_old] - ttl_ns
-        position[too_old] = -1
+        hit = position >= 0
+        hit[hit] = feature_ns[position[hit]] < matched["_t"].to_numpy()[hit] - ttl_ns
+        position[hit] = -1
     out = np.empty(len(entity_ns), dtype=np.int64)
     out[matched["_i"].to_numpy()] = position
     return out
 
 
-def _join_group(entity_columns: list[str], keys: list[str], features: list[str], event_col: str, ttl_ns: int | None):
-    """The per-group step: entity rows of one partition with their as-of feature values."""
+def _split(table: pa.Table, keys: list[str], partitions: int) -> list[pa.Table]:
+    """The rows of `table` in `partitions` pieces by a hash of their join-key values that
+    is the same in every process (pandas' fixed-key SipHash)."""
+    hashes = pd.util.hash_pandas_object(table.select(keys).to_pandas(), index=False).to_numpy()
+    part = (hashes % np.uint64(partitions)).astype(np.int64)
+    return [table.filter(pa.array(part == p)) for p in range(partitions)]
 
-    def join(group: pa.Table) -> pa.Table:
-        side, stamped = group.column(SIDE).to_numpy(), group.column(FEATURE_TS).is_valid().to_numpy()
-        entity, source = group.filter(pa.array(side == ENTITY)), group.filter(pa.array((side == FEATURE) & stamped))
-        position = asof_positions(
-            entity.select(keys).to_pandas(),
-            _nanoseconds(entity.column(event_col)),
-            source.select(keys).to_pandas(),
-            _nanoseconds(source.column(FEATURE_TS)),
-            ttl_ns,
-        )
-        taken = source.select(features).take(pa.array(position, mask=position < 0))
-        return pa.Table.from_arrays(
-            [*entity.select(entity_columns).columns, *taken.columns], names=[*entity_columns, *features]
-        )
 
-    return join
+def _read_and_split(
+    filesystem: pafs.FileSystem, path: str, group: int, renames: dict[str, str], key_types: dict[str, pa.DataType], partitions: int
+) -> list[pa.Table]:
+    """One parquet row group of a source, as `_split_features` pieces."""
+    table = pq.ParquetFile(filesystem.open_input_file(path)).read_row_group(group, columns=list(renames))
+    return _split_features(table, renames, key_types, partitions)
+
+
+def _split_features(
+    table: pa.Table, renames: dict[str, str], key_types: dict[str, pa.DataType], partitions: int
+) -> list[pa.Table]:
+    """Source rows with the entity side's key names and types, stamped rows only, split."""
+    table = table.select(list(renames)).rename_columns(renames)
+    table = table.filter(pc.is_valid(table.column(FEATURE_TS)))
+    for key, kind in key_types.items():
+        table = table.set_column(table.schema.get_field_index(key), key, table.column(key).cast(kind))
+    return _split(table, list(key_types), partitions)
+
+
+def _join(
+    n_entity: int, keys: list[str], event_col: str, features: list[str], ttl_ns: int | None, *pieces: pa.Table
+) -> pa.Table:
+    """One partition: its entity rows (the first `n_entity` pieces) with the as-of values of
+    `features` from its source rows (the other pieces), nulls where nothing matched."""
+    entity = pa.concat_tables(pieces[:n_entity])
+    source = pa.concat_tables(pieces[n_entity:], promote_options="default")
+    position = asof_positions(
+        entity.select(keys).to_pandas(),
+        _nanoseconds(entity.column(event_col)),
+        source.select(keys).to_pandas(),
+        _nanoseconds(source.column(FEATURE_TS)),
+        ttl_ns,
+    )
+    taken = source.select(features).take(pa.array(position, mask=position < 0))
+    return pa.Table.from_arrays([*entity.columns, *taken.columns], names=[*entity.column_names, *features])
+
 
 
 class ExactRayOfflineStore(RayOfflineStore):
-    """`RayOfflineStore` whose `get_historical_features` is an exact, microsecond (indeed
-    nanosecond) point-in-time join that keeps every entity row in order; see the module doc."""
+    """`RayOfflineStore` whose `get_historical_features` is an exact point-in-time join at
+    the sources' own timestamp precision that keeps every entity row in order (module doc)."""
 
     @staticmethod
     def get_historical_features(
@@ -152,24 +182,26 @@ class ExactRayOfflineStore(RayOfflineStore):
         on-demand views, field mappings, created-timestamp columns)."""
         import ray
 
-        if not isinstance(config.offline_store, ExactRayOfflineStoreConfig):
-            raise ValueError(f"ExactRayOfflineStore needs its own config, got {type(config.offline_store).__name__}")
+        options = config.offline_store
+        if not isinstance(options, ExactRayOfflineStoreConfig):
+            raise ValueError(f"ExactRayOfflineStore needs its own config, got {type(options).__name__}")
         if not isinstance(entity_df, pd.DataFrame):
             raise ValueError("ExactRayOfflineStore needs entity_df as a pandas DataFrame (no SQL, no entity-less mode)")
-        if any(ref.split(":", 1)[0] not in {fv.projection.name_to_use() for fv in feature_views} for ref in feature_refs):
+        views = {fv.projection.name_to_use(): fv for fv in feature_views}
+        if any(ref.split(":", 1)[0] not in views for ref in feature_refs):
             raise ValueError(f"ExactRayOfflineStore serves plain feature views only, got refs {feature_refs}")
         store = ExactRayOfflineStore()
         store._init_ray(config)
         event_col = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes)))
-        partitions = config.offline_store.partitions
         entity = pa.Table.from_pandas(entity_df.assign(**{ROW: np.arange(len(entity_df))}), preserve_index=False)
-        result = ray.data.from_arrow(entity)
-        for fv in feature_views:
-            feats = [ref.split(":", 1)[1] for ref in feature_refs if ref.split(":", 1)[0] == fv.projection.name_to_use()]
+        rows_per_block = max(1, -(-len(entity) // options.partitions))
+        blocks = [ray.put(pa.Table.from_batches([b])) for b in entity.to_batches(max_chunksize=rows_per_block)]
+        for name, fv in views.items():
+            feats = [ref.split(":", 1)[1] for ref in feature_refs if ref.split(":", 1)[0] == name]
             if feats:
-                result = _join_view(store, config, registry, project, fv, feats, result, event_col, partitions, full_feature_names)
-        result = result.sort(ROW).drop_columns([ROW])
-        job = ExactRetrievalJob(result, staging_location=config.offline_store.storage_path, config=config.offline_store)
+                names = [f"{name}__{f}" if full_feature_names else f for f in feats]
+                blocks = _join_view(store, config, registry, project, fv, feats, names, blocks, entity.schema, event_col)
+        job = ExactRetrievalJob(blocks, options)
         job._full_feature_names, job._on_demand_feature_views = full_feature_names, []
         job._feature_refs, job._entity_df = feature_refs, entity_df
         return job
@@ -182,56 +214,44 @@ def _join_view(
     project: str,
     fv: FeatureView,
     feats: list[str],
-    result,
+    names: list[str],
+    blocks: list,
+    entity_schema: pa.Schema,
     event_col: str,
-    partitions: int,
-    full_feature_names: bool,
-):
-    """`result` (a Ray Dataset of entity rows) with the view's features `feats` appended."""
+    ) -> list:
+    """Entity blocks (object refs of Arrow tables) -> one block per partition, with the
+    view's features `feats` appended under `names`."""
+    import ray
+
     source = fv.batch_source
     if source.field_mapping or source.created_timestamp_column:
         raise ValueError(f"ExactRayOfflineStore: feature view {fv.name!r} uses a field mapping or created-timestamp column")
     source_keys = [registry.get_entity(e, project).join_key for e in fv.entities]
     keys = [fv.projection.join_key_map.get(k, k) for k in source_keys]
-    names = [f"{fv.projection.name_to_use()}__{f}" if full_feature_names else f for f in feats]
-    entity_schema = result.schema().base_schema
     missing = [k for k in keys if k not in entity_schema.names]
     if missing:
         raise ValueError(f"entity_df lacks the join keys {missing} of feature view {fv.name!r}")
+    partitions = config.offline_store.partitions
     ttl_ns = int(fv.ttl.total_seconds() * 1e9) if fv.ttl else None
-    rows = store._resolve_source_dataset(source, config, columns=[*source_keys, source.timestamp_field, *feats])
-    source_schema = rows.schema().base_schema
-    feature_types = [source_schema.field(f).type for f in feats]
+    renames = {**dict(zip(source_keys, keys)), source.timestamp_field: FEATURE_TS, **dict(zip(feats, names))}
+    key_types = {k: entity_schema.field(k).type for k in keys}
+    files = pads.dataset(store._get_source_path(source, config), format="parquet")  # FileSource only, else ValueError
+    # One empty source piece per partition fixes the schema when a partition gets no rows.
+    empty = ray.put(_split_features(files.schema.empty_table(), renames, key_types, 1)[0])
 
-    def tag_entities(batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        extra = {FEATURE_TS: pa.nulls(n, pa.timestamp("ns", tz="UTC"))}
-        extra |= {name: pa.nulls(n, t) for name, t in zip(names, feature_types)}
-        batch = batch.append_column(PART, pa.array(_partition(batch, keys, partitions))).append_column(
-            SIDE, pa.array(np.full(n, ENTITY, np.int8))
-        )
-        for name, column in extra.items():
-            batch = batch.append_column(name, column)
-        return batch
+    def pieces(refs) -> list:
+        return refs if partitions > 1 else [refs]
 
-    def tag_features(batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        renamed = batch.rename_columns(
-            {**dict(zip(source_keys, keys)), source.timestamp_field: FEATURE_TS, **dict(zip(feats, names))}
-        )
-        out = {}
-        for field in entity_schema:
-            if field.name in keys:
-                out[field.name] = renamed.column(field.name).cast(field.type)
-            else:
-                out[field.name] = pa.nulls(n, field.type)
-        out[PART] = pa.array(_partition(pa.table({k: out[k] for k in keys}), keys, partitions))
-        out[SIDE] = pa.array(np.full(n, FEATURE, np.int8))
-        out[FEATURE_TS] = renamed.column(FEATURE_TS).cast(pa.timestamp("ns", tz="UTC"))
-        out |= {name: renamed.column(name) for name in names}
-        return pa.table(out)
-
-    both = result.map_batches(tag_entities, batch_format="pyarrow").union(rows.map_batches(tag_features, batch_format="pyarrow"))
-    return both.groupby(PART).map_groups(
-        _join_group(entity_schema.names, keys, names, event_col, ttl_ns), batch_format="pyarrow"
-    )
+    split = ray.remote(_split).options(num_returns=partitions)
+    read = ray.remote(_read_and_split).options(num_returns=partitions)
+    entity_pieces = [pieces(split.remote(b, keys, partitions)) for b in blocks]
+    source_pieces = [
+        pieces(read.remote(files.filesystem, path, group, renames, key_types, partitions))
+        for path in files.files
+        for group in range(pq.ParquetFile(files.filesystem.open_input_file(path)).num_row_groups)
+    ]
+    join = ray.remote(_join)
+    return [
+        join.remote(len(entity_pieces), keys, event_col, names, ttl_ns, *[e[p] for e in entity_pieces], empty, *[f[p] for f in source_pieces])
+        for p in range(partitions)
+    ]
