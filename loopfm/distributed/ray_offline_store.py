@@ -23,6 +23,7 @@ locally unless the config's `ray_address` (or RAY_ADDRESS) names a cluster.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -58,26 +59,29 @@ class ExactRayOfflineStoreConfig(RayOfflineStoreConfig):
 
 
 class ExactRetrievalJob(RayRetrievalJob):
-    """The joined blocks (object refs, any order) read in entity-row order: `to_arrow`
-    concatenates them and sorts by entity row on the caller, `to_df` is its pandas
-    conversion (ints with nulls become float64, bytes stay bytes, as the DuckDB store's
-    frame); Feast's Ray paths (`persist`, `to_ray_dataset`) get a sorted Ray Dataset."""
+    """Joined blocks (object refs of Arrow tables, any order), read through Arrow only:
+    `to_arrow` concatenates them (sorted by `order` on the caller when given, that column
+    dropped), `to_df` is its pandas conversion (ints with nulls become float64, bytes stay
+    bytes, as the DuckDB store's frame); Feast's Ray paths (`persist`, `to_ray_dataset`)
+    get the same rows as a Ray Dataset."""
 
-    def __init__(self, blocks: list, config: ExactRayOfflineStoreConfig):
+    def __init__(self, blocks: list, config: ExactRayOfflineStoreConfig, order: str | None = None):
         import ray
 
-        super().__init__(
-            lambda: ray.data.from_arrow_refs(blocks).sort(ROW).drop_columns([ROW]),
-            staging_location=config.storage_path,
-            config=config,
-        )
-        self._blocks = blocks
+        def dataset():
+            rows = ray.data.from_arrow_refs(blocks)
+            return rows.sort(order).drop_columns([order]) if order else rows
+
+        super().__init__(dataset, staging_location=config.storage_path, config=config)
+        self._blocks, self._order = blocks, order
 
     def to_arrow(self, validation_reference=None, timeout: int | None = None) -> pa.Table:
         import ray
 
         table = pa.concat_tables(ray.get(self._blocks, timeout=timeout))
-        return table.take(pc.sort_indices(table.column(ROW))).drop_columns([ROW])
+        if self._order is None:
+            return table
+        return table.take(pc.sort_indices(table.column(self._order))).drop_columns([self._order])
 
     def to_df(self, validation_reference=None, timeout: int | None = None) -> pd.DataFrame:
         if self._cached_df is None:
@@ -201,10 +205,51 @@ class ExactRayOfflineStore(RayOfflineStore):
             if feats:
                 names = [f"{name}__{f}" if full_feature_names else f for f in feats]
                 blocks = _join_view(store, config, registry, project, fv, feats, names, blocks, entity.schema, event_col)
-        job = ExactRetrievalJob(blocks, options)
+        job = ExactRetrievalJob(blocks, options, order=ROW)
         job._full_feature_names, job._on_demand_feature_views = full_feature_names, []
         job._feature_refs, job._entity_df = feature_refs, entity_df
         return job
+
+    @staticmethod
+    def pull_latest_from_table_or_query(
+        config: RepoConfig,
+        data_source,
+        join_key_columns: list[str],
+        feature_name_columns: list[str],
+        timestamp_field: str,
+        created_timestamp_column: str | None,
+        start_date: datetime,
+        end_date: datetime,
+    ) -> RetrievalJob:
+        """The newest row per join key with start_date <= timestamp <= end_date, timestamps
+        as stored (Feast's floors them to seconds): what `feast materialize` writes online."""
+        import ray
+
+        if created_timestamp_column or data_source.field_mapping:
+            raise ValueError(f"ExactRayOfflineStore: source {data_source.name!r} uses a field mapping or created-timestamp column")
+        store = ExactRayOfflineStore()
+        store._init_ray(config)
+        columns = [*join_key_columns, *feature_name_columns]
+        renames = {**dict(zip(columns, columns)), timestamp_field: FEATURE_TS}
+        empty, pieces = _shuffled_source(store, config, data_source, renames, join_key_columns, None)
+        window = [pd.Timestamp(t).tz_localize("UTC") if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) for t in (start_date, end_date)]
+        latest = ray.remote(_latest)
+        blocks = [
+            latest.remote(join_key_columns, timestamp_field, window[0].value, window[1].value, empty, *[f[p] for f in pieces])
+            for p in range(config.offline_store.partitions)
+        ]
+        return ExactRetrievalJob(blocks, config.offline_store)
+
+
+def _latest(keys: list[str], timestamp_field: str, start_ns: int, end_ns: int, *pieces: pa.Table) -> pa.Table:
+    """One partition's newest row per key with start_ns <= FEATURE_TS <= end_ns, the
+    timestamp column named `timestamp_field` again."""
+    rows = pa.concat_tables(pieces, promote_options="default")
+    t = _nanoseconds(rows.column(FEATURE_TS))
+    inside = np.flatnonzero((t >= start_ns) & (t <= end_ns))
+    frame = rows.select(keys).to_pandas().iloc[inside].assign(_t=t[inside], _i=inside)
+    newest = frame.sort_values("_t", kind="stable").drop_duplicates(keys, keep="last")["_i"].to_numpy()
+    return rows.take(np.sort(newest)).rename_columns({FEATURE_TS: timestamp_field})
 
 
 def _join_view(
@@ -234,24 +279,42 @@ def _join_view(
     partitions = config.offline_store.partitions
     ttl_ns = int(fv.ttl.total_seconds() * 1e9) if fv.ttl else None
     renames = {**dict(zip(source_keys, keys)), source.timestamp_field: FEATURE_TS, **dict(zip(feats, names))}
-    key_types = {k: entity_schema.field(k).type for k in keys}
-    files = pads.dataset(store._get_source_path(source, config), format="parquet")  # FileSource only, else ValueError
-    # One empty source piece per partition fixes the schema when a partition gets no rows.
-    empty = ray.put(_split_features(files.schema.empty_table(), renames, key_types, 1)[0])
-
-    def pieces(refs) -> list:
-        return refs if partitions > 1 else [refs]
-
+    empty, source_pieces = _shuffled_source(store, config, source, renames, keys, entity_schema)
     split = ray.remote(_split).options(num_returns=partitions)
-    read = ray.remote(_read_and_split).options(num_returns=partitions)
-    entity_pieces = [pieces(split.remote(b, keys, partitions)) for b in blocks]
-    source_pieces = [
-        pieces(read.remote(files.filesystem, path, group, renames, key_types, partitions))
-        for path in files.files
-        for group in range(pq.ParquetFile(files.filesystem.open_input_file(path)).num_row_groups)
-    ]
+    entity_pieces = [_pieces(split.remote(b, keys, partitions), partitions) for b in blocks]
     join = ray.remote(_join)
     return [
         join.remote(len(entity_pieces), keys, event_col, names, ttl_ns, *[e[p] for e in entity_pieces], empty, *[f[p] for f in source_pieces])
         for p in range(partitions)
+    ]
+
+
+def _pieces(refs, partitions: int) -> list:
+    """The refs of a `num_returns=partitions` task as a list (Ray returns one ref for 1)."""
+    return refs if partitions > 1 else [refs]
+
+
+def _shuffled_source(
+    store: ExactRayOfflineStore,
+    config: RepoConfig,
+    source,
+    renames: dict[str, str],
+    keys: list[str],
+    entity_schema: pa.Schema | None,
+) -> tuple[Any, list[list]]:
+    """A FileSource's parquet rows, columns renamed by `renames` (its timestamp to FEATURE_TS)
+    and `keys` cast to their types in `entity_schema` (None: the source's own), split by key
+    hash in one task per row group: (an empty piece with their schema, the pieces of each
+    row group). Feast's `_get_source_path` raises ValueError for other sources."""
+    import ray
+
+    files = pads.dataset(store._get_source_path(source, config), format="parquet")
+    key_types = {k: (files.schema if entity_schema is None else entity_schema).field(k).type for k in keys}
+    partitions = config.offline_store.partitions
+    empty = ray.put(_split_features(files.schema.empty_table(), renames, key_types, 1)[0])
+    read = ray.remote(_read_and_split).options(num_returns=partitions)
+    return empty, [
+        _pieces(read.remote(files.filesystem, path, group, renames, key_types, partitions), partitions)
+        for path in files.files
+        for group in range(pq.ParquetFile(files.filesystem.open_input_file(path)).num_row_groups)
     ]
