@@ -72,6 +72,7 @@ def test_duplicates_unknowns_and_entity_order_are_kept(ray_store, store, materia
     entities = read_parquet(RunPaths(materialized_run).features / "vm_eval_entities.parquet").head(300)
     unknown = entities.head(3).assign(user_id=10**12, item_id=-7, vertical="nowhere")
     frame = pd.concat([entities.iloc[::-1], entities.head(60), unknown], ignore_index=True)  # reversed time, 60 duplicates
+    frame["event_timestamp"] = frame["event_timestamp"].dt.tz_convert("Europe/Berlin").dt.as_unit("ns")  # both return UTC µs
     ray_rows = historical_features(ray_store, frame, "vm_loopfm")
     pd.testing.assert_frame_equal(ray_rows, historical_features(store, frame, "vm_loopfm"), check_exact=True)
     assert len(ray_rows) == len(frame) and ray_rows.tail(3)[["fm_codes", "category", "item_ids"]].isna().all().all()

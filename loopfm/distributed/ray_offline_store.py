@@ -197,7 +197,9 @@ class ExactRayOfflineStore(RayOfflineStore):
         store = ExactRayOfflineStore()
         store._init_ray(config)
         event_col = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes)))
-        entity = pa.Table.from_pandas(entity_df.assign(**{ROW: np.arange(len(entity_df))}), preserve_index=False)
+        # As the DuckDB store: entity times in UTC microseconds (tz-naive ones read as UTC).
+        times = pd.to_datetime(entity_df[event_col], utc=True).dt.as_unit("us")
+        entity = pa.Table.from_pandas(entity_df.assign(**{event_col: times, ROW: np.arange(len(entity_df))}), preserve_index=False)
         rows_per_block = max(1, -(-len(entity) // options.partitions))
         blocks = [ray.put(pa.Table.from_batches([b])) for b in entity.to_batches(max_chunksize=rows_per_block)]
         for name, fv in views.items():
