@@ -2,20 +2,22 @@
 
 Feast 0.67's `RayOfflineStore.get_historical_features` floors entity and feature
 timestamps to whole seconds before its `merge_asof`, drops duplicate entity rows, joins
-only within one `window_size_for_joins` window when a source exceeds the broadcast
-threshold, and converts `Bytes` values through NumPy (trailing zero bytes stripped,
-nulls as b'nan'); docs/scaling.md has the reproductions. `ExactRayOfflineStore`
-replaces that one method and its retrieval job's conversions; everything else (Ray
-start-up from the config, source paths, staging, `persist`, materialization's reads) is
-Feast's.
+only inside one `window_size_for_joins` window when a source exceeds the broadcast
+threshold, and converts `Bytes` values through NumPy (trailing zero bytes stripped, nulls
+as b'None'); its `pull_latest_from_table_or_query` (materialization) floors too.
+docs/scaling.md has the reproductions. `ExactRayOfflineStore` replaces those two methods
+and its retrieval job's conversions; Ray start-up from the config, source paths, staging
+and `persist` stay Feast's.
 
 The join, per feature view, is a map/reduce shuffle in Ray tasks: every block of entity
-rows and every parquet row group of the source (read in its task: Ray Data's reader costs
-about 2 s per view to start on 2 cores) is split by a hash of the view's join keys into `partitions` pieces; one task per partition then runs a backward
-as-of match on integer nanoseconds (feature time <= entity time, and >= entity time - ttl;
-the newest feature row wins) and its output is the next view's entity block. Values are taken by Arrow `take` from the source's own Arrow columns, so
-bytes, integer types and nulls reach the result as they are in the source. Rows come
-back in entity-row order, duplicates kept: what the DuckDB store returns.
+rows and every parquet row group of the source (read in its own task: Ray Data's reader
+costs about 2 s per view to start on 2 cores) is split by a hash of the view's join keys
+into `partitions` pieces; one task per partition then runs a backward as-of match on
+integer nanoseconds (feature time <= entity time, and >= entity time - ttl; the newest
+feature row wins), and its output is the next view's entity block. Values are taken by
+Arrow `take` from the source's own Arrow columns, so bytes, integer types and nulls reach
+the result as they are in the source. Rows come back in entity-row order, duplicates
+kept, entity times in UTC microseconds: what the DuckDB store returns.
 
 Selected by `feature_repo/feature_store.ray.yaml` (`LOOPFM_OFFLINE_STORE=ray`); Ray starts
 locally unless the config's `ray_address` (or RAY_ADDRESS) names a cluster.
@@ -165,7 +167,6 @@ def _join(
     return pa.Table.from_arrays([*entity.columns, *taken.columns], names=[*entity.column_names, *features])
 
 
-
 class ExactRayOfflineStore(RayOfflineStore):
     """`RayOfflineStore` whose `get_historical_features` is an exact point-in-time join at
     the sources' own timestamp precision that keeps every entity row in order (module doc)."""
@@ -201,7 +202,7 @@ class ExactRayOfflineStore(RayOfflineStore):
         times = pd.to_datetime(entity_df[event_col], utc=True).dt.as_unit("us")
         entity = pa.Table.from_pandas(entity_df.assign(**{event_col: times, ROW: np.arange(len(entity_df))}), preserve_index=False)
         rows_per_block = max(1, -(-len(entity) // options.partitions))
-        blocks = [ray.put(pa.Table.from_batches([b])) for b in entity.to_batches(max_chunksize=rows_per_block)]
+        blocks = [ray.put(pa.Table.from_batches([b])) for b in entity.to_batches(max_chunksize=rows_per_block)] or [ray.put(entity)]
         for name, fv in views.items():
             feats = [ref.split(":", 1)[1] for ref in feature_refs if ref.split(":", 1)[0] == name]
             if feats:
@@ -234,7 +235,8 @@ class ExactRayOfflineStore(RayOfflineStore):
         columns = [*join_key_columns, *feature_name_columns]
         renames = {**dict(zip(columns, columns)), timestamp_field: FEATURE_TS}
         empty, pieces = _shuffled_source(store, config, data_source, renames, join_key_columns, None)
-        window = [pd.Timestamp(t).tz_localize("UTC") if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) for t in (start_date, end_date)]
+        window = [pd.Timestamp(t) for t in (start_date, end_date)]
+        window = [t.tz_localize("UTC") if t.tzinfo is None else t for t in window]  # naive: UTC, as Feast reads it
         latest = ray.remote(_latest)
         blocks = [
             latest.remote(join_key_columns, timestamp_field, window[0].value, window[1].value, empty, *[f[p] for f in pieces])
@@ -286,7 +288,9 @@ def _join_view(
     entity_pieces = [_pieces(split.remote(b, keys, partitions), partitions) for b in blocks]
     join = ray.remote(_join)
     return [
-        join.remote(len(entity_pieces), keys, event_col, names, ttl_ns, *[e[p] for e in entity_pieces], empty, *[f[p] for f in source_pieces])
+        join.remote(
+            len(entity_pieces), keys, event_col, names, ttl_ns, *[e[p] for e in entity_pieces], empty, *[f[p] for f in source_pieces]
+        )
         for p in range(partitions)
     ]
 
