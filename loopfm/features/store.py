@@ -44,7 +44,15 @@ def feast_connection_string(redis_url: str) -> str:
 
 def feature_store_yaml(redis_url: str) -> Path:
     """The profile: feature_store.cluster.yaml (Feast's redis_cluster online store) for a
-    redis+cluster:// URL, else feature_store.yaml. Both share features.py."""
+    redis+cluster:// URL, feature_store.ray.yaml (the exact Ray offline store) when
+    LOOPFM_OFFLINE_STORE=ray, else feature_store.yaml. All share features.py."""
+    offline = os.environ.get("LOOPFM_OFFLINE_STORE", "duckdb")
+    if offline not in ("duckdb", "ray"):
+        raise ValueError(f"LOOPFM_OFFLINE_STORE must be duckdb or ray, got {offline!r}")
+    if offline == "ray" and cluster_node_url(redis_url):
+        raise ValueError("LOOPFM_OFFLINE_STORE=ray has no profile with a redis+cluster:// REDIS_URL (not built)")
+    if offline == "ray":
+        return FEATURE_REPO / "feature_store.ray.yaml"
     return FEATURE_REPO / ("feature_store.cluster.yaml" if cluster_node_url(redis_url) else "feature_store.yaml")
 
 
