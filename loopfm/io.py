@@ -82,6 +82,9 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+HOLDER_WAIT_S = 2.0  # how long a refused process waits for the holder to write its name
+
+
 class RunDirBusy(RuntimeError):
     """Another loopfm process is writing the same run directory; the message names it."""
 
@@ -98,20 +101,29 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder.
 
     An OS file lock (filelock: flock on POSIX), so a holder that dies, even by SIGKILL,
-    releases it. `<lock>.holder` says who holds it (pid, command, since when)."""
+    releases it. `<lock>.holder` says who holds it (pid, command, since when); the holder
+    writes it just after taking the lock, so a refused process waits up to HOLDER_WAIT_S
+    seconds for it (taking the lock instead if it is released meanwhile)."""
     from filelock import FileLock, Timeout
 
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(path), path.with_name(path.name + ".holder")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
         try:
-            who = holder.read_text().strip()
-        except OSError:
-            who = "another loopfm process"
-        raise RunDirBusy(f"{run_dir} is being written by {who}; wait for it to finish or stop it, then run this again") from None
+            lock.acquire(timeout=0)
+            break
+        except Timeout:
+            pass
+        try:
+            who = holder.read_text()
+        except OSError:  # the holder has the lock but has not written its name yet, or is releasing it
+            who = ""
+        if who or time.monotonic() >= deadline:
+            raise RunDirBusy(f"{run_dir} is being written by {who.strip() or 'another loopfm process'}; "
+                             "wait for it to finish or stop it, then run this again")  # fmt: skip
+        time.sleep(0.02)
     try:
         write_text(holder, f"pid {os.getpid()} (`{command}`, since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
         yield

@@ -2,6 +2,9 @@
 
 import json
 import os
+import threading
+
+import pytest
 
 from conftest import loopfm
 
@@ -54,3 +57,34 @@ def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_
             assert f"{run} is being written by pid {os.getpid()} (`loopfm ingest --events a.csv`" in r.stderr
     r = loopfm("fm", "log", "--run-dir", str(run), check=False)  # released: now the usual message
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_a_writer_refused_before_the_holder_names_itself_waits_for_the_name(tmp_path):
+    """The holder writes `<lock>.holder` just after taking the lock: a writer refused in between
+    waits for the name (here written 0.2 s late) instead of saying "another loopfm process"."""
+    from filelock import FileLock
+
+    from loopfm.io import RunDirBusy, lock_path, run_dir_lock
+
+    run = tmp_path / "run"
+    lock = lock_path(run)
+    holder = lock.with_name(lock.name + ".holder")
+    with FileLock(lock):
+        late = threading.Timer(0.2, lambda: holder.write_text("pid 4242 (`loopfm ingest --events a.csv`, since now)"))
+        late.start()
+        with pytest.raises(RunDirBusy, match=r"being written by pid 4242 \(`loopfm ingest"):
+            run_dir_lock(run, "loopfm features build").__enter__()
+        late.join()
+
+
+def test_a_lock_released_while_a_writer_waits_for_the_name_is_taken(tmp_path):
+    from filelock import FileLock
+
+    from loopfm.io import lock_path, run_dir_lock
+
+    run = tmp_path / "run"
+    lock = FileLock(lock_path(run), thread_local=False)  # released by the timer's thread
+    lock.acquire()
+    threading.Timer(0.2, lock.release).start()
+    with run_dir_lock(run, "loopfm features build"):  # no holder name ever appears; the lock frees
+        assert "pid" in lock_path(run).with_name(f".{run.name}.lock.holder").read_text()
