@@ -15,29 +15,19 @@ def _given_key(request: Request) -> bytes:
     return (auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")).encode()
 
 
-def api_key_guard(expected: str | None):
-    """A dependency that accepts `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in
-    constant time. With no key configured it lets everything through. The key is never logged."""
-    expected_bytes = expected.encode() if expected else None
-
-    async def check(request: Request) -> None:
-        if expected_bytes is not None and not hmac.compare_digest(_given_key(request), expected_bytes):
-            raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
+def check_api_key(request: Request, expected: str | None) -> None:
+    """Accept `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time; raise
+    401 otherwise. With no key configured it lets everything through. The key is never logged."""
+    if expected and not hmac.compare_digest(_given_key(request), expected.encode()):
+        raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def admin_key_guard(expected: str | None):
-    """Like api_key_guard, but closed by default: admin endpoints change what is served, so
+def check_admin_key(request: Request, expected: str | None) -> None:
+    """Like check_api_key, but closed by default: admin endpoints change what is served, so
     with no LOOPFM_ADMIN_KEY they answer 403 rather than being open to anyone."""
-    key_check = api_key_guard(expected)
-
-    async def check(request: Request) -> None:
-        if not expected:
-            raise HTTPException(403, "admin endpoints are disabled: set LOOPFM_ADMIN_KEY to enable them")
-        await key_check(request)
-
-    return check
+    if not expected:
+        raise HTTPException(403, "admin endpoints are disabled: set LOOPFM_ADMIN_KEY to enable them")
+    check_api_key(request, expected)
 
 
 class BodyLimits:

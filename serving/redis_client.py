@@ -18,6 +18,7 @@ import redis.asyncio.cluster
 from loopfm.contract.redis_url import cluster_node_url
 
 MAX_CONNECTIONS = 64  # per server process (LOOPFM_REDIS_MAX_CONNECTIONS); one request holds one at a time
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
 class CappedPool(redis.asyncio.BlockingConnectionPool):
@@ -34,7 +35,7 @@ class CappedPool(redis.asyncio.BlockingConnectionPool):
             raise
 
 
-def async_client(url: str, timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+def async_client(url: str, timeout_s: float, max_connections: int = MAX_CONNECTIONS) -> AsyncClient:
     """A client whose pipeline(transaction=False) / hmget / ping / exists / aclose serve both
     kinds; a cluster pipeline sends each node its keys' commands and returns replies in order.
     At most `max_connections` connections (per node of a cluster, where one more request

@@ -1,0 +1,55 @@
+"""What the routers take through `Depends`: the settings, the model registry, the Redis
+client and the metrics, all set on `app.state` by serving/app.py, and the key guards."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from serving.guards import check_admin_key, check_api_key
+from serving.metrics import Metrics
+from serving.models import ModelRegistry
+from serving.redis_client import AsyncClient
+from serving.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_models(request: Request) -> ModelRegistry:
+    """The registry (set at start-up, before the server accepts requests)."""
+    return request.app.state.models
+
+
+def get_redis(request: Request) -> AsyncClient:
+    """The server's one Redis client (set at start-up)."""
+    return request.app.state.redis
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
+RedisDep = Annotated[AsyncClient, Depends(get_redis)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+async def api_key(request: Request, settings: SettingsDep) -> None:
+    """401 unless the request carries LOOPFM_API_KEY (when one is set)."""
+    check_api_key(request, settings.api_key)
+
+
+async def admin_key(request: Request, settings: SettingsDep) -> None:
+    """403 with no LOOPFM_ADMIN_KEY set, else 401 unless the request carries it."""
+    check_admin_key(request, settings.admin_key)
+
+
+def hosting(models: ModelRegistry, name: str) -> ModelRegistry:
+    """`models`, once it is known to host `name` (404 with the hosted names if not)."""
+    if name not in models.models:
+        raise HTTPException(404, f"no model named {name!r}; hosted: {sorted(models.models)}")
+    return models

@@ -1,0 +1,71 @@
+"""POST /score (the default model) and POST /models/{name}/score.
+
+Scores inline on the event loop: the work is CPU-bound and sub-millisecond to a few
+milliseconds, so a thread-pool hop would only add latency. The Redis read is async and every
+request has a deadline: a slow Redis gives 504s, not a pile-up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import Path as FastApiPath
+
+from serving.dependencies import MetricsDep, ModelsDep, RedisDep, SettingsDep, api_key, hosting
+from serving.metrics import Metrics
+from serving.redis_client import AsyncClient
+from serving.responses import json_response
+from serving.schemas import ScoreRequest, ScoreResponse
+from serving.scorer import Scorer
+from serving.settings import Settings
+
+router = APIRouter(dependencies=[Depends(api_key)])
+
+
+async def score_with(scorer: Scorer, body: ScoreRequest, client: AsyncClient, settings: Settings, metrics: Metrics) -> Response:
+    """Score `body` with `scorer` within the request deadline: 422 over max_candidates, 503
+    when Redis fails or its pool is exhausted (with Retry-After), 504 past the deadline."""
+    if len(body.candidate_item_ids) > settings.max_candidates:
+        raise HTTPException(422, f"at most {settings.max_candidates} candidates per request")
+    hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
+    try:
+        result = await asyncio.wait_for(
+            scorer.score(client, body.user_id, body.candidate_item_ids, hour), settings.request_timeout_s
+        )
+    except redis.exceptions.MaxConnectionsError as exc:
+        metrics.errors.labels("redis_pool_exhausted").inc()
+        raise HTTPException(503, f"server busy: {exc} (LOOPFM_REDIS_MAX_CONNECTIONS); retry", headers={"Retry-After": "1"}) from None
+    except redis.RedisError as exc:
+        metrics.errors.labels(f"redis_{type(exc).__name__}").inc()
+        raise HTTPException(503, f"online store unavailable: {type(exc).__name__}") from exc
+    except TimeoutError as exc:
+        metrics.errors.labels("deadline").inc()
+        raise HTTPException(504, f"no answer within the {settings.request_timeout_s} s request deadline") from exc
+    metrics.observe(result, len(body.candidate_item_ids))
+    # Built by hand (not validated again by FastAPI): ScoreResponse documents the shape.
+    return json_response(
+        {
+            "scores": result.scores,
+            "model_version": scorer.version,
+            "user_known": result.user_known,
+            "unknown_candidates": result.unknown_items,
+            "feature_age_s": result.feature_age_s,
+            "corrupt_values": result.corrupt_values,
+        }
+    )
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, models: ModelsDep, client: RedisDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    """Score with the default model (the first one configured)."""
+    return await score_with(models.scorer(), body, client, settings, metrics)
+
+
+@router.post("/models/{name}/score", response_model=ScoreResponse)
+async def score_named(name: Annotated[str, FastApiPath(max_length=64)], body: ScoreRequest, models: ModelsDep, client: RedisDep,
+                      settings: SettingsDep, metrics: MetricsDep) -> Response:  # fmt: skip
+    """Score with the model hosted under `name` (GET /models lists them)."""
+    return await score_with(hosting(models, name).scorer(name), body, client, settings, metrics)
