@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary, weighted_auc, weighted_ne
 from loopfm.contract.codec import code_bytes, decode_codes, encode_codes
 from loopfm.contract.tensorize import decode_fm_history
+from loopfm.experiments.plan import MAIN
+from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_means, summary, weighted_auc, weighted_ne
 
 TINY = (
     ("world.n_users", 250), ("world.n_days", 10), ("fm.warmup_days", 3), ("vm.eval_days", 3),
@@ -49,6 +52,13 @@ def test_paired_tests():
     assert summary([1.0, 2.0, 4.0])["std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
 
 
+def test_ratio_of_means_is_nan_without_a_warning_when_the_denominator_is_zero():
+    assert ratio_of_means([0.2, 0.4], [0.1, 0.2]) == pytest.approx(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide-by-zero RuntimeWarning would fail here
+        assert np.isnan(ratio_of_means([0.2, 0.4], [0.1, -0.1]))
+
+
 def test_fp32_and_int4_codes_round_trip_through_histories():
     z = np.linspace(-0.99, 0.99, 5 * 8).reshape(5, 8).astype(np.float32)
     for fmt, expected, tolerance in (("fp32", z, 0.0), ("int4", np.clip(z, -1, 7 / 8), 1 / 16 + 1e-6)):
@@ -76,9 +86,16 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
     assert saved["main"]["loopfm_kd"]["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
     assert saved["main"]["loopfm_kd"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert saved["main"]["fm"]["tr"]["mean"] == pytest.approx(1.0)
+    # each claim's p-values are those of its own cells: recomputed from the per-seed files
+    y = [pd.read_parquet(out / f"seed{s}" / MAIN.path / "eval.parquet")["label"].to_numpy() for s in range(2)]
     for claim in saved["main_claims"]:
-        for metric in ("auc", "ne"):
-            assert 0 <= claim[metric]["p_ttest"] <= 1 and 0 < claim[metric]["p_bootstrap"] <= 1
+        cells = {c: [out / f"seed{s}" / claim[c] for s in range(2)] for c in ("better", "worse")}
+        pred = {c: [np.load(d / "pred.npy").astype(np.float64) for d in dirs] for c, dirs in cells.items()}
+        for metric, sign in (("auc", 1), ("ne", -1)):
+            a, b = ([json.loads((d / "result.json").read_text())["quality"][metric] for d in cells[c]] for c in ("better", "worse"))
+            assert claim[metric]["p_ttest"] == pytest.approx(paired_ttest(a, b), abs=1e-12)
+            boot = paired_bootstrap(y, [(sign, pred["better"]), (-sign, pred["worse"])], metric, reps=1000)
+            assert claim[metric]["p_bootstrap"] == boot["p"]
     assert "## Main table" in (docs / "results.md").read_text() and (docs / "results" / "main.png").stat().st_size > 0
 
     # A second invocation reuses every finished cell: nothing is retrained, same numbers.

@@ -17,7 +17,7 @@ from loopfm.config import VARIANTS
 from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import gains, quality
 from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of
-from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
+from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_means, summary
 
 GOAL_REL = 0.01
 GOAL_TR_RATIO = 2.0
@@ -106,7 +106,7 @@ def tr_goal(seeds: list[Seed], reps: int) -> dict:
     boot = paired_bootstrap([s.y for s in seeds], [(2, [s.pred[kd] for s in seeds]), (-1, [s.pred[lkd] for s in seeds]),
                                                    (-1, [s.pred[base] for s in seeds])], "ne", reps)  # fmt: skip
     p_t = paired_ttest(tr_lkd, [GOAL_TR_RATIO * b for b in tr_kd])
-    return {"tr_loopfm_kd": summary(tr_lkd), "tr_kd": summary(tr_kd), "ratio_of_means": float(np.mean(tr_lkd) / np.mean(tr_kd)),
+    return {"tr_loopfm_kd": summary(tr_lkd), "tr_kd": summary(tr_kd), "ratio_of_means": ratio_of_means(tr_lkd, tr_kd),
             "tr_minus_2x_kd": excess, "p_ttest": p_t, "p_bootstrap": boot["p"],
             "met": bool(excess["mean"] > 0 and max(p_t, boot["p"]) < ALPHA)}  # fmt: skip
 

@@ -24,6 +24,12 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
+def ratio_of_means(a: list[float], b: list[float]) -> float:
+    """mean(a) / mean(b); NaN (and no warning) when mean(b) is 0."""
+    denominator = float(np.mean(b))
+    return float(np.mean(a)) / denominator if denominator != 0 else float("nan")
+
+
 def paired_ttest(a: list[float], b: list[float]) -> float:
     """Two-sided p of a paired t-test over seeds; 1.0 when the differences are all zero."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
