@@ -7,11 +7,28 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 
 from loopfm.config import VARIANTS, RunConfig
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.eval.metrics import comparison_table, markdown_table
 from loopfm.io import RunPaths, read_parquet, write_text
+
+
+def reference_predictions(
+    paths: RunPaths, cfg: RunConfig, entities: pd.DataFrame, train_entities: pd.DataFrame
+) -> dict[str, np.ndarray]:
+    """What every results table compares the VMs with, one probability per row of `entities`
+    (eval entity rows, in order): `bayes`, the true click probability (synthetic data only:
+    the run has a truth table), `fm`, the FM's logged prediction, and the baselines fitted on
+    `train_entities` (loopfm/eval/baselines.py)."""
+    predictions = {}
+    if paths.table("truth").exists():
+        truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
+        predictions["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
+    predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
+    predictions.update(baseline_predictions(train_entities, entities, cfg.vm.validation_fraction))
+    return predictions
 
 
 def evaluate(paths: RunPaths, cfg: RunConfig) -> dict[str, dict]:
@@ -23,13 +40,8 @@ def evaluate(paths: RunPaths, cfg: RunConfig) -> dict[str, dict]:
         raise FileNotFoundError(f"{paths.vm / 'base'} has no predictions: every comparison is against the base VM; "
                                 "run `loopfm vm train --variant base`")  # fmt: skip
     entities = read_parquet(paths.features / "vm_eval_entities.parquet")
-    predictions = {}
-    if paths.table("truth").exists():
-        truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
-        predictions["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
-    predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
     train_entities = read_parquet(paths.features / "vm_train_entities.parquet")
-    predictions.update(baseline_predictions(train_entities, entities, cfg.vm.validation_fraction))
+    predictions = reference_predictions(paths, cfg, entities, train_entities)
     for v in variants:
         p = read_parquet(paths.vm / v / "eval_predictions.parquet").set_index("impression_id")["p"]
         if not entities["impression_id"].isin(p.index).all():

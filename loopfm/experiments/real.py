@@ -20,8 +20,9 @@ import numpy as np
 
 from loopfm.config import VARIANTS, RunConfig, variant_named
 from loopfm.data.importers import ImportOptions, VerticalRule
-from loopfm.eval.baselines import BASELINES, baseline_predictions
+from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import quality
+from loopfm.eval.results import reference_predictions
 from loopfm.experiments.render import ROW_NAMES
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
 from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
@@ -60,8 +61,7 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     train_e, eval_e = (read_parquet(paths.features / f"vm_{p}_entities.parquet") for p in ("train", "eval"))
     train_df, eval_df = (historical_features(store, e, "vm_loopfm_kd") for e in (train_e, eval_e))
     spec = tensor_spec(cfg, Vocab.load(paths))
-    pred = {"fm": 1 / (1 + np.exp(-eval_e["fm_logit"].to_numpy(np.float64)))}
-    pred.update(baseline_predictions(train_e, eval_e, cfg.vm.validation_fraction))
+    pred = reference_predictions(paths, cfg, eval_e, train_e)  # fm and the baselines: real data has no truth
     epochs = {}
     for variant in VARIANTS:
         a, b = (variant_frame(df, variant_named(variant)) for df in (train_df, eval_df))

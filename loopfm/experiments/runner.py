@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig, variant_named
-from loopfm.eval.baselines import baseline_predictions
+from loopfm.eval.results import reference_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.io import RunPaths, read_parquet, write_parquet, write_text
 
 CANDIDATES = (100, 1000)
 
@@ -99,18 +99,10 @@ def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
     """Eval labels, the FM's own predictions (and the true p when known), and the measured
     online value size of the FM history: the newest snapshot per user is what Redis holds."""
     entities = read_parquet(paths.features / "vm_eval_entities.parquet")
-    eval_frame = pd.DataFrame({
-        "impression_id": entities["impression_id"],
-        "label": entities["label"],
-        "fm": 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64))),
-    })  # fmt: skip
-    if paths.table("truth").exists():
-        truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
-        eval_frame["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
     train_entities = read_parquet(paths.features / "vm_train_entities.parquet")
-    for name, p in baseline_predictions(train_entities, entities, cfg.vm.validation_fraction).items():
-        eval_frame[name] = p  # fitted on the VM's training rows, as every results table carries
-    eval_frame.to_parquet(paths.root / "eval.parquet", index=False)
+    eval_frame = pd.DataFrame({"impression_id": entities["impression_id"], "label": entities["label"],
+                               **reference_predictions(paths, cfg, entities, train_entities)})  # fmt: skip
+    write_parquet(eval_frame, paths.root / "eval.parquet")
     history = read_parquet(paths.features / "fm_history.parquet", columns=["user_id", "event_timestamp", "fm_codes"])
     newest = history.sort_values("event_timestamp").groupby("user_id").tail(1)["fm_codes"].map(len)
     code_bytes = len(read_parquet(paths.fm_log, columns=["fm_code"])["fm_code"].iloc[0])
