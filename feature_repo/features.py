@@ -27,6 +27,7 @@ from loopfm.contract.names import (
     USER_PROFILE,
     VERTICAL_KEY,
     VM_CLICK_HISTORY,
+    VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
     feature_service,
 )
@@ -66,11 +67,16 @@ item_features = FeatureView(
     source=_source(ITEM_FEATURES_VIEW),
 )
 
+_impressions, _clicks = VM_COUNT_FEATURES
 vm_click_history = FeatureView(
     name=VM_CLICK_HISTORY,
     entities=[user, vertical],
     ttl=TTL,
-    schema=[Field(name=VM_HISTORY_FEATURE, dtype=Bytes, description="last L clicked item ids in this vertical, int32 LE")],
+    schema=[
+        Field(name=VM_HISTORY_FEATURE, dtype=Bytes, description="last L clicked item ids in this vertical, int32 LE"),
+        Field(name=_impressions, dtype=Int64, description="the user's impressions in this vertical so far"),
+        Field(name=_clicks, dtype=Int64, description="the user's clicks in this vertical so far"),
+    ],
     source=_pushed(VM_CLICK_HISTORY),
 )
 

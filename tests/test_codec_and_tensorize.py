@@ -3,7 +3,8 @@
 import numpy as np
 
 from loopfm.contract.codec import pack_int4, quantize_int4, unpack_int4
-from loopfm.contract.tensorize import TensorSpec, candidate_tensors, decode_fm_history, request_tensors
+from loopfm.contract.names import N_COUNT_BUCKETS
+from loopfm.contract.tensorize import TensorSpec, activity_buckets, candidate_tensors, decode_fm_history, request_tensors
 
 SPEC = TensorSpec(history_length=4, code_dim=4, n_items=100, n_categories=10, n_brands=20)
 
@@ -33,12 +34,21 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
         "gender": [1, float("nan")],
         "item_ids": [np.array([5, 7, 500], dtype="<i4").tobytes(), b"\x01\x02"],  # 500 unknown; 2 bytes corrupt
         "fm_codes": [None, b""],
+        "impressions": [3, 2],
+        "clicks": [1, 5],  # more clicks than impressions: inconsistent, unknown
     }
     t = request_tensors(users, [13, 99], SPEC)
-    assert t["user_context"].tolist() == [[4, 2, 14], [0, 0, 0]]
+    assert t["user_context"].tolist() == [[4, 2, 14, 9, 3], [0, 0, 0, 0, 0]]
     assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
     assert t["fm_mask"].sum() == 0
     items = {"category": [2, None, "x"], "brand": [3, None, float("inf")], "price_bucket": [9, None, b"\x01"]}
     # A malformed stored value (wrong kind) reads as unknown; the item itself stays known by id.
     assert candidate_tensors([42, 43, 44], items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0], [45, 0, 0, 0]]
     assert request_tensors({**users, "item_ids": ["text", 5]}, [1, 2], SPEC)["vm_history"].sum() == 0
+
+
+def test_activity_buckets_place_a_new_user_at_even_odds_and_separate_heavy_clickers():
+    rate, count = activity_buckets([0, 1, 1000, 1000, None, 5], [0, 1, 900, 10, 0, -1])
+    assert rate.tolist() == [11, 14, 18, 1, 0, 0]  # (k+1)/(n+2) in 20 bins, +1; 0 = unknown
+    assert count.tolist() == [1, 2, 10, 10, 0, 0]  # floor(log2(n+1)), +1
+    assert activity_buckets([10**9], [10**9])[1].tolist() == [N_COUNT_BUCKETS]  # capped

@@ -35,7 +35,7 @@ def test_no_fm_checkpoint_saw_the_example_s_time_or_later(training_rows):
     assert (unix_us(training_rows["kd_trained_until"]) <= impression_time).all()  # the KD label too
 
 
-def test_histories_equal_a_brute_force_recomputation_that_excludes_the_current_event(materialized_run, training_rows):
+def test_histories_and_counts_equal_a_brute_force_recomputation_that_excludes_the_current_event(materialized_run, training_rows):
     paths, cfg = RunPaths(materialized_run), RunConfig.load(materialized_run)
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log).assign(label=imp["label"], vertical=imp["vertical"])
@@ -50,6 +50,9 @@ def test_histories_equal_a_brute_force_recomputation_that_excludes_the_current_e
         own = imp[(imp.user_id == row.user_id) & (imp.label == 1) & (imp.vertical == cfg.vm.target_vertical)]
         items = own[own.event_timestamp < t]["item_id"].to_numpy()[-length:].astype("<i4").tobytes()
         assert (row.item_ids or b"") == items
+        shown = imp[(imp.user_id == row.user_id) & (imp.vertical == cfg.vm.target_vertical) & (imp.event_timestamp < t)]
+        assert (0 if pd.isna(row.impressions) else row.impressions, 0 if pd.isna(row.clicks) else row.clicks) == (
+            len(shown), shown.label.sum())  # the user's counts so far, this impression excluded
         clicked_now += row.label
     assert clicked_now > 0  # the sample includes clicked examples, whose own code exists at time t
 

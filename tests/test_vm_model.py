@@ -8,7 +8,7 @@ from loopfm.vm.model import VerticalModel, VMShapes, masked_pool, DinScorer
 
 
 def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
-    shapes = VMShapes(user_context_vocab=(7, 3, 25), candidate_vocab=(51, 11, 21, 11), code_dim=4,
+    shapes = VMShapes(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6)  # fmt: skip
     return VerticalModel(shapes).eval()
 
@@ -16,7 +16,7 @@ def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
 def _inputs(users: int, candidates: int, length: int = 6) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
-        "user_context": torch.randint(0, 3, (users, 3), generator=g),
+        "user_context": torch.randint(0, 3, (users, 5), generator=g),
         "vm_history": torch.randint(0, 51, (users, length), generator=g),
         "fm_codes": torch.rand((users, length, 4), generator=g) * 2 - 1,
         "fm_mask": (torch.rand((users, length), generator=g) > 0.3).float(),

@@ -16,12 +16,13 @@ FM_HISTORY = "fm_history"
 USER_FEATURES = ("age_bucket", "gender")
 ITEM_FEATURES = ("category", "brand", "price_bucket")
 VM_HISTORY_FEATURE = "item_ids"  # packed int32 item ids, oldest first
+VM_COUNT_FEATURES = ("impressions", "clicks")  # the user's counts so far in the VM's vertical
 FM_HISTORY_FEATURE = "fm_codes"  # packed codes (contract/codec.py), oldest first
 FM_HISTORY_FEATURES = (FM_HISTORY_FEATURE, "fm_newest_available_at_us", "fm_trained_until_us")
 VIEW_FEATURES = {
     USER_PROFILE: USER_FEATURES,  # keyed by user_id
     FM_HISTORY: FM_HISTORY_FEATURES,  # keyed by user_id, shared by every vertical's VM
-    VM_CLICK_HISTORY: (VM_HISTORY_FEATURE,),  # keyed by (user_id, vertical)
+    VM_CLICK_HISTORY: (VM_HISTORY_FEATURE, *VM_COUNT_FEATURES),  # keyed by (user_id, vertical)
     ITEM_FEATURES_VIEW: ITEM_FEATURES,  # keyed by item_id
 }
 
@@ -48,6 +49,8 @@ N_HOURS = 24
 N_AGE_BUCKETS = 6  # the six MovieLens-1M age groups
 N_GENDERS = 2
 N_PRICE_BUCKETS = 10  # price deciles
+N_RATE_BUCKETS = 20  # a user's click rate so far in bins of 0.05 (contract/tensorize.activity_buckets)
+N_COUNT_BUCKETS = 12  # a user's impressions so far: floor(log2(n + 1)), capped
 
 # ONNX graph inputs: request-side ones once per user, candidate-side ones once per candidate.
 USER_SIDE_INPUTS = ("user_context", "vm_history", "fm_codes", "fm_mask")

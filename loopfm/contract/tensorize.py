@@ -20,10 +20,13 @@ from loopfm.contract.names import (
     FM_HISTORY_FEATURE,
     ITEM_FEATURES,
     USER_FEATURES,
+    VM_COUNT_FEATURES,
     N_AGE_BUCKETS,
     N_GENDERS,
     N_HOURS,
     N_PRICE_BUCKETS,
+    N_RATE_BUCKETS,
+    N_COUNT_BUCKETS,
     VM_HISTORY_FEATURE,
 )
 
@@ -44,7 +47,8 @@ class TensorSpec:
 
     @property
     def user_context_vocab(self) -> tuple[int, ...]:
-        return (self.n_age_buckets + 1, self.n_genders + 1, N_HOURS + 1)
+        """age, gender, hour, click-rate bucket, impression-count bucket (each +1; 0 = unknown)."""
+        return (self.n_age_buckets + 1, self.n_genders + 1, N_HOURS + 1, N_RATE_BUCKETS + 1, N_COUNT_BUCKETS + 1)
 
     @property
     def candidate_vocab(self) -> tuple[int, ...]:
@@ -70,6 +74,22 @@ def _index(values: Sequence[Any], vocab: int) -> np.ndarray:
     out = np.array([_as_int(v) for v in values], dtype=np.int64) + 1
     out[(out < 0) | (out >= vocab)] = 0
     return out
+
+
+def activity_buckets(impressions: Sequence[Any], clicks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A user's counts so far -> (click-rate bucket, impression-count bucket) [U] each, +1 shifted.
+
+    Rate: Laplace-smoothed (clicks + 1) / (impressions + 2) in N_RATE_BUCKETS equal bins, so a
+    new user sits at 0.5 and the count bucket says how little that rests on; count:
+    floor(log2(impressions + 1)) capped at N_COUNT_BUCKETS - 1. Missing or inconsistent counts
+    (clicks outside 0..impressions) -> 0, unknown."""
+    n = np.array([_as_int(v) for v in impressions], dtype=np.int64)
+    k = np.array([_as_int(v) for v in clicks], dtype=np.int64)
+    valid = (n >= 0) & (k >= 0) & (k <= n)
+    rate = (k + 1) / (n + 2)
+    rate_bucket = np.minimum((rate * N_RATE_BUCKETS).astype(np.int64), N_RATE_BUCKETS - 1) + 1
+    count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
+    return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)
 
 
 def _unpack_sequences(blobs: Sequence[Any], length: int, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,14 +129,16 @@ def decode_fm_history(
 def request_tensors(
     users: Mapping[str, Sequence[Any]], hours: Sequence[Any], spec: TensorSpec
 ) -> dict[str, np.ndarray]:
-    """Request-side inputs for U users: context ids, own click history, FM code history."""
-    age_vocab, gender_vocab, hour_vocab = spec.user_context_vocab
+    """Request-side inputs for U users: context ids (profile, hour, activity buckets), own click
+    history, FM code history."""
+    age_vocab, gender_vocab, hour_vocab, _, _ = spec.user_context_vocab
     age, gender = USER_FEATURES
     user_context = np.stack(
         [
             _index(users[age], age_vocab),
             _index(users[gender], gender_vocab),
             _index(hours, hour_vocab),
+            *activity_buckets(*(users[f] for f in VM_COUNT_FEATURES)),
         ],
         axis=1,
     )

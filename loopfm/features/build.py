@@ -59,15 +59,28 @@ def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.
 
 
 def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: int) -> pd.DataFrame:
-    """Per (user, vertical) sequences of the last `length` clicked item ids in that vertical:
-    every vertical's VM reads its own rows of the one view."""
+    """Per (user, vertical) snapshots at each of the user's impression times in that vertical:
+    the last `length` clicked item ids, and the impressions and clicks counted so far (both
+    including that time's own). Every vertical's VM reads its own rows of the one view; the
+    counts give the VM the user's click propensity, which a history of clicks alone cannot
+    (measured on MovieLens: docs/training.md)."""
     frames = []
     for vertical in verticals:
-        c = imp[(imp["vertical"] == vertical) & (imp["label"] == 1)]
-        user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(), length)
+        v = imp[imp["vertical"] == vertical]
+        shown = pd.DataFrame({"user_id": v["user_id"].to_numpy(), "t": unix_us(v["event_timestamp"]).to_numpy(),
+                              "label": v["label"].to_numpy()}).sort_values(["user_id", "t"], kind="stable")  # fmt: skip
+        by_user = shown.groupby("user_id", sort=False)
+        shown["impressions"], shown["clicks"] = by_user.cumcount() + 1, by_user["label"].cumsum()
+        snap = shown.drop_duplicates(["user_id", "t"], keep="last")
+        c = v[v["label"] == 1]
+        idx = last_n_before(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(),
+                            snap["user_id"].to_numpy(), snap["t"].to_numpy() + 1, length)  # fmt: skip
         item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
-        frames.append(pd.DataFrame({"user_id": user, "vertical": vertical, "event_timestamp": from_unix_us(snap_us),
-                                    "item_ids": _pack_rows(item_rows, idx)}))  # fmt: skip
+        frames.append(pd.DataFrame({"user_id": snap["user_id"].to_numpy(), "vertical": vertical,
+                                    "event_timestamp": from_unix_us(snap["t"].to_numpy()),
+                                    "item_ids": _pack_rows(item_rows, idx),
+                                    "impressions": snap["impressions"].to_numpy(np.int64),
+                                    "clicks": snap["clicks"].to_numpy(np.int64)}))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 
 

@@ -5,7 +5,7 @@ once per candidate, and `candidate_user` saying which user row each candidate be
 At serving time there is one user and many candidates, so the user's history is passed and
 encoded once per request; in training every row is its own user (candidate_user = arange).
 
-    user_context   [U, 3]     int64  age, gender, hour (+1; 0 = unknown)
+    user_context   [U, 5]     int64  age, gender, hour, click-rate and impression-count buckets (+1; 0 = unknown)
     vm_history     [U, L]     int64  own-vertical clicked item ids (+1; 0 = padding), newest last
     fm_codes       [U, L, d]  float  FM codes of the user's last L clicks (LoopFM variants)
     fm_mask        [U, L]     float  1 where fm_codes holds a code

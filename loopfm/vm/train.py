@@ -18,7 +18,7 @@ from loopfm.config import RunConfig, Variant, variant_named
 from loopfm.data.dataset import Vocab
 from loopfm.eval.metrics import quality
 from loopfm.features.store import historical_features
-from loopfm.contract.names import FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_HISTORY_FEATURE
+from loopfm.contract.names import FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
@@ -38,7 +38,7 @@ def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
 
 def frame_tensors(df: pd.DataFrame, spec: TensorSpec) -> dict[str, np.ndarray]:
     """A historical-features frame (one candidate per row) -> model inputs."""
-    user_columns = [*USER_FEATURES, VM_HISTORY_FEATURE] + ([FM_HISTORY_FEATURE] if FM_HISTORY_FEATURE in df else [])
+    user_columns = [*USER_FEATURES, VM_HISTORY_FEATURE, *VM_COUNT_FEATURES] + ([FM_HISTORY_FEATURE] if FM_HISTORY_FEATURE in df else [])
     candidates = candidate_tensors(df["item_id"].tolist(), {c: df[c].tolist() for c in ITEM_FEATURES}, spec)
     return model_inputs({c: df[c].tolist() for c in user_columns}, df["hour"].tolist(), candidates, spec,
                         candidate_user=np.arange(len(df), dtype=np.int64))  # fmt: skip
