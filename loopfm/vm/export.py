@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from loopfm.config import RunConfig, variant_named
 from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, input_names
 from loopfm.features.store import historical_features
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 
@@ -54,8 +53,6 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
     parity = parity_check(model, blob, {n: tensors[n] for n in names})
     if parity["max_abs_diff"] > PARITY_TOLERANCE:
         raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}: {parity}")
-    tmp = out_dir / "model.onnx.tmp"
-    tmp.write_bytes(blob)
     meta = {
         "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
         "variant": variant,
@@ -67,7 +64,7 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
         "spec": asdict(spec),
         "parity": parity,
     }
-    os.replace(tmp, out_dir / "model.onnx")
+    atomic_write(out_dir / "model.onnx", lambda tmp: tmp.write_bytes(blob))
     write_text(out_dir / "model.json", json.dumps(meta, indent=2))
     return meta
 
