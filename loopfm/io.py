@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +65,11 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` into a temporary file of a unique name beside `path`, then one rename onto
     `path`: readers see the old file or the new one, two writers never share a temporary file,
-    and a write that fails or is interrupted leaves no temporary file behind."""
+    and a write that fails or is interrupted leaves no temporary file behind. The file's mode
+    comes from the umask, as any file's (mkstemp's 0600 hid models from a container's user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(Path(name))
         os.replace(name, path)

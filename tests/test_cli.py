@@ -88,3 +88,15 @@ def test_a_lock_released_while_a_writer_waits_for_the_name_is_taken(tmp_path):
     threading.Timer(0.2, lock.release).start()
     with run_dir_lock(run, "loopfm features build"):  # no holder name ever appears; the lock frees
         assert "pid" in lock_path(run).with_name(f".{run.name}.lock.holder").read_text()
+
+
+def test_atomically_written_files_get_the_umask_s_mode_not_a_private_one(tmp_path):
+    from loopfm.io import atomic_write, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "model.json", "{}")
+        atomic_write(tmp_path / "model.onnx", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"model.json": "0o644", "model.onnx": "0o644"}
