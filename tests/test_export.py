@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from loopfm.contract.names import FM_HISTORY_FEATURE, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.features.store import historical_features
 from loopfm.io import RunPaths, read_parquet
 from loopfm.vm.export import PARITY_TOLERANCE, parity_check
@@ -33,7 +34,7 @@ def test_one_user_many_candidates_scores_like_one_row_per_candidate(trained_run,
     rows = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), "vm_loopfm_kd")
     user_rows = rows[rows.user_id == rows.loc[rows.fm_codes.notna(), "user_id"].iloc[0]].head(1)
     per_row = frame_tensors(rows.head(40).assign(**{c: [user_rows[c].iloc[0]] * 40 for c in
-                            ("age_bucket", "gender", "item_ids", "fm_codes", "hour")}), spec)  # fmt: skip
+                            (*USER_FEATURES, VM_HISTORY_FEATURE, *VM_COUNT_FEATURES, FM_HISTORY_FEATURE, "hour")}), spec)  # fmt: skip
     expected = session.run(None, {i.name: per_row[i.name] for i in session.get_inputs()})[0]
     shared = {k: v[:1] for k, v in per_row.items() if k in ("user_context", "vm_history", "fm_codes", "fm_mask")}
     shared |= {"candidates": per_row["candidates"], "candidate_user": np.zeros(40, dtype=np.int64)}

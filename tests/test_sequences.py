@@ -36,3 +36,17 @@ def test_huge_user_ids_and_microsecond_times_do_not_collide():
     t = np.array([1_700_000_000_000_001, 1_700_000_000_000_001, 5])  # microseconds
     got = last_n_before(big, t, np.array([0, 2**40, 2**62]), np.array([1_800_000_000_000_000] * 3), 2)
     assert got.tolist() == [[-1, 1], [-1, 0], [-1, 2]]
+
+
+def test_vm_click_history_counts_impressions_and_clicks_up_to_each_time_even_before_any_click():
+    import pandas as pd
+
+    from loopfm.features.build import build_vm_click_history
+
+    t = pd.to_datetime([1, 2, 2, 3, 1], unit="s", utc=True)
+    imp = pd.DataFrame({"user_id": [7, 7, 7, 7, 8], "vertical": ["shop", "shop", "shop", "shop", "video"],
+                        "item_id": [1, 2, 3, 4, 5], "label": [0, 1, 0, 1, 1], "event_timestamp": t})  # fmt: skip
+    shop = build_vm_click_history(imp, ["shop"], length=4)
+    assert shop["impressions"].tolist() == [1, 3, 4] and shop["clicks"].tolist() == [0, 1, 2]  # one row per time
+    assert shop["item_ids"].tolist() == [b"", np.array([2], "<i4").tobytes(), np.array([2, 4], "<i4").tobytes()]
+    assert build_vm_click_history(imp[imp.label == 0], ["shop"], length=4)["item_ids"].tolist() == [b"", b""]

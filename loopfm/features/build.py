@@ -34,6 +34,8 @@ def _snapshots(user: np.ndarray, available_us: np.ndarray, length: int) -> tuple
 
 def _pack_rows(rows: np.ndarray, idx: np.ndarray) -> list[bytes]:
     """Concatenate rows[idx] (oldest first), skipping padding, into one blob per snapshot."""
+    if len(rows) == 0:  # snapshots with nothing to pack (a vertical's users who never clicked)
+        return [b""] * len(idx)
     gathered = rows[np.clip(idx, 0, None)]
     counts = (idx >= 0).sum(1)
     n = idx.shape[1]
