@@ -82,7 +82,7 @@ class FMConfig:
     validation_fraction: float = 0.1
     patience: int = 2
     passes_per_day: int = 2  # streaming after the warm-up: each day is seen this many times, in day order
-    checkpoint_scheme: str = "frozen"  # frozen | rolling
+    checkpoint_scheme: str = "rolling"  # rolling | frozen; measured in docs/training.md ("FM checkpoint scheme")
     logging_delay_s: int = 60
 
 
