@@ -68,13 +68,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     and a write that fails or is interrupted leaves no temporary file behind. The file's mode
     comes from the umask, as any file's (mkstemp's 0600 hid models from a container's user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 & ~umask
     try:
-        write(Path(name))
-        os.replace(name, path)
+        write(tmp)
+        os.replace(tmp, path)
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -19,14 +19,14 @@ from loopfm.contract.codec import code_bytes, decode_codes
 from loopfm.contract.names import (
     FM_HISTORY_FEATURE,
     ITEM_FEATURES,
-    USER_FEATURES,
-    VM_COUNT_FEATURES,
     N_AGE_BUCKETS,
+    N_COUNT_BUCKETS,
     N_GENDERS,
     N_HOURS,
     N_PRICE_BUCKETS,
     N_RATE_BUCKETS,
-    N_COUNT_BUCKETS,
+    USER_FEATURES,
+    VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
 )
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
+from loopfm.contract.names import FM_HISTORY_FEATURE, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import last_n_before
 from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
@@ -53,7 +54,7 @@ def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.
         {
             "user_id": user,
             "event_timestamp": from_unix_us(snap_us),
-            "fm_codes": _pack_rows(codes, idx),
+            FM_HISTORY_FEATURE: _pack_rows(codes, idx),
             "fm_newest_available_at_us": np.where(idx >= 0, available[np.clip(idx, 0, None)], 0).max(1),
             "fm_trained_until_us": np.where(idx >= 0, until[np.clip(idx, 0, None)], 0).max(1),
         }
@@ -72,7 +73,8 @@ def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: 
         shown = pd.DataFrame({"user_id": v["user_id"].to_numpy(), "t": unix_us(v["event_timestamp"]).to_numpy(),
                               "label": v["label"].to_numpy()}).sort_values(["user_id", "t"], kind="stable")  # fmt: skip
         by_user = shown.groupby("user_id", sort=False)
-        shown["impressions"], shown["clicks"] = by_user.cumcount() + 1, by_user["label"].cumsum()
+        impressions, clicks = VM_COUNT_FEATURES
+        shown[impressions], shown[clicks] = by_user.cumcount() + 1, by_user["label"].cumsum()
         snap = shown.drop_duplicates(["user_id", "t"], keep="last")
         c = v[v["label"] == 1]
         idx = last_n_before(c["user_id"].to_numpy(), unix_us(c["event_timestamp"]).to_numpy(),
@@ -80,9 +82,8 @@ def build_vm_click_history(imp: pd.DataFrame, verticals: Sequence[str], length: 
         item_rows = c["item_id"].to_numpy().astype("<i4").reshape(-1, 1).view(np.uint8)
         frames.append(pd.DataFrame({"user_id": snap["user_id"].to_numpy(), "vertical": vertical,
                                     "event_timestamp": from_unix_us(snap["t"].to_numpy()),
-                                    "item_ids": _pack_rows(item_rows, idx),
-                                    "impressions": snap["impressions"].to_numpy(np.int64),
-                                    "clicks": snap["clicks"].to_numpy(np.int64)}))  # fmt: skip
+                                    VM_HISTORY_FEATURE: _pack_rows(item_rows, idx),
+                                    **{f: snap[f].to_numpy(np.int64) for f in VM_COUNT_FEATURES}}))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 
 
