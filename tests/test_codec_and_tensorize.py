@@ -3,7 +3,7 @@
 import numpy as np
 
 from loopfm.contract.codec import pack_int4, quantize_int4, unpack_int4
-from loopfm.contract.names import N_COUNT_BUCKETS
+from loopfm.contract.names import N_COUNT_BUCKETS, N_RATE_BUCKETS
 from loopfm.contract.tensorize import TensorSpec, activity_buckets, candidate_tensors, decode_fm_history, request_tensors
 
 SPEC = TensorSpec(history_length=4, code_dim=4, n_items=100, n_categories=10, n_brands=20)
@@ -38,7 +38,7 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
         "clicks": [1, 5],  # more clicks than impressions: inconsistent, unknown
     }
     t = request_tensors(users, [13, 99], SPEC)
-    assert t["user_context"].tolist() == [[4, 2, 14, 9, 3], [0, 0, 0, 0, 0]]
+    assert t["user_context"].tolist() == [[4, 2, 14, 27, 3], [0, 0, 0, 0, 0]]
     assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
     assert t["fm_mask"].sum() == 0
     items = {"category": [2, None, "x"], "brand": [3, None, float("inf")], "price_bucket": [9, None, b"\x01"]}
@@ -49,6 +49,14 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
 
 def test_activity_buckets_place_a_new_user_at_even_odds_and_separate_heavy_clickers():
     rate, count = activity_buckets([0, 1, 1000, 1000, None, 5], [0, 1, 900, 10, 0, -1])
-    assert rate.tolist() == [11, 14, 18, 1, 0, 0]  # (k+1)/(n+2) in 20 bins, +1; 0 = unknown
+    assert rate.tolist() == [29, 31, 37, 10, 0, 0]  # log-odds of (k+1)/(n+2) in bins of 0.25 from -7, +1; 0 = unknown
     assert count.tolist() == [1, 2, 10, 10, 0, 0]  # floor(log2(n+1)), +1
     assert activity_buckets([10**9], [10**9])[1].tolist() == [N_COUNT_BUCKETS]  # capped
+
+
+def test_activity_buckets_tell_apart_click_rates_of_an_ads_log():
+    # 1%, 3% and 10% CTR users (equal bins of 0.05 in the rate put all three in the first bin)
+    rate, _ = activity_buckets([1000, 1000, 1000], [10, 30, 100])
+    assert len(set(rate.tolist())) == 3
+    assert rate.tolist() == sorted(rate.tolist())
+    assert activity_buckets([10**9, 10**9], [0, 10**9])[0].tolist() == [1, N_RATE_BUCKETS]  # both ends clipped

@@ -49,7 +49,8 @@ N_HOURS = 24
 N_AGE_BUCKETS = 6  # the six MovieLens-1M age groups
 N_GENDERS = 2
 N_PRICE_BUCKETS = 10  # price deciles
-N_RATE_BUCKETS = 20  # a user's click rate so far in bins of 0.05 (contract/tensorize.activity_buckets)
+N_RATE_BUCKETS = 48  # a user's click rate so far: bins of 0.25 in log-odds over [-7, 5] (contract/tensorize.activity_buckets)
+RATE_LOGIT_LOW, RATE_LOGIT_BIN = -7.0, 0.25  # rates 0.09% .. 99.3%: a 1% CTR and a 60% rating rate both get resolution
 N_COUNT_BUCKETS = 12  # a user's impressions so far: floor(log2(n + 1)), capped
 
 # ONNX graph inputs: request-side ones once per user, candidate-side ones once per candidate.

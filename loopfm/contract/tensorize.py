@@ -25,6 +25,8 @@ from loopfm.contract.names import (
     N_HOURS,
     N_PRICE_BUCKETS,
     N_RATE_BUCKETS,
+    RATE_LOGIT_BIN,
+    RATE_LOGIT_LOW,
     USER_FEATURES,
     VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
@@ -79,15 +81,17 @@ def _index(values: Sequence[Any], vocab: int) -> np.ndarray:
 def activity_buckets(impressions: Sequence[Any], clicks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """A user's counts so far -> (click-rate bucket, impression-count bucket) [U] each, +1 shifted.
 
-    Rate: Laplace-smoothed (clicks + 1) / (impressions + 2) in N_RATE_BUCKETS equal bins, so a
-    new user sits at 0.5 and the count bucket says how little that rests on; count:
+    Rate: Laplace-smoothed (clicks + 1) / (impressions + 2), so a new user sits at 0.5 and the
+    count bucket says how little that rests on, in N_RATE_BUCKETS bins of RATE_LOGIT_BIN in
+    log-odds from RATE_LOGIT_LOW (equal bins in the rate put every user of a 1% CTR log in the
+    first bin; measured in docs/training.md); count:
     floor(log2(impressions + 1)) capped at N_COUNT_BUCKETS - 1. Missing or inconsistent counts
     (clicks outside 0..impressions) -> 0, unknown."""
     n = np.array([_as_int(v) for v in impressions], dtype=np.int64)
     k = np.array([_as_int(v) for v in clicks], dtype=np.int64)
     valid = (n >= 0) & (k >= 0) & (k <= n)
-    rate = (k + 1) / (n + 2)
-    rate_bucket = np.minimum((rate * N_RATE_BUCKETS).astype(np.int64), N_RATE_BUCKETS - 1) + 1
+    log_odds = np.log(k + 1.0) - np.log(np.maximum(n - k, 0) + 1.0)
+    rate_bucket = np.clip(np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN), 0, N_RATE_BUCKETS - 1).astype(np.int64) + 1
     count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
     return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)
 
