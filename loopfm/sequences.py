@@ -10,6 +10,24 @@ from __future__ import annotations
 import numpy as np
 
 
+def _sorted_before(
+    seq_user: np.ndarray, seq_time: np.ndarray, query_user: np.ndarray, query_time: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, user_start, end): the sequence sorted by (user, time), and per query the sorted
+    positions where its user's elements begin and where those strictly before its time end."""
+    # Dense ranks of users and of times make one int64 sort key that cannot overflow,
+    # whatever the ids and the time unit: key = user_rank * n_times + time_rank.
+    _, user_rank = np.unique(np.concatenate([seq_user, query_user]), return_inverse=True)
+    times, time_rank = np.unique(np.concatenate([seq_time, query_time]), return_inverse=True)
+    keys = user_rank.astype(np.int64) * len(times) + time_rank
+    seq_keys, query_keys = keys[: seq_user.size], keys[seq_user.size :]
+    order = np.argsort(seq_keys, kind="stable")
+    sorted_keys = seq_keys[order]
+    end = np.searchsorted(sorted_keys, query_keys, side="left")
+    user_start = np.searchsorted(sorted_keys, user_rank[seq_user.size :].astype(np.int64) * len(times), side="left")
+    return order, user_start, end
+
+
 def last_n_before(
     seq_user: np.ndarray,
     seq_time: np.ndarray,
@@ -25,16 +43,16 @@ def last_n_before(
     """
     if seq_user.size == 0:
         return np.full((query_user.size, n), -1, dtype=np.int64)
-    # Dense ranks of users and of times make one int64 sort key that cannot overflow,
-    # whatever the ids and the time unit: key = user_rank * n_times + time_rank.
-    _, user_rank = np.unique(np.concatenate([seq_user, query_user]), return_inverse=True)
-    times, time_rank = np.unique(np.concatenate([seq_time, query_time]), return_inverse=True)
-    keys = user_rank.astype(np.int64) * len(times) + time_rank
-    seq_keys, query_keys = keys[: seq_user.size], keys[seq_user.size :]
-    order = np.argsort(seq_keys, kind="stable")
-    sorted_keys = seq_keys[order]
-    end = np.searchsorted(sorted_keys, query_keys, side="left")
-    user_start = np.searchsorted(sorted_keys, user_rank[seq_user.size :].astype(np.int64) * len(times), side="left")
+    order, user_start, end = _sorted_before(seq_user, seq_time, query_user, query_time)
     pos = end[:, None] - n + np.arange(n)[None, :]
     valid = pos >= user_start[:, None]
     return np.where(valid, order[np.clip(pos, 0, None)], -1)
+
+
+def count_before(seq_user: np.ndarray, seq_time: np.ndarray, query_user: np.ndarray, query_time: np.ndarray) -> np.ndarray:
+    """Per query, how many of its user's sequence elements have time < query time: int64 [queries].
+    The same point-in-time rule as `last_n_before` (an event never counts itself)."""
+    if seq_user.size == 0:
+        return np.zeros(query_user.size, dtype=np.int64)
+    _, user_start, end = _sorted_before(seq_user, seq_time, query_user, query_time)
+    return (end - user_start).astype(np.int64)

@@ -1,8 +1,8 @@
-"""`last_n_before`: the one point-in-time rule for every history."""
+"""`last_n_before` and `count_before`: the one point-in-time rule for every history and count."""
 
 import numpy as np
 
-from loopfm.sequences import last_n_before
+from loopfm.sequences import count_before, last_n_before
 
 
 def brute_force(seq_user, seq_time, q_user, q_time, n):
@@ -18,6 +18,15 @@ def test_matches_brute_force_on_random_sequences():
     su, st = rng.integers(0, 5, 200), rng.permutation(200) * 3  # distinct times
     qu, qt = rng.integers(0, 6, 100), rng.integers(0, 620, 100)
     np.testing.assert_array_equal(last_n_before(su, st, qu, qt, 4), brute_force(su, st, qu, qt, 4))
+
+
+def test_count_before_counts_what_an_unbounded_history_would_hold():
+    rng = np.random.default_rng(1)
+    su, st = rng.integers(0, 5, 200), rng.integers(0, 100, 200)  # ties in time included
+    qu, qt = rng.integers(0, 6, 100), rng.integers(0, 110, 100)
+    expected = [sum(1 for u, t in zip(su, st) if u == q and t < tq) for q, tq in zip(qu, qt)]
+    assert count_before(su, st, qu, qt).tolist() == expected
+    assert count_before(np.array([]), np.array([]), np.array([1]), np.array([5])).tolist() == [0]
 
 
 def test_an_element_at_the_query_time_is_not_in_its_history():

@@ -89,8 +89,13 @@ def activity_buckets(impressions: Sequence[Any], clicks: Sequence[Any]) -> tuple
     (clicks outside 0..impressions) -> 0, unknown."""
     n = np.array([_as_int(v) for v in impressions], dtype=np.int64)
     k = np.array([_as_int(v) for v in clicks], dtype=np.int64)
+    return activity_bucket_arrays(n, k)
+
+
+def activity_bucket_arrays(n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`activity_buckets` of int64 arrays [U] of impressions `n` and clicks `k` (-1: missing)."""
     valid = (n >= 0) & (k >= 0) & (k <= n)
-    log_odds = np.log(k + 1.0) - np.log(np.maximum(n - k, 0) + 1.0)
+    log_odds = np.log(np.maximum(k, 0) + 1.0) - np.log(np.maximum(n - k, 0) + 1.0)
     rate_bucket = np.clip(np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN), 0, N_RATE_BUCKETS - 1).astype(np.int64) + 1
     count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
     return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)

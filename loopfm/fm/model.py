@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loopfm.contract.names import N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS
+from loopfm.contract.names import N_AGE_BUCKETS, N_COUNT_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, N_RATE_BUCKETS
 
 EXTRACT_LAYERS = ("embedding", "hidden1", "hidden2")
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
@@ -52,11 +52,16 @@ class FoundationModel(nn.Module):
         self.age = nn.Embedding(N_AGE_BUCKETS, 4)
         self.gender = nn.Embedding(N_GENDERS, 2)
         self.price = nn.Embedding(N_PRICE_BUCKETS, 4)
+        # The user's click rate and impression count so far, over all verticals and in the event's
+        # own (fm/stream.py: _activity): a propensity even for users the checkpoint never saw.
+        self.rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
+        self.count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
+        activity = 4 * 4
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
-        self.user_tower = nn.Linear(2 * e + s.intent_dim, e)
+        self.user_tower = nn.Linear(2 * e + s.intent_dim + activity, e)
         self.item_tower = nn.Linear(e + e // 2, e)
-        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + 3 * e
+        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + 3 * e
         self.embedding_width = width
         self.hidden = nn.ModuleList()
         for h in s.hidden:
@@ -70,14 +75,17 @@ class FoundationModel(nn.Module):
                     nn.init.zeros_(module.weight[module.padding_idx])
 
     def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """b: per-event tensors [B] (ids; user_id and item_id -1 = unknown) plus intent [B, k] and
-        raw_history [B, H] (item id + 1, 0 = padding or unknown) -> logit [B], activations by layer."""
+        """b: per-event tensors [B] (ids; user_id and item_id -1 = unknown; activity buckets, 0 =
+        unknown) plus intent [B, k] and raw_history [B, H] (item id + 1, 0 = padding or unknown)
+        -> logit [B], activations by layer."""
         hist = self.item(b["raw_history"])  # [B, H, e]
         n_hist = (b["raw_history"] > 0).sum(1, keepdim=True).clamp(min=1)
         user_index, item_index = b["user_id"] + 1, b["item_id"] + 1
         user, item, category = self.user(user_index), self.item(item_index), self.category(b["category"])
         hist_mean = hist.sum(1) / n_hist
-        user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"]], dim=1))
+        activity = torch.cat([self.rate(b["rate_all"]), self.count(b["count_all"]),
+                              self.rate(b["rate_vertical"]), self.count(b["count_vertical"])], dim=1)  # fmt: skip
+        user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"], activity], dim=1))
         item_vec = self.item_tower(torch.cat([item, category], dim=1))
         x = torch.cat(
             [
@@ -92,6 +100,7 @@ class FoundationModel(nn.Module):
                 self.gender(b["gender"]),
                 self.price(b["price_bucket"]),
                 b["intent"],
+                activity,
                 user_vec,
                 item_vec,
                 user_vec * item_vec,

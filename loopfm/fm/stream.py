@@ -36,14 +36,16 @@ from tqdm import tqdm
 
 from loopfm.config import RunConfig
 from loopfm.contract.codec import code_bytes, encode_codes
+from loopfm.contract.tensorize import activity_bucket_arrays
 from loopfm.data.dataset import Vocab
 from loopfm.engine import LOCAL, Engine
-from loopfm.sequences import last_n_before
+from loopfm.sequences import count_before, last_n_before
 from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
 from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
+ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical")
 
 
 def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -62,6 +64,8 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     clicked_items = imp["item_id"].to_numpy()[clicks] + 1
     raw_history = np.where(hist_idx >= 0, clicked_items[np.clip(hist_idx, 0, None)], 0)
 
+    vertical = imp["vertical"].map(vertical_ids).to_numpy()
+    activity = _activity(imp["user_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
     intent = _intent(paths, imp["user_id"], day)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
@@ -71,17 +75,31 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
         "category": item_rows["category"].to_numpy(),
         "brand": item_rows["brand"].to_numpy(),
         "price_bucket": item_rows["price_bucket"].to_numpy(),
-        "vertical_id": imp["vertical"].map(vertical_ids).to_numpy(),
+        "vertical_id": vertical,
         "hour": imp["hour"].to_numpy(),
         "age_bucket": user_rows["age_bucket"].to_numpy(),
         "gender": user_rows["gender"].to_numpy(),
         "intent": np.nan_to_num(intent),
         "raw_history": raw_history,
+        **activity,
         "label": imp["label"].to_numpy().astype(np.float32),
         "day": day,
         "time_s": t,
     }
     return arrays, imp
+
+
+def _activity(user: np.ndarray, vertical: np.ndarray, n_verticals: int, t: np.ndarray, clicks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per event [n]: the user's impressions and clicks before it, over every vertical and in the
+    event's own, as the VM's (contract/tensorize.activity_bucket_arrays) click-rate and count
+    buckets. The VM sees only its own vertical's counts; the FM's cross-vertical ones tell a
+    user's propensity where that vertical has little of the user (issue 15)."""
+    out = {}
+    for scope, key in (("all", user), ("vertical", user * n_verticals + vertical)):
+        n = count_before(key, t, key, t)
+        k = count_before(key[clicks], t[clicks], key, t)
+        out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(n, k)
+    return out
 
 
 def _intent(paths: RunPaths, user: pd.Series, day: np.ndarray) -> np.ndarray:
@@ -119,7 +137,7 @@ def _batch(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """FM inputs of events `idx`; given a checkpoint's known ids [bool], every other user and
     item id reads as unknown (-1; 0 in raw_history, which holds item id + 1)."""
-    b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, "raw_history")}
+    b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, *ACTIVITY_COLUMNS, "raw_history")}
     if known_users is not None:
         b["user_id"] = np.where(known_users[b["user_id"]], b["user_id"], -1)
         b["item_id"] = np.where(known_items[b["item_id"]], b["item_id"], -1)
