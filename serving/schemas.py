@@ -10,14 +10,25 @@ from __future__ import annotations
 
 from typing import Annotated, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from loopfm.contract.names import ID_INT64, ITEM_KEY, USER_KEY
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_CANDIDATES = 1000  # hard cap of the schema; LOOPFM_MAX_CANDIDATES may lower it
 IntId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX, title="int64 id")]
-TextId = Annotated[StrictStr, Field(min_length=1, title="string id")]
+
+
+def _utf8(value: str) -> str:
+    """JSON's "\\ud800" escape reads as a lone surrogate, which no UTF-8 Redis key can hold."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 text (it holds a lone surrogate)") from None
+    return value
+
+
+TextId = Annotated[StrictStr, Field(min_length=1, title="string id"), AfterValidator(_utf8)]
 EntityId = Annotated[
     Union[IntId, TextId],
     Field(description="an id as in your logs: a 64-bit signed integer or a non-empty string, as the model's "

@@ -122,6 +122,8 @@ def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
         b'{"user_id": 1, "candidate_item_ids": [1], "context": {"hour": -Infinity}}',
         b'{"user_id": 1e400, "candidate_item_ids": [1]}',
         b'{"user_id": 1, "candidate_item_ids": [1, 123456789012345678901234567890]}',
+        b'{"user_id": "\\ud800", "candidate_item_ids": [1]}',  # a lone surrogate: no UTF-8 text, no Redis key
+        b'{"user_id": 1, "candidate_item_ids": [1], "\\udfff": 1}',
     ],
 )
 def test_non_finite_and_huge_numbers_get_a_422_with_a_reason_never_a_500(server, raw):
