@@ -7,8 +7,13 @@ vertical's clicks from the same view (a VM's `model.json` names its vertical).
 Sources are the parquet tables `loopfm features build` writes to $LOOPFM_RUN_DIR/features.
 Sequences are packed bytes (int32 item ids; int4 FM codes, code_dim/2 bytes each), oldest
 first, so a user's whole history is one Redis hash field.
+
+The user and item join keys hold the ids of the user's own logs, int64 or strings per entity
+as recorded in $LOOPFM_RUN_DIR/features/entity_types.json; the packed histories and the
+`item_index` feature hold the models' dense indices.
 """
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -17,10 +22,14 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Bytes, Int64
 
 from loopfm.contract.names import (
+    ENTITY_TYPES_FILE,
+    ID_INT64,
+    ID_STRING,
     FM_HISTORY,
     FM_HISTORY_FEATURES,
     ITEM_FEATURES,
     ITEM_FEATURES_VIEW,
+    ITEM_INDEX,
     ITEM_KEY,
     USER_FEATURES,
     USER_KEY,
@@ -47,8 +56,16 @@ def _pushed(name: str) -> PushSource:
     return PushSource(name=f"{name}_push", batch_source=_source(name))
 
 
-user = Entity(name="user", join_keys=[USER_KEY], value_type=ValueType.INT64, description="A person seeing impressions")
-item = Entity(name="item", join_keys=[ITEM_KEY], value_type=ValueType.INT64, description="A rankable item")
+def _id_type(key: str) -> ValueType:
+    """The join key's type as `loopfm features build` recorded it (loopfm/data/ids.py): the
+    source ids are int64 or strings; Int64 for sources written without a record."""
+    path = SOURCES / ENTITY_TYPES_FILE
+    recorded = json.loads(path.read_text()).get(key, ID_INT64) if path.exists() else ID_INT64
+    return {ID_INT64: ValueType.INT64, ID_STRING: ValueType.STRING}[recorded]
+
+
+user = Entity(name="user", join_keys=[USER_KEY], value_type=_id_type(USER_KEY), description="A person seeing impressions")
+item = Entity(name="item", join_keys=[ITEM_KEY], value_type=_id_type(ITEM_KEY), description="A rankable item")
 vertical = Entity(name="vertical", join_keys=[VERTICAL_KEY], value_type=ValueType.STRING, description="A surface with its own VM")
 
 user_profile = FeatureView(
@@ -63,7 +80,8 @@ item_features = FeatureView(
     name=ITEM_FEATURES_VIEW,
     entities=[item],
     ttl=TTL,
-    schema=[Field(name=name, dtype=Int64) for name in ITEM_FEATURES],
+    schema=[Field(name=name, dtype=Int64, description="dense index in the VM's item vocabulary" if name == ITEM_INDEX else "")
+            for name in ITEM_FEATURES],
     source=_source(ITEM_FEATURES_VIEW),
 )
 

@@ -20,6 +20,7 @@ TIME_UNITS = {"s": 10**6, "ms": 10**3, "us": 1, "ns": 10**-3}  # unit -> microse
 # magnitudes do not overlap, so a number's unit is known from its size alone.
 PLAUSIBLE_US = (pd.Timestamp("1980-01-01", tz="UTC").value // 1000, pd.Timestamp("2100-01-01", tz="UTC").value // 1000)
 INTEGER_TEXT = r"\s*[+-]?\d+(\.0*)?\s*"  # "7", " 7 ", "+7", "7.0"; not "7.5", "7e3", "0x7"
+PLAIN_DECIMAL = r"0|-?[1-9]\d*"  # an integer written one way only: "7", "-7"; not "07", "-0", "+7", "7.0", " 7"
 
 
 class BadValues(ValueError):
@@ -78,6 +79,19 @@ def integer_keys(values: pd.Series, bounds: tuple[int, int] = ID_RANGE) -> pd.Se
     codes, exact = _exact(values, bounds, "an integer")
     text = np.array([*(str(v) for v in exact), None], dtype=object).take(codes)
     return pd.Series(text, index=values.index).astype("string[pyarrow]")
+
+
+def source_ids(keys: pd.Series) -> pd.Series:
+    """Distinct ids as they came (text) -> the entity's source-id column: int64 when every id is
+    the plain decimal of a signed 64-bit integer (so int64 and text name the same ids one to
+    one), else the text unchanged ("07", "7.0", "a7" and 2**63 make the column text).
+    Values are never altered: an int64 column holds exactly the integers the text wrote."""
+    text = keys.astype(str)
+    if len(text) and text.str.fullmatch(PLAIN_DECIMAL).all():
+        exact = [int(t) for t in text]
+        if all(INT64_RANGE[0] <= v <= INT64_RANGE[1] for v in exact):
+            return pd.Series(np.array(exact, dtype=np.int64), index=keys.index)
+    return text.astype("string[pyarrow]")
 
 
 def _spread(present: np.ndarray, bad_present: np.ndarray) -> np.ndarray:

@@ -24,7 +24,8 @@ _STRING, _INT64 = 2, 4  # feast ValueType numbers used in entity keys
 
 def entity_key(join_keys: Sequence[str], values: Sequence[int | str], project: str) -> bytes:
     """Redis key of one entity of int64 and string join keys (serialization version 3: the
-    key count, then names and values in join-key order, sorted when there are several)."""
+    key count, then names and values in join-key order, sorted when there are several). A
+    value's Python type picks its Feast type: str -> STRING, int -> INT64 (exact, any int64)."""
     pairs = sorted(zip(join_keys, values)) if len(join_keys) > 1 else list(zip(join_keys, values))
     out = [struct.pack("<I", len(pairs))]
     for name, _ in pairs:
@@ -52,14 +53,14 @@ def request_side(meta: dict) -> tuple[list[tuple[tuple[str, ...], dict[str, list
     return groups, meta["features"].get(ITEM_KEY, {})
 
 
-def user_side_refs(meta: dict, user_id: int) -> tuple[list[str], dict[str, Any]]:
+def user_side_refs(meta: dict, user_id: int | str) -> tuple[list[str], dict[str, Any]]:
     """For the Feast SDK: every request-side feature reference of a model and the entity row
     that reaches all of them (the user id plus the model's vertical)."""
     groups, _ = request_side(meta)
     return [ref for _, views in groups for ref in feature_refs(views)], {USER_KEY: user_id, **meta.get("entity_values", {})}
 
 
-def user_entity(join_keys: Sequence[str], user_id: int, meta: dict) -> tuple:
+def user_entity(join_keys: Sequence[str], user_id: int | str, meta: dict) -> tuple:
     """Values of a request-side entity: the user id, and the model's own `entity_values`
     (its vertical) for the other join keys."""
     return tuple(user_id if key == USER_KEY else meta["entity_values"][key] for key in join_keys)

@@ -18,14 +18,14 @@ import numpy as np
 class ItemCache:
     def __init__(self, max_items: int, ttl_s: float):
         self.max_items, self.ttl_s = max_items, ttl_s
-        self._rows: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
+        self._rows: OrderedDict[int | str, tuple[float, np.ndarray]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def lookup(self, item_ids: Sequence[int]) -> tuple[list[np.ndarray | None], list[int]]:
+    def lookup(self, item_ids: Sequence[int | str]) -> tuple[list[np.ndarray | None], list[int | str]]:
         """Cached rows in request order (None where missing or expired) and the missing ids."""
         now = time.monotonic()
         rows: list[np.ndarray | None] = []
-        missing: list[int] = []
+        missing: list[int | str] = []
         for item in item_ids:
             entry = self._rows.get(item)
             if entry is not None and entry[0] > now:
@@ -38,7 +38,7 @@ class ItemCache:
         self.misses += len(missing)
         return rows, missing
 
-    def store(self, item_ids: Sequence[int], rows: np.ndarray) -> None:
+    def store(self, item_ids: Sequence[int | str], rows: np.ndarray) -> None:
         if self.max_items <= 0 or self.ttl_s <= 0:
             return
         expires = time.monotonic() + self.ttl_s

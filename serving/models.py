@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from loopfm.contract.names import ITEM_FEATURES
+from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_FEATURES, ITEM_KEY, USER_KEY
 from loopfm.contract.tensorize import candidate_tensors, model_inputs
 from serving.scorer import Scorer
 
@@ -27,21 +27,25 @@ class ModelRefused(ValueError):
 
 
 def feature_contract(scorer: Scorer) -> dict:
-    """What a model reads from the online store: replacing a model may not change it."""
+    """What a model reads from the online store and the ids it takes: replacing a model may not change it."""
     return {"project": scorer.meta["project"], "feature_service": scorer.meta.get("feature_service"),
-            "features": scorer.meta["features"]}  # fmt: skip
+            "features": scorer.meta["features"], "entity_types": scorer.entity_types}  # fmt: skip
 
 
 def check_model(scorer: Scorer, serving: Scorer | None) -> None:
-    """Refuse a model whose graph does not take what the tensorization gives it, or whose
-    features differ from those of the model it would replace."""
+    """Refuse a model whose graph does not take what the tensorization gives it, whose id
+    types are not recorded, or whose features differ from those of the model it would replace."""
     graph_inputs = {i.name for i in scorer.session.get_inputs()}
     declared = set(scorer.meta.get("inputs", []))
     if graph_inputs != declared:
         raise ModelRefused(f"model.onnx takes inputs {sorted(graph_inputs)} but model.json declares {sorted(declared)}: "
                            "the two files come from different exports")  # fmt: skip
+    types = scorer.entity_types
+    if sorted(types) != sorted((USER_KEY, ITEM_KEY)) or not set(types.values()) <= {ID_INT64, ID_STRING}:
+        raise ModelRefused(f"model.json's entity_types {types} must give {USER_KEY} and {ITEM_KEY} as {ID_INT64} or "
+                           f"{ID_STRING}: a model exported before source ids; export it again (`loopfm vm export`)")  # fmt: skip
     user_features = {f for _, views in scorer.user_groups for features in views.values() for f in features}
-    candidates = candidate_tensors([0, 1], {f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
+    candidates = candidate_tensors({f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
     tensors = model_inputs({f: [None] for f in user_features}, [0], candidates, scorer.spec)
     unfed = graph_inputs - set(tensors)
     if unfed:
@@ -103,6 +107,6 @@ class ModelRegistry:
     def describe(self) -> dict[str, dict]:
         return {
             name: {"model_version": h.scorer.version, "path": str(h.path), "default": name == self.default,
-                   "feature_service": h.scorer.meta.get("feature_service")}  # fmt: skip
+                   "feature_service": h.scorer.meta.get("feature_service"), "entity_types": h.scorer.entity_types}  # fmt: skip
             for name, h in self.models.items()
         }

@@ -20,11 +20,14 @@ NON_FINITE = "it holds a number that is not finite (NaN, Infinity, or beyond a d
 
 def _json_safe(value) -> tuple[object, bool]:
     """(`value` with what JSON or orjson cannot hold written as text, whether it held a
-    non-finite float): NaN and Infinity are no JSON, orjson refuses integers beyond 64 bits."""
+    non-finite float): NaN and Infinity are no JSON, orjson refuses integers beyond 64 bits
+    and strings with lone surrogates (written as their escapes)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value), True
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         return str(value), False
+    if isinstance(value, str):  # JSON's "\ud800" escape reads as a lone surrogate, which orjson refuses
+        return value.encode("utf-8", "backslashreplace").decode(), False
     if isinstance(value, (list, tuple)):
         pairs = [_json_safe(v) for v in value]
         return [v for v, _ in pairs], any(r for _, r in pairs)
@@ -44,7 +47,7 @@ def validation_errors(exc: RequestValidationError) -> list[dict]:
     for error in exc.errors():
         given, non_finite = _json_safe(error.get("input"))
         message = f"{error.get('msg', 'invalid')}; {NON_FINITE}" if non_finite else error.get("msg", "invalid")
-        out.append({"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type"), "input": given})
+        out.append({"loc": _json_safe(list(error.get("loc", ())))[0], "msg": message, "type": error.get("type"), "input": given})
     return out
 
 

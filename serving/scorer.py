@@ -32,7 +32,7 @@ def _session(onnx_path: Path, threads: int) -> ort.InferenceSession:
 class Scored:
     scores: list[float]
     user_known: bool
-    unknown_items: list[int]  # no stored features, or outside the model's vocabulary
+    unknown_items: list[int | str]  # as sent: no stored features, or outside the model's vocabulary
     feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time
     corrupt_values: int  # stored values that could not be decoded (read as missing)
     read_s: float  # item cache + Redis round trip + decoding
@@ -56,6 +56,7 @@ class Scorer:
                 raise FileNotFoundError(f"{path} not found: export a model with `loopfm vm export`")
         self.meta = json.loads(meta_path.read_text())
         self.spec = TensorSpec(**self.meta["spec"])
+        self.entity_types: dict[str, str] = self.meta.get("entity_types", {})  # checked by serving.models.check_model
         self.user_groups, self.item_views = request_side(self.meta)
         self.items = item_cache if item_cache is not None else ItemCache(max_items=0, ttl_s=0)
         # Two sessions of one model: small requests run on one thread (a second only adds
@@ -70,14 +71,18 @@ class Scorer:
     def version(self) -> str:
         return self.meta["model_version"]
 
-    async def score(self, client: redis.asyncio.Redis, user_id: int, item_ids: Sequence[int], hour: int) -> Scored:
-        """One pipelined Redis round trip (the user + items not in the cache), then ONNX."""
+    async def score(
+        self, client: redis.asyncio.Redis, user_id: int | str, item_ids: Sequence[int | str], hour: int
+    ) -> Scored:
+        """One pipelined Redis round trip (the user + items not in the cache), then ONNX. Ids are
+        source ids of the model's entity types (serving.schemas.id_type_error checks them);
+        each item's dense index comes with its features (ITEM_INDEX)."""
         started = time.perf_counter()
         rows, missing = self.items.lookup(item_ids)
         missing = list(dict.fromkeys(missing))
         requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
         *user_side, fetched = await read_online_features(
-            client, self.meta["project"], [*requests, ((ITEM_KEY,), [(int(i),) for i in missing], self.item_views)]
+            client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)]
         )
         user = EntityRows({}, {}, 0)
         for group in user_side:  # the user's own views and the (user, this model's vertical) ones
@@ -86,7 +91,7 @@ class Scorer:
             user.corrupt += group.corrupt
         read_done = time.perf_counter()
         if missing:
-            fresh = candidate_tensors(missing, fetched.values, self.spec)
+            fresh = candidate_tensors(fetched.values, self.spec)
             self.items.store(missing, fresh)
             by_id = dict(zip(missing, fresh))
             rows = [by_id[i] if row is None else row for i, row in zip(item_ids, rows)]

@@ -41,9 +41,12 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
     assert t["user_context"].tolist() == [[4, 2, 14, 27, 3], [0, 0, 0, 0, 0]]
     assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
     assert t["fm_mask"].sum() == 0
-    items = {"category": [2, None, "x"], "brand": [3, None, float("inf")], "price_bucket": [9, None, b"\x01"]}
-    # A malformed stored value (wrong kind) reads as unknown; the item itself stays known by id.
-    assert candidate_tensors([42, 43, 44], items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0], [45, 0, 0, 0]]
+    items = {"item_index": [42, None, 44, 100], "category": [2, None, "x", 1], "brand": [3, None, float("inf"), 1],
+             "price_bucket": [9, None, b"\x01", 1]}  # fmt: skip
+    # The dense index is the stored item_index feature, never the request's (source) id. A malformed
+    # stored value (wrong kind) reads as unknown; the item itself stays known by its index; an
+    # index outside the model's vocabulary (100 of 0..99) is unknown.
+    assert candidate_tensors(items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0], [45, 0, 0, 0], [0, 2, 2, 2]]
     assert request_tensors({**users, "item_ids": ["text", 5]}, [1, 2], SPEC)["vm_history"].sum() == 0
 
 

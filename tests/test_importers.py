@@ -71,8 +71,8 @@ def test_taobao_raw_files_become_canonical_tables(tmp_path):
     users, items = source_ids(tables, "user"), source_ids(tables, "item")
     # Time order, exact UTC times, labels from clk, ids mapped back to the source.
     ads = imp[imp["vertical"] != "behavior"]
-    assert users.loc[ads["user_id"]].tolist() == ["449818", "581738", "581738", "914836"]
-    assert items.loc[ads["item_id"]].tolist() == ["3", "3", "1", "1"]
+    assert users.loc[ads["user_id"]].tolist() == [449818, 581738, 581738, 914836]  # every id an int64: an int64 key
+    assert items.loc[ads["item_id"]].tolist() == ["3", "3", "1", "1"]  # ads and behaviour pseudo-items: strings
     assert ads["label"].tolist() == [1, 0, 0, 1]
     assert ads["vertical"].tolist() == ["target", "other", "target", "other"]
     assert ads["event_timestamp"].iloc[0] == pd.Timestamp(T0, unit="s", tz="UTC")
@@ -87,8 +87,8 @@ def test_taobao_raw_files_become_canonical_tables(tmp_path):
     assert ad_1["category"] == item.loc[items[items == "behavior:6261:95471"].index[0], "category"]
     assert ad_1["price"] == pytest.approx(170.0) and ad_1["vertical"] == "target"
     user = tables["users"].set_index("user_id")
-    assert user.loc[users[users == "581738"].index[0]].tolist() == [5, 1]  # age_level 6 -> bucket 5; gender 2 -> 1
-    assert user.loc[users[users == "914836"].index[0]].tolist() == [0, 0]  # no profile
+    assert user.loc[users[users == 581738].index[0]].tolist() == [5, 1]  # age_level 6 -> bucket 5; gender 2 -> 1
+    assert user.loc[users[users == 914836].index[0]].tolist() == [0, 0]  # no profile
     by_role = imported(tmp_path, "taobao", "category=6261").tables["impressions"]  # a role names its column (cate_id)
     assert (by_role["vertical"] == "target").sum() == 2  # ad 1's two impressions; the behaviour row keeps its vertical
     assert Vocab.from_tables(tables["users"], tables["items"]) == Vocab(3, 4, 2, 3)  # categories 6261, 4520; brands 95471, missing, 1
@@ -126,7 +126,7 @@ def test_bars_taobao_split_files_in_file_then_row_order(tmp_path):
     write(tmp_path / "test.csv", [BARS_TAOBAO_COLUMNS, "1,,,,581738,0,5,2,3,1,3,0,3,3,4520,20,3,0,9.9,430548_1007,1"])
     tables = imported(tmp_path, "bars-taobao", "pid=430548_1007", days=3).tables
     imp = tables["impressions"]
-    assert source_ids(tables, "user").loc[imp["user_id"]].tolist() == ["581738", "449818", "581738"]
+    assert source_ids(tables, "user").loc[imp["user_id"]].tolist() == [581738, 449818, 581738]
     assert imp["label"].tolist() == [0, 1, 1] and imp["vertical"].tolist() == ["target", "other", "target"]
     # No time in these files: the rows are spread over --days days, the test file last.
     assert imp["event_timestamp"].is_monotonic_increasing
@@ -143,7 +143,7 @@ def test_bars_kuaivideo_orders_by_its_timestamp(tmp_path):
     write(tmp_path / "test.csv", ["timestamp,user_id,item_id,is_click,is_like,is_follow,pos_items,neg_items", "500,7,13,1,1,0,12,"])
     tables = imported(tmp_path, "bars-kuaivideo", "item_id=13").tables
     imp = tables["impressions"]
-    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == ["13", "13", "12"]  # timestamps 100, 500, 900
+    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == [13, 13, 12]  # timestamps 100, 500, 900
     assert imp["label"].tolist() == [0, 1, 1] and imp["vertical"].tolist() == ["target", "target", "other"]
     gaps = imp["event_timestamp"].diff().dropna()
     assert abs(gaps.iloc[0] - gaps.iloc[1]) <= pd.Timedelta(microseconds=1)  # 100 -> 500 -> 900: equal steps
@@ -175,7 +175,7 @@ def movielens_100k(folder: Path) -> Path:
 def test_movielens_100k_clicks_by_threshold_and_genre_rule(tmp_path):
     tables = imported(movielens_100k(tmp_path), "movielens", "genre=Drama").tables
     imp = tables["impressions"]
-    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == ["242", "302", "302"]
+    assert source_ids(tables, "item").loc[imp["item_id"]].tolist() == [242, 302, 302]
     assert imp["label"].tolist() == [0, 1, 1]  # ratings 3, 5, 4 with the default threshold 4
     assert imp["vertical"].tolist() == ["other", "target", "target"]  # 302 is Comedy|Drama
     users = tables["users"].set_index("user_id")
@@ -264,6 +264,8 @@ def test_any_csv_or_parquet_with_a_column_map(tmp_path):
          "iid=2", ["log.csv: line 3, column 'when': a unix time in another unit than the column's first row (s)"]),
         ("csv", {"log.csv": ["uid,iid,y,when,price", "1,2,1,1790848800,inf"]},
          "iid=2", ["log.csv: line 2, column 'price': not a finite number, got 'inf'"]),
+        ("csv", {"log.csv": ["uid,iid,y,when", "1,2,1,1790848800", "1,  ,0,1790848801"]},
+         "iid=2", ["log.csv: line 3, column 'iid': an empty id, got '  '"]),
     ],
 )  # fmt: skip
 def test_bad_files_are_named_with_column_and_line(tmp_path, fmt, files, rule, expected):
@@ -362,8 +364,21 @@ def test_large_integer_ids_are_kept_exactly_never_merged_through_float64(tmp_pat
     write(tmp_path / "train.csv", ["label,user_id,item_id,cate_id", *rows])
     tables = imported(tmp_path, "bars-amazon", "cate_id=1").tables
     assert len(tables["users"]) == 30 and len(tables["items"]) == 7
-    assert sorted(source_ids(tables, "user").map(int)) == [base + k for k in range(30)]
-    assert sorted(source_ids(tables, "item").map(int)) == [2**63 + k for k in range(7)]
+    assert source_ids(tables, "user").dtype == np.int64  # int64 keys, exact beyond 2**53
+    assert sorted(source_ids(tables, "user")) == [base + k for k in range(30)]
+    assert sorted(source_ids(tables, "item").map(int)) == [2**63 + k for k in range(7)]  # beyond int64: string keys
+
+
+def test_each_entitys_source_ids_are_int64_when_every_id_is_a_plain_int64_else_strings():
+    assert source_ids_of(["7", "-3", "0", str(2**63 - 1), str(-(2**63))]) == [7, -3, 0, 2**63 - 1, -(2**63)]
+    for odd_one in ("07", "+7", "7.0", " 7", "-0", str(2**63), "a7"):  # text names another id than the integer would
+        assert source_ids_of(["7", odd_one]) == ["7", odd_one], odd_one
+
+
+def source_ids_of(keys: list[str]) -> list:
+    from loopfm.parse import source_ids
+
+    return source_ids(pd.Series(keys, dtype="string[pyarrow]")).tolist()  # ints from an int64 column, else str
 
 
 def test_one_time_parser_infers_the_unit_from_the_size_or_takes_it_given(tmp_path):

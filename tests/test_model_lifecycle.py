@@ -155,7 +155,7 @@ def test_one_server_hosts_a_vm_per_vertical_each_reading_its_own_rows_and_the_sh
     user = store.get_online_features(features=refs, entity_rows=[row]).to_dict()
     items = store.get_online_features(features=feature_refs(meta["features"]["item_id"]),
                                       entity_rows=[{"item_id": i} for i in video_items]).to_dict()  # fmt: skip
-    tensors = one_request_inputs(user, BODY["context"]["hour"], video_items, items, TensorSpec(**meta["spec"]))
+    tensors = one_request_inputs(user, BODY["context"]["hour"], items, TensorSpec(**meta["spec"]))
     session = ort.InferenceSession(str(video_vm / "model.onnx"))
     expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
     np.testing.assert_allclose(video["scores"], expected, rtol=1e-6)

@@ -32,11 +32,14 @@ def test_corrupt_or_unsupported_values_raise_a_clear_error_instead_of_misreading
         decode_value(blob)
 
 
-def reader_agrees_with_feast(make_client, store, users: list[int]) -> None:
-    """Read users (the last unknown), their shop and video clicks and some items with the
-    server's reader through `make_client()`, and compare with get_online_features."""
-    clicks = [(u, v) for u in users[:3] for v in ("shop", "video")] + [(3, "cars")]  # no such vertical
-    items = [0, 5, 399, 1199, 10**9]
+def reader_agrees_with_feast(
+    make_client, store, users: list[int | str], items: list[int | str] = (0, 5, 399, 1199, 10**9),
+    verticals: tuple[str, str] = ("shop", "video"),
+) -> None:  # fmt: skip
+    """Read users (the last unknown), their clicks in two verticals and items (the last
+    unknown) with the server's reader through `make_client()`, and compare with
+    get_online_features. Ids are source ids of the run's entity types (int64 or strings)."""
+    clicks = [(u, v) for u in users[:3] for v in verticals] + [(users[0], "cars")]  # no such vertical
     requests = [
         (("user_id",), [(u,) for u in users], USER_VIEWS),
         (("user_id", "vertical"), clicks, CLICK_VIEWS),

@@ -71,7 +71,7 @@ def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(
     user = store.get_online_features(features=user_refs, entity_rows=[user_row]).to_dict()
     item_refs = feature_refs(meta["features"]["item_id"])
     items = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in candidates]).to_dict()
-    tensors = one_request_inputs(user, 9, candidates, items, spec)
+    tensors = one_request_inputs(user, 9, items, spec)
     session = ort.InferenceSession(str(model_dir / "model.onnx"))
     expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
     np.testing.assert_allclose(body["scores"], expected, rtol=1e-6)
@@ -79,13 +79,13 @@ def test_scores_come_back_in_candidate_order_and_equal_an_offline_recomputation(
 
 def test_unknown_user_and_unknown_candidates_are_scored_and_reported(server):
     url, _ = server
-    r = _score(url, user_id=10**12, candidate_item_ids=[801, 10**9, 5], context={"hour": 1})
+    r = _score(url, user_id=-(2**63), candidate_item_ids=[801, 10**9, 5, -1], context={"hour": 1})  # any int64 is an id
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["user_known"] is False
-    assert body["unknown_candidates"] == [10**9]
+    assert body["unknown_candidates"] == [10**9, -1]
     assert all(v is None for v in body["feature_age_s"].values())
-    assert len(body["scores"]) == 3 and all(0 < s < 1 for s in body["scores"])
+    assert len(body["scores"]) == 4 and all(0 < s < 1 for s in body["scores"])
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,9 @@ def test_unknown_user_and_unknown_candidates_are_scored_and_reported(server):
         {"user_id": 1},
         {"user_id": 1, "candidate_item_ids": []},
         {"user_id": "x", "candidate_item_ids": [1]},
-        {"user_id": -1, "candidate_item_ids": [1]},
+        {"user_id": -(2**63) - 1, "candidate_item_ids": [1]},
+        {"user_id": "", "candidate_item_ids": [1]},
+        {"user_id": 1, "candidate_item_ids": [1, "801"]},  # this model's items are int64 ids
         {"user_id": 1, "candidate_item_ids": [2**70]},
         {"user_id": 1, "candidate_item_ids": [1], "context": {"hour": 24}},
         {"user_id": 1, "candidate_item_ids": [1], "context": {"weather": "rain"}},
@@ -120,6 +122,8 @@ def test_malformed_requests_get_a_4xx_with_a_reason(server, body):
         b'{"user_id": 1, "candidate_item_ids": [1], "context": {"hour": -Infinity}}',
         b'{"user_id": 1e400, "candidate_item_ids": [1]}',
         b'{"user_id": 1, "candidate_item_ids": [1, 123456789012345678901234567890]}',
+        b'{"user_id": "\\ud800", "candidate_item_ids": [1]}',  # a lone surrogate: no UTF-8 text, no Redis key
+        b'{"user_id": 1, "candidate_item_ids": [1], "\\udfff": 1}',
     ],
 )
 def test_non_finite_and_huge_numbers_get_a_422_with_a_reason_never_a_500(server, raw):

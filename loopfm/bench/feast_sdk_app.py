@@ -43,7 +43,7 @@ def create_app() -> FastAPI:
         user = store.get_online_features(features=user_refs, entity_rows=[user_row]).to_dict()
         item_rows = store.get_online_features(features=item_refs, entity_rows=[{"item_id": i} for i in items]).to_dict()
         hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
-        tensors = one_request_inputs(user, hour, items, item_rows, spec)
+        tensors = one_request_inputs(user, hour, item_rows, spec)
         scores = session.run(None, {name: tensors[name] for name in inputs})[0]
         return {"scores": scores.astype(float).tolist(), "model_version": meta["model_version"]}
 

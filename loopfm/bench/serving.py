@@ -36,7 +36,7 @@ SWEEP_RATES = [100, 200, 300, 400, 600, 800, 1000, 1200, 1500]
 def request_pool(run_dir: Path) -> RequestPool:
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
     known = read_parquet(paths.features / "vm_eval_entities.parquet", columns=["user_id"])["user_id"].unique()
-    items = read_parquet(paths.table("items"), columns=["item_id"])["item_id"].to_numpy()
+    items = read_parquet(paths.features / "item_features.parquet", columns=["item_id"])["item_id"].to_numpy()  # source ids
     return RequestPool(known_users=np.sort(known), all_users=cfg.world.n_users, items=items)
 
 

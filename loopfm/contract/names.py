@@ -5,8 +5,12 @@ from __future__ import annotations
 
 PROJECT = "loopfm"  # feature_repo/feature_store.yaml's `project`, the suffix of every Redis key
 
-# Entity join keys.
+# Entity join keys. The user and item keys hold the ids of the user's own logs (source ids), as
+# int64 or as strings per entity: a run records its types in features/ENTITY_TYPES_FILE (read by
+# feature_repo/), an exported model in model.json's `entity_types` (read by the server).
 USER_KEY, ITEM_KEY, VERTICAL_KEY = "user_id", "item_id", "vertical"
+ID_INT64, ID_STRING = "int64", "string"  # Feast ValueType.INT64 / ValueType.STRING
+ENTITY_TYPES_FILE = "entity_types.json"
 
 # Feature views and their features.
 USER_PROFILE = "user_profile"
@@ -14,7 +18,8 @@ ITEM_FEATURES_VIEW = "item_features"
 VM_CLICK_HISTORY = "vm_click_history"
 FM_HISTORY = "fm_history"
 USER_FEATURES = ("age_bucket", "gender")
-ITEM_FEATURES = ("category", "brand", "price_bucket")
+ITEM_INDEX = "item_index"  # the item's dense index in the models' vocabulary (loopfm/data/ids.py)
+ITEM_FEATURES = (ITEM_INDEX, "category", "brand", "price_bucket")  # the candidate tensor's columns, in order
 VM_HISTORY_FEATURE = "item_ids"  # packed int32 item ids, oldest first
 VM_COUNT_FEATURES = ("impressions", "clicks")  # the user's counts so far in the VM's vertical
 FM_HISTORY_FEATURE = "fm_codes"  # packed codes (contract/codec.py), oldest first

@@ -176,18 +176,14 @@ def model_inputs(
 
 
 def one_request_inputs(
-    user: Mapping[str, Sequence[Any]], hour: int, item_ids: Sequence[int], items: Mapping[str, Sequence[Any]],
-    spec: TensorSpec,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    user: Mapping[str, Sequence[Any]], hour: int, items: Mapping[str, Sequence[Any]], spec: TensorSpec
+) -> dict[str, np.ndarray]:
     """All model inputs of one request (one user row, many candidates) from plain feature values."""
-    return model_inputs(user, [hour], candidate_tensors(item_ids, items, spec), spec)
+    return model_inputs(user, [hour], candidate_tensors(items, spec), spec)
 
 
-def candidate_tensors(
-    item_ids: Sequence[int], items: Mapping[str, Sequence[Any]], spec: TensorSpec
-) -> np.ndarray:
-    """Candidate-side input [C, 4]: item id, category, brand, price bucket (each +1, 0 = unknown)."""
-    known = [not _missing(c) for c in items["category"]]
-    ids = [i if k else None for i, k in zip(item_ids, known)]
-    columns = [ids, *(items[f] for f in ITEM_FEATURES)]
-    return np.stack([_index(col, vocab) for col, vocab in zip(columns, spec.candidate_vocab)], axis=1)
+def candidate_tensors(items: Mapping[str, Sequence[Any]], spec: TensorSpec) -> np.ndarray:
+    """Candidate-side input [C, 4] from the item features (ITEM_FEATURES, C values each): the
+    item's dense index (the `item_index` feature, not the source id), category, brand, price
+    bucket (each +1; 0 = unknown, e.g. an item without stored features)."""
+    return np.stack([_index(items[f], vocab) for f, vocab in zip(ITEM_FEATURES, spec.candidate_vocab)], axis=1)

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import WorldConfig
-from loopfm.contract.names import N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS
+from loopfm.contract.names import ITEM_KEY, N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, USER_KEY
 from loopfm.data.dataset import Vocab
+from loopfm.data.ids import id_map
 from loopfm.io import US_PER_DAY, US_PER_HOUR, RunPaths, write_parquet
 
 
@@ -124,6 +125,8 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
 
 def write_world(cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
     tables = simulate(cfg)
+    users, items = tables["users"][USER_KEY], tables["items"][ITEM_KEY]  # the world's ids are their own source ids
+    tables |= {"user_ids": id_map(USER_KEY, users, users), "item_ids": id_map(ITEM_KEY, items, items)}
     for name, df in tables.items():
         write_parquet(df, paths.table(name))
     Vocab.from_world(cfg).save(paths)

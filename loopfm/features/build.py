@@ -1,5 +1,8 @@
 """Structuring: the embedding log and the impressions -> Feast source tables and entity frames.
 
+Everything is built on dense ids; the tables are written keyed by the source ids (Feast's
+join keys, loopfm/data/ids.py), with each item's dense index as the `item_index` feature.
+
 Histories are snapshots: one row per (user, time the sequence changed), holding the last L
 elements available at or before that time. Feast's point-in-time join takes, for an entity
 row at time e, the newest snapshot stamped <= e. Entity rows are stamped 1 µs (one tick
@@ -17,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
-from loopfm.contract.names import FM_HISTORY_FEATURE, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
+from loopfm.contract.names import FM_HISTORY_FEATURE, ITEM_FEATURES, ITEM_INDEX, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
+from loopfm.data.ids import IdMap, load_id_maps, write_entity_types
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import last_n_before
 from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
@@ -102,6 +106,11 @@ def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: Eng
             .reset_index(drop=True) for name, t in tables.items()}  # fmt: skip
 
 
+def keyed_by_source_ids(df: pd.DataFrame, id_maps: Sequence[IdMap]) -> pd.DataFrame:
+    """`df` with its dense user and item ids replaced by the source ids, Feast's join keys."""
+    return df.reset_index(drop=True).assign(**{m.key: m.to_source(df[m.key]) for m in id_maps if m.key in df})
+
+
 def build_feature_tables(
     paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True), engine: Engine = LOCAL
 ) -> dict[str, int]:
@@ -116,9 +125,10 @@ def build_feature_tables(
     static_ts = start - pd.Timedelta(days=1)
     users = read_parquet(paths.table("users"))
     items = read_parquet(paths.table("items"))
+    id_maps = load_id_maps(paths)
     tables = {
         "user_profile": users[["user_id", "age_bucket", "gender"]].assign(event_timestamp=static_ts),
-        "item_features": items[["item_id", "category", "brand", "price_bucket"]].assign(event_timestamp=static_ts),
+        "item_features": items.assign(**{ITEM_INDEX: items["item_id"]})[["item_id", *ITEM_FEATURES]].assign(event_timestamp=static_ts),
         **_histories(imp, log, cfg, engine),
     }
 
@@ -142,6 +152,7 @@ def build_feature_tables(
     tables["vm_eval_entities"] = entities[target & (day >= eval_start).to_numpy()]
     with staged_dir(paths.features) as out:
         for name, df in tables.items():
-            write_parquet(df.reset_index(drop=True), out / f"{name}.parquet")
+            write_parquet(keyed_by_source_ids(df, id_maps), out / f"{name}.parquet")
             progress(f"  wrote {name}: {len(df)} rows")
+        progress(f"  entity types: {write_entity_types(out, id_maps)}")
     return {name: len(df) for name, df in tables.items()}

@@ -19,7 +19,7 @@ import pandas as pd
 import redis
 import redis.cluster
 
-from loopfm.contract.names import PROJECT, ready_marker
+from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_KEY, PROJECT, USER_KEY, ready_marker
 from loopfm.contract.redis_url import cluster_node_url
 
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
@@ -143,6 +143,15 @@ def open_store(run_dir: Path, redis_url: str = OFFLINE_ONLY):
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _environment(feast_env(run_dir, redis_url)):
         return FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=feature_store_yaml(redis_url))
+
+
+def entity_types(store) -> dict[str, str]:
+    """{join key: ID_INT64 | ID_STRING} of the user and item entities in the Feast registry: the
+    id types an exported model's requests must carry (model.json `entity_types`)."""
+    from feast import ValueType
+
+    names = {ValueType.INT64: ID_INT64, ValueType.STRING: ID_STRING}
+    return {e.join_key: names[e.value_type] for e in store.list_entities() if e.join_key in (USER_KEY, ITEM_KEY)}
 
 
 def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:

@@ -10,6 +10,8 @@ import httpx
 import numpy as np
 
 from loopfm.config import RunConfig
+from loopfm.contract.names import ITEM_KEY
+from loopfm.data.ids import IdMap
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.pipeline.stages import stage
 
@@ -21,7 +23,7 @@ def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int
     rng = np.random.default_rng(0)
     users = read_parquet(paths.features / "vm_eval_entities.parquet", columns=["user_id"])["user_id"].unique()
     items = read_parquet(paths.table("items"))
-    pool = items.loc[items["vertical"] == cfg.vm.target_vertical, "item_id"].to_numpy()
+    pool = IdMap.load(paths, ITEM_KEY).to_source(items.loc[items["vertical"] == cfg.vm.target_vertical, ITEM_KEY])
     latencies, unknown_users = [], 0
     with httpx.Client(base_url=base_url, timeout=10) as client:
         for i in range(requests):

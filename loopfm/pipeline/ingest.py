@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
-from loopfm.data.dataset import Vocab
+from loopfm.contract.names import ID_INT64, ITEM_KEY, USER_KEY
+from loopfm.data.ids import IdMap, id_map_path, load_id_maps
 from loopfm.io import RunPaths, from_unix_us, read_parquet, write_parquet
 from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
 
@@ -59,7 +60,8 @@ def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
 def read_events(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | None = None) -> pd.DataFrame:
     """Load and check a batch of impressions (parquet or CSV) against the run it joins. Ids
     are parsed exactly, times by the project's one parser (`time_unit`: the unit of numeric
-    event_timestamp values, None infers it)."""
+    event_timestamp values, None infers it). `user_id` and `item_id` are source ids of the
+    run's entity types (loopfm/data/ids.py), returned as dense ids; unknown ones are refused."""
     if not path.exists():
         raise IngestError(f"{path}: no such file")
     csv = path.suffix.lower() == ".csv"
@@ -71,21 +73,31 @@ def read_events(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | No
     if missing:
         raise IngestError(f"{path}: missing column(s) {missing}; expected {list(EVENT_COLUMNS)}")
     events = pd.DataFrame({"vertical": raw["vertical"].astype(str)})
-    for column in ("impression_id", "user_id", "item_id", "label"):
+    for column in ("impression_id", "label"):
         events[column] = _parsed(path, raw, column, lambda v: integers(v, INT64_RANGE)).astype(np.int64)
+    users, items = load_id_maps(paths)
+    for id_map in (users, items):  # source ids of the run's entity types -> dense ids (-1: unknown)
+        events[id_map.key] = id_map.to_dense(_source_ids(path, raw, id_map))
     events["event_timestamp"] = from_unix_us(_parsed(path, raw, "event_timestamp", lambda v: unix_times_us(v, time_unit)))
     events["hour"] = events["event_timestamp"].dt.hour.astype(np.int64)
 
-    vocab = Vocab.load(paths)
-    catalogue = read_parquet(paths.table("items"), columns=["item_id"])["item_id"]
     _first_bad(path, "label", ~events["label"].isin([0, 1]), "labels must be 0 or 1")
-    _first_bad(path, "user_id", (events["user_id"] < 0) | (events["user_id"] >= vocab.n_users),
-               f"user unknown to the FM (ids 0..{vocab.n_users - 1}); new users need a retrained FM")  # fmt: skip
-    _first_bad(path, "item_id", ~events["item_id"].isin(catalogue), f"item not in {paths.table('items')}")
+    _first_bad(path, "user_id", events["user_id"] < 0,
+               f"user unknown to the FM (not in {id_map_path(paths, USER_KEY)}); new users need a retrained FM")  # fmt: skip
+    _first_bad(path, "item_id", events["item_id"] < 0, f"item not in {id_map_path(paths, ITEM_KEY)}")
     _first_bad(path, "vertical", ~events["vertical"].isin(cfg.world.verticals), f"vertical not in {list(cfg.world.verticals)}")
     events = events.drop_duplicates()
     _first_bad(path, "impression_id", events["impression_id"].duplicated(), "the same impression_id with different values")
     return events[["impression_id", "user_id", "item_id", "vertical", "event_timestamp", "hour", "label"]]
+
+
+def _source_ids(path: Path, raw: pd.DataFrame, id_map: IdMap) -> pd.Series:
+    """A batch's id column as the run's source ids: exact int64 for an int64 entity (never
+    through float64), text for a string one."""
+    if id_map.id_type == ID_INT64:
+        return _parsed(path, raw, id_map.key, lambda v: integers(v, INT64_RANGE)).astype(np.int64)
+    _first_bad(path, id_map.key, raw[id_map.key].isna(), "missing value")
+    return raw[id_map.key].astype(str)
 
 
 def _append_impressions(paths: RunPaths, events: pd.DataFrame, events_path: Path) -> int:
@@ -128,8 +140,9 @@ def _append_fm_log(paths: RunPaths, cfg: RunConfig, ingested_at: pd.Timestamp) -
 
 
 def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict[str, pd.DataFrame]:
-    """Each user's newest history snapshot per pushed view, from the whole log."""
-    from loopfm.features.build import build_fm_history, build_vm_click_history
+    """Each user's newest history snapshot per pushed view, from the whole log, keyed by
+    source ids as the Feast sources are (`users`: dense ids)."""
+    from loopfm.features.build import build_fm_history, build_vm_click_history, keyed_by_source_ids
 
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
@@ -138,7 +151,9 @@ def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict
         "fm_history": build_fm_history(log[mine], imp["label"].to_numpy()[mine] == 1, cfg.vm.history_length),
         "vm_click_history": build_vm_click_history(imp[mine], cfg.world.verticals, cfg.vm.history_length),
     }
-    return {view: df.sort_values("event_timestamp").groupby(entity_keys(df)).tail(1) for view, df in snapshots.items()}
+    id_maps = load_id_maps(paths)
+    return {view: keyed_by_source_ids(df.sort_values("event_timestamp").groupby(entity_keys(df)).tail(1), id_maps)
+            for view, df in snapshots.items()}  # fmt: skip
 
 
 def entity_keys(snapshots: pd.DataFrame) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 
 from loopfm.config import RunConfig, variant_named
 from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, input_names
-from loopfm.features.store import historical_features
+from loopfm.features.store import entity_types, historical_features
 from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
@@ -60,6 +60,7 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
         "project": PROJECT,
         "features": _feature_refs(store, service),
         "entity_values": {VERTICAL_KEY: cfg.vm.target_vertical},  # the VM's own rows
+        "entity_types": entity_types(store),  # the id types /score takes (source ids: int64 or string)
         "inputs": names,
         "spec": asdict(spec),
         "parity": parity,

@@ -39,7 +39,7 @@ def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
 def frame_tensors(df: pd.DataFrame, spec: TensorSpec) -> dict[str, np.ndarray]:
     """A historical-features frame (one candidate per row) -> model inputs."""
     user_columns = [*USER_FEATURES, VM_HISTORY_FEATURE, *VM_COUNT_FEATURES] + ([FM_HISTORY_FEATURE] if FM_HISTORY_FEATURE in df else [])
-    candidates = candidate_tensors(df["item_id"].tolist(), {c: df[c].tolist() for c in ITEM_FEATURES}, spec)
+    candidates = candidate_tensors({c: df[c].tolist() for c in ITEM_FEATURES}, spec)
     return model_inputs({c: df[c].tolist() for c in user_columns}, df["hour"].tolist(), candidates, spec,
                         candidate_user=np.arange(len(df), dtype=np.int64))  # fmt: skip
 

@@ -12,13 +12,14 @@ from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
 
 from serving.dependencies import MetricsDep, ModelsDep, RedisDep, SettingsDep, api_key, hosting
 from serving.metrics import Metrics
 from serving.redis_client import AsyncClient
 from serving.responses import json_response
-from serving.schemas import ScoreRequest, ScoreResponse
+from serving.schemas import ScoreRequest, ScoreResponse, id_type_error
 from serving.scorer import Scorer
 from serving.settings import Settings
 
@@ -26,10 +27,14 @@ router = APIRouter(dependencies=[Depends(api_key)])
 
 
 async def score_with(scorer: Scorer, body: ScoreRequest, client: AsyncClient, settings: Settings, metrics: Metrics) -> Response:
-    """Score `body` with `scorer` within the request deadline: 422 over max_candidates, 503
-    when Redis fails or its pool is exhausted (with Retry-After), 504 past the deadline."""
+    """Score `body` with `scorer` within the request deadline: 422 over max_candidates or for
+    ids of the other type than the model's entity types, 503 when Redis fails or its pool is
+    exhausted (with Retry-After), 504 past the deadline."""
     if len(body.candidate_item_ids) > settings.max_candidates:
         raise HTTPException(422, f"at most {settings.max_candidates} candidates per request")
+    wrong_type = id_type_error(body, scorer.entity_types)
+    if wrong_type:  # answered like any other invalid request (serving.responses.invalid_request)
+        raise RequestValidationError([wrong_type])
     hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
     try:
         result = await asyncio.wait_for(

@@ -5,7 +5,8 @@ An importer turns its files into one frame of impressions: the canonical column 
 role (`COLUMNS`; ids as text keys; `_vertical` presets a row's vertical) beside every source
 column, so a vertical rule can name any column of the source without clashing with them.
 `canonical` turns that frame into the tables the pipeline reads (dense ids, buckets, UTC
-timestamps) and the run's data span.
+timestamps), the maps from dense ids back to the source ids (loopfm/data/ids.py: int64 or
+text, as the source's ids allow) and the run's data span.
 Every check happens before anything is written; a bad file raises `DataFormatError` naming
 the file, the column and the line.
 """
@@ -19,9 +20,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from loopfm.contract.names import N_PRICE_BUCKETS
+from loopfm.contract.names import ITEM_KEY, N_PRICE_BUCKETS, USER_KEY
+from loopfm.data.ids import id_map
 from loopfm.io import US_PER_DAY, US_PER_HOUR
-from loopfm.parse import BadValues, integer_keys, unix_times_us
+from loopfm.parse import BadValues, integer_keys, source_ids, unix_times_us
 
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
@@ -117,6 +119,9 @@ def _keys(df: pd.DataFrame, column: str, integer: bool) -> pd.Series:
         return _parsed(df, column, integer_keys)
     if df[column].isna().any():
         raise _fail(df, column, df[column].isna().to_numpy(), "missing value")
+    blank = (df[column].str.strip() == "").to_numpy(bool)
+    if blank.any():  # a parquet file's "" (a CSV's empty cell is missing): no id a request could send
+        raise _fail(df, column, blank, "an empty id")
     return df[column]
 
 
@@ -327,8 +332,8 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
         "users": users.sort_values("user_id", ignore_index=True),
         "items": items.sort_values("item_id", ignore_index=True),
         "impressions": impressions,
-        "user_ids": pd.DataFrame({"user_id": user_id[first_user], "source_id": ev["_user"][first_user].astype(str).to_numpy()}),
-        "item_ids": pd.DataFrame({"item_id": item_id[first_item], "source_id": ev["_item"][first_item].astype(str).to_numpy()}),
+        "user_ids": id_map(USER_KEY, user_id[first_user], source_ids(ev["_user"][first_user])),
+        "item_ids": id_map(ITEM_KEY, item_id[first_item], source_ids(ev["_item"][first_item])),
     }
     start = timestamps[0].normalize()
     shares = impressions["vertical"].value_counts(normalize=True).sort_index()
