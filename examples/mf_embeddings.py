@@ -95,6 +95,7 @@ def embed(run_dir: Path, period_days: int, dim: int, history: int, steps: int, l
         before = period < k
         if before.any():
             fit(model, user[before], item[before], label[before], steps, l2)
+            print(f"period {k}: refitted on the {before.sum()} events before it", flush=True)
         seen_users, seen_items = np.zeros(model.p.num_embeddings, bool), np.zeros(model.q.num_embeddings, bool)
         seen_users[user[before]], seen_items[item[before]] = True, True
         rows = np.flatnonzero(period == k)
@@ -118,10 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a run after `loopfm data import` (or `data synth`)")
     parser.add_argument("--out", type=Path, required=True, help="the parquet file to write")
-    parser.add_argument("--period-days", type=int, default=7, help="refit the MF every this many days")
+    parser.add_argument("--period-days", type=int, default=14, help="refit the MF every this many days")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--history", type=int, default=20, help="recent clicks averaged into the last part")
-    parser.add_argument("--steps", type=int, default=60, help="full-batch Adam steps per refit")
+    parser.add_argument("--steps", type=int, default=30, help="full-batch Adam steps per refit (warm-started)")
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

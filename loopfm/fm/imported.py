@@ -59,8 +59,8 @@ class ImportLogError(ValueError):
     """A bad embedding file; the message names the file, the column and the rows."""
 
 
-def _ids(values) -> str:
-    values = list(values)
+def _ids(values: np.ndarray) -> str:
+    values = np.asarray(values).tolist()
     return f"{values[:SHOWN]}{' ...' if len(values) > SHOWN else ''}"
 
 

@@ -1,13 +1,18 @@
 """Stream training of the FM, day by day, and the embedding log it writes.
 
+The FM is whatever module `fm.model` names (loopfm/fm/plugin.py; default loopfm's own
+FoundationModel); the compressor learns from the concatenation of its `fm.extract_layer`
+layers. Checkpoints record the `fm.model` and layers they were trained with, so `fm log`
+rebuilds the same module.
+
 Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so it carries
 `trained_until = start + i days`. Logging picks, for the events of day d:
 
-- `frozen` (default): checkpoint `warmup_days` (W) for every event. One consistent embedding
+- `frozen`: checkpoint `warmup_days` (W) for every event. One consistent embedding
   space, which the LoopFM paper found matters more than freshness. VM examples start at
   day `warmup_days`, so every code and KD label they see comes from a checkpoint that
   trained only on data older than the example.
-- `rolling`: checkpoint max(d, W), i.e. the FM as it stood when the event happened (trained
+- `rolling` (default): checkpoint max(d, W), i.e. the FM as it stood when the event happened (trained
   on everything before that day; warm-up days take checkpoint W, which no VM example
   precedes). Fresher, and it knows users who arrived after the warm-up, but the code space
   drifts between days.
