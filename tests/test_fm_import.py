@@ -34,9 +34,8 @@ def data_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(data_run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(data_run, dst)
-    return dst
+    """A private copy of the data-only run, for tests that import into it."""
+    return Path(shutil.copytree(data_run, tmp_path / "run"))
 
 
 def embedding_table(run: Path, seed: int = 0) -> pd.DataFrame:

@@ -12,8 +12,8 @@ Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so 
   space, which the LoopFM paper found matters more than freshness. VM examples start at
   day `warmup_days`, so every code and KD label they see comes from a checkpoint that
   trained only on data older than the example.
-- `rolling` (default): checkpoint max(d, W), i.e. the FM as it stood when the event happened (trained
-  on everything before that day; warm-up days take checkpoint W, which no VM example
+- `rolling` (default): checkpoint max(d, W), i.e. the FM as it stood when the event happened
+  (trained on everything before that day; warm-up days take checkpoint W, which no VM example
   precedes). Fresher, and it knows users who arrived after the warm-up, but the code space
   drifts between days.
 
@@ -39,12 +39,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from loopfm.config import RunConfig
+from loopfm.config import DEFAULT_FM_MODEL, RunConfig
 from loopfm.contract.codec import code_bytes, encode_codes
 from loopfm.data.dataset import Vocab
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import last_n_before
-from loopfm.config import DEFAULT_FM_MODEL
 from loopfm.fm import plugin
 from loopfm.fm.model import Compressor, FMShapes
 from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
