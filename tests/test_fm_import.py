@@ -61,6 +61,13 @@ def write(df: pd.DataFrame, path: Path, fixed_size: bool = False) -> Path:
     return path
 
 
+def quick_config(run: Path) -> RunConfig:
+    """The run's config with a compressor fit of at most 4 epochs (what is tested holds for any)."""
+    cfg = RunConfig.load(run)
+    cfg.override("fm.warmup_epochs=4")
+    return cfg
+
+
 def window_start_us(cfg: RunConfig) -> int:
     return pd.Timestamp(cfg.world.start_date, tz="UTC").value // 1000 + cfg.fm.warmup_days * US_PER_DAY
 
@@ -91,7 +98,7 @@ def test_the_compressor_learns_only_from_embeddings_available_before_the_vm_wind
     """Rows available at or after the window start may hold anything: the compressor, and the
     codes of every earlier row, come out bit-identical. A row whose event is early but whose
     embedding arrived late does not train it either."""
-    paths, cfg = RunPaths(run), RunConfig.load(run)
+    paths, cfg = RunPaths(run), quick_config(run)
     emb = embedding_table(run)
     event_us = unix_us(pd.read_parquet(paths.table("impressions"))["event_timestamp"]).to_numpy()
     available = event_us + 3_600 * 10**6
@@ -115,7 +122,7 @@ def test_the_compressor_learns_only_from_embeddings_available_before_the_vm_wind
 
 
 def test_without_fm_logit_the_kd_label_is_a_probe_fitted_before_the_window(run: Path):
-    paths, cfg = RunPaths(run), RunConfig.load(run)
+    paths, cfg = RunPaths(run), quick_config(run)
     emb = embedding_table(run).drop(columns="fm_logit")
     summary = import_embedding_log(paths, cfg, write(emb, run.parent / "e.parquet"))
     assert summary["kd_label"].startswith("logistic regression on the embedding")
