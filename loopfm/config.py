@@ -14,6 +14,7 @@ from pathlib import Path
 from loopfm.contract.codec import CODE_FORMATS
 from loopfm.contract.names import feature_service
 
+DEFAULT_FM_MODEL = "loopfm.fm.model:FoundationModel"  # the FM interface: loopfm/fm/plugin.py
 
 @dataclass(frozen=True)
 class Variant:
@@ -66,13 +67,14 @@ class WorldConfig:
 class FMConfig:
     """Foundation model, its compressor and its logging."""
 
+    model: str = DEFAULT_FM_MODEL  # package.module:factory of any module following loopfm/fm/plugin.py
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
-    extract_layer: str = "hidden1"  # embedding | hidden1 | hidden2
+    extract_layer: str = "hidden1"  # a layer the FM returns (built-in: embedding | hidden1 | hidden2), or several comma-separated
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0  # AdamW
@@ -84,6 +86,15 @@ class FMConfig:
     passes_per_day: int = 2  # streaming after the warm-up: each day is seen this many times, in day order
     checkpoint_scheme: str = "rolling"  # rolling | frozen; measured in docs/training.md ("FM checkpoint scheme")
     logging_delay_s: int = 60
+
+    def __post_init__(self) -> None:
+        if isinstance(self.extract_layer, (list, tuple)):  # config.json may hold a list of layers
+            self.extract_layer = ",".join(self.extract_layer)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The extracted layers, in the order their activations are concatenated."""
+        return tuple(name.strip() for name in self.extract_layer.split(","))
 
 
 @dataclass
@@ -131,7 +142,8 @@ class RunConfig:
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),
             (0 <= fm.id_dropout < 1 and fm.weight_decay >= 0, "fm.id_dropout must lie in [0, 1) and fm.weight_decay be >= 0"),
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
-            (fm.extract_layer in ("embedding", "hidden1", "hidden2"), "fm.extract_layer: embedding|hidden1|hidden2"),
+            (all(fm.layers), "fm.extract_layer must name a layer, or several comma-separated"),
+            (":" in fm.model, f"fm.model must be package.module:factory, e.g. {DEFAULT_FM_MODEL}"),
             (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),

@@ -1,6 +1,7 @@
 """The foundation model (FM) and the compressor that turns its activations into codes.
 
-The FM sees every vertical, the user's ID, its raw click history across all verticals and
+`FoundationModel` is loopfm's own implementation of the FM interface (loopfm/fm/plugin.py:
+`fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees every vertical, the user's ID, its raw click history across all verticals and
 the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
 trained beside the FM on detached activations (stop-gradient: it never changes the FM),
 with a tanh-bounded code so that int4 quantisation has a fixed range.
@@ -15,13 +16,14 @@ from torch import nn
 
 from loopfm.contract.names import N_AGE_BUCKETS, N_COUNT_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, N_RATE_BUCKETS
 
-EXTRACT_LAYERS = ("embedding", "hidden1", "hidden2")
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 
 
 @dataclass
 class FMShapes:
-    """Vocabulary sizes and widths the FM is built for (derived from the world)."""
+    """Vocabulary sizes and widths the FM is built for (derived from the world and the fm.*
+    config); what an `fm.model` factory receives. `extract_layer` is fm.extract_layer as
+    written (one name or several comma-separated)."""
 
     n_users: int
     n_items: int
@@ -36,6 +38,9 @@ class FMShapes:
 
 
 class FoundationModel(nn.Module):
+    """loopfm's FM: returns the logit and the layers `embedding` (the concatenated inputs),
+    `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
+
     def __init__(self, s: FMShapes):
         super().__init__()
         e = s.embedding_dim
@@ -137,8 +142,3 @@ class Compressor(nn.Module):
         ]
         return torch.stack(losses).mean()
 
-
-def activation_dim(fm: FoundationModel, layer: str, hidden: tuple[int, ...]) -> int:
-    if layer not in EXTRACT_LAYERS[: len(hidden) + 1]:
-        raise ValueError(f"fm.extract_layer must be one of {EXTRACT_LAYERS[: len(hidden) + 1]}, got {layer!r}")
-    return fm.embedding_width if layer == "embedding" else hidden[int(layer[-1]) - 1]

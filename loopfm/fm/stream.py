@@ -1,14 +1,19 @@
 """Stream training of the FM, day by day, and the embedding log it writes.
 
+The FM is whatever module `fm.model` names (loopfm/fm/plugin.py; default loopfm's own
+FoundationModel); the compressor learns from the concatenation of its `fm.extract_layer`
+layers. Checkpoints record the `fm.model` and layers they were trained with, so `fm log`
+rebuilds the same module.
+
 Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so it carries
 `trained_until = start + i days`. Logging picks, for the events of day d:
 
-- `frozen` (default): checkpoint `warmup_days` (W) for every event. One consistent embedding
+- `frozen`: checkpoint `warmup_days` (W) for every event. One consistent embedding
   space, which the LoopFM paper found matters more than freshness. VM examples start at
   day `warmup_days`, so every code and KD label they see comes from a checkpoint that
   trained only on data older than the example.
-- `rolling`: checkpoint max(d, W), i.e. the FM as it stood when the event happened (trained
-  on everything before that day; warm-up days take checkpoint W, which no VM example
+- `rolling` (default): checkpoint max(d, W), i.e. the FM as it stood when the event happened
+  (trained on everything before that day; warm-up days take checkpoint W, which no VM example
   precedes). Fresher, and it knows users who arrived after the warm-up, but the code space
   drifts between days.
 
@@ -34,13 +39,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from loopfm.config import RunConfig
+from loopfm.config import DEFAULT_FM_MODEL, RunConfig
 from loopfm.contract.codec import code_bytes, encode_codes
 from loopfm.contract.tensorize import activity_bucket_arrays
 from loopfm.data.dataset import Vocab
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import count_before, last_n_before
-from loopfm.fm.model import Compressor, FMShapes, FoundationModel, activation_dim
+from loopfm.fm import plugin
+from loopfm.fm.model import Compressor, FMShapes
 from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 
@@ -147,11 +153,6 @@ def _batch(
     return out
 
 
-def _build(shapes: FMShapes) -> tuple[FoundationModel, Compressor]:
-    fm = FoundationModel(shapes)
-    return fm, Compressor(activation_dim(fm, shapes.extract_layer, shapes.hidden), shapes.code_dim)
-
-
 def checkpoint_path(paths: RunPaths, index: int) -> Path:
     return paths.fm / "checkpoints" / f"ckpt_{index:03d}.pt"
 
@@ -162,16 +163,16 @@ class _Objective(torch.nn.Module):
     each event's user and item id is read as unknown with probability `id_dropout`, so the
     FM learns what to make of the ids a checkpoint never saw (users who arrive later)."""
 
-    def __init__(self, fm: FoundationModel, compressor: Compressor, layer: str, prefixes: tuple[int, ...], id_dropout: float):
+    def __init__(self, fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...], prefixes: tuple[int, ...], id_dropout: float):
         super().__init__()
-        self.fm, self.compressor, self.layer, self.prefixes, self.id_dropout = fm, compressor, layer, prefixes, id_dropout
+        self.fm, self.compressor, self.layers, self.prefixes, self.id_dropout = fm, compressor, layers, prefixes, id_dropout
 
     def forward(self, batch: dict[str, torch.Tensor], label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and self.id_dropout:
             batch = {**batch, **{k: batch[k].masked_fill(torch.rand(label.shape) < self.id_dropout, -1) for k in ("user_id", "item_id")}}
         logit, acts = self.fm(batch)
         task = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
-        target = acts[self.layer].detach()  # stop-gradient into the FM
+        target = plugin.extract(acts, self.layers).detach()  # stop-gradient into the FM
         return task, self.compressor.reconstruction_loss(target, self.prefixes)
 
 
@@ -191,8 +192,10 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     torch.manual_seed(cfg.world.seed)
     arrays, _ = build_inputs(paths, cfg)
     shapes = _shapes(cfg, Vocab.load(paths), arrays["intent"].shape[1])
-    fm, compressor = _build(shapes)
-    objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.extract_layer, cfg.fm.matryoshka_dims, cfg.fm.id_dropout)
+    fm = plugin.build(cfg.fm.model, shapes)
+    width = plugin.activation_width(fm, _batch(arrays, np.arange(min(8, len(arrays["day"])))), cfg.fm.model, cfg.fm.layers)
+    compressor = Compressor(width, shapes.code_dim)
+    objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.layers, cfg.fm.matryoshka_dims, cfg.fm.id_dropout)
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)
@@ -208,6 +211,8 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             "fm": fm.state_dict(),
             "compressor": compressor.state_dict(),
             "shapes": asdict(shapes),
+            "model": cfg.fm.model,
+            "layers": list(cfg.fm.layers),
             "trained_until_us": _start_us(cfg) + index * US_PER_DAY,
             "known_users": known_users.copy(),
             "known_items": known_items.copy(),
@@ -262,7 +267,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     return summary
 
 
-def _validation_logloss(fm: FoundationModel, arrays: dict[str, np.ndarray], rows: np.ndarray) -> float:
+def _validation_logloss(fm: torch.nn.Module, arrays: dict[str, np.ndarray], rows: np.ndarray) -> float:
     """Task log loss of the FM on events `rows` (every id read as it is: they were trained on or not)."""
     fm.eval()
     with torch.no_grad():
@@ -290,16 +295,21 @@ def _mean_over_ranks(values: list[float], world_size: int) -> list[float]:
     return (t / world_size).tolist()
 
 
-def _load(paths: RunPaths, index: int) -> tuple[FoundationModel, Compressor, int, np.ndarray, np.ndarray]:
-    """Checkpoint `index` -> FM, compressor, trained-until (unix µs), known users and items [bool]."""
+def _load(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tuple[str, ...], int, np.ndarray, np.ndarray]:
+    """Checkpoint `index` -> FM (the fm.model it was trained with), compressor, extracted
+    layers, trained-until (unix µs), known users and items [bool]."""
     path = checkpoint_path(paths, index)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `loopfm fm train` first")
     state = torch.load(path, weights_only=False)
-    fm, compressor = _build(FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])}))
+    shapes = FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])})
+    fm = plugin.build(state.get("model", DEFAULT_FM_MODEL), shapes)
     fm.load_state_dict(state["fm"])
+    width, code_dim = state["compressor"]["encoder.weight"].shape[::-1]
+    compressor = Compressor(width, code_dim)
     compressor.load_state_dict(state["compressor"])
-    return fm.eval(), compressor.eval(), int(state["trained_until_us"]), state["known_users"], state["known_items"]
+    layers = tuple(state.get("layers", [shapes.extract_layer]))  # checkpoints before fm.model: one layer
+    return fm.eval(), compressor.eval(), layers, int(state["trained_until_us"]), state["known_users"], state["known_items"]
 
 
 def log_events(
@@ -320,7 +330,7 @@ def log_events(
         index = cfg.fm.warmup_days if frozen else int(np.clip(d, cfg.fm.warmup_days, cfg.world.n_days))
         if index not in loaded:
             loaded = {index: _load(paths, index)}
-        fm, compressor, until, known_users, known_items = loaded[index]
+        fm, compressor, layers, until, known_users, known_items = loaded[index]
         if compressor.encoder.out_features < cfg.fm.code_dim:
             raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
         at = np.flatnonzero(days == d)  # positions in the output
@@ -328,7 +338,7 @@ def log_events(
             for lo in range(0, at.size, 8192):
                 out = at[lo : lo + 8192]
                 logit, acts = fm(_batch(arrays, rows[out], known_users, known_items))
-                z = compressor.encode(acts[cfg.fm.extract_layer]).numpy()[:, : cfg.fm.code_dim]
+                z = compressor.encode(plugin.extract(acts, layers)).numpy()[:, : cfg.fm.code_dim]
                 logits[out] = logit.numpy()
                 codes[out] = encode_codes(z, cfg.fm.code_format)
         trained_until[at] = until

@@ -125,6 +125,16 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
     print(f"logged {len(log)} events to {RunPaths(args.run_dir).fm_log}")
 
 
+def cmd_fm_import_log(args: argparse.Namespace) -> None:
+    from loopfm.fm.imported import import_embedding_log
+    from loopfm.io import RunPaths
+
+    summary = import_embedding_log(RunPaths(args.run_dir), RunConfig.load(args.run_dir), args.embeddings)
+    print(f"imported {summary['rows']} embeddings of width {summary['width']} as {summary['code']} codes; compressor "
+          f"fitted on the {summary['compressor_rows']} available before {summary['vm_window_start']}; "
+          f"KD label: {summary['kd_label']}; log in {RunPaths(args.run_dir).fm_log}")  # fmt: skip
+
+
 def cmd_features_build(args: argparse.Namespace) -> None:
     from loopfm.features.build import build_feature_tables
     from loopfm.io import RunPaths
@@ -286,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=("frozen", "rolling"))
     p.add_argument("--delay-s", type=int, help="logging delay: available_at = event time + delay")
     p.add_argument("--engine", choices=ENGINES, default="local", help=ENGINE_HELP)
+    p = command(fm, "import-log", cmd_fm_import_log, "an embedding log from another FM -> compressor -> the embedding log")
+    p.add_argument("--embeddings", type=Path, required=True, metavar="FILE",
+                   help="parquet: impression_id, embedding (list of float32), optional fm_logit and available_at")  # fmt: skip
 
     feats = sub.add_parser("features", help="structuring and Feast").add_subparsers(dest="cmd", required=True)
     p = command(feats, "build", cmd_features_build, "write Feast sources and entity frames")
@@ -362,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock).
 # serve, loadtest and bench only read it (and write their own logs and reports).
-WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_features_build, cmd_features_apply,
-           cmd_vm_train, cmd_vm_export, cmd_ingest, cmd_demo)  # fmt: skip
+WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_fm_import_log, cmd_features_build,
+           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_ingest, cmd_demo)  # fmt: skip
 
 
 class Stopped(KeyboardInterrupt):
