@@ -40,9 +40,10 @@ def _untrained_model(paths: RunPaths, encoder: str):
     return model, spec
 
 
-def _scores(graph: bytes, inputs: dict[str, np.ndarray], optimization=NO_OPTIMISATION) -> np.ndarray:
+def _scores(graph: bytes, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX Runtime's scores for `graph` as it is, no optimisation at load."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = optimization
+    options.graph_optimization_level = NO_OPTIMISATION
     return ort.InferenceSession(graph, options).run(None, inputs)[0]
 
 
