@@ -33,7 +33,7 @@ class Variant:
 _VARIANTS = (Variant("base", False, False), Variant("kd", False, True), Variant("loopfm", True, False),
              Variant("loopfm_kd", True, True))  # fmt: skip
 VARIANTS = tuple(v.name for v in _VARIANTS)  # names, in the results table's order
-ENCODERS = ("sum", "mean", "dot", "din")  # how a VM pools a history (loopfm/vm/model.py)
+ENCODERS = ("sum", "mean", "dot", "dot_mlp", "din")  # how a VM pools a history (loopfm/vm/model.py)
 
 
 def variant_named(name: str) -> Variant:
@@ -105,7 +105,7 @@ class VMConfig:
     history_length: int = 50
     embedding_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
-    encoder: str = "din"  # sum | mean | dot | din
+    encoder: str = "din"  # sum | mean | dot | dot_mlp | din (loopfm/vm/model.py)
     epochs: int = 30  # the most; early stopping on validation log loss picks the epoch kept
     patience: int = 3  # epochs without a better validation log loss before stopping
     validation_fraction: float = 0.1  # the newest share of the training window, by event time
@@ -141,6 +141,7 @@ class RunConfig:
             (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),
             (0 <= fm.id_dropout < 1 and fm.weight_decay >= 0, "fm.id_dropout must lie in [0, 1) and fm.weight_decay be >= 0"),
+            (vm.encoder in ENCODERS, f"vm.encoder must be one of {ENCODERS}"),
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
             (all(fm.layers), "fm.extract_layer must name a layer, or several comma-separated"),
             (":" in fm.model, f"fm.model must be package.module:factory, e.g. {DEFAULT_FM_MODEL}"),

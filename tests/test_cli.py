@@ -44,6 +44,13 @@ def test_an_odd_code_dim_is_refused_naming_the_rule(tmp_path):
     assert r.returncode == 2 and "fm.code_dim must be a positive even number" in r.stderr
 
 
+def test_an_unknown_encoder_is_refused_before_anything_trains_naming_the_valid_ones(tmp_path):
+    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "vm.encoder=transformer", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "vm.encoder must be one of" in r.stderr and "dot_mlp" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     """Every writing command takes the run directory's lock (loopfm.io.run_dir_lock); the
     holder here is this test, as an ingest or a build would be."""

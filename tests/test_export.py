@@ -1,16 +1,50 @@
 """ONNX export: ONNX Runtime agrees with PyTorch, and a request's history is passed once."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from loopfm.config import ENCODERS
 from loopfm.contract.names import FM_HISTORY_FEATURE, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.features.store import historical_features
 from loopfm.io import RunPaths, read_parquet
-from loopfm.vm.export import PARITY_TOLERANCE, parity_check
+from loopfm.vm.export import OPTIMIZED_GRAPH, PARITY_TOLERANCE, onnx_bytes, optimized_graph, parity_check
 from loopfm.vm.train import frame_tensors, load_variant
+
+NO_OPTIMISATION = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def _eval_inputs(paths: RunPaths, store, spec, rows: int | None = None) -> dict[str, np.ndarray]:
+    entities = read_parquet(paths.features / "vm_eval_entities.parquet")
+    frame = historical_features(store, entities if rows is None else entities.head(rows), "vm_loopfm_kd")
+    return frame_tensors(frame, spec)
+
+
+def _untrained_model(paths: RunPaths, encoder: str):
+    """loopfm_kd's shapes with `encoder`, parameters drawn from N(0, 0.2²) and the attention
+    scorers' from N(0, 1): scores spread out and attention far from uniform, so a graph that
+    dropped a term would score differently."""
+    import torch
+
+    from loopfm.vm.model import VerticalModel
+
+    trained, spec = load_variant(paths, "loopfm_kd")
+    torch.manual_seed(0)
+    model = VerticalModel(replace(trained.shapes, encoder=encoder)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 1.0 if "attention" in name else 0.2)
+    return model, spec
+
+
+def _scores(graph: bytes, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX Runtime's scores for `graph` as it is, no optimisation at load."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = NO_OPTIMISATION
+    return ort.InferenceSession(graph, options).run(None, inputs)[0]
 
 
 def test_onnx_matches_pytorch_on_at_least_1000_real_rows(trained_run, store):
@@ -75,28 +109,77 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
         assert served.scores == pytest.approx(expected.tolist(), abs=1e-7), (user, item)
 
 
-def test_recency_weights_reach_the_onnx_graph_and_the_server_s_scores(trained_run, store):
-    """A VM that learned to ignore all but the newest history positions scores, through ONNX
-    Runtime (what the server runs), exactly as in PyTorch, and differently from the same VM
-    with flat recency weights."""
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("candidates", [1, 1000])
+def test_every_encoder_exports_with_parity_for_one_user_and_1_or_1000_candidates(trained_run, store, encoder, candidates):
+    """The serving layout: one user (a full FM history) scored against many candidates in one
+    call; ONNX Runtime, on the traced and on the export-optimised graph, agrees with PyTorch."""
     import torch
 
-    from loopfm.vm.export import onnx_bytes
+    paths = RunPaths(trained_run)
+    model, spec = _untrained_model(paths, encoder)
+    rows = _eval_inputs(paths, store, spec, rows=300)
+    user = int(rows["fm_mask"].sum(1).argmax())
+    assert rows["fm_mask"][user].all()
+    request = {k: rows[k][user : user + 1] for k in ("user_context", "vm_history", "fm_codes", "fm_mask")}
+    request |= {"candidates": np.resize(rows["candidates"], (candidates, rows["candidates"].shape[1])),
+                "candidate_user": np.zeros(candidates, dtype=np.int64)}  # fmt: skip
+    graph = onnx_bytes(model, rows)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(**{k: torch.from_numpy(v) for k, v in request.items()})[0]).numpy()
+    for scores in (_scores(graph, request), _scores(optimized_graph(graph), request)):
+        assert scores.shape == (candidates,)
+        np.testing.assert_allclose(scores, expected, atol=PARITY_TOLERANCE)
+    if candidates > 1:
+        assert np.ptp(expected) > 1e-3  # candidates score differently: the comparison has something to compare
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_encoder_s_recency_weights_are_in_the_onnx_graph(trained_run, store, encoder):
+    """Dropping all but the two newest positions by recency changes ONNX Runtime's scores, and
+    they still equal PyTorch's: the learned weights travel inside the graph."""
+    import torch
 
     paths = RunPaths(trained_run)
-    model, spec = load_variant(paths, "loopfm_kd")
-    rows = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet").head(300), "vm_loopfm_kd")
-    tensors = frame_tensors(rows, spec)
-    names = json.loads((paths.vm / "loopfm_kd" / "onnx" / "model.json").read_text())["inputs"]
-    inputs = {n: tensors[n] for n in names}
+    model, spec = _untrained_model(paths, encoder)
+    inputs = _eval_inputs(paths, store, spec, rows=300)
+    flat = _scores(onnx_bytes(model, inputs), inputs)
+    with torch.no_grad():
+        model.own_recency[:-2] = -60.0
+        model.fm_recency[:-2] = -60.0
+    newest_only = onnx_bytes(model, inputs)
+    assert parity_check(model, newest_only, inputs)["max_abs_diff"] <= PARITY_TOLERANCE
+    assert np.abs(_scores(newest_only, inputs) - flat).max() > 1e-4
 
-    def onnx_scores(recency: float) -> np.ndarray:
-        with torch.no_grad():
-            model.own_recency[:-2] = recency
-            model.fm_recency[:-2] = recency
-        session = ort.InferenceSession(onnx_bytes(model, inputs))
-        return session.run(None, inputs)[0]
 
-    newest_only = onnx_scores(-60.0)
-    assert parity_check(model, onnx_bytes(model, inputs), inputs)["max_abs_diff"] <= PARITY_TOLERANCE
-    assert np.abs(newest_only - onnx_scores(0.0)).max() > 1e-4
+def test_the_export_ships_an_optimised_graph_that_scores_like_the_traced_one(trained_run, store):
+    """`loopfm vm export` saves ONNX Runtime's optimised graph beside model.onnx; on every eval
+    row, both loaded without further optimisation, the two give the same scores."""
+    import onnx
+
+    paths = RunPaths(trained_run)
+    onnx_dir = paths.vm / "loopfm_kd" / "onnx"
+    meta = json.loads((onnx_dir / "model.json").read_text())
+    assert meta["optimized_graph"]["file"] == OPTIMIZED_GRAPH and meta["optimized_graph"]["level"] == "extended"
+    assert meta["optimized_graph"]["parity"]["max_abs_diff"] <= PARITY_TOLERANCE
+    traced, optimized = (onnx_dir / "model.onnx").read_bytes(), (onnx_dir / OPTIMIZED_GRAPH).read_bytes()
+    assert len(onnx.load_from_string(optimized).graph.node) < len(onnx.load_from_string(traced).graph.node)
+    inputs = {n: v for n, v in _eval_inputs(paths, store, load_variant(paths, "loopfm_kd")[1]).items() if n in meta["inputs"]}
+    assert len(inputs["candidates"]) >= 1000
+    np.testing.assert_allclose(_scores(optimized, inputs), _scores(traced, inputs), atol=PARITY_TOLERANCE)
+
+
+def test_the_server_loads_the_optimised_graph_without_optimising_it_again(trained_run, tmp_path):
+    import shutil
+
+    from serving.models import ModelRefused, ModelRegistry
+    from serving.scorer import Scorer
+
+    onnx_dir = tmp_path / "model"
+    shutil.copytree(RunPaths(trained_run).vm / "loopfm_kd" / "onnx", onnx_dir)
+    scorer = Scorer(onnx_dir)
+    assert scorer.session.get_session_options().graph_optimization_level == NO_OPTIMISATION
+    assert scorer.large_session.get_session_options().graph_optimization_level == NO_OPTIMISATION
+    (onnx_dir / OPTIMIZED_GRAPH).unlink()
+    with pytest.raises(ModelRefused, match=OPTIMIZED_GRAPH):
+        ModelRegistry({"default": onnx_dir}, Scorer)

@@ -30,17 +30,22 @@ ADMIN = {"Authorization": "Bearer admin-s3cret"}
 BODY = {"user_id": 3, "candidate_item_ids": [801, 802, 850], "context": {"hour": 9}}
 
 
+def served_graph(model_dir: Path) -> Path:
+    """The graph file the server loads: the export's optimised graph that model.json names."""
+    return model_dir / json.loads((model_dir / "model.json").read_text())["optimized_graph"]["file"]
+
+
 def halved_copy(src: Path, dst: Path) -> str:
-    """A genuinely different model with the same inputs: the exported graph with its score
+    """A genuinely different model with the same inputs: the served graph with its score
     multiplied by 0.5, under a new version."""
     shutil.copytree(src, dst)
-    model = onnx.load(dst / "model.onnx")
+    model = onnx.load(served_graph(dst))
     out = model.graph.output[0].name
     for node in model.graph.node:
         node.output[:] = [f"{out}_full" if o == out else o for o in node.output]
     model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
     model.graph.node.append(helper.make_node("Mul", [f"{out}_full", "half"], [out]))
-    onnx.save(model, dst / "model.onnx")
+    onnx.save(model, served_graph(dst))
     meta = json.loads((dst / "model.json").read_text())
     meta["model_version"] += "-halved"
     (dst / "model.json").write_text(json.dumps(meta))
@@ -61,12 +66,12 @@ def versions(trained_run: Path, tmp_path: Path) -> dict[str, Path]:
     v1 = tmp_path / "v1"
     shutil.copytree(exports / "loopfm_kd" / "onnx", v1)
     halved_copy(v1, tmp_path / "v2")
-    mixed = tmp_path / "mixed"  # model.json of one export, model.onnx of another
+    mixed = tmp_path / "mixed"  # model.json of one export, the graph of another
     shutil.copytree(v1, mixed)
-    shutil.copy(exports / "base" / "onnx" / "model.onnx", mixed / "model.onnx")
+    shutil.copy(served_graph(exports / "base" / "onnx"), served_graph(mixed))
     garbage = tmp_path / "garbage"
     shutil.copytree(v1, garbage)
-    (garbage / "model.onnx").write_bytes(b"not an onnx graph")
+    served_graph(garbage).write_bytes(b"not an onnx graph")
     link = tmp_path / "current"
     link.symlink_to(v1)
     return {"v1": v1, "v2": tmp_path / "v2", "mixed": mixed, "garbage": garbage,

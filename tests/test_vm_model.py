@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loopfm.config import ENCODERS
-from loopfm.vm.model import VerticalModel, VMShapes, masked_pool, DinScorer
+from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
 
 def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
@@ -40,7 +40,7 @@ def test_one_user_row_per_request_scores_like_one_user_row_per_candidate(encoder
 def test_an_all_padding_history_pools_to_zero(encoder):
     keys, query = torch.randn(2, 5, 8), torch.randn(3, 8)
     mask = torch.tensor([[0.0] * 5, [1.0] * 5])
-    pooled = masked_pool(keys, mask, query, torch.tensor([0, 1, 0]), encoder, DinScorer(8) if encoder == "din" else None)
+    pooled = masked_pool(keys, mask, query, torch.tensor([0, 1, 0]), encoder, attention_scorer(encoder, 8))
     assert pooled.shape == (3, 8)
     assert torch.all(pooled[[0, 2]] == 0) and torch.any(pooled[1] != 0)
 
@@ -48,10 +48,10 @@ def test_an_all_padding_history_pools_to_zero(encoder):
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_recency_weights_can_drop_old_positions_so_a_longer_history_pools_like_a_shorter_one(encoder):
     keys, query, users = torch.randn(2, 6, 8), torch.randn(3, 8), torch.tensor([0, 1, 0])
-    din = DinScorer(8) if encoder == "din" else None
+    scorer = attention_scorer(encoder, 8)
     mask = torch.ones(2, 6)
     drop_oldest_four = torch.tensor([-60.0] * 4 + [0.0] * 2)
-    long = masked_pool(keys, mask, query, users, encoder, din, drop_oldest_four)
-    short = masked_pool(keys[:, 4:], mask[:, 4:], query, users, encoder, din, torch.zeros(2))
+    long = masked_pool(keys, mask, query, users, encoder, scorer, drop_oldest_four)
+    short = masked_pool(keys[:, 4:], mask[:, 4:], query, users, encoder, scorer, torch.zeros(2))
     torch.testing.assert_close(long, short)
-    assert not torch.allclose(masked_pool(keys, mask, query, users, encoder, din), short)  # without recency it differs
+    assert not torch.allclose(masked_pool(keys, mask, query, users, encoder, scorer), short)  # without recency it differs

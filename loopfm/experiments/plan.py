@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from loopfm.config import ENCODERS, VARIANTS
+from loopfm.config import ENCODERS, VARIANTS, VMConfig
 
 Overrides = tuple[tuple[str, object], ...]
 
@@ -122,7 +122,8 @@ def build_experiments(names: tuple[str, ...], base_length: int) -> list[Experime
         ]  # fmt: skip
         out.append(Experiment("length", "Sequence length L (own and FM history)", pts, _gain_claims(pts)))
     if "encoder" in names:
-        pts = [Point(e, e, _kd_pair(MAIN, () if e == "din" else (("vm.encoder", e),), latency=True)) for e in ENCODERS]
+        default = VMConfig().encoder  # its cells are the main table's
+        pts = [Point(e, e, _kd_pair(MAIN, () if e == default else (("vm.encoder", e),), latency=True)) for e in ENCODERS]
         out.append(Experiment("encoder", "Sequence encoder: quality and ONNX latency", pts, _gain_claims(pts)))
     if "compression" in names:
         pts = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,11 @@ from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 
 PARITY_TOLERANCE = 1e-5
+OPTIMIZED_GRAPH = "model.optimized.onnx"
+# EXTENDED, not ALL: ALL adds layout optimisations, and ONNX Runtime's docs ("Graph
+# Optimizations", online/offline mode) say a graph saved with them runs only on CPUs compatible
+# with the one that saved it. EXTENDED's fusions run on any CPU execution provider.
+EXPORT_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
 def _feature_refs(store, service: str) -> dict[str, dict[str, list[str]]]:
@@ -50,9 +56,13 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
     eval_df = historical_features(store, read_parquet(paths.features / "vm_eval_entities.parquet"), service)
     tensors = frame_tensors(eval_df, spec)
     blob = onnx_bytes(model, tensors)
-    parity = parity_check(model, blob, {n: tensors[n] for n in names})
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}: {parity}")
+    optimized = optimized_graph(blob)
+    inputs = {n: tensors[n] for n in names}
+    parity = parity_check(model, blob, inputs)
+    optimized_parity = parity_check(model, optimized, inputs, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for graph, check in (("model.onnx", parity), (OPTIMIZED_GRAPH, optimized_parity)):
+        if check["max_abs_diff"] > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}'s {graph}: {check}")
     meta = {
         "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
         "variant": variant,
@@ -64,8 +74,12 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
         "inputs": names,
         "spec": asdict(spec),
         "parity": parity,
+        # what the server loads, with graph optimisation disabled (serving/scorer.py)
+        "optimized_graph": {"file": OPTIMIZED_GRAPH, "level": "extended", "onnxruntime": ort.__version__,
+                            "parity": optimized_parity},  # fmt: skip
     }
     atomic_write(out_dir / "model.onnx", lambda tmp: tmp.write_bytes(blob))
+    atomic_write(out_dir / OPTIMIZED_GRAPH, lambda tmp: tmp.write_bytes(optimized))
     write_text(out_dir / "model.json", json.dumps(meta, indent=2))
     return meta
 
@@ -87,9 +101,28 @@ def onnx_bytes(model: VerticalModel, tensors: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def parity_check(model, onnx_blob: bytes, tensors: dict[str, np.ndarray]) -> dict:
-    """Max |ONNX - PyTorch| on every row in the training layout (one user per candidate)."""
-    session = ort.InferenceSession(onnx_blob, providers=["CPUExecutionProvider"])
+def optimized_graph(graph: bytes) -> bytes:
+    """`graph` after ONNX Runtime's EXPORT_OPTIMIZATION (constant folding, node eliminations and
+    fusions), as ONNX bytes: ORT's offline mode (`SessionOptions.optimized_model_filepath`), so a
+    server can load it with optimisation disabled. The bytes hold ORT's own operators (domain
+    com.microsoft, e.g. FusedMatMul): ONNX Runtime runs them, other ONNX runtimes may not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = EXPORT_OPTIMIZATION
+        options.optimized_model_filepath = str(Path(tmp) / OPTIMIZED_GRAPH)
+        ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        return (Path(tmp) / OPTIMIZED_GRAPH).read_bytes()
+
+
+def parity_check(
+    model, onnx_blob: bytes, tensors: dict[str, np.ndarray],
+    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> dict:  # fmt: skip
+    """Max |ONNX - PyTorch| on every row in the training layout (one user per candidate), with
+    ONNX Runtime optimising the graph at `optimization` when it loads it."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = optimization
+    session = ort.InferenceSession(onnx_blob, options, providers=["CPUExecutionProvider"])
     onnx_scores = session.run(None, tensors)[0]
     with torch.no_grad():
         torch_scores = ServingHead(model)(**{k: torch.from_numpy(v) for k, v in tensors.items()}).numpy()

@@ -61,28 +61,59 @@ class DinScorer(nn.Module):
         return self.out(torch.relu(per_user + per_pair + self.query(query).unsqueeze(1))).squeeze(-1)
 
 
+class DotMlpScorer(nn.Module):
+    """Target attention whose only per-(candidate, position) work is one dot product: DIN's
+    per-pair MLP (Zhou et al. 2018) moved to the two sides. A per-user MLP maps each history
+    item to a key (once per user and position), a per-candidate MLP maps the candidate's query
+    to a query (once per candidate); the logit is their scaled dot product q·k / sqrt(d)
+    (Vaswani et al. 2017). The pooled values are the history items themselves: a linear value
+    projection would only repeat the VM's first MLP layer, which already reads the pooled vector.
+    Per candidate this costs L·d multiply-adds where DIN's split scorer costs about L·e·hidden."""
+
+    def __init__(self, e: int, d: int = 8, hidden: int = 16):
+        super().__init__()
+        self.key = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        self.query = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        self.scale = d**-0.5
+
+    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor) -> torch.Tensor:
+        """keys [U, L, e], query [C, e] -> attention logits [C, L]."""
+        k = self.key(keys)  # [U, L, d], once per user
+        q = self.query(query) * self.scale  # [C, d], once per candidate
+        return torch.bmm(k[candidate_user], q.unsqueeze(-1)).squeeze(-1)
+
+
+def attention_scorer(encoder: str, e: int) -> nn.Module | None:
+    """The learned attention-logit module of an encoder over e-dim items (None for sum, mean, dot)."""
+    return DinScorer(e) if encoder == "din" else DotMlpScorer(e) if encoder == "dot_mlp" else None
+
+
 def masked_pool(
     keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor,
-    encoder: str, din: DinScorer | None, recency: torch.Tensor | None = None,
+    encoder: str, scorer: nn.Module | None, recency: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Pool each candidate's user history keys [U, L, h] under mask [U, L] (1 = present) with
     target query [C, h] -> [C, h]. An all-padding history pools to zeros for every encoder.
+    `scorer`: the encoder's `attention_scorer` (din, dot_mlp), None otherwise.
 
     recency [L]: a learned log-weight per position (histories are right-aligned, position
     L - 1 the newest), added to every encoder's weights in its own terms: a factor exp(r) for
-    sum and mean, a logit offset for dot and din. At r = 0 each encoder is the plain one; a very
-    negative r drops a position, so a longer history can always be weighted like a shorter one."""
+    sum and mean, a logit offset for dot, dot_mlp and din. At r = 0 each encoder is the plain one;
+    a very negative r drops a position, so a longer history can always be weighted like a shorter one."""
     mask = mask[candidate_user]  # [C, L]
     r = torch.zeros(keys.shape[1]) if recency is None else recency  # [L]
     if encoder in ("sum", "mean"):
         weights = mask * torch.exp(r)
         pooled = torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
         return pooled / weights.sum(1, keepdim=True).clamp(min=1e-6) if encoder == "mean" else pooled
-    if encoder == "dot":  # scaled dot-product target attention, softmax over present positions
-        scores = torch.bmm(keys[candidate_user], query.unsqueeze(-1)).squeeze(-1) / keys.shape[-1] ** 0.5 + r
-        weights = torch.softmax(scores.masked_fill(mask == 0, -1e9), dim=1) * mask
+    if encoder in ("dot", "dot_mlp"):  # scaled dot-product target attention, softmax over present positions
+        if encoder == "dot":
+            scores = torch.bmm(keys[candidate_user], query.unsqueeze(-1)).squeeze(-1) / keys.shape[-1] ** 0.5
+        else:
+            scores = scorer(keys, query, candidate_user)
+        weights = torch.softmax((scores + r).masked_fill(mask == 0, -1e9), dim=1) * mask
     else:  # din: un-normalised (sigmoid) weights, as in DIN
-        weights = torch.sigmoid(din(keys, query, candidate_user) + r) * mask
+        weights = torch.sigmoid(scorer(keys, query, candidate_user) + r) * mask
     return torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
 
 
@@ -98,10 +129,10 @@ class VerticalModel(nn.Module):
         cand_width = e * len(s.candidate_vocab)
         self.target = nn.Linear(cand_width, e)  # candidate -> query for the history encoders
         width = e * len(s.user_context_vocab) + cand_width + e  # + own-history pooling
-        self.own_din = DinScorer(e) if s.encoder == "din" else None
+        self.own_attention = attention_scorer(s.encoder, e)
         self.own_recency = nn.Parameter(torch.zeros(s.history_length))  # per-position log-weights, see masked_pool
         self.fm_recency = nn.Parameter(torch.zeros(s.history_length)) if s.use_fm_history else None
-        self.fm_din = DinScorer(e) if s.encoder == "din" and s.use_fm_history else None
+        self.fm_attention = attention_scorer(s.encoder, e) if s.use_fm_history else None
         if s.use_fm_history:
             self.code_proj = nn.Linear(s.code_dim, e)
             width += e
@@ -152,10 +183,10 @@ class VerticalModel(nn.Module):
         own = self.candidate[0](vm_history)  # [U, L, e] item-id embeddings shared with candidates
         own_mask = (vm_history > 0).float()
         parts = [ctx[candidate_user], cand]
-        parts.append(masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_din, self.own_recency))
+        parts.append(masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_attention, self.own_recency))
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
-            parts.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_din, self.fm_recency))
+            parts.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_attention, self.fm_recency))
         x = self.mlp(torch.cat(parts, dim=1))
         wide = sum(b(candidates[:, i]) for i, b in enumerate(self.candidate_bias))  # [C, 1]
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
