@@ -35,6 +35,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag and the value otherwise)."""
+    value = int(text)  # argparse reports its ValueError as "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1")
+    return value
+
+
 def _redis_url(args: argparse.Namespace) -> str:
     url = args.redis_url or os.environ.get("REDIS_URL")
     if not url:
@@ -161,8 +169,10 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from loopfm.pipeline.stages import running_server
 
-    with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
-        print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C or SIGTERM stops",
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    with running_server(args.run_dir, args.variant, None, redis_url, args.port, args.workers) as url:
+        print(f"serving {args.variant} at {url} with {args.workers} worker(s)  (POST /score, GET /readyz, GET /metrics); "
+              "Ctrl-C or SIGTERM stops",
               flush=True)  # fmt: skip
         while True:
             signal.pause()  # until SIGINT or SIGTERM raises Stopped (see main)
@@ -303,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url")
+    p.add_argument("--workers", type=positive_int, default=os.environ.get("LOOPFM_WORKERS", "1"),
+                   help="worker processes sharing the port, one per core (default: $LOOPFM_WORKERS or 1)")
 
     p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
     p.add_argument("--url", help="a running server on loopback; default: start one for the run")
