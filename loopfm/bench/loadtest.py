@@ -362,10 +362,12 @@ def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/s
     return report, records
 
 
-def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0) -> None:
-    """Two seconds at the rate about to be measured, then a pause for any backlog to drain."""
-    run_load(url, LoadSpec(rate=rate, duration_s=2.0, candidates=candidates, seed=99), pool, path)
-    time.sleep(1.0)
+def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0,
+            seconds: float = 2.0) -> None:
+    """`seconds` at the rate about to be measured, then half as long (at most 1 s) for any
+    backlog to drain."""
+    run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=99), pool, path)
+    time.sleep(min(1.0, seconds / 2))
 
 
 def sweep(url: str, base: LoadSpec, pool: RequestPool, rates: list[float], p99_bound_ms: float, log=print) -> dict:

@@ -43,6 +43,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not > 0")
+    return value
+
+
 def _redis_url(args: argparse.Namespace) -> str:
     url = args.redis_url or os.environ.get("REDIS_URL")
     if not url:
@@ -213,7 +221,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving import markdown, run_serving_bench
     from loopfm.io import write_text
 
-    summary = run_serving_bench(args.run_dir, args.variant, args.out)
+    summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration)
     write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
 
@@ -337,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
-    p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")
+    p = command(bench, "serving", cmd_bench_serving, "open loop, /healthz floor, capacity, wrk; 1 and 2 workers, pinned cores")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
+    p.add_argument("--duration", type=positive_float, default=30.0,
+                   help="seconds per open-loop point (a third of it per /healthz, sweep, wrk and four-path point); ~10 min at 30")
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")
