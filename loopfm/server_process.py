@@ -45,10 +45,11 @@ def start_server(
     env: dict[str, str] | None = None,
     python: str = sys.executable,
     workers: int = 1,
+    ready_within_s: float = 60.0,
 ) -> tuple[subprocess.Popen, str]:
     """Start uvicorn (of `python`'s install) with `workers` processes sharing a free loopback
     port (the app reads the same count as LOOPFM_WORKERS) and wait until `wait_for` answers
-    200 (from one worker: the others may still be starting)."""
+    200 (from one worker: the others may still be starting) within `ready_within_s`."""
     port = port or free_port()
     env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url,
            **(env or {}), "LOOPFM_WORKERS": str(workers)}  # fmt: skip
@@ -57,7 +58,7 @@ def start_server(
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within_s
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -68,7 +69,7 @@ def start_server(
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+        raise RuntimeError(f"server's {wait_for} not 200 within {ready_within_s:g} s; see {log_path}")
     except BaseException:  # not ready, or a stop signal while waiting: leave no server behind
         stop_server(proc)
         raise

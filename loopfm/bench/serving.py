@@ -180,8 +180,9 @@ def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: Req
     from serving.scorer import Scorer
 
     with pinned(cores["server"]):
+        # Its start imports the Feast SDK and torch on one core: minutes on a loaded machine.
         sdk_proc, sdk = start_server(model_dir, url, logs / "feast_sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
-                                     env={"LOOPFM_RUN_DIR": str(run_dir.resolve())})  # fmt: skip
+                                     env={"LOOPFM_RUN_DIR": str(run_dir.resolve())}, ready_within_s=300)  # fmt: skip
     rows: dict = {p: {} for p in PATHS}
     try:
         for c in CANDIDATES:
