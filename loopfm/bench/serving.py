@@ -50,6 +50,7 @@ CAPACITY_P99_MS = 5.0
 CANDIDATES = (10, 100, 1000)  # the feast_sdk table
 PATHS = ("loopfm", "feast_sdk", "floor", "noop")
 TABLE_RATE = {10: 20.0, 100: 20.0, 1000: 5.0}  # low, so (a), (c), (d) show service time, not queueing
+SCRAPE_TIMEOUT_S = 30.0  # a scrape waits behind whatever backlog the last point left
 
 
 def request_pool(run_dir: Path) -> RequestPool:
@@ -206,7 +207,7 @@ def _wait_for_workers(url: str, workers: int, within_s: float = 60.0) -> None:
     while len(seen) < workers:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered /readyz within {within_s:.0f} s")
-        response = httpx.get(f"{url}/readyz")
+        response = httpx.get(f"{url}/readyz", timeout=SCRAPE_TIMEOUT_S)
         if response.status_code == 200:
             seen.add(response.json()["worker"])
         time.sleep(0.02)
@@ -222,7 +223,7 @@ def server_histogram(url: str, workers: int, path: str = "/score", within_s: flo
     deadline = time.monotonic() + within_s
     while len(per_worker) < workers and time.monotonic() < deadline:
         worker, buckets = None, {}
-        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text):
             for sample in family.samples:
                 if sample.name == "loopfm_worker_info":
                     worker = sample.labels["worker"]
@@ -301,7 +302,7 @@ def _model_description(model_dir: Path) -> str:
 
 
 def _cache_hit_ratio(url: str) -> float | None:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text.splitlines():
         if line.startswith("loopfm_item_cache_hit_ratio"):
             return float(line.split()[-1])
     return None
