@@ -25,8 +25,9 @@ LIMIT_CONCURRENCY = {"UVICORN_LIMIT_CONCURRENCY": "1000"}
 
 
 def uvicorn_command(app: str, host: str, port: int, workers: int = 1, python: str = sys.executable) -> list[str]:
-    """The tuned defaults: uvloop, httptools, no access log, one worker per process; `python`
-    is the interpreter of the install to serve from (default: this one)."""
+    """The tuned defaults: uvloop, httptools, no access log, `workers` processes sharing the
+    port (one per core; uvicorn's own supervisor restarts one that dies); `python` is the
+    interpreter of the install to serve from (default: this one)."""
     return [
         python, "-m", "uvicorn", app, "--factory",
         "--host", host, "--port", str(port), "--workers", str(workers),
@@ -43,16 +44,21 @@ def start_server(
     app: str = SERVING_APP,
     env: dict[str, str] | None = None,
     python: str = sys.executable,
+    workers: int = 1,
+    ready_within_s: float = 60.0,
 ) -> tuple[subprocess.Popen, str]:
-    """Start uvicorn (of `python`'s install) on a free loopback port and wait until `wait_for`
-    answers 200."""
+    """Start uvicorn (of `python`'s install) with `workers` processes sharing a free loopback
+    port (the app reads the same count as LOOPFM_WORKERS) and wait until `wait_for` answers
+    200 (from one worker: the others may still be starting) within `ready_within_s`."""
     port = port or free_port()
-    env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **(env or {})}
+    env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url,
+           **(env or {}), "LOOPFM_WORKERS": str(workers)}  # fmt: skip
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = uvicorn_command(app, "127.0.0.1", port, workers=workers, python=python)
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(uvicorn_command(app, "127.0.0.1", port, python=python), env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within_s
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -63,7 +69,7 @@ def start_server(
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server's {wait_for} not 200 within 60 s; see {log_path}")
+        raise RuntimeError(f"server's {wait_for} not 200 within {ready_within_s:g} s; see {log_path}")
     except BaseException:  # not ready, or a stop signal while waiting: leave no server behind
         stop_server(proc)
         raise

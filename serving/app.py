@@ -5,7 +5,9 @@ with LOOPFM_MODEL_DIR (or LOOPFM_MODELS) and REDIS_URL set.
 The routes live in serving/routers/ (probes, admin, score) and take the settings, the model
 registry, the Redis client and the metrics through `Depends` (serving/dependencies.py); this
 module builds those once per app, on `app.state`, and adds the middleware. /score scores
-inline on the event loop; one worker process per core gives parallelism.
+inline on the event loop; one worker process per core gives parallelism (LOOPFM_WORKERS;
+each worker has its own models, item caches and metrics, and a model reload reaches every
+worker through serving/reloads.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from serving.item_cache import ItemCache
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.models import ModelRegistry
 from serving.redis_client import async_client
+from serving.reloads import ReloadBroadcast
 from serving.responses import invalid_request
 from serving.routers import admin, probes, score
 from serving.scorer import Scorer
@@ -47,15 +50,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.models = ModelRegistry(settings.models, load)  # a refused model stops the start-up
         app.state.redis = async_client(settings.redis_url, settings.redis_timeout_s, settings.redis_max_connections)
+        refused = app.state.metrics.errors.labels("model_refused")
+        app.state.reloads = ReloadBroadcast(settings.redis_url, settings.redis_timeout_s, app.state.models,
+                                            on_refused=lambda name, reason: refused.inc())  # fmt: skip
+        await app.state.reloads.start()
         missing = (await probes.feature_data(app.state.models, app.state.redis, settings))[1]
         if missing:
             log.warning("not ready: %s", missing)
         yield
+        await app.state.reloads.stop()
         await app.state.redis.aclose()
 
     app = FastAPI(title="loopfm", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, Metrics(item_caches)
-    app.state.models = app.state.redis = None  # until start-up
+    app.state.models = app.state.redis = app.state.reloads = None  # until start-up
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, invalid_request)

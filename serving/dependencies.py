@@ -1,5 +1,6 @@
 """What the routers take through `Depends`: the settings, the model registry, the Redis
-client and the metrics, all set on `app.state` by serving/app.py, and the key guards."""
+client, the metrics and the reload broadcast, all set on `app.state` by serving/app.py,
+and the key guards."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from serving.guards import check_admin_key, check_api_key
 from serving.metrics import Metrics
 from serving.models import ModelRegistry
 from serving.redis_client import AsyncClient
+from serving.reloads import ReloadBroadcast
 from serving.settings import Settings
 
 
@@ -32,10 +34,16 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_reloads(request: Request) -> ReloadBroadcast:
+    """This worker's reload broadcast (set at start-up)."""
+    return request.app.state.reloads
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 RedisDep = Annotated[AsyncClient, Depends(get_redis)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ReloadsDep = Annotated[ReloadBroadcast, Depends(get_reloads)]
 
 
 async def api_key(request: Request, settings: SettingsDep) -> None:

@@ -1,7 +1,9 @@
 """Prometheus metrics of the scoring server, served at /metrics.
 
-One registry per app. With several uvicorn workers each worker keeps its own counters (a
-scrape sees one worker); the default is one worker per server process.
+One registry per app. With several uvicorn workers (LOOPFM_WORKERS) each worker keeps its
+own counters: a scrape sees the worker that accepted its connection, named by
+`loopfm_worker_info{worker="host:pid"}`, so a scraper that opens new connections until it
+has seen every worker can add them up (loopfm/bench/serving.py does).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import re
 import time
 from typing import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from serving.item_cache import ItemCache
+from serving.reloads import worker_id
 
 _MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 _AGE = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
@@ -42,6 +45,7 @@ class Metrics:
         Gauge("loopfm_item_cache_items", "items in the caches", registry=r).set_function(
             lambda: sum(len(c) for c in item_caches())
         )
+        Info("loopfm_worker", "the worker process whose counters these are", registry=r).info({"worker": worker_id()})
 
     def observe(self, result, candidates: int) -> None:
         """Record one scored request (a serving.scorer.Scored)."""

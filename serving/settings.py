@@ -31,7 +31,8 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379"  # or redis+cluster://host:port (serving/redis_client.py)
     max_candidates: int = 1000
     ort_threads: int = 1  # ONNX Runtime threads for requests below large_batch candidates
-    ort_threads_large: int = 2  # ... and at or above it (docs/serving.md has the measurements)
+    ort_threads_large: int = 2  # ... and at or above it; 1 with several workers (docs/serving.md)
+    workers: int = 1  # worker processes sharing the port, one per core (uvicorn --workers; loopfm serve)
     large_batch: int = 256
     redis_timeout_s: float = 0.5  # per Redis call, and the longest wait for a free pooled connection
     redis_max_connections: int = MAX_CONNECTIONS  # a request finding all busy for redis_timeout_s gets 503
@@ -50,12 +51,15 @@ class Settings:
             models = {"default": Path(os.environ["LOOPFM_MODEL_DIR"])}
         else:
             raise RuntimeError("set LOOPFM_MODEL_DIR (one model) or LOOPFM_MODELS=name=folder,... (several)")
+        workers = _number("LOOPFM_WORKERS", int, cls.workers, 1)
         return cls(
             models=models,
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
             max_candidates=_number("LOOPFM_MAX_CANDIDATES", int, cls.max_candidates, 1, MAX_CANDIDATES),
             ort_threads=_number("LOOPFM_ORT_THREADS", int, cls.ort_threads, 1),
-            ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, cls.ort_threads_large, 1),
+            # one worker per core: a second ONNX Runtime thread would take another worker's core
+            ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, cls.ort_threads_large if workers == 1 else 1, 1),
+            workers=workers,
             large_batch=_number("LOOPFM_LARGE_BATCH", int, cls.large_batch, 1),
             redis_timeout_s=_number("LOOPFM_REDIS_TIMEOUT_S", float, cls.redis_timeout_s, 0.001),
             redis_max_connections=_number("LOOPFM_REDIS_MAX_CONNECTIONS", int, cls.redis_max_connections, 1),

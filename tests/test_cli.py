@@ -107,3 +107,17 @@ def test_atomically_written_files_get_the_umask_s_mode_not_a_private_one(tmp_pat
     finally:
         os.umask(old)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"model.json": "0o644", "model.onnx": "0o644"}
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (("serve", "--workers", "0"), "--workers"),
+        (("serve", "--workers", "two"), "--workers"),
+        (("bench", "serving", "--duration", "0"), "--duration"),
+        (("bench", "serving", "--duration", "nan"), "--duration"),
+    ],
+)
+def test_a_worker_count_or_bench_duration_out_of_range_is_refused_naming_the_flag(tmp_path, args, flag):
+    r = loopfm(*args, "--run-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr

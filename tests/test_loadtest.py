@@ -1,13 +1,16 @@
 """The load generator is open loop: a stalled server cannot hide its tail."""
 
+import contextlib
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
+import orjson
 import pytest
 
-from loopfm.bench.loadtest import LoadSpec, RequestPool, run_load, schedule
+from loopfm.bench.loadtest import LoadSpec, RequestPool, http_request, request_body, run_load, schedule
 
 STALL_S = 0.3
 
@@ -93,3 +96,44 @@ def test_errors_are_counted_by_kind_and_only_loopback_is_accepted(stalling_serve
     pool = RequestPool(known_users=np.arange(3), all_users=3, items=np.arange(10))
     with pytest.raises(ValueError, match="loopback"):
         run_load("http://10.1.2.3:8000", LoadSpec(rate=1, duration_s=1), pool)
+
+
+def test_requests_leave_on_schedule_while_none_is_answered():
+    """Open loop: a server that reads requests and never answers still receives every one at
+    its time; the client waits for no answer before sending the next."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[float] = []
+    held = []
+
+    def accept_and_read():
+        listener.settimeout(3)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                held.append(conn)
+                threading.Thread(target=read, args=(conn,), daemon=True).start()
+
+    def read(conn):
+        with contextlib.suppress(OSError):
+            while data := conn.recv(4096):
+                received.extend(time.perf_counter() for _ in range(data.count(b"GET /x")))
+
+    threading.Thread(target=accept_and_read, daemon=True).start()
+    spec = LoadSpec(rate=100, duration_s=0.5, arrival="constant", timeout_s=0.3, connections=4)
+    report, _ = run_load(f"http://127.0.0.1:{listener.getsockname()[1]}", spec, None, "/x")
+    listener.close()
+    for conn in held:
+        conn.close()
+    assert report["errors"] == {"timeout": 50} and report["sent"] == 50
+    assert len(received) == 50  # 4 connections held by unanswered requests did not hold the rest back
+    assert received[-1] - received[0] < 0.5 + 0.1  # sent over the schedule's 0.5 s, not after answers
+    assert report["client"]["send_lag_p50_ms"] is not None and 0 <= report["client"]["cpu_share"]
+
+
+def test_request_bytes_are_whole_http_requests_encoded_before_the_clock_starts():
+    body = request_body(7, [1, 2], 9)
+    assert orjson.loads(body) == {"user_id": 7, "candidate_item_ids": [1, 2], "context": {"hour": 9}}
+    post = http_request("http://127.0.0.1:8000", "/score", body)
+    assert post.startswith(b"POST /score HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n")
+    assert f"content-length: {len(body)}\r\n\r\n".encode() + body in post
+    assert http_request("http://127.0.0.1:8000", "/healthz", None) == b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\r\n"

@@ -101,21 +101,28 @@ def server(versions, video_vm, redis_url, tmp_path):
     stop_server(proc)
 
 
-def test_a_new_model_swaps_in_under_load_with_no_failed_request(server, versions, trained_run):
-    before = httpx.post(f"{server}/score", json=BODY).json()
+def swap_under_load(url: str, model: str, versions: dict[str, Path], run: Path) -> tuple[httpx.Response, dict]:
+    """Point `model`'s link at v2 and reload it 1.5 s into 4 s of open-loop load at 80 req/s;
+    return the reload's response and the load's report."""
     spec = LoadSpec(rate=80, duration_s=4.0, candidates=20, arrival="constant")
     result: dict = {}
-    load = threading.Thread(target=lambda: result.update(zip(("report", "records"), run_load(server, spec, request_pool(trained_run)))))
+    load = threading.Thread(target=lambda: result.update(report=run_load(url, spec, request_pool(run))[0]))
     load.start()
     time.sleep(1.5)
     point(versions["current"], versions["v2"])
-    swapped = httpx.post(f"{server}/admin/models/shop/reload", headers=ADMIN, timeout=30)
+    swapped = httpx.post(f"{url}/admin/models/{model}/reload", headers=ADMIN, timeout=60)
     load.join()
+    return swapped, result["report"]
+
+
+def test_a_new_model_swaps_in_under_load_with_no_failed_request(server, versions, trained_run):
+    before = httpx.post(f"{server}/score", json=BODY).json()
+    swapped, report = swap_under_load(server, "shop", versions, trained_run)
 
     assert swapped.status_code == 200, swapped.text
     assert swapped.json()["previous_version"] == before["model_version"]
     assert swapped.json()["model_version"] == before["model_version"] + "-halved"
-    report = result["report"]
+    assert swapped.json()["other_workers"] == {"workers": {}, "unconfirmed": 0}  # one worker: nobody else to wait for
     assert report["errors"] == {} and report["ok"] == report["sent"] >= 300
     after = httpx.post(f"{server}/score", json=BODY).json()
     assert after["model_version"].endswith("-halved")
@@ -188,3 +195,39 @@ def test_a_server_configured_with_a_refused_model_does_not_start(versions, redis
     with pytest.raises(RuntimeError, match="server exited"):
         start_server(versions["mixed"], redis_url, tmp_path / "refused.log")
     assert "come from different exports" in (tmp_path / "refused.log").read_text()
+
+
+def worker_versions(url: str, workers: int, model: str, within_s: float = 60.0) -> dict[str, str]:
+    """{worker: version of `model`} from /readyz, each call on a new connection (the kernel
+    hands it to one of the workers sharing the port), until `workers` workers have answered."""
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + within_s
+    while len(seen) < workers and time.monotonic() < deadline:
+        body = httpx.get(f"{url}/readyz").json()
+        seen[body["worker"]] = body["models"][model]
+        time.sleep(0.01)
+    return seen
+
+
+@pytest.fixture
+def two_workers(versions, redis_url, tmp_path):
+    env = {"LOOPFM_MODELS": f"twin={versions['current']}", "LOOPFM_ADMIN_KEY": "admin-s3cret"}
+    proc, url = start_server(versions["current"], redis_url, tmp_path / "server.log", env=env, workers=2)
+    yield url
+    stop_server(proc)
+
+
+def test_with_two_workers_a_reload_reaches_both_under_load_with_no_failed_request(two_workers, versions, trained_run):
+    before = worker_versions(two_workers, 2, "twin")
+    assert len(before) == 2 and len(set(before.values())) == 1, before
+    new_version = json.loads((versions["v2"] / "model.json").read_text())["model_version"]
+    swapped, report = swap_under_load(two_workers, "twin", versions, trained_run)
+
+    assert swapped.status_code == 200, swapped.text
+    body = swapped.json()
+    other = next(w for w in before if w != body["worker"])
+    assert body["model_version"] == new_version
+    assert body["other_workers"] == {"workers": {other: {"previous_version": before[other], "model_version": new_version}},
+                                     "unconfirmed": 0}  # fmt: skip
+    assert report["errors"] == {} and report["ok"] == report["sent"] >= 300
+    assert worker_versions(two_workers, 2, "twin") == {w: new_version for w in before}

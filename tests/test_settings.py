@@ -25,6 +25,8 @@ def test_a_malformed_model_list_is_refused_with_the_entry(spec):
         ("LOOPFM_MAX_CANDIDATES", "5000", "must be in [1, 1000]"),
         ("LOOPFM_REQUEST_TIMEOUT_S", "soon", "expected a number"),
         ("LOOPFM_ITEM_CACHE_SIZE", "-1", "must be in [0, inf]"),
+        ("LOOPFM_WORKERS", "0", "must be in [1, inf]"),
+        ("LOOPFM_WORKERS", "two", "expected an integer"),
     ],
 )
 def test_a_malformed_number_names_its_variable(monkeypatch, name, value, message):
@@ -40,3 +42,12 @@ def test_without_a_model_the_server_says_which_variables_to_set(monkeypatch):
     monkeypatch.delenv("LOOPFM_MODELS", raising=False)
     with pytest.raises(RuntimeError, match="LOOPFM_MODEL_DIR .* LOOPFM_MODELS"):
         Settings.from_env()
+
+
+def test_several_workers_each_take_one_onnx_runtime_thread_unless_told_otherwise(monkeypatch):
+    monkeypatch.setenv("LOOPFM_MODEL_DIR", "/models/shop")
+    assert Settings.from_env().workers == 1 and Settings.from_env().ort_threads_large == 2
+    monkeypatch.setenv("LOOPFM_WORKERS", "2")
+    assert Settings.from_env().workers == 2 and Settings.from_env().ort_threads_large == 1
+    monkeypatch.setenv("LOOPFM_ORT_THREADS_LARGE", "2")
+    assert Settings.from_env().ort_threads_large == 2

@@ -1,24 +1,38 @@
-"""Open-loop HTTP load generator (`loopfm loadtest`).
+"""Open-loop HTTP load generator (`loopfm loadtest`, `loopfm bench serving`).
 
 Requests leave on a fixed schedule (constant or Poisson arrivals) whether or not earlier
 ones have answered, and each latency is measured from its *scheduled* send time, so a
 server that stalls cannot hide its tail by slowing the client down (coordinated omission).
 Traffic goes to loopback only; every run is bounded by a request count and a duration.
+
+The client is built to cost little, because on a small machine its own time shows up in
+every latency it reports: one process, one epoll loop over non-blocking sockets (no asyncio,
+no HTTP library), every request's bytes (request line, headers, body) encoded before the
+clock starts, a pool of pre-opened HTTP/1.1 keep-alive connections taken in turn (FIFO, so
+load spreads over the connections and with them over a server's worker processes), a
+response parser that reads the status line and Content-Length only, and a Linux timerfd
+that wakes the loop at each send time to the microsecond without spinning (epoll's own
+time-out has whole milliseconds). What it still costs is reported, not assumed: each report
+gives the client's CPU time and how late it sent (`send_lag`), and the serving bench runs
+the same generator against /healthz at the same rates (the floor).
 """
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
+import gc
 import json
+import os
+import select
+import socket
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import aiohttp
 import numpy as np
 import orjson
-import uvloop
 
 from loopfm.io import write_text
 
@@ -35,6 +49,7 @@ class LoadSpec:
     hot_users: int = 100
     timeout_s: float = 2.0
     max_connections: int = 512
+    connections: int = 32  # opened before the clock starts (at most max_connections)
     seed: int = 0
 
 
@@ -59,6 +74,11 @@ def schedule(spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
     return offsets[offsets < spec.duration_s]
 
 
+def request_body(user: int, items: list[int], hour: int) -> bytes:
+    """One /score body (the only place the bench spells the request schema)."""
+    return orjson.dumps({"user_id": user, "candidate_item_ids": items, "context": {"hour": hour}})
+
+
 def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Generator) -> list[bytes]:
     """Pre-serialized /score bodies: hot users repeat, cold users are drawn from everyone
     (about 5% of the cold draws are users unknown to the store)."""
@@ -68,8 +88,7 @@ def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Gen
     for _ in range(n):
         user = rng.choice(hot) if rng.random() < spec.hot_fraction else rng.integers(0, cold_range)
         items = rng.choice(pool.items, spec.candidates, replace=spec.candidates > len(pool.items))
-        body = {"user_id": int(user), "candidate_item_ids": items.tolist(), "context": {"hour": int(rng.integers(24))}}
-        bodies.append(orjson.dumps(body))
+        bodies.append(request_body(int(user), items.tolist(), int(rng.integers(24))))
     return bodies
 
 
@@ -78,55 +97,223 @@ def _check_loopback(url: str) -> None:
         raise ValueError(f"load tests target loopback only (127.0.0.1, localhost, ::1), not {url}")
 
 
-async def _send(client: aiohttp.ClientSession, path: str, body: bytes | None) -> int:
+def http_request(url: str, path: str, body: bytes | None) -> bytes:
+    """The whole HTTP/1.1 request as bytes: a GET without a body, or a JSON POST."""
+    host = urlparse(url).netloc
     if body is None:
-        request = client.get(path)
-    else:
-        request = client.post(path, data=body, headers={"content-type": "application/json"})
-    async with request as response:
-        await response.read()
-        return response.status
+        return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
-async def _fire(
-    url: str, path: str, offsets: np.ndarray, bodies: list[bytes] | None, spec: LoadSpec
-) -> tuple[float, list[tuple]]:
-    """aiohttp, not httpx: its per-request client cost is lower, and on a 2-core machine the
-    client's CPU time shows up in every measured latency."""
-    records: list[tuple] = []
-    connector = aiohttp.TCPConnector(limit=spec.max_connections)
-    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
-        # Open a pool of keep-alive connections before the clock starts, as a long-running
-        # client would have; otherwise the first burst measures TCP set-up.
-        first = bodies[0] if bodies else None
-        await asyncio.gather(*(_send(client, path, first) for _ in range(16)), return_exceptions=True)
-        # perf_counter, not loop.time(): uvloop's loop clock ticks in whole milliseconds.
-        start = time.perf_counter() + 0.05
+class _Timer:
+    """A Linux timerfd on CLOCK_MONOTONIC (the clock of time.perf_counter), through ctypes
+    (os.timerfd_* arrive in Python 3.13): readable at the armed time, to the microsecond."""
 
-        async def one(i: int) -> None:
-            kind = "ok"
-            try:
-                status = await _send(client, path, None if bodies is None else bodies[i])
-                if status != 200:
-                    kind = f"http_{status}"
-            except asyncio.TimeoutError:
-                kind = "timeout"
-            except aiohttp.ClientError as exc:
-                kind = f"transport_{type(exc).__name__}"
-            except Exception as exc:  # noqa: BLE001 - one odd failure must not drop every record
-                kind = f"other_{type(exc).__name__}"
-            records.append((offsets[i], time.perf_counter() - (start + offsets[i]), kind))
+    class _Spec(ctypes.Structure):  # struct itimerspec: interval, then value; each (tv_sec, tv_nsec)
+        _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
+                    ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]  # fmt: skip
 
-        # One dispatcher releases each request at its scheduled time, whatever earlier
-        # requests are doing; latency is counted from that scheduled time.
-        in_flight = []
-        for i, offset in enumerate(offsets):
-            while (remaining := start + offset - time.perf_counter()) > 0:  # never release early
-                await asyncio.sleep(remaining)
-            in_flight.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*in_flight)
-    return start, records
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        clock_monotonic, tfd_nonblock_cloexec = 1, os.O_NONBLOCK | os.O_CLOEXEC
+        self.fd = self._libc.timerfd_create(clock_monotonic, tfd_nonblock_cloexec)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+
+    def arm(self, at: float) -> None:
+        """Fire once at `at` (seconds on time.perf_counter's clock); 0 would disarm, so a past
+        time becomes 1 ns."""
+        ns = max(int(at * 1e9), 1)
+        spec = self._Spec(0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
+        if self._libc.timerfd_settime(self.fd, 1, ctypes.byref(spec), None) != 0:  # 1 = TFD_TIMER_ABSTIME
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Connection:
+    """One keep-alive connection: at most one request in flight, its response bytes so far."""
+
+    __slots__ = ("sock", "buf", "request", "connected", "idle_since")
+
+    def __init__(self, address: tuple, family: int):
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)  # a whole request in one send
+        self.sock.setblocking(False)
+        self.buf, self.request, self.idle_since, self.connected = bytearray(), -1, 0.0, False
+        self.sock.connect_ex(address)  # EINPROGRESS: writable once connected
+
+    def response(self) -> tuple[int, bool] | None:
+        """(status, keep-alive) once the buffered bytes hold a whole response, else None."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(self.buf[:end]).lower()
+        at = head.find(b"content-length:")
+        length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+        if len(self.buf) < end + 4 + length:
+            return None
+        del self.buf[: end + 4 + length]
+        keep_alive = head.startswith(b"http/1.1") and b"connection: close" not in head
+        return int(head[9:12]), keep_alive
+
+
+SEND_BUFFER = 1 << 20
+IDLE_CLOSE_S = 2.0  # uvicorn closes keep-alive connections idle for 5 s; the client drops them first
+
+
+def _fire(url: str, requests: list[bytes], offsets: np.ndarray, spec: LoadSpec) -> dict:
+    """Send request i at start + offsets[i] (cycling through `requests`); return the schedule's
+    origin on time.perf_counter's clock, one (offset, latency_s, kind) record per request, the
+    send lags (how late the loop released each request: timer wake-up and loop work, not a
+    wait for a free connection, which the latency counts) and the client's CPU seconds."""
+    parsed = urlparse(url)
+    family = socket.AF_INET6 if parsed.hostname == "::1" else socket.AF_INET
+    address = ("::1" if family == socket.AF_INET6 else "127.0.0.1", parsed.port or 80)
+    n = len(offsets)
+    records: list[tuple | None] = [None] * n
+    lags = np.full(n, np.nan)
+    poller, timer = select.epoll(), _Timer()
+    poller.register(timer.fd, select.EPOLLIN)
+    by_fd: dict[int, _Connection] = {}
+    idle: deque[_Connection] = deque()
+    waiting: deque[int] = deque()  # due, not yet sent (no free connection)
+    deadlines: deque[int] = deque()  # released requests in schedule order, for time-outs
+    owner: dict[int, _Connection] = {}
+
+    def open_connection() -> _Connection:
+        conn = _Connection(address, family)
+        by_fd[conn.sock.fileno()] = conn
+        poller.register(conn.sock.fileno(), select.EPOLLOUT)
+        return conn
+
+    def close(conn: _Connection) -> None:
+        by_fd.pop(conn.sock.fileno(), None)
+        poller.unregister(conn.sock.fileno())
+        conn.sock.close()
+        conn.request = -1
+
+    def finish(i: int, kind: str, at: float) -> None:
+        records[i] = (offsets[i], at - (start + offsets[i]), kind)
+        owner.pop(i, None)
+
+    def send(conn: _Connection, i: int) -> None:
+        now = time.perf_counter()
+        conn.request, owner[i] = i, conn
+        try:
+            conn.sock.send(requests[i % len(requests)])
+        except OSError as exc:
+            close(conn)
+            finish(i, f"transport_{type(exc).__name__}", now)
+
+    for _ in range(min(spec.connections, spec.max_connections)):
+        open_connection()  # idle once connected, in the 50 ms before the clock starts
+    # perf_counter, not the epoll clock: epoll's time-out ticks in whole milliseconds.
+    start = time.perf_counter() + 0.05
+    cpu_started = time.process_time()
+    released = 0
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # no collector pause inside a measured latency
+    try:
+        while True:
+            now = time.perf_counter()
+            while released < n and start + offsets[released] <= now:
+                lags[released] = now - (start + offsets[released])  # the loop's lateness, not a wait for a connection
+                waiting.append(released)
+                deadlines.append(released)
+                released += 1
+            while idle and now - idle[0].idle_since > IDLE_CLOSE_S:
+                close(idle.popleft())
+            while waiting:
+                if records[waiting[0]] is not None:  # timed out before a connection was free
+                    waiting.popleft()
+                elif idle:
+                    send(idle.popleft(), waiting.popleft())
+                elif len(by_fd) < spec.max_connections:
+                    conn = open_connection()
+                    conn.request = waiting.popleft()  # sent once connected
+                    owner[conn.request] = conn
+                else:
+                    break
+            while deadlines and (records[deadlines[0]] is not None or now > start + offsets[deadlines[0]] + spec.timeout_s):
+                i = deadlines.popleft()
+                if records[i] is None:
+                    if i in owner:
+                        close(owner[i])  # its answer may still come: the connection is not reused
+                    finish(i, "timeout", now)
+            if released >= n and not deadlines:
+                break  # every request answered, failed or timed out
+            if released < n:
+                timer.arm(start + offsets[released])
+            wait = -1.0 if not deadlines else max(0.0, start + offsets[deadlines[0]] + spec.timeout_s - now)
+            for fd, events in poller.poll(wait):
+                if fd == timer.fd:
+                    timer.clear()
+                    continue
+                conn = by_fd.get(fd)
+                if conn is None:
+                    continue
+                if not conn.connected:
+                    error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    i = conn.request
+                    if error:
+                        close(conn)
+                        if i >= 0 and records[i] is None:
+                            finish(i, f"transport_{os.strerror(error).replace(' ', '')}", time.perf_counter())
+                        continue
+                    conn.connected = True
+                    poller.modify(fd, select.EPOLLIN)
+                    if i >= 0 and records[i] is None:
+                        send(conn, i)
+                    else:
+                        conn.request, conn.idle_since = -1, time.perf_counter()
+                        idle.append(conn)
+                    continue
+                try:
+                    data = conn.sock.recv(1 << 16)
+                except OSError as exc:
+                    data, failure = b"", f"transport_{type(exc).__name__}"
+                else:
+                    failure = "transport_ServerDisconnected"
+                received = time.perf_counter()
+                if not data:  # closed by the server: an idle connection is simply dropped
+                    i = conn.request
+                    if conn in idle:
+                        idle.remove(conn)
+                    close(conn)
+                    if i >= 0 and records[i] is None:
+                        finish(i, failure, received)
+                    continue
+                conn.buf += data
+                answer = conn.response()
+                if answer is None or conn.request < 0:
+                    continue
+                status, keep_alive = answer
+                i, conn.request = conn.request, -1
+                finish(i, "ok" if status == 200 else f"http_{status}", received)
+                if keep_alive:
+                    conn.idle_since = received
+                    idle.append(conn)
+                else:
+                    close(conn)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        cpu_s = time.process_time() - cpu_started
+        for conn in list(by_fd.values()):
+            close(conn)
+        poller.close()
+        timer.close()
+    return {"origin": start, "records": records, "send_lags": lags, "cpu_s": cpu_s}
 
 
 def summarize(records: list[tuple], spec: LoadSpec) -> dict:
@@ -153,21 +340,34 @@ def summarize(records: list[tuple], spec: LoadSpec) -> dict:
 
 
 def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/score") -> tuple[dict, list[tuple]]:
-    """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint)."""
+    """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint). Returns the report
+    (percentiles, errors, the client's own cost) and one (offset_s, latency_s, kind) record
+    per request."""
     _check_loopback(url)
     rng = np.random.default_rng(spec.seed)
     offsets = schedule(spec, rng)
-    bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else None
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # uvloop: less client overhead per request
-        origin, records = runner.run(_fire(url, path, offsets, bodies, spec))
+    bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else [None]
+    fired = _fire(url, [http_request(url, path, body) for body in bodies], offsets, spec)
+    records, lags = fired["records"], fired["send_lags"]
+    sent_lags = lags[~np.isnan(lags)] * 1000
+    client = {  # what the generator itself cost: late sends add to every latency it reports
+        "cpu_share": fired["cpu_s"] / max(spec.duration_s, 1e-9),  # of one core, over the schedule
+        "send_lag_p50_ms": float(np.percentile(sent_lags, 50)) if sent_lags.size else None,
+        "send_lag_p99_ms": float(np.percentile(sent_lags, 99)) if sent_lags.size else None,
+        "cores": sorted(os.sched_getaffinity(0)),
+    }
     # The schedule's origin on time.perf_counter's clock, to line records up with other events.
-    return {"spec": asdict(spec), "path": path, "schedule_origin_perf_counter": origin, **summarize(records, spec)}, records
+    report = {"spec": asdict(spec), "path": path, "schedule_origin_perf_counter": fired["origin"],
+              **summarize(records, spec), "client": client}  # fmt: skip
+    return report, records
 
 
-def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0) -> None:
-    """Two seconds at the rate about to be measured, then a pause for any backlog to drain."""
-    run_load(url, LoadSpec(rate=rate, duration_s=2.0, candidates=candidates, seed=99), pool, path)
-    time.sleep(1.0)
+def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0,
+            seconds: float = 2.0) -> None:
+    """`seconds` at the rate about to be measured, then half as long (at most 1 s) for any
+    backlog to drain."""
+    run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=99), pool, path)
+    time.sleep(min(1.0, seconds / 2))
 
 
 def sweep(url: str, base: LoadSpec, pool: RequestPool, rates: list[float], p99_bound_ms: float, log=print) -> dict:

@@ -1,36 +1,56 @@
-"""`loopfm bench serving` (make bench-serving): the four serving paths in one run.
+"""`loopfm bench serving` (make bench-serving): docs/benchmarks.{json,md} and the plots.
 
-(a) loopfm   /score over HTTP (uvicorn, uvloop, httptools, item cache, one Redis round trip)
-(b) feast_sdk  a FastAPI handler calling FeatureStore.get_online_features + the same ONNX model
-(c) floor    in-process: the same Scorer (Redis read + tensorize + ONNX), no HTTP
-(d) noop     GET /healthz on loopfm's server stack
+Two configurations, each pinned with os.sched_setaffinity (children inherit it): 1 worker
+(server and the Valkey it reads on core 0, the load generator alone on core 1) and 2
+workers (server on cores 0 and 1, Valkey on 0, the generator on 1, so it shares a core with
+a worker). In each:
 
-Every HTTP path is driven open loop at the same offered rate, latency measured from the
-scheduled send time; each path is warmed up first. Then the issue's goals (200 req/s at 100
-candidates, 50 req/s at 1,000) and a rate sweep for p99 <= 10 ms at 100 candidates.
+- open_loop: loopfm /score, open loop, Poisson arrivals, 100 candidates at 200 and 500
+  req/s, 1,000 candidates at 50 req/s (the issue's goals), with the server's own latency
+  histogram (`loopfm_request_seconds`, every worker scraped) beside the client's view;
+- noop: the same generator against GET /healthz at the same rates: the floor of what the
+  client and the HTTP stack add;
+- capacity_p99_5ms: the highest rate of a sweep at 100 candidates whose p99 stays <= 5 ms;
+- wrk_closed_loop: `wrk` (Debian package) with a Lua script cycling through request bodies,
+  one connection per worker, as a second opinion (skipped with a note if wrk is missing);
+- feast_sdk (1 worker only: it compares designs per request, not cores): the four paths of
+  before at low rates: (a) loopfm, (b) a handler calling Feast's get_online_features,
+  (c) the Scorer in process, (d) /healthz.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import platform
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
+import httpx
 import numpy as np
 import redis.asyncio
 import uvloop
 
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up, write_report
+from loopfm.bench.loadtest import (LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up,
+                                   write_report)  # fmt: skip
 
-CANDIDATES = (10, 100, 1000)
+OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
+NOOP_RATES = (50.0, 200.0, 500.0)
+CAPACITY_RATES = [200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1500, 2000]
+CAPACITY_P99_MS = 5.0
+CANDIDATES = (10, 100, 1000)  # the feast_sdk table
 PATHS = ("loopfm", "feast_sdk", "floor", "noop")
 TABLE_RATE = {10: 20.0, 100: 20.0, 1000: 5.0}  # low, so (a), (c), (d) show service time, not queueing
-TABLE_SECONDS = 20.0
-SWEEP_RATES = [100, 200, 300, 400, 600, 800, 1000, 1200, 1500]
+SCRAPE_TIMEOUT_S = 30.0  # a scrape waits behind whatever backlog the last point left
 
 
 def request_pool(run_dir: Path) -> RequestPool:
@@ -38,6 +58,26 @@ def request_pool(run_dir: Path) -> RequestPool:
     known = read_parquet(paths.features / "vm_eval_entities.parquet", columns=["user_id"])["user_id"].unique()
     items = read_parquet(paths.features / "item_features.parquet", columns=["item_id"])["item_id"].to_numpy()  # source ids
     return RequestPool(known_users=np.sort(known), all_users=cfg.world.n_users, items=items)
+
+
+def configurations(cores: list[int]) -> dict[str, dict]:
+    """The two pinned set-ups on the first two of `cores`; ValueError with fewer than two."""
+    if len(cores) < 2:
+        raise ValueError(f"the serving bench pins server and client to separate cores; this process may use only {cores}")
+    a, b = cores[:2]
+    return {"1_worker": {"workers": 1, "cores": {"server": [a], "store": [a], "client": [b]}},
+            "2_workers": {"workers": 2, "cores": {"server": [a, b], "store": [a], "client": [b]}}}  # fmt: skip
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int]) -> Iterator[None]:
+    """Run this process (and what it starts meanwhile) on `cores`, then restore."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int) -> dict:
@@ -57,97 +97,203 @@ def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n:
     return result
 
 
-def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, log=print) -> dict:
+def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print) -> dict:
+    """Both configurations; `duration_s` per open-loop point, a third of it per noop, sweep,
+    wrk and feast_sdk point. Writes out_dir/benchmarks.json and out_dir/benchmarks/*.png."""
     from loopfm.pipeline.stages import materialize
     from loopfm.redis_server import redis_url_or_local
-    from loopfm.server_process import start_server, stop_server
-    from serving.item_cache import ItemCache
-    from serving.scorer import Scorer
 
+    setups = configurations(sorted(os.sched_getaffinity(0)))
     model_dir = RunPaths(run_dir).vm / variant / "onnx"
     pool = request_pool(run_dir)
-    results: dict = {p: {} for p in PATHS}
     started = time.perf_counter()
-    with redis_url_or_local() as url:
+    results = {}
+    with pinned(setups["1_worker"]["cores"]["store"]), redis_url_or_local() as url:  # Valkey inherits the store core
         log(f"materializing {run_dir} into {url}")
         materialize(run_dir, url)
-        logs = RunPaths(run_dir).root / "bench_logs"
-        loopfm_proc, loopfm_url = start_server(model_dir, url, logs / "loopfm.log")
-        sdk_proc, sdk_url = start_server(
-            model_dir, url, logs / "feast_sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
-            env={"LOOPFM_RUN_DIR": str(run_dir.resolve())},
-        )  # fmt: skip
-        scorer = Scorer(model_dir, threads=1, item_cache=ItemCache(100_000, 300))
-        try:
-            for c in CANDIDATES:
-                spec = LoadSpec(rate=TABLE_RATE[c], duration_s=TABLE_SECONDS, candidates=c)
-                for name, base, body_pool, path in (
-                    ("loopfm", loopfm_url, pool, "/score"),
-                    ("feast_sdk", sdk_url, pool, "/score"),
-                    ("noop", loopfm_url, None, "/healthz"),
-                ):
-                    warm_up(base, body_pool, path, candidates=c, rate=spec.rate)
-                    report, _ = run_load(base, spec, body_pool, path)
-                    results[name][c] = _row(report)
-                    log(f"  {name:>9} {c:>5} candidates: p50 {format_ms(report['p50_ms'])}, p99 {format_ms(report['p99_ms'])}, "
-                        f"errors {report['errors']}")  # fmt: skip
-                floor = floor_latency(scorer, url, pool, c, n=300)
-                results["floor"][c] = floor
-                log(f"  {'floor':>9} {c:>5} candidates: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms")
-            stop_server(sdk_proc)
-
-            goals = {}
-            for c, rate in ((100, 200.0), (1000, 50.0)):
-                spec = LoadSpec(rate=rate, duration_s=30.0, candidates=c)
-                warm_up(loopfm_url, pool, candidates=c, rate=rate)
-                report, records = run_load(loopfm_url, spec, pool)
-                write_report(report, records, out_dir / "benchmarks" / f"goal_{c}",
-                             f"loopfm /score, {c} candidates, {rate:.0f} req/s open loop")  # fmt: skip
-                goals[f"{c}_candidates_at_{rate:.0f}_rps"] = _row(report) | {"p999_ms": report["p999_ms"]}
-                log(f"  goal {c} candidates at {rate:.0f} req/s: p99 {format_ms(report['p99_ms'])}")
-            sweep_result = sweep(loopfm_url, LoadSpec(rate=1, duration_s=10.0, candidates=100), pool, SWEEP_RATES, 10.0, log)
-            scraped = _cache_hit_rate(loopfm_url)
-        finally:
-            stop_server(loopfm_proc)
-            if sdk_proc.poll() is None:
-                stop_server(sdk_proc)
-
+        for name, setup in setups.items():
+            log(f"configuration {name}: {setup}")
+            results[name] = _configuration(name, setup, model_dir, url, run_dir, pool, out_dir, duration_s, log)
     summary = {
-        "serving": {p: {str(c): v for c, v in rows.items()} for p, rows in results.items()},
-        "ratios": {
-            str(c): {
-                "loopfm_over_feast_sdk_p50": _ratio(results["loopfm"][c]["p50_ms"], results["feast_sdk"][c]["p50_ms"]),
-                "loopfm_over_feast_sdk_p99": _ratio(results["loopfm"][c]["p99_ms"], results["feast_sdk"][c]["p99_ms"]),
-                "loopfm_over_floor_plus_noop_p50": _ratio(
-                    results["loopfm"][c]["p50_ms"], results["floor"][c]["p50_ms"] + (results["noop"][c]["p50_ms"] or 0)
-                ),
-            }
-            for c in CANDIDATES
-        },
-        "goals": goals,
-        "sweep_p99_le_10ms_100_candidates": {k: v for k, v in sweep_result.items() if k != "runs"}
-        | {"runs": [_row(r) | {"offered": r["offered_rate"]} for r in sweep_result["runs"]]},
-        "item_cache_hit_ratio": scraped,
-        "table_rates": {str(c): r for c, r in TABLE_RATE.items()},
-        "table_seconds": TABLE_SECONDS,
+        "configurations": results,
+        "duration_s": duration_s,
         "variant": variant,
         "model": _model_description(model_dir),
-        "machine": {"cores": _cores(), "python": platform.python_version(), "platform": platform.platform()},
-        "command": "make bench-serving",
+        "machine": {"cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "platform": platform.platform()},
+        "command": "make bench-serving" if duration_s == 30.0 else f"loopfm bench serving --duration {duration_s:g}",
         "seconds": time.perf_counter() - started,
     }
+    plot_summary(summary, out_dir / "benchmarks" / "serving.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "benchmarks.json", json.dumps(summary, indent=2))
     return summary
 
 
+def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: Path, pool: RequestPool,
+                   out_dir: Path, duration_s: float, log) -> dict:  # fmt: skip
+    from loopfm.server_process import start_server, stop_server
+
+    cores, workers, short = setup["cores"], setup["workers"], duration_s / 3
+    warm = min(2.0, short)
+    logs = RunPaths(run_dir).root / "bench_logs"
+    with pinned(cores["server"]):
+        proc, server = start_server(model_dir, url, logs / f"loopfm-{name}.log", workers=workers)
+    try:
+        _wait_for_workers(server, workers)
+        result: dict = {"cores": cores, "workers": workers}
+        with pinned(cores["client"]):
+            result["feast_sdk"] = (_four_paths(model_dir, url, server, run_dir, pool, cores, short, logs, log)
+                                   if workers == 1 else None)  # fmt: skip
+            result["open_loop"] = {}
+            for candidates, rates in OPEN_LOOP.items():
+                for rate in rates:
+                    warm_up(server, pool, candidates=candidates, rate=rate, seconds=warm)
+                    before = server_histogram(server, workers)
+                    report, records = run_load(server, LoadSpec(rate=rate, duration_s=duration_s, candidates=candidates), pool)
+                    row = _row(report) | {"server": _histogram_summary(server_histogram(server, workers), before)}
+                    result["open_loop"].setdefault(str(candidates), {})[f"{rate:g}"] = row
+                    plot_title = f"{name}: /score, {candidates} candidates, {rate:g} req/s open loop"
+                    write_report(report, records, out_dir / "benchmarks" / name / f"score_{candidates}_{rate:g}", plot_title)
+                    log(f"  open loop {candidates} candidates at {rate:g} req/s: {_line(row)}; server p99 <= "
+                        f"{format_ms(row['server']['p99_le_ms'])}")  # fmt: skip
+            result["noop"] = {}
+            for rate in NOOP_RATES:
+                report, _ = run_load(server, LoadSpec(rate=rate, duration_s=short), None, "/healthz")
+                result["noop"][f"{rate:g}"] = _row(report)
+                log(f"  noop /healthz at {rate:g} req/s: {_line(result['noop'][f'{rate:g}'])}")
+            warm_up(server, pool, candidates=100, rate=CAPACITY_RATES[0], seconds=warm)
+            found = sweep(server, LoadSpec(rate=1, duration_s=short, candidates=100), pool, CAPACITY_RATES, CAPACITY_P99_MS, log)
+            result["capacity_p99_5ms"] = {"100": found["best_rate"]}
+            result["capacity_runs"] = [_row(r) for r in found["runs"]]
+            result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short) for c in OPEN_LOOP}
+            log(f"  capacity (p99 <= {CAPACITY_P99_MS:g} ms): {found['best_rate']} req/s; wrk: {result['wrk_closed_loop']}")
+            result["item_cache_hit_ratio"] = _cache_hit_ratio(server)
+    finally:
+        stop_server(proc)
+    return result
+
+
+def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: RequestPool, cores: dict,
+                seconds: float, logs: Path, log) -> dict:  # fmt: skip
+    """The table of before: (a) loopfm, (b) Feast SDK, (c) in-process floor, (d) /healthz."""
+    from loopfm.server_process import start_server, stop_server
+    from serving.item_cache import ItemCache
+    from serving.scorer import Scorer
+
+    with pinned(cores["server"]):
+        # Its start imports the Feast SDK and torch on one core: minutes on a loaded machine.
+        sdk_proc, sdk = start_server(model_dir, url, logs / "feast_sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
+                                     env={"LOOPFM_RUN_DIR": str(run_dir.resolve())}, ready_within_s=300)  # fmt: skip
+    rows: dict = {p: {} for p in PATHS}
+    try:
+        for c in CANDIDATES:
+            spec = LoadSpec(rate=TABLE_RATE[c], duration_s=seconds, candidates=c)
+            for path_name, base, body_pool, path in (("loopfm", server, pool, "/score"), ("feast_sdk", sdk, pool, "/score"),
+                                                     ("noop", server, None, "/healthz")):  # fmt: skip
+                warm_up(base, body_pool, path, candidates=c, rate=spec.rate, seconds=min(2.0, seconds))
+                rows[path_name][str(c)] = _row(run_load(base, spec, body_pool, path)[0])
+            with pinned(cores["server"]):
+                scorer = Scorer(model_dir, threads=1, item_cache=ItemCache(100_000, 300))
+                rows["floor"][str(c)] = floor_latency(scorer, url, pool, c, n=300)
+            log(f"  four paths, {c} candidates: " + ", ".join(f"{p} p50 {format_ms(rows[p][str(c)]['p50_ms'])}" for p in PATHS))
+    finally:
+        stop_server(sdk_proc)
+    return {"rates": {str(c): r for c, r in TABLE_RATE.items()}, "seconds": seconds, **rows}
+
+
+def _wait_for_workers(url: str, workers: int, within_s: float = 60.0) -> None:
+    """start_server returns when one worker answers; wait until all have."""
+    seen, deadline = set(), time.monotonic() + within_s
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered /readyz within {within_s:.0f} s")
+        response = httpx.get(f"{url}/readyz", timeout=SCRAPE_TIMEOUT_S)
+        if response.status_code == 200:
+            seen.add(response.json()["worker"])
+        time.sleep(0.02)
+
+
+def server_histogram(url: str, workers: int, path: str = "/score", within_s: float = 10.0) -> dict[float, float]:
+    """{upper bound in seconds: requests <= it} of `loopfm_request_seconds` for `path`, summed
+    over every worker: each scrape opens a new connection, which one worker accepts, until
+    all `workers` have answered (serving/metrics.py: one registry per worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    per_worker: dict[str, dict[float, float]] = {}
+    deadline = time.monotonic() + within_s
+    while len(per_worker) < workers and time.monotonic() < deadline:
+        worker, buckets = None, {}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text):
+            for sample in family.samples:
+                if sample.name == "loopfm_worker_info":
+                    worker = sample.labels["worker"]
+                elif sample.name == "loopfm_request_seconds_bucket" and sample.labels["path"] == path:
+                    buckets[float(sample.labels["le"])] = sample.value
+        per_worker[worker] = buckets
+    if len(per_worker) < workers:
+        raise RuntimeError(f"/metrics answered from {len(per_worker)} of {workers} workers within {within_s:.0f} s")
+    return {le: sum(b.get(le, 0.0) for b in per_worker.values()) for le in next(iter(per_worker.values()))}
+
+
+def _histogram_summary(after: dict[float, float], before: dict[float, float]) -> dict:
+    """The server's view of one run (scrape after minus scrape before): the cumulative share
+    of requests at or under each bucket bound, and the bounds that hold p50 and p99."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts[float("inf")] if counts else 0.0
+    share = {f"{le * 1000:g}": (n / total if total else None) for le, n in counts.items() if le != float("inf")}
+
+    def bound(q: float) -> float | None:
+        return next((le * 1000 for le, n in counts.items() if total and n / total >= q and le != float("inf")), None)
+
+    return {"requests": total, "share_le_ms": share, "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}
+
+
+WRK_SCRIPT = """-- bodies cycled per request; written by loopfm/bench/serving.py
+local bodies = {%s}
+local i = 0
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", "/score", {["content-type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: int, seconds: float) -> dict:
+    """`wrk`, one thread, `connections` connections, closed loop, cycling through 200 request
+    bodies; {"skipped": why} if wrk is not installed (Debian: apt-get install wrk)."""
+    if shutil.which("wrk") is None:
+        return {"skipped": "wrk not installed (Debian package wrk)"}
+    bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=candidates, seed=7), pool, 200, np.random.default_rng(7))
+    with tempfile.TemporaryDirectory(prefix="loopfm-wrk-") as folder:
+        script = Path(folder) / "score.lua"
+        script.write_text(WRK_SCRIPT % ", ".join(f"[[{b.decode()}]]" for b in bodies))
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
+    return parse_wrk(out) | {"connections": connections, "seconds": max(1, round(seconds))}
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(text: str) -> dict:
+    """wrk's --latency report -> {"p50_ms", "p90_ms", "p99_ms", "rate", "errors"}."""
+    latency = {f"p{q}_ms": float(v) * _UNITS_MS[u] for q, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    return {**latency, "rate": float(rate.group(1)) if rate else None, "errors": errors}
+
+
 def _row(report: dict) -> dict:
-    keys = ("p50_ms", "p99_ms", "sent", "errors")
-    return {"rate": report["achieved_rate"], **{k: report[k] for k in keys}}
+    """The issue's per-point keys, then what the point offered and what the client cost."""
+    keys = ("p50_ms", "p99_ms", "p999_ms", "achieved_rate", "errors", "offered_rate", "sent", "client")
+    return {k: report[k] for k in keys}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+def _line(row: dict) -> str:
+    return (f"p50 {format_ms(row['p50_ms'])}, p99 {format_ms(row['p99_ms'])}, achieved {row['achieved_rate']:.0f} req/s, "
+            f"errors {row['errors'] or 'none'}, client CPU {row['client']['cpu_share']:.0%}")  # fmt: skip
 
 
 def _model_description(model_dir: Path) -> str:
@@ -155,71 +301,102 @@ def _model_description(model_dir: Path) -> str:
     return f"{meta['model_version']}, L = {meta['spec']['history_length']}, code dim {meta['spec']['code_dim']}"
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
-
-
-def _cache_hit_rate(url: str) -> float | None:
-    import httpx
-
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+def _cache_hit_ratio(url: str) -> float | None:
+    for line in httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text.splitlines():
         if line.startswith("loopfm_item_cache_hit_ratio"):
             return float(line.split()[-1])
     return None
 
 
-def _x(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.3f}"
+def plot_summary(summary: dict, path: Path) -> None:
+    """p99 against offered rate at 100 candidates (capacity sweep) per configuration, with the
+    /healthz floor, and the 5 ms bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in summary["configurations"].items():
+        runs = result["capacity_runs"]
+        ax.plot([r["offered_rate"] for r in runs], [r["p99_ms"] for r in runs], marker="o", label=f"/score 100 candidates, {name}")
+        noop = result["noop"]
+        ax.plot([float(r) for r in noop], [v["p99_ms"] for v in noop.values()], ls="--", marker="x", label=f"/healthz floor, {name}")
+    ax.axhline(CAPACITY_P99_MS, color="grey", lw=0.8, label=f"{CAPACITY_P99_MS:g} ms")
+    ax.set(yscale="log", xlabel="offered rate (req/s, Poisson)", ylabel="client p99 (ms)", title="open loop: p99 against offered rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ms(row: dict | None, key: str) -> str:
+    return "n/a" if row is None else format_ms(row.get(key))
 
 
 def markdown(summary: dict) -> str:
-    s, r = summary["serving"], summary["ratios"]
+    """docs/benchmarks.md from the summary of run_serving_bench."""
     lines = [
         "# Serving benchmarks",
         "",
-        f"Reproduce: `{summary['command']}` (writes this file and `benchmarks.json`). Machine: "
-        f"{summary['machine']['cores']} cores, load generator on the same machine, loopback only. "
-        f"Model {summary['model']}. One run; medians and ratios from it. Percentiles count every request, "
-        "failures at the time they failed (a time-out at >= the 2 s client time-out).",
+        f"Reproduce: `{summary['command']}` (writes this file, `benchmarks.json` and `benchmarks/*.png`; "
+        f"{summary['seconds'] / 60:.1f} min). Machine: {summary['machine']['cores']} cores, loopback only. "
+        f"Model {summary['model']}. One run. Open loop: Poisson arrivals, {summary['duration_s']:g} s per point "
+        f"({summary['duration_s'] / 3:g} s per /healthz, sweep, wrk and four-path point), latency from the scheduled "
+        "send time, failures counted at the time they failed. Server, Valkey and client are pinned to cores "
+        "(`os.sched_setaffinity`, inherited by what the bench starts). The client is `loopfm/bench/loadtest.py`: one "
+        "epoll loop, pre-encoded requests, keep-alive connections; `client CPU` is its CPU time over the schedule, "
+        "`send lag` how late it released requests. The /healthz rows at the same rates are its floor: what the "
+        "client, loopback and the HTTP stack add before any scoring. `server p50 / p99 <=` are the buckets of the "
+        "server's own histogram (`loopfm_request_seconds`, ASGI middleware, every worker) that hold them.",
         "",
-        "(a) and (c) read item features from the in-process item cache (the catalogue here has 1,200 items, so after "
-        "warm-up nearly every candidate hits); (b) reads every candidate through the Feast SDK on each request, in a "
-        "sync handler. So (a)/(b) measures the whole design (cache, one raw round trip, no SDK conversion), not Redis "
-        "access alone.",
-        "",
-        "## The four paths, open loop at a low fixed rate",
-        "",
-        f"Rates: {', '.join(f'{c} candidates at {rate:.0f} req/s' for c, rate in summary['table_rates'].items())}, "
-        f"{summary['table_seconds']:.0f} s each, after a warm-up; latency from the scheduled send time. "
-        "(c) is in-process and sequential.",
-        "",
-        "| candidates | (a) loopfm p50 / p99 | (b) feast_sdk p50 / p99 | (c) floor p50 / p99 | (d) noop p50 / p99 "
-        "| (a)/(b) p50 | (a)/(b) p99 | (a)/((c)+(d)) p50 | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in map(str, CANDIDATES):
-        cells = [f"{format_ms(s[p][c]['p50_ms'])} / {format_ms(s[p][c]['p99_ms'])}" for p in PATHS]
-        errors = {p: s[p][c]["errors"] for p in PATHS if s[p][c].get("errors")}
-        lines.append(
-            f"| {c} | " + " | ".join(cells) + f" | {_x(r[c]['loopfm_over_feast_sdk_p50'])} "
-            f"| {_x(r[c]['loopfm_over_feast_sdk_p99'])} | {_x(r[c]['loopfm_over_floor_plus_noop_p50'])} "
-            f"| {errors or 'none'} |"
-        )
-    lines += ["", "## Goals (loopfm /score, open loop, Poisson arrivals, 30 s)", "",
-              "| load | p50 | p99 | p99.9 | achieved rate | errors |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, g in summary["goals"].items():
-        lines.append(f"| {name.replace('_', ' ')} | {format_ms(g['p50_ms'])} | {format_ms(g['p99_ms'])} | {format_ms(g['p999_ms'])} "
-                     f"| {g['rate']:.0f} req/s | {g['errors'] or 'none'} |")  # fmt: skip
-    sw = summary["sweep_p99_le_10ms_100_candidates"]
-    best = f"{sw['best_rate']:.0f} req/s" if sw["best_rate"] else f"none of the rates tried (lowest: {SWEEP_RATES[0]} req/s)"
-    lines += ["", f"## Rate sweep, 100 candidates: highest rate with p99 <= {sw['p99_bound_ms']:.0f} ms: **{best}**",
-              "", "| offered | achieved | p50 | p99 | errors |", "|---|---|---|---|---|"]  # fmt: skip
-    for run in sw["runs"]:
-        lines.append(f"| {run['offered']:.0f} req/s | {run['rate']:.0f} req/s | {format_ms(run['p50_ms'])} | "
-                     f"{format_ms(run['p99_ms'])} | {run['errors'] or 'none'} |")  # fmt: skip
-    lines += ["", f"Item cache hit ratio of server (a) over the whole run, warm-ups included: "
-              f"{summary['item_cache_hit_ratio']:.4f} (1,200-item catalogue).",
-              "Latency plots: `benchmarks/goal_100/loadtest.png`, `benchmarks/goal_1000/loadtest.png`.", ""]  # fmt: skip
+    for name, r in summary["configurations"].items():
+        cores = r["cores"]
+        lines += [f"## {name.replace('_', ' ')}: server on cores {cores['server']}, Valkey on {cores['store']}, "
+                  f"client on {cores['client']}", "",
+                  "| load | p50 | p99 | p99.9 | achieved | errors | server p50 / p99 <= | client CPU | send lag p99 |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for candidates, by_rate in r["open_loop"].items():
+            for rate, row in by_rate.items():
+                lines.append(f"| /score {candidates} candidates at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} "
+                             f"| {_ms(row, 'p999_ms')} | {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} "
+                             f"| {format_ms(row['server']['p50_le_ms'])} / {format_ms(row['server']['p99_le_ms'])} "
+                             f"| {row['client']['cpu_share']:.0%} | {format_ms(row['client']['send_lag_p99_ms'])} |")  # fmt: skip
+        for rate, row in r["noop"].items():
+            lines.append(f"| /healthz (floor) at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} | {_ms(row, 'p999_ms')} "
+                         f"| {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} | | {row['client']['cpu_share']:.0%} "
+                         f"| {format_ms(row['client']['send_lag_p99_ms'])} |")  # fmt: skip
+        best = r["capacity_p99_5ms"]["100"]
+        held = f"{best:g} req/s" if best else f"none of the rates tried (lowest {CAPACITY_RATES[0]} req/s)"
+        lines += ["", f"Capacity at 100 candidates with p99 <= {CAPACITY_P99_MS:g} ms: **{held}** "
+                  f"(sweep: " + ", ".join(f"{x['offered_rate']:g} -> p99 {format_ms(x['p99_ms'])}" for x in r["capacity_runs"])
+                  + f"). Item cache hit ratio: {r['item_cache_hit_ratio']}.", ""]  # fmt: skip
+        wrk = r["wrk_closed_loop"]
+        lines += ["`wrk`, closed loop (second opinion): " + "; ".join(
+            f"{c} candidates: {v['skipped']}" if "skipped" in v else
+            f"{c} candidates, {v['connections']} connection(s): p50 {format_ms(v.get('p50_ms'))} / p90 {format_ms(v.get('p90_ms'))} "
+            f"/ p99 {format_ms(v.get('p99_ms'))} at {v['rate']:.0f} req/s, errors {v['errors']}"
+            for c, v in wrk.items()) + ".", ""]  # fmt: skip
+        if r["feast_sdk"]:
+            lines += _four_paths_table(r["feast_sdk"])
+    lines += ["Plots: `benchmarks/serving.png` (p99 against offered rate), `benchmarks/<configuration>/score_<candidates>_<rate>/"
+              "loadtest.png` (latency over time and CDF per open-loop point).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _four_paths_table(table: dict) -> list[str]:
+    lines = ["### The four paths at low rates (1 worker)", "",
+             "(a) loopfm /score; (b) a FastAPI handler calling Feast's `get_online_features` for the user and every "
+             "candidate, then the same tensorization and ONNX model; (c) the Scorer in process, sequential; (d) /healthz. "
+             "Rates: " + ", ".join(f"{c} candidates at {rate:g} req/s" for c, rate in table["rates"].items())
+             + f", {table['seconds']:g} s each.", "",
+             "| candidates | (a) loopfm p50 / p99 | (b) feast_sdk p50 / p99 | (c) floor p50 / p99 | (d) noop p50 / p99 | (a)/(b) p50 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in map(str, CANDIDATES):
+        cells = [f"{_ms(table[p][c], 'p50_ms')} / {_ms(table[p][c], 'p99_ms')}" for p in PATHS]
+        a, b = table["loopfm"][c]["p50_ms"], table["feast_sdk"][c]["p50_ms"]
+        ratio = f"{a / b:.3f}" if a and b else "n/a"
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines + [""]

@@ -35,6 +35,22 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag and the value otherwise)."""
+    value = int(text)  # argparse reports its ValueError as "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not > 0")
+    return value
+
+
 def _redis_url(args: argparse.Namespace) -> str:
     url = args.redis_url or os.environ.get("REDIS_URL")
     if not url:
@@ -171,8 +187,10 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from loopfm.pipeline.stages import running_server
 
-    with running_server(args.run_dir, args.variant, None, args.redis_url or os.environ.get("REDIS_URL"), args.port) as url:
-        print(f"serving {args.variant} at {url}  (POST /score, GET /readyz, GET /metrics); Ctrl-C or SIGTERM stops",
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    with running_server(args.run_dir, args.variant, None, redis_url, args.port, args.workers) as url:
+        print(f"serving {args.variant} at {url} with {args.workers} worker(s)  (POST /score, GET /readyz, GET /metrics); "
+              "Ctrl-C or SIGTERM stops",
               flush=True)  # fmt: skip
         while True:
             signal.pause()  # until SIGINT or SIGTERM raises Stopped (see main)
@@ -213,7 +231,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving import markdown, run_serving_bench
     from loopfm.io import write_text
 
-    summary = run_serving_bench(args.run_dir, args.variant, args.out)
+    summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration)
     write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
 
@@ -316,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url")
+    p.add_argument("--workers", type=positive_int, default=os.environ.get("LOOPFM_WORKERS", "1"),
+                   help="worker processes sharing the port, one per core (default: $LOOPFM_WORKERS or 1)")
 
     p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
     p.add_argument("--url", help="a running server on loopback; default: start one for the run")
@@ -338,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
-    p = command(bench, "serving", cmd_bench_serving, "(a) loopfm (b) Feast SDK (c) floor (d) no-op, 10/100/1000 candidates")
+    p = command(bench, "serving", cmd_bench_serving, "open loop, /healthz floor, capacity, wrk; 1 and 2 workers, pinned cores")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
+    p.add_argument("--duration", type=positive_float, default=30.0,
+                   help="seconds per open-loop point (a third of it per /healthz, sweep, wrk and four-path point); ~10 min at 30")
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")

@@ -81,10 +81,11 @@ def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, d
 
 @contextlib.contextmanager
 def running_server(
-    run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None
+    run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None, workers: int = 1
 ) -> Iterator[str]:
-    """Yield `url` if given; otherwise serve the run's exported variant on loopback. Without a
-    Redis URL a local Valkey is started and the run materialized into it first."""
+    """Yield `url` if given; otherwise serve the run's exported variant on loopback with
+    `workers` processes. Without a Redis URL a local Valkey is started and the run
+    materialized into it first."""
     if url:
         yield url
         return
@@ -101,7 +102,7 @@ def running_server(
             print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")
             with run_dir_lock(run_dir, "loopfm serve (feast apply + materialize)"):  # rewrites registry.db
                 materialize(run_dir, store_url)
-        proc, base = start_server(model_dir, store_url, RunPaths(run_dir).root / "server.log", port=port)
+        proc, base = start_server(model_dir, store_url, RunPaths(run_dir).root / "server.log", port=port, workers=workers)
         try:
             yield base
         finally:

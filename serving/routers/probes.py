@@ -12,6 +12,7 @@ from loopfm.contract.names import ready_marker
 from serving.dependencies import MetricsDep, api_key
 from serving.models import ModelRegistry
 from serving.redis_client import AsyncClient
+from serving.reloads import worker_id
 from serving.responses import json_response
 from serving.settings import Settings
 
@@ -47,7 +48,8 @@ async def readyz(request: Request) -> Response:
     models, client = state.models, state.redis
     found, missing = await feature_data(models, client, state.settings) if client is not None else ({}, "starting")
     ready = missing is None
-    body = {"ready": ready, "model_loaded": models is not None, "redis": bool(found), "feature_data": found}
+    body = {"ready": ready, "model_loaded": models is not None, "redis": bool(found), "feature_data": found,
+            "worker": worker_id()}  # fmt: skip
     if missing:
         body["missing"] = missing
     if models is not None:
