@@ -91,12 +91,16 @@ def test_a_paused_redis_costs_each_request_its_deadline_not_the_whole_server(ser
     redis.Redis.from_url(private_redis.url).execute_command("CLIENT", "PAUSE", "1500", "ALL")
     started = time.perf_counter()
     with ThreadPoolExecutor(6) as pool:
-        scoring = [pool.submit(httpx.post, f"{served}/score", json=BODY, timeout=5) for _ in range(5)]
+        scoring = [pool.submit(lambda: (httpx.post(f"{served}/score", json=BODY, timeout=5), time.perf_counter()))
+                   for _ in range(5)]  # fmt: skip
         time.sleep(0.1)
         health = pool.submit(lambda: (httpx.get(f"{served}/healthz", timeout=5), time.perf_counter()))
-        answers = [f.result() for f in scoring]
+        answers, answered_at = zip(*(f.result() for f in scoring))
         health_response, health_at = health.result()
-    assert health_response.status_code == 200 and health_at - started < 0.4  # the loop was never blocked
+    # The loop was never blocked: /healthz, asked after them, answers while the scoring requests
+    # still wait for the store (a blocked loop answers it only after their deadline). Relative
+    # to them, not to a wall-clock limit, so a loaded machine cannot fail it.
+    assert health_response.status_code == 200 and health_at < min(answered_at)
     assert all(r.status_code in (503, 504) for r in answers), [r.text for r in answers]
     assert time.perf_counter() - started < DEADLINE_S + 1.0  # concurrent deadlines, not five serial time-outs
     time.sleep(max(0.0, started + 1.6 - time.perf_counter()))

@@ -93,7 +93,7 @@ def test_timeouts_count_in_the_percentiles(stalling_server):
 def test_errors_are_counted_by_kind_and_only_loopback_is_accepted(stalling_server):
     report, _ = run_load(stalling_server, LoadSpec(rate=50, duration_s=0.5, arrival="constant"), None, "/fail")
     assert report["errors"] == {"http_503": 25} and report["ok"] == 0
-    pool = RequestPool(known_users=np.arange(3), all_users=3, items=np.arange(10))
+    pool = RequestPool(known_users=np.arange(3), cold_users=np.arange(4), items=np.arange(10))
     with pytest.raises(ValueError, match="loopback"):
         run_load("http://10.1.2.3:8000", LoadSpec(rate=1, duration_s=1), pool)
 

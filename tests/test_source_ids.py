@@ -187,6 +187,18 @@ def test_ids_of_the_wrong_type_or_range_get_a_422_with_the_reason(server, body, 
     assert reason in json.dumps(r.json()["detail"])
 
 
+def test_the_load_generator_sends_the_runs_source_ids_and_the_server_answers_them(run, server):
+    from loopfm.bench.loadtest import LoadSpec, request_bodies
+    from loopfm.bench.serving import request_pool
+
+    run_dir, _ = run
+    base, _ = server
+    bodies = [json.loads(b) for b in request_bodies(LoadSpec(rate=1, duration_s=1, candidates=5), request_pool(run_dir), 40, np.random.default_rng(0))]
+    assert all(isinstance(b["user_id"], int) and b["user_id"] >= BIG for b in bodies)
+    assert all(isinstance(i, str) and i.startswith("sku-") for b in bodies for i in b["candidate_item_ids"])
+    assert all(httpx.post(f"{base}/score", json=b).status_code == 200 for b in bodies[:10])
+
+
 def test_models_list_and_openapi_name_the_id_types(server):
     base, _ = server
     listed = httpx.get(f"{base}/models").json()

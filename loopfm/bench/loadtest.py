@@ -57,9 +57,9 @@ class LoadSpec:
 class RequestPool:
     """Ids a load test draws from: users with stored features, and the item catalogue."""
 
-    known_users: np.ndarray
-    all_users: int  # ids >= this are unknown to the store (cold users include some)
-    items: np.ndarray
+    known_users: np.ndarray  # source ids (int64 or str) with stored features
+    cold_users: np.ndarray  # every user of the run, and about 5% ids of the same type it never saw
+    items: np.ndarray  # source ids
 
 
 def schedule(spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
@@ -74,21 +74,22 @@ def schedule(spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
     return offsets[offsets < spec.duration_s]
 
 
-def request_body(user: int, items: list[int], hour: int) -> bytes:
-    """One /score body (the only place the bench spells the request schema)."""
+def request_body(user: int | str, items: list[int] | list[str], hour: int) -> bytes:
+    """One /score body (the only place the bench spells the request schema); ids as the
+    model's entity types say (source ids: int64 or str)."""
     return orjson.dumps({"user_id": user, "candidate_item_ids": items, "context": {"hour": hour}})
 
 
 def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Generator) -> list[bytes]:
     """Pre-serialized /score bodies: hot users repeat, cold users are drawn from everyone
-    (about 5% of the cold draws are users unknown to the store)."""
+    (`pool.cold_users`, some of them unknown to the store)."""
     hot = rng.choice(pool.known_users, min(spec.hot_users, len(pool.known_users)), replace=False)
-    cold_range = int(pool.all_users * 1.05)
     bodies = []
     for _ in range(n):
-        user = rng.choice(hot) if rng.random() < spec.hot_fraction else rng.integers(0, cold_range)
+        users = hot if rng.random() < spec.hot_fraction else pool.cold_users
+        user = users[rng.integers(len(users))]
         items = rng.choice(pool.items, spec.candidates, replace=spec.candidates > len(pool.items))
-        bodies.append(request_body(int(user), items.tolist(), int(rng.integers(24))))
+        bodies.append(request_body(user.item() if isinstance(user, np.generic) else user, items.tolist(), int(rng.integers(24))))
     return bodies
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.config import RunConfig
+from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.bench.loadtest import (LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up,
                                    write_report)  # fmt: skip
@@ -54,10 +54,16 @@ SCRAPE_TIMEOUT_S = 30.0  # a scrape waits behind whatever backlog the last point
 
 
 def request_pool(run_dir: Path) -> RequestPool:
-    paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
+    paths = RunPaths(run_dir)
     known = read_parquet(paths.features / "vm_eval_entities.parquet", columns=["user_id"])["user_id"].unique()
     items = read_parquet(paths.features / "item_features.parquet", columns=["item_id"])["item_id"].to_numpy()  # source ids
-    return RequestPool(known_users=np.sort(known), all_users=cfg.world.n_users, items=items)
+    users = load_id_maps(paths)[0].source.to_numpy()
+    n_unseen = max(1, len(users) // 20)  # ~5% of cold draws: users the store never saw, of the run's id type
+    if users.dtype.kind == "i":
+        unseen = np.arange(n_unseen) + users.max() + 1
+    else:
+        unseen = np.array([f"unseen-{i}" for i in range(n_unseen)], dtype=object)
+    return RequestPool(known_users=np.sort(known), cold_users=np.concatenate([users, unseen]), items=items)
 
 
 def configurations(cores: list[int]) -> dict[str, dict]:
