@@ -16,6 +16,7 @@ from conftest import SMALL_WORLD, loopfm
 from loopfm.config import ConfigError, RunConfig
 from loopfm.fm import plugin
 from loopfm.fm.model import FMShapes
+from loopfm.fm.stream import ACTIVITY_COLUMNS
 from loopfm.io import RunPaths
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -26,7 +27,8 @@ SHAPES = FMShapes(n_users=10, n_items=20, n_categories=3, n_brands=4, n_vertical
 
 def events(n: int = 5) -> dict[str, torch.Tensor]:
     """A batch of n events as loopfm passes them to an FM (unknown user and item ids included)."""
-    ids = {k: torch.zeros(n, dtype=torch.int64) for k in ("category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")}
+    columns = ("category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket", *ACTIVITY_COLUMNS)
+    ids = {k: torch.zeros(n, dtype=torch.int64) for k in columns}
     return {**ids, "user_id": torch.tensor([-1, 0, 3, 9, 2][:n]), "item_id": torch.tensor([5, -1, 19, 0, 7][:n]),
             "raw_history": torch.tensor([[0, 0, 3]] * n), "intent": torch.zeros(n, 0)}  # fmt: skip
 
