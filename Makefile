@@ -24,7 +24,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # ~35-45 min on 2 cores: every experiment of issue 3 from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # about an hour on 2 cores (5 seeds): every experiment from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 

@@ -105,12 +105,12 @@ class VMConfig:
     history_length: int = 50
     embedding_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
-    encoder: str = "din"  # sum | mean | dot | dot_mlp | din (loopfm/vm/model.py)
+    encoder: str = "dot_mlp"  # sum | mean | dot | dot_mlp | din (loopfm/vm/model.py); measured in docs/training.md
     epochs: int = 30  # the most; early stopping on validation log loss picks the epoch kept
     patience: int = 3  # epochs without a better validation log loss before stopping
     validation_fraction: float = 0.1  # the newest share of the training window, by event time
     refit: bool = True  # then train afresh on the whole window for the chosen number of epochs
-    batch_size: int = 256
+    batch_size: int = 512  # measured in docs/training.md ("VM encoder and batch size")
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW
     wide_lr_multiplier: float = 20.0  # the candidate biases learn this much faster than the rest

@@ -18,7 +18,7 @@ NOTES = {
     "goals": (
         "Met means: the mean over seeds reaches the threshold and both tests give p < 0.01 (two-sided). "
         "t-test = paired t-test over seeds on the per-seed metrics (world, FM and VM initialisation all "
-        "redrawn; 2 degrees of freedom with 3 seeds). Bootstrap = paired bootstrap over the eval window's "
+        "redrawn; seeds - 1 degrees of freedom). Bootstrap = paired bootstrap over the eval window's "
         "impressions, resampled within each seed, the same draw for both models, the difference averaged "
         "over seeds (1,000 draws here, 200 in the other sections; p resolution 1/draws). TR goal: "
         "TR(LoopFM+KD) - 2 TR(KD) per seed (t-test) and 2 NE(KD) - NE(LoopFM+KD) - NE(base) (bootstrap)."
@@ -53,7 +53,7 @@ NOTES = {
         "materialize writes to Redis (most users have fewer than L clicked events)."
     ),
     "freshness": (
-        "Logging delay: a code becomes available `delay` after its event (the main table uses 60 s). "
+        "Logging delay: a code becomes available `delay` after its event (the main table uses 60 s and rolling checkpoints). "
         "Frozen: every code and KD label comes from the checkpoint after the warm-up days; rolling: each "
         "day is logged with the checkpoint trained up to that day (KD labels too, so VM + KD changes as well)."
     ),

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from loopfm.config import ENCODERS, VARIANTS, VMConfig
+from loopfm.config import ENCODERS, VARIANTS, FMConfig, VMConfig
 
 Overrides = tuple[tuple[str, object], ...]
 
@@ -24,6 +24,7 @@ GAP_NOISE = (0.2, 0.7, 2.0, 8.0)  # fm_signal_noise: small = the FM knows much m
 LENGTHS = (5, 10, 25, 50, 100)
 CODES = (("fp32", 32), ("int4", 32), ("int4", 16), ("int4", 8))  # (format, logged dims)
 DELAYS_S = (0, 60, 3600, 86400)
+SCHEMES = ("frozen", "rolling")  # fm.checkpoint_scheme
 LAYERS = ("embedding", "hidden1", "hidden2")
 VM_SIZES = (("small", 4, (16,)), ("default", 8, (64, 32)), ("large", 16, (256, 128)))
 
@@ -136,10 +137,10 @@ def build_experiments(names: tuple[str, ...], base_length: int) -> list[Experime
     if "freshness" in names:
         pts = [Point(f"delay {d} s", d, {"kd": main["kd"], "loopfm_kd": Cell(MAIN if d == 60 else World(log=(("fm.logging_delay_s", d),)), "loopfm_kd")})
                for d in DELAYS_S]  # fmt: skip
-        rolling = World(log=(("fm.checkpoint_scheme", "rolling"),))
-        pts += [Point("frozen checkpoint", "frozen", _kd_pair(MAIN)), Point("rolling checkpoints", "rolling", _kd_pair(rolling))]
+        scheme = {s: MAIN if s == FMConfig().checkpoint_scheme else World(log=(("fm.checkpoint_scheme", s),)) for s in SCHEMES}
+        pts += [Point(f"{s} checkpoint", s, _kd_pair(scheme[s])) for s in SCHEMES]
         claims = [Claim(f"delay 0 s vs {p.label}", pts[0].cells["loopfm_kd"], p.cells["loopfm_kd"]) for p in pts[1:4]]
-        claims.append(Claim("frozen vs rolling (LoopFM+KD)", pts[4].cells["loopfm_kd"], pts[5].cells["loopfm_kd"]))
+        claims.append(Claim("rolling vs frozen (LoopFM+KD)", pts[5].cells["loopfm_kd"], pts[4].cells["loopfm_kd"]))
         out.append(Experiment("freshness", "Freshness: logging delay and checkpoint scheme", pts, claims))
     if "layer" in names:
         pts = [Point(layer, layer, {"kd": main["kd"], "loopfm_kd": Cell(MAIN if layer == "hidden1" else World((("fm.extract_layer", layer),)), "loopfm_kd")})

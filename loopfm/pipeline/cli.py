@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/results"), help="run directories, one per seed and world; "
                    "an existing one is resumed (finished cells are reused)")  # fmt: skip
     p.add_argument("--docs", type=Path, default=Path("docs"), help="writes results.md, results.json, results/*.png")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="worker processes (each torch thread-limited to 1)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
