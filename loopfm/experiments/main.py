@@ -58,8 +58,8 @@ NOTES = {
         "day is logged with the checkpoint trained up to that day (KD labels too, so VM + KD changes as well)."
     ),
     "layer": (
-        "Which FM activation the compressor encodes: the concatenated embedding layer, the first or the "
-        "second hidden layer. Each point retrains FM + compressor with the same seed; VM + KD is the main "
+        "Which FM activation the compressor encodes: the concatenated embedding layer or the first hidden "
+        "layer (the paper found shallow layers transfer best). Each point retrains FM + compressor with the same seed; VM + KD is the main "
         "table's (its KD label does not depend on the extracted layer)."
     ),
     "vm_size": (
