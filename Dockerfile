@@ -25,5 +25,8 @@ RUN useradd --system --uid 10001 loopfm
 USER loopfm
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=2s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
-CMD ["uvicorn", "serving.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
-     "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+# LOOPFM_WORKERS: uvicorn worker processes sharing the port, one per core the container may
+# use (the server reads it too: one ONNX Runtime thread per worker when above 1).
+ENV LOOPFM_WORKERS=1
+CMD ["sh", "-c", "exec uvicorn serving.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$LOOPFM_WORKERS\" \
+     --loop uvloop --http httptools --no-access-log"]

@@ -25,6 +25,7 @@ SMALL_WORLD = [
     "--users", "500", "--days", "14", "--seed", "7",
     "--set", "fm.warmup_days=5", "--set", "vm.eval_days=4", "--set", "vm.epochs=2",
     "--set", "fm.logging_delay_s=0", "--set", "vm.history_length=20", "--set", "fm.code_dim=16",
+    "--set", "fm.warmup_epochs=4", "--set", "fm.passes_per_day=1",  # a quick FM: what is tested holds for any
 ]  # fmt: skip
 
 

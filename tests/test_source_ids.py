@@ -65,7 +65,8 @@ def run(tmp_path_factory):
     with local_redis() as url:
         loopfm("data", "import", "--data", str(log), "--format", "csv", *[a for m in maps for a in ("--map", m)],
                "--time-unit", "us", "--vertical", "surface=shop", "--run-dir", str(run),
-               "--set", "vm.epochs=2", "--set", "vm.history_length=10", "--set", "fm.code_dim=8")  # fmt: skip
+               "--set", "vm.epochs=2", "--set", "vm.history_length=10", "--set", "fm.code_dim=8",
+               "--set", "fm.warmup_epochs=4", "--set", "fm.passes_per_day=1")  # fmt: skip
         for stage in (("fm", "train"), ("fm", "log"), ("features", "build")):
             loopfm(*stage, "--run-dir", str(run))
         loopfm("features", "apply", "--run-dir", str(run), "--redis-url", url)
