@@ -24,7 +24,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # about an hour on 2 cores (5 seeds): every experiment from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # over an hour on 2 cores, not yet timed end to end (5 seeds; main+length+encoder alone: 51 min loaded): every experiment from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 
