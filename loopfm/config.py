@@ -34,6 +34,7 @@ _VARIANTS = (Variant("base", False, False), Variant("kd", False, True), Variant(
              Variant("loopfm_kd", True, True))  # fmt: skip
 VARIANTS = tuple(v.name for v in _VARIANTS)  # names, in the results table's order
 ENCODERS = ("sum", "mean", "dot", "dot_mlp", "din")  # how a VM pools a history (loopfm/vm/model.py)
+HISTORY_EVENTS = ("clicks", "impressions")  # whose codes the FM history holds (loopfm/features/build.py)
 
 
 def variant_named(name: str) -> Variant:
@@ -76,16 +77,17 @@ class FMConfig:
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
     extract_layer: str = "hidden1"  # a layer the FM returns (built-in: embedding | hidden1 | hidden2), or several comma-separated
     batch_size: int = 512
-    lr: float = 2e-3
+    lr: float = 5e-4  # measured in docs/training.md ("FM learning rate"); 2e-3 overfit the warm-up by epoch 2
     weight_decay: float = 0.0  # AdamW
     id_dropout: float = 0.1  # share of training events whose user and item ids read as unknown
     warmup_days: int = 10  # VM examples start after this many days of FM training
     warmup_epochs: int = 20  # the most; early stopping on the warm-up's newest days picks the epoch
     validation_fraction: float = 0.1
     patience: int = 2
-    passes_per_day: int = 2  # streaming after the warm-up: each day is seen this many times, in day order
+    passes_per_day: int = 1  # streaming after the warm-up: each day is seen this many times, in day order
     checkpoint_scheme: str = "rolling"  # rolling | frozen; measured in docs/training.md ("FM checkpoint scheme")
     logging_delay_s: int = 60
+    history_events: str = "impressions"  # clicks | impressions: whose logged codes form the FM history; docs/training.md
 
     def __post_init__(self) -> None:
         if isinstance(self.extract_layer, (list, tuple)):  # config.json may hold a list of layers
@@ -115,6 +117,7 @@ class VMConfig:
     weight_decay: float = 0.0  # AdamW
     wide_lr_multiplier: float = 20.0  # the candidate biases learn this much faster than the rest
     dropout: float = 0.5  # after each hidden layer of the MLP
+    history_product: bool = True  # feed pooled history * candidate query to the MLP as well
     kd_weight: float = 0.5
     eval_days: int = 6
     seed: int = 0
@@ -146,6 +149,7 @@ class RunConfig:
             (all(fm.layers), "fm.extract_layer must name a layer, or several comma-separated"),
             (":" in fm.model, f"fm.model must be package.module:factory, e.g. {DEFAULT_FM_MODEL}"),
             (fm.logging_delay_s >= 0, "fm.logging_delay_s must be >= 0"),
+            (fm.history_events in HISTORY_EVENTS, f"fm.history_events must be one of {HISTORY_EVENTS}"),
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
         ]

@@ -44,8 +44,8 @@ def test_histories_and_counts_equal_a_brute_force_recomputation_that_excludes_th
     clicked_now = 0
     for row in sample.itertuples():
         t = t_imp[row.impression_id]
-        clicks = log[(log.user_id == row.user_id) & (log.label == 1)]
-        codes = clicks[clicks.available_at < t].sort_values("available_at", kind="stable")["fm_code"].tolist()[-length:]
+        mine = log[(log.user_id == row.user_id) & ((log.label == 1) | (cfg.fm.history_events == "impressions"))]
+        codes = mine[mine.available_at < t].sort_values("available_at", kind="stable")["fm_code"].tolist()[-length:]
         assert (row.fm_codes or b"") == b"".join(codes)
         own = imp[(imp.user_id == row.user_id) & (imp.label == 1) & (imp.vertical == cfg.vm.target_vertical)]
         items = own[own.event_timestamp < t]["item_id"].to_numpy()[-length:].astype("<i4").tobytes()

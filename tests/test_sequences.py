@@ -1,6 +1,7 @@
 """`last_n_before` and `count_before`: the one point-in-time rule for every history and count."""
 
 import numpy as np
+import pytest
 
 from loopfm.sequences import count_before, last_n_before
 
@@ -59,3 +60,16 @@ def test_vm_click_history_counts_impressions_and_clicks_up_to_each_time_even_bef
     assert shop["impressions"].tolist() == [1, 3, 4] and shop["clicks"].tolist() == [0, 1, 2]  # one row per time
     assert shop["item_ids"].tolist() == [b"", np.array([2], "<i4").tobytes(), np.array([2, 4], "<i4").tobytes()]
     assert build_vm_click_history(imp[imp.label == 0], ["shop"], length=4)["item_ids"].tolist() == [b"", b""]
+
+
+@pytest.mark.parametrize("events, codes", [("clicks", [b"", b"B"]), ("impressions", [b"A", b"AB"])])
+def test_fm_history_holds_the_codes_of_clicks_or_of_every_impression_as_configured(events, codes):
+    import pandas as pd
+
+    from loopfm.features.build import build_fm_history, fm_history_members
+
+    t = pd.to_datetime([1, 2], unit="s", utc=True)
+    log = pd.DataFrame({"user_id": [7, 7], "available_at": t, "fm_code": [b"A", b"B"], "fm_trained_until": t})
+    history = build_fm_history(log, fm_history_members(np.array([0, 1]), events), length=4)
+    snapshots = dict(zip(history["event_timestamp"], history["fm_codes"]))
+    assert [snapshots.get(ts, b"") for ts in t] == codes  # an unclicked event's code enters only an impression history

@@ -9,7 +9,8 @@ from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_po
 
 def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4,
-                      embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6)  # fmt: skip
+                      embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6,
+                      history_product=True)  # fmt: skip
     return VerticalModel(shapes).eval()
 
 

@@ -47,9 +47,16 @@ def _pack_rows(rows: np.ndarray, idx: np.ndarray) -> list[bytes]:
     return [gathered[i, n - c :].tobytes() for i, c in enumerate(counts)]
 
 
-def build_fm_history(log: pd.DataFrame, clicked: np.ndarray, length: int) -> pd.DataFrame:
-    """Per-user sequences of the last `length` FM codes of clicked events, all verticals."""
-    c = log[clicked]
+def fm_history_members(label: np.ndarray, events: str) -> np.ndarray:
+    """Which events' codes enter the FM history (`fm.history_events`): label [N] 0/1 -> [N] bool,
+    the clicked events or every impression."""
+    return label == 1 if events == "clicks" else np.ones(len(label), dtype=bool)
+
+
+def build_fm_history(log: pd.DataFrame, member: np.ndarray, length: int) -> pd.DataFrame:
+    """Per-user sequences of the last `length` FM codes of the events where `member` [N bool]
+    holds (see fm_history_members), all verticals."""
+    c = log[member]
     available = unix_us(c["available_at"]).to_numpy()
     user, snap_us, idx = _snapshots(c["user_id"].to_numpy(), available, length)
     codes = np.stack([np.frombuffer(b, dtype=np.uint8) for b in c["fm_code"]]) if len(c) else np.zeros((0, 1), np.uint8)
@@ -95,10 +102,10 @@ def _histories(imp: pd.DataFrame, log: pd.DataFrame, cfg: RunConfig, engine: Eng
     """The two history tables, built per user (every user's rows in one call, on any engine)."""
     length = cfg.vm.history_length
     vm_history = partial(build_vm_click_history, verticals=cfg.world.verticals, length=length)
-    log = log.assign(clicked=imp["label"].to_numpy() == 1)
+    log = log.assign(member=fm_history_members(imp["label"].to_numpy(), cfg.fm.history_events))
 
     def fm_history(rows: pd.DataFrame) -> pd.DataFrame:
-        return build_fm_history(rows.drop(columns="clicked"), rows["clicked"].to_numpy(), length)
+        return build_fm_history(rows.drop(columns="member"), rows["member"].to_numpy(), length)
 
     tables = {"vm_click_history": engine.map_users(vm_history, imp), "fm_history": engine.map_users(fm_history, log)}
     # one snapshot per (entity, time): this order is canonical, so every engine writes the same file

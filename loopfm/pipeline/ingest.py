@@ -142,13 +142,14 @@ def _append_fm_log(paths: RunPaths, cfg: RunConfig, ingested_at: pd.Timestamp) -
 def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict[str, pd.DataFrame]:
     """Each user's newest history snapshot per pushed view, from the whole log, keyed by
     source ids as the Feast sources are (`users`: dense ids)."""
-    from loopfm.features.build import build_fm_history, build_vm_click_history, keyed_by_source_ids
+    from loopfm.features.build import build_fm_history, build_vm_click_history, fm_history_members, keyed_by_source_ids
 
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
     mine = imp["user_id"].isin(users).to_numpy()
     snapshots = {
-        "fm_history": build_fm_history(log[mine], imp["label"].to_numpy()[mine] == 1, cfg.vm.history_length),
+        "fm_history": build_fm_history(log[mine], fm_history_members(imp["label"].to_numpy()[mine], cfg.fm.history_events),
+                                       cfg.vm.history_length),
         "vm_click_history": build_vm_click_history(imp[mine], cfg.world.verticals, cfg.vm.history_length),
     }
     id_maps = load_id_maps(paths)

@@ -39,6 +39,7 @@ class VMShapes:
     encoder: str
     history_length: int
     dropout: float = 0.0
+    history_product: bool = False  # False in models saved before it existed
 
 
 class DinScorer(nn.Module):
@@ -128,14 +129,15 @@ class VerticalModel(nn.Module):
         self.candidate = nn.ModuleList(nn.Embedding(v, e) for v in s.candidate_vocab)
         cand_width = e * len(s.candidate_vocab)
         self.target = nn.Linear(cand_width, e)  # candidate -> query for the history encoders
-        width = e * len(s.user_context_vocab) + cand_width + e  # + own-history pooling
+        per_history = 2 * e if s.history_product else e  # pooled vector (+ its product with the query)
+        width = e * len(s.user_context_vocab) + cand_width + per_history  # + own-history pooling
         self.own_attention = attention_scorer(s.encoder, e)
         self.own_recency = nn.Parameter(torch.zeros(s.history_length))  # per-position log-weights, see masked_pool
         self.fm_recency = nn.Parameter(torch.zeros(s.history_length)) if s.use_fm_history else None
         self.fm_attention = attention_scorer(s.encoder, e) if s.use_fm_history else None
         if s.use_fm_history:
             self.code_proj = nn.Linear(s.code_dim, e)
-            width += e
+            width += per_history
         layers: list[nn.Module] = []
         for h in s.hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(s.dropout)]
@@ -182,11 +184,13 @@ class VerticalModel(nn.Module):
         query = self.target(cand)  # [C, e]
         own = self.candidate[0](vm_history)  # [U, L, e] item-id embeddings shared with candidates
         own_mask = (vm_history > 0).float()
-        parts = [ctx[candidate_user], cand]
-        parts.append(masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_attention, self.own_recency))
+        pooled = [masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_attention, self.own_recency)]
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
-            parts.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_attention, self.fm_recency))
+            pooled.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_attention, self.fm_recency))
+        parts = [ctx[candidate_user], cand, *pooled]
+        if s.history_product:  # [C, e] each: the user-candidate affinity as an explicit product
+            parts += [h * query for h in pooled]
         x = self.mlp(torch.cat(parts, dim=1))
         wide = sum(b(candidates[:, i]) for i, b in enumerate(self.candidate_bias))  # [C, 1]
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)

@@ -77,6 +77,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         encoder=cfg.vm.encoder,
         history_length=spec.history_length,
         dropout=cfg.vm.dropout,
+        history_product=cfg.vm.history_product,
     )
 
 
