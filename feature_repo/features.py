@@ -104,7 +104,7 @@ fm_history = FeatureView(
     entities=[user],
     ttl=TTL,
     schema=[
-        Field(name=_codes, dtype=Bytes, description="last L FM codes of clicked events, int4 or fp32 packed"),
+        Field(name=_codes, dtype=Bytes, description="last L FM codes of the user's events (fm.history_events: every impression or clicks only), int4 or fp32 packed"),
         Field(name=_newest, dtype=Int64, description="unix µs: when the newest code became available"),
         Field(name=_trained_until, dtype=Int64, description="unix µs: newest data any code's FM checkpoint saw"),
     ],

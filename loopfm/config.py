@@ -119,6 +119,7 @@ class VMConfig:
     dropout: float = 0.5  # after each hidden layer of the MLP
     history_product: bool = True  # feed pooled history * candidate query to the MLP as well
     kd_weight: float = 0.5
+    kd_ramp_epochs: int = 3  # the KD weight rises linearly from 0 (epoch 1) to kd_weight (epoch 1 + this)
     eval_days: int = 6
     seed: int = 0
 
@@ -140,6 +141,7 @@ class RunConfig:
             (vm.eval_days > 0 and vm.history_length > 0, "vm.eval_days and vm.history_length must be positive"),
             (0 < vm.validation_fraction < 1, "vm.validation_fraction must lie in (0, 1)"),
             (vm.epochs > 0 and vm.patience > 0, "vm.epochs and vm.patience must be positive"),
+            (vm.kd_ramp_epochs >= 0, "vm.kd_ramp_epochs must be >= 0"),
             (0 <= vm.dropout < 1 and vm.weight_decay >= 0, "vm.dropout must lie in [0, 1) and vm.weight_decay be >= 0"),
             (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),
@@ -215,6 +217,9 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig}
+# A key a saved config.json lacks takes the behaviour the run was built with, not today's
+# default: its features and models were made before the key existed.
+_BEFORE_KEY = {"FMConfig": {"history_events": "clicks"}, "VMConfig": {"history_product": False}}
 
 
 def _section(type_name: str, values: dict, path: Path):
@@ -223,5 +228,6 @@ def _section(type_name: str, values: dict, path: Path):
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in section {type_name}")
+    values = {**_BEFORE_KEY.get(type_name, {}), **values}
     # JSON has no tuples; restore them so configs compare equal after a round trip.
     return section(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -121,3 +121,15 @@ def test_atomically_written_files_get_the_umask_s_mode_not_a_private_one(tmp_pat
 def test_a_worker_count_or_bench_duration_out_of_range_is_refused_naming_the_flag(tmp_path, args, flag):
     r = loopfm(*args, "--run-dir", str(tmp_path), check=False)
     assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_config_saved_before_a_key_existed_keeps_the_behaviour_its_run_was_built_with(tmp_path):
+    from loopfm.config import RunConfig
+
+    RunConfig().save(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["fm"]["history_events"], raw["vm"]["history_product"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    old = RunConfig.load(tmp_path)
+    assert (old.fm.history_events, old.vm.history_product) == ("clicks", False)  # its features hold click codes
+    assert (RunConfig().fm.history_events, RunConfig().vm.history_product) == ("impressions", True)  # new runs

@@ -51,7 +51,9 @@ def test_the_world_has_what_floored_or_numpy_bytes_would_corrupt(both_profiles, 
     ids = rows["item_ids"].dropna()
     ids = ids[ids.map(len) > 0]  # b"": impressions so far but no click yet
     assert ids.map(lambda b: b.endswith(b"\x00")).mean() > 0.9  # int32 little-endian ids < 2**24
-    assert rows["item_ids"].isna().any() and rows["fm_codes"].isna().any()  # nulls
+    # nulls in a Bytes column (fm_codes has none here: with the FM history of every impression,
+    # every user of this world, active from its first day, has one by the VM's window)
+    assert rows["item_ids"].isna().any()
 
 
 @pytest.mark.parametrize("part", ["train", "eval"])

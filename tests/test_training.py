@@ -93,3 +93,10 @@ def test_a_late_user_is_unknown_to_the_frozen_checkpoint_and_known_to_the_rollin
     mine = log[log["user_id"].isin(late)].assign(first_seen=first_seen)
     later_days = mine[mine["event_timestamp"].dt.floor("D") > mine["first_seen"].dt.floor("D")]
     assert len(later_days) and (later_days["fm_trained_until"] > later_days["first_seen"]).all()
+
+
+def test_the_kd_weight_ramps_up_from_zero_so_the_first_epoch_trains_the_serving_head_alone():
+    from loopfm.vm.train import kd_ramp
+
+    assert [kd_ramp(epoch, 3) for epoch in (1, 2, 3, 4, 9)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    assert kd_ramp(1, 0) == 1.0  # no ramp: the full weight from the first step

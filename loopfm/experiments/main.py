@@ -50,7 +50,7 @@ NOTES = {
         "int4 as round(8z) packed two per byte; prefixes store only the first dims. Bytes per code are "
         "measured on the logged rows; 'bytes/user at full L' = L x that; the stored mean (max) is the "
         "measured size of each user's newest `fm_codes` value in the Feast source, i.e. what "
-        "materialize writes to Redis (most users have fewer than L clicked events)."
+        "materialize writes to Redis (users with fewer than L logged events store fewer codes)."
     ),
     "freshness": (
         "Logging delay: a code becomes available `delay` after its event (the main table uses 60 s and rolling checkpoints). "

@@ -7,7 +7,7 @@ encoded once per request; in training every row is its own user (candidate_user 
 
     user_context   [U, 5]     int64  age, gender, hour, click-rate and impression-count buckets (+1; 0 = unknown)
     vm_history     [U, L]     int64  own-vertical clicked item ids (+1; 0 = padding), newest last
-    fm_codes       [U, L, d]  float  FM codes of the user's last L clicks (LoopFM variants)
+    fm_codes       [U, L, d]  float  FM codes of the user's last L events (fm.history_events; LoopFM variants)
     fm_mask        [U, L]     float  1 where fm_codes holds a code
     candidates     [C, 4]     int64  item id, category, brand, price bucket (+1; 0 = unknown)
     candidate_user [C]        int64  row of the user each candidate is scored for
