@@ -114,3 +114,13 @@ def test_bad_experiment_flags_are_named(tmp_path):
         run_experiments(tmp_path, tmp_path, 2, 1, ("main", "nope"), (), "x")
     with pytest.raises(ValueError, match="--seeds"):
         run_experiments(tmp_path, tmp_path, 1, 1, ("main",), (), "x")
+
+
+def test_a_cell_cached_by_an_untimed_run_is_trained_again_when_a_timed_experiment_needs_its_model(tmp_path):
+    from loopfm.experiments.plan import Cell
+    from loopfm.experiments.runner import _cell_done
+
+    (tmp_path / "result.json").write_text("{}")  # trained for the main table: no model.onnx
+    assert _cell_done(tmp_path, Cell(MAIN, "kd")) and not _cell_done(tmp_path, Cell(MAIN, "kd", latency=True))
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert _cell_done(tmp_path, Cell(MAIN, "kd", latency=True))

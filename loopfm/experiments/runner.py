@@ -119,6 +119,13 @@ def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
     })  # fmt: skip
 
 
+def _cell_done(cdir: Path, cell: Cell) -> bool:
+    """A cell is finished when its result.json exists and, if a timed experiment needs it, its
+    ONNX model too: a cell first trained for an untimed experiment (main) is trained again
+    (same seed, same result) when a later run adds one that times it (encoder)."""
+    return (cdir / "result.json").exists() and (not cell.latency or (cdir / "model.onnx").exists())
+
+
 def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.DataFrame, pd.DataFrame], log: Progress) -> None:
     """Train one VM on the world's frames; write its eval predictions, then result.json last."""
     import torch
@@ -129,7 +136,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
     from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec, variant_frame
 
     cdir = seed_dir / cell.path
-    if (cdir / "result.json").exists():
+    if _cell_done(cdir, cell):
         return
     cdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -163,7 +170,7 @@ def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: O
     seed_dir = Path(out) / f"seed{seed}"
     for world in worlds:
         prepare_world(seed_dir, world, base, seed, redis_url, log)
-        todo = [c for c in cells if c.world == world and not (seed_dir / c.path / "result.json").exists()]
+        todo = [c for c in cells if c.world == world and not _cell_done(seed_dir / c.path, c)]
         if not todo:
             continue
         t0 = time.perf_counter()
