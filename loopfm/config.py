@@ -77,7 +77,7 @@ class FMConfig:
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
     extract_layer: str = "hidden1"  # a layer the FM returns (built-in: embedding | hidden1 | hidden2), or several comma-separated
     batch_size: int = 512
-    lr: float = 5e-4  # measured in docs/training.md ("FM learning rate"); 2e-3 overfit the warm-up by epoch 2
+    lr: float = 5e-4  # docs/training.md ("... the FM's learning rate"): 2e-3 overfit the warm-up by epoch 2
     weight_decay: float = 0.0  # AdamW
     id_dropout: float = 0.1  # share of training events whose user and item ids read as unknown
     warmup_days: int = 10  # VM examples start after this many days of FM training
