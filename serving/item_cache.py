@@ -4,6 +4,10 @@ Item features change rarely and a request carries up to 1,000 of them, so re-rea
 from Redis on every request dominates the read path. User features are never cached.
 Items absent from the store are cached too (as unknown), so the TTL also bounds how long
 a newly materialized item stays unknown to this process.
+
+The rows live in one [max_items, width] matrix and the index maps an id to its slot, so a
+request's cached rows come out with one gather: `np.stack` over 100 per-item arrays was 6% of
+the server's busy time in a py-spy profile (2026-12-01, `wrk` closed loop, 100 candidates).
 """
 
 from __future__ import annotations
@@ -18,35 +22,69 @@ import numpy as np
 class ItemCache:
     def __init__(self, max_items: int, ttl_s: float):
         self.max_items, self.ttl_s = max_items, ttl_s
-        self._rows: OrderedDict[int | str, tuple[float, np.ndarray]] = OrderedDict()
+        self._index: OrderedDict[int | str, tuple[float, int]] = OrderedDict()  # id -> (expires, slot), LRU first
+        self._matrix: np.ndarray | None = None  # [max_items, width], allocated at the first store
         self.hits = self.misses = 0
 
-    def lookup(self, item_ids: Sequence[int | str]) -> tuple[list[np.ndarray | None], list[int | str]]:
-        """Cached rows in request order (None where missing or expired) and the missing ids."""
+    @property
+    def enabled(self) -> bool:
+        return self.max_items > 0 and self.ttl_s > 0
+
+    def lookup(self, item_ids: Sequence[int | str]) -> tuple[np.ndarray, list[int | str]]:
+        """The slot of each id's cached row in request order (-1 where missing or expired) and
+        the missing ids, each once, in first-seen order."""
         now = time.monotonic()
-        rows: list[np.ndarray | None] = []
-        missing: list[int | str] = []
-        for item in item_ids:
-            entry = self._rows.get(item)
+        slots = np.full(len(item_ids), -1, dtype=np.int64)
+        missing: dict[int | str, None] = {}
+        for position, item in enumerate(item_ids):
+            entry = self._index.get(item)
             if entry is not None and entry[0] > now:
-                self._rows.move_to_end(item)
-                rows.append(entry[1])
+                self._index.move_to_end(item)
+                slots[position] = entry[1]
             else:
-                rows.append(None)
-                missing.append(item)
-        self.hits += len(item_ids) - len(missing)
-        self.misses += len(missing)
-        return rows, missing
+                missing[item] = None
+        misses = int((slots < 0).sum())
+        self.hits += len(item_ids) - misses
+        self.misses += misses
+        return slots, list(missing)
+
+    def rows(self, item_ids: Sequence[int | str], slots: np.ndarray, missing: Sequence[int | str],
+             fresh: np.ndarray | None) -> np.ndarray:  # fmt: skip
+        """[C, W] rows in request order: cached ones gathered by `slots` (from `lookup`), the
+        others taken from `fresh` [M, W] (the rows of `missing`, in its order), which are then
+        stored. ValueError if an id has neither a slot nor a fresh row."""
+        hit = slots >= 0
+        if fresh is None or not len(missing):
+            if not hit.all():
+                raise ValueError("ids without a cached row need their fresh rows")
+            return self._matrix[slots]
+        out = np.empty((len(item_ids), fresh.shape[1]), dtype=fresh.dtype)
+        if hit.any():  # gathered before `store` may reuse a slot
+            out[hit] = self._matrix[slots[hit]]
+        fresh_row = {item: k for k, item in enumerate(missing)}
+        gaps = np.flatnonzero(~hit)
+        out[gaps] = fresh[[fresh_row[item_ids[g]] for g in gaps]]
+        self.store(missing, fresh)
+        return out
 
     def store(self, item_ids: Sequence[int | str], rows: np.ndarray) -> None:
-        if self.max_items <= 0 or self.ttl_s <= 0:
+        """Cache `rows` [M, W] of `item_ids` (distinct ids) until the TTL, evicting the least
+        recently used rows beyond `max_items`."""
+        if not self.enabled:
             return
+        if self._matrix is None or self._matrix.shape[1:] != rows.shape[1:] or self._matrix.dtype != rows.dtype:
+            self._matrix, self._index = np.zeros((self.max_items, *rows.shape[1:]), dtype=rows.dtype), OrderedDict()
         expires = time.monotonic() + self.ttl_s
         for item, row in zip(item_ids, rows):
-            self._rows[item] = (expires, row.copy())  # a view would keep the whole batch alive
-            self._rows.move_to_end(item)
-        while len(self._rows) > self.max_items:
-            self._rows.popitem(last=False)
+            entry = self._index.pop(item, None)
+            if entry is not None:
+                slot = entry[1]
+            elif len(self._index) < self.max_items:
+                slot = len(self._index)
+            else:  # full: the least recently used row gives up its slot
+                slot = self._index.popitem(last=False)[1][1]
+            self._matrix[slot] = row
+            self._index[item] = (expires, slot)
 
     @property
     def hit_rate(self) -> float:
@@ -54,4 +92,4 @@ class ItemCache:
         return self.hits / total if total else 0.0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._index)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnxruntime as ort
 import redis.asyncio
 
@@ -89,8 +88,7 @@ class Scorer:
         source ids of the model's entity types (serving.schemas.id_type_error checks them);
         each item's dense index comes with its features (ITEM_INDEX)."""
         started = time.perf_counter()
-        rows, missing = self.items.lookup(item_ids)
-        missing = list(dict.fromkeys(missing))
+        slots, missing = self.items.lookup(item_ids)
         requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
         *user_side, fetched = await read_online_features(
             client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)]
@@ -101,12 +99,8 @@ class Scorer:
             user.timestamps.update(group.timestamps)
             user.corrupt += group.corrupt
         read_done = time.perf_counter()
-        if missing:
-            fresh = candidate_tensors(fetched.values, self.spec)
-            self.items.store(missing, fresh)
-            by_id = dict(zip(missing, fresh))
-            rows = [by_id[i] if row is None else row for i, row in zip(item_ids, rows)]
-        tensors = model_inputs(user.values, [hour], np.stack(rows), self.spec)
+        fresh = candidate_tensors(fetched.values, self.spec) if missing else None
+        tensors = model_inputs(user.values, [hour], self.items.rows(item_ids, slots, missing, fresh), self.spec)
         session = self.large_session if len(item_ids) >= self.large_batch else self.session
         scores = session.run(None, {name: tensors[name] for name in self.inputs})[0]
         now = time.time()

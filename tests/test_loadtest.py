@@ -10,7 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from loopfm.bench.loadtest import LoadSpec, RequestPool, http_request, request_body, run_load, schedule
+from loopfm.bench.loadtest import (LoadSpec, RequestPool, cpu_ticks, http_request, machine_load, request_body, run_load,
+                                   schedule)
 
 STALL_S = 0.3
 
@@ -128,6 +129,14 @@ def test_requests_leave_on_schedule_while_none_is_answered():
     assert len(received) == 50  # 4 connections held by unanswered requests did not hold the rest back
     assert received[-1] - received[0] < 0.5 + 0.1  # sent over the schedule's 0.5 s, not after answers
     assert report["client"]["send_lag_p50_ms"] is not None and 0 <= report["client"]["cpu_share"]
+    assert 0 < report["machine"]["busy_share"] <= 1 and 0 <= report["machine"]["steal_share"] < 1
+
+
+def test_machine_load_is_the_share_of_all_cores_time_busy_and_stolen_between_two_readings():
+    assert machine_load((100, 10, 1000), (400, 60, 2000)) == {"busy_share": 0.3, "steal_share": 0.05}
+    assert machine_load(None, (1, 1, 1)) == {"busy_share": None, "steal_share": None}
+    busy, steal, total = cpu_ticks()
+    assert 0 <= steal <= total and 0 < busy <= total
 
 
 def test_request_bytes_are_whole_http_requests_encoded_before_the_clock_starts():

@@ -340,6 +340,28 @@ def summarize(records: list[tuple], spec: LoadSpec) -> dict:
     }
 
 
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy, steal, total) clock ticks of every core since boot, from /proc/stat's `cpu` line
+    (None where there is none: not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal, sum(fields[:8])
+
+
+def machine_load(before: tuple | None, after: tuple | None) -> dict:
+    """What the whole machine did over a run, as shares of all cores' time: `busy` (every
+    process, this client included) and `steal` (time the hypervisor ran other guests while ours
+    wanted the core: a noisy host shows here, not in any process's CPU time)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return {"busy_share": None, "steal_share": None}
+    total = after[2] - before[2]
+    return {"busy_share": (after[0] - before[0]) / total, "steal_share": (after[1] - before[1]) / total}
+
+
 def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/score") -> tuple[dict, list[tuple]]:
     """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint). Returns the report
     (percentiles, errors, the client's own cost) and one (offset_s, latency_s, kind) record
@@ -348,7 +370,10 @@ def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/s
     rng = np.random.default_rng(spec.seed)
     offsets = schedule(spec, rng)
     bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else [None]
-    fired = _fire(url, [http_request(url, path, body) for body in bodies], offsets, spec)
+    requests = [http_request(url, path, body) for body in bodies]
+    before = cpu_ticks()
+    fired = _fire(url, requests, offsets, spec)
+    after = cpu_ticks()
     records, lags = fired["records"], fired["send_lags"]
     sent_lags = lags[~np.isnan(lags)] * 1000
     client = {  # what the generator itself cost: late sends add to every latency it reports
@@ -359,7 +384,7 @@ def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/s
     }
     # The schedule's origin on time.perf_counter's clock, to line records up with other events.
     report = {"spec": asdict(spec), "path": path, "schedule_origin_perf_counter": fired["origin"],
-              **summarize(records, spec), "client": client}  # fmt: skip
+              **summarize(records, spec), "client": client, "machine": machine_load(before, after)}  # fmt: skip
     return report, records
 
 

@@ -293,13 +293,18 @@ def parse_wrk(text: str) -> dict:
 
 def _row(report: dict) -> dict:
     """The issue's per-point keys, then what the point offered and what the client cost."""
-    keys = ("p50_ms", "p99_ms", "p999_ms", "achieved_rate", "errors", "offered_rate", "sent", "client")
+    keys = ("p50_ms", "p99_ms", "p999_ms", "achieved_rate", "errors", "offered_rate", "sent", "client", "machine")
     return {k: report[k] for k in keys}
 
 
 def _line(row: dict) -> str:
     return (f"p50 {format_ms(row['p50_ms'])}, p99 {format_ms(row['p99_ms'])}, achieved {row['achieved_rate']:.0f} req/s, "
-            f"errors {row['errors'] or 'none'}, client CPU {row['client']['cpu_share']:.0%}")  # fmt: skip
+            f"errors {row['errors'] or 'none'}, client CPU {row['client']['cpu_share']:.0%}, steal {_steal(row)}")  # fmt: skip
+
+
+def _steal(row: dict) -> str:
+    steal = row["machine"]["steal_share"]
+    return "n/a" if steal is None else f"{steal:.0%}"
 
 
 def _model_description(model_dir: Path) -> str:
@@ -353,7 +358,8 @@ def markdown(summary: dict) -> str:
         "send time, failures counted at the time they failed. Server, Valkey and client are pinned to cores "
         "(`os.sched_setaffinity`, inherited by what the bench starts). The client is `loopfm/bench/loadtest.py`: one "
         "epoll loop, pre-encoded requests, keep-alive connections; `client CPU` is its CPU time over the schedule, "
-        "`send lag` how late it released requests. The /healthz rows at the same rates are its floor: what the "
+        "`send lag` how late it released requests; `steal` the share of the machine's CPU time the hypervisor gave "
+        "to other guests during the point (`/proc/stat`): a noisy host shows there. The /healthz rows at the same rates are its floor: what the "
         "client, loopback and the HTTP stack add before any scoring. `server p50 / p99 <=` are the buckets of the "
         "server's own histogram (`loopfm_request_seconds`, ASGI middleware, every worker) that hold them.",
         "",
@@ -362,18 +368,18 @@ def markdown(summary: dict) -> str:
         cores = r["cores"]
         lines += [f"## {name.replace('_', ' ')}: server on cores {cores['server']}, Valkey on {cores['store']}, "
                   f"client on {cores['client']}", "",
-                  "| load | p50 | p99 | p99.9 | achieved | errors | server p50 / p99 <= | client CPU | send lag p99 |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| load | p50 | p99 | p99.9 | achieved | errors | server p50 / p99 <= | client CPU | send lag p99 | steal |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for candidates, by_rate in r["open_loop"].items():
             for rate, row in by_rate.items():
                 lines.append(f"| /score {candidates} candidates at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} "
                              f"| {_ms(row, 'p999_ms')} | {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} "
                              f"| {format_ms(row['server']['p50_le_ms'])} / {format_ms(row['server']['p99_le_ms'])} "
-                             f"| {row['client']['cpu_share']:.0%} | {format_ms(row['client']['send_lag_p99_ms'])} |")  # fmt: skip
+                             f"| {row['client']['cpu_share']:.0%} | {format_ms(row['client']['send_lag_p99_ms'])} | {_steal(row)} |")  # fmt: skip
         for rate, row in r["noop"].items():
             lines.append(f"| /healthz (floor) at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} | {_ms(row, 'p999_ms')} "
                          f"| {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} | | {row['client']['cpu_share']:.0%} "
-                         f"| {format_ms(row['client']['send_lag_p99_ms'])} |")  # fmt: skip
+                         f"| {format_ms(row['client']['send_lag_p99_ms'])} | {_steal(row)} |")  # fmt: skip
         best = r["capacity_p99_5ms"]["100"]
         held = f"{best:g} req/s" if best else f"none of the rates tried (lowest {CAPACITY_RATES[0]} req/s)"
         lines += ["", f"Capacity at 100 candidates with p99 <= {CAPACITY_P99_MS:g} ms: **{held}** "

@@ -36,10 +36,9 @@ async def score_with(scorer: Scorer, body: ScoreRequest, client: AsyncClient, se
     if wrong_type:  # answered like any other invalid request (serving.responses.invalid_request)
         raise RequestValidationError([wrong_type])
     hour = body.context.hour if body.context.hour is not None else time.gmtime().tm_hour
-    try:
-        result = await asyncio.wait_for(
-            scorer.score(client, body.user_id, body.candidate_item_ids, hour), settings.request_timeout_s
-        )
+    try:  # asyncio.timeout, not wait_for: no extra task per request
+        async with asyncio.timeout(settings.request_timeout_s):
+            result = await scorer.score(client, body.user_id, body.candidate_item_ids, hour)
     except redis.exceptions.MaxConnectionsError as exc:
         metrics.errors.labels("redis_pool_exhausted").inc()
         raise HTTPException(503, f"server busy: {exc} (LOOPFM_REDIS_MAX_CONNECTIONS); retry", headers={"Retry-After": "1"}) from None
