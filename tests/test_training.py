@@ -100,3 +100,31 @@ def test_the_kd_weight_ramps_up_from_zero_so_the_first_epoch_trains_the_serving_
 
     assert [kd_ramp(epoch, 3) for epoch in (1, 2, 3, 4, 9)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
     assert kd_ramp(1, 0) == 1.0  # no ramp: the full weight from the first step
+
+
+def test_variants_trained_side_by_side_are_the_models_one_process_trains_alone(trained_run, tmp_path):
+    """train_variants runs variants in worker processes, one PyTorch thread each; the same
+    variant trained alone in this process on one thread validates and predicts the same, to
+    the bit (every epoch's validation loss, so the trained epochs too, not only the one kept)."""
+    import shutil
+
+    from loopfm.pipeline.stages import train_variants
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    out = RunPaths(run).vm / "kd"
+
+    def trained() -> tuple[list[float], np.ndarray]:
+        fit = json.loads((out / "training.json").read_text())
+        return fit["val_logloss"], read_parquet(out / "eval_predictions.parquet")["p"].to_numpy()
+
+    assert {"base", "kd"} <= set(train_variants(run, ["base", "kd"], log=lambda *_: None, jobs=2))
+    losses, predictions = trained()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_variants(run, ["kd"], log=lambda *_: None, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    alone_losses, alone_predictions = trained()
+    assert len(losses) == 3 and losses == alone_losses and np.array_equal(predictions, alone_predictions)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
-from loopfm.config import VARIANTS, RunConfig
+from loopfm.config import VARIANTS, RunConfig, variant_named
 from loopfm.engine import LOCAL, Engine
 from loopfm.io import RunPaths
 
@@ -60,23 +63,46 @@ def materialize(run_dir: Path, redis_url: str) -> None:
     apply_and_materialize(run_dir, redis_url, start - pd.Timedelta(days=2), start + pd.Timedelta(days=w.n_days + 1))
 
 
-def train_variants(run_dir: Path, variants: list[str], log=print) -> dict[str, dict]:
-    """Train each variant through its feature service, then write the quality table and plot."""
+def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | None = None) -> dict[str, dict]:
+    """Train each variant through its feature service, then write the quality table and plot.
+
+    `jobs` (default: one per core this process may use, at most one per variant) processes
+    train variants side by side, each on one PyTorch thread, the LoopFM variants (the longest)
+    first. Measured on the demo world (2 cores, 2026-12-01): one LoopFM epoch took 3.0 s on two
+    threads alone and 3.8 s on one thread beside a second variant, so two at once train about
+    1.6 times as fast as one after the other."""
     from loopfm.eval.metrics import markdown_table
     from loopfm.eval.plots import plot_quality
-    from loopfm.features.store import open_store
     from loopfm.eval.results import evaluate
-    from loopfm.vm.train import train_variant
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
-    store = open_store(run_dir)
-    for variant in variants:
-        info = train_variant(paths, cfg, store, variant, log=log)
-        log(f"  vm {variant}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
+    jobs = jobs or min(len(variants), len(os.sched_getaffinity(0)))
+    if jobs == 1:
+        infos = {v: _train_one(run_dir, v, None, log) for v in variants}
+    else:
+        longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:  # spawn: no forked torch thread pools
+            futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
+            infos = {v: futures[v].result() for v in variants}
+    for v, info in infos.items():
+        log(f"  vm {v}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
     rows = evaluate(paths, cfg)
     plot_quality(rows, paths.results / "quality.png")
     log(markdown_table(rows, "Held-out window (target vertical)"))
     return rows
+
+
+def _train_one(run_dir: Path, variant: str, threads: int | None, log=print) -> dict:
+    """One variant's train_variant (in a worker process of train_variants, or in this one);
+    `threads`: PyTorch intra-op threads (None: leave as is)."""
+    import torch
+
+    from loopfm.features.store import open_store
+    from loopfm.vm.train import train_variant
+
+    if threads:
+        torch.set_num_threads(threads)
+    return train_variant(RunPaths(run_dir), RunConfig.load(run_dir), open_store(run_dir), variant, log=log)
 
 
 @contextlib.contextmanager
