@@ -118,6 +118,7 @@ class VMConfig:
     wide_lr_multiplier: float = 20.0  # the candidate biases learn this much faster than the rest
     dropout: float = 0.5  # after each hidden layer of the MLP
     history_product: bool = True  # feed pooled history * candidate query to the MLP as well
+    short_window: int = 0  # also pool each history's newest this many positions (0 = off; at most L); docs/training.md
     kd_weight: float = 0.5
     kd_ramp_epochs: int = 3  # the KD weight rises linearly from 0 (epoch 1) to kd_weight (epoch 1 + this)
     eval_days: int = 6
@@ -142,6 +143,7 @@ class RunConfig:
             (0 < vm.validation_fraction < 1, "vm.validation_fraction must lie in (0, 1)"),
             (vm.epochs > 0 and vm.patience > 0, "vm.epochs and vm.patience must be positive"),
             (vm.kd_ramp_epochs >= 0, "vm.kd_ramp_epochs must be >= 0"),
+            (vm.short_window >= 0, "vm.short_window must be >= 0"),
             (0 <= vm.dropout < 1 and vm.weight_decay >= 0, "vm.dropout must lie in [0, 1) and vm.weight_decay be >= 0"),
             (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),

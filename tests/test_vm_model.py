@@ -7,10 +7,10 @@ from loopfm.config import ENCODERS
 from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
 
-def _model(encoder: str, use_fm: bool = True) -> VerticalModel:
+def _model(encoder: str, use_fm: bool = True, short_window: int = 0) -> VerticalModel:
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6,
-                      history_product=True)  # fmt: skip
+                      history_product=True, short_window=short_window)  # fmt: skip
     return VerticalModel(shapes).eval()
 
 
@@ -26,9 +26,10 @@ def _inputs(users: int, candidates: int, length: int = 6) -> dict[str, torch.Ten
     }
 
 
+@pytest.mark.parametrize("short_window", [0, 2])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_one_user_row_per_request_scores_like_one_user_row_per_candidate(encoder):
-    model, x = _model(encoder), _inputs(users=1, candidates=9)
+def test_one_user_row_per_request_scores_like_one_user_row_per_candidate(encoder, short_window):
+    model, x = _model(encoder, short_window=short_window), _inputs(users=1, candidates=9)
     shared, _ = model(**x)
     repeated = {k: (v.expand(9, *v.shape[1:]) if k in ("user_context", "vm_history", "fm_codes", "fm_mask") else v)
                 for k, v in x.items()}  # fmt: skip
@@ -56,3 +57,34 @@ def test_recency_weights_can_drop_old_positions_so_a_longer_history_pools_like_a
     short = masked_pool(keys[:, 4:], mask[:, 4:], query, users, encoder, scorer, torch.zeros(2))
     torch.testing.assert_close(long, short)
     assert not torch.allclose(masked_pool(keys, mask, query, users, encoder, scorer), short)  # without recency it differs
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_the_short_window_pools_the_newest_positions_of_each_history_and_nothing_older(encoder):
+    """With short_window = w a second pooled vector per history reads only its newest w
+    positions: changing anything older moves the full-history pool, never the short one."""
+    model = _model(encoder, short_window=2)
+    x = _inputs(users=2, candidates=5)
+    older = dict(x, vm_history=x["vm_history"].clone(), fm_codes=x["fm_codes"].clone())
+    older["vm_history"][:, :4] = (older["vm_history"][:, :4] + 7) % 51
+    older["fm_codes"][:, :4] = -older["fm_codes"][:, :4]
+    own = model.candidate[0](x["vm_history"]), model.candidate[0](older["vm_history"])
+    query = model.target(torch.cat([emb(x["candidates"][:, i]) for i, emb in enumerate(model.candidate)], dim=1))
+    mask = (x["vm_history"] > 0).float()
+    pools = [model._pools(keys, mask, query, x["candidate_user"], model.own_attention, model.own_recency) for keys in own]
+    assert len(pools[0]) == 2
+    torch.testing.assert_close(pools[0][1], pools[1][1])  # the newest 2 positions are the same
+    assert not torch.allclose(pools[0][0], pools[1][0])  # the whole history is not
+    assert not torch.allclose(model(**x)[0], model(**older)[0])
+
+
+def test_a_short_window_model_exports_to_onnx_with_parity():
+    import numpy as np
+
+    from loopfm.vm.export import onnx_bytes, parity_check
+
+    model = _model("dot_mlp", short_window=2)
+    tensors = {k: v.numpy() for k, v in _inputs(users=12, candidates=12).items()}
+    tensors["candidate_user"] = np.arange(12)
+    check = parity_check(model, onnx_bytes(model, tensors), tensors)
+    assert check["rows"] == 12 and check["max_abs_diff"] < 1e-5

@@ -40,6 +40,7 @@ class VMShapes:
     history_length: int
     dropout: float = 0.0
     history_product: bool = False  # False in models saved before it existed
+    short_window: int = 0  # also pool the newest this many positions of each history (0 = off, as before it existed)
 
 
 class DinScorer(nn.Module):
@@ -129,7 +130,9 @@ class VerticalModel(nn.Module):
         self.candidate = nn.ModuleList(nn.Embedding(v, e) for v in s.candidate_vocab)
         cand_width = e * len(s.candidate_vocab)
         self.target = nn.Linear(cand_width, e)  # candidate -> query for the history encoders
-        per_history = 2 * e if s.history_product else e  # pooled vector (+ its product with the query)
+        # pooled vector (+ its product with the query), once over the whole history and once
+        # over its newest `short_window` positions when set
+        per_history = (2 * e if s.history_product else e) * (2 if s.short_window else 1)
         width = e * len(s.user_context_vocab) + cand_width + per_history  # + own-history pooling
         self.own_attention = attention_scorer(s.encoder, e)
         self.own_recency = nn.Parameter(torch.zeros(s.history_length))  # per-position log-weights, see masked_pool
@@ -184,10 +187,10 @@ class VerticalModel(nn.Module):
         query = self.target(cand)  # [C, e]
         own = self.candidate[0](vm_history)  # [U, L, e] item-id embeddings shared with candidates
         own_mask = (vm_history > 0).float()
-        pooled = [masked_pool(own, own_mask, query, candidate_user, s.encoder, self.own_attention, self.own_recency)]
+        pooled = self._pools(own, own_mask, query, candidate_user, self.own_attention, self.own_recency)
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
-            pooled.append(masked_pool(keys, fm_mask, query, candidate_user, s.encoder, self.fm_attention, self.fm_recency))
+            pooled += self._pools(keys, fm_mask, query, candidate_user, self.fm_attention, self.fm_recency)
         parts = [ctx[candidate_user], cand, *pooled]
         if s.history_product:  # [C, e] each: the user-candidate affinity as an explicit product
             parts += [h * query for h in pooled]
@@ -195,6 +198,17 @@ class VerticalModel(nn.Module):
         wide = sum(b(candidates[:, i]) for i, b in enumerate(self.candidate_bias))  # [C, 1]
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
 
+
+
+    def _pools(self, keys, mask, query, candidate_user, scorer, recency) -> list[torch.Tensor]:
+        """[C, e] pooled vectors of one history: the whole of it, then (short_window > 0) its
+        newest short_window positions (histories are right-aligned), with the same scorer."""
+        s = self.shapes
+        out = [masked_pool(keys, mask, query, candidate_user, s.encoder, scorer, recency)]
+        if s.short_window:
+            w = s.short_window
+            out.append(masked_pool(keys[:, -w:], mask[:, -w:], query, candidate_user, s.encoder, scorer, recency[-w:]))
+        return out
 
 
 class ServingHead(nn.Module):

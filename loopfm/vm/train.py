@@ -78,6 +78,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         history_length=spec.history_length,
         dropout=cfg.vm.dropout,
         history_product=cfg.vm.history_product,
+        short_window=min(cfg.vm.short_window, spec.history_length),  # an L sweep may go below it
     )
 
 
