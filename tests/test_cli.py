@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,15 @@ def test_a_config_saved_before_a_key_existed_keeps_the_behaviour_its_run_was_bui
     old = RunConfig.load(tmp_path)
     assert (old.fm.history_events, old.vm.history_product) == ("clicks", False)  # its features hold click codes
     assert (RunConfig().fm.history_events, RunConfig().vm.history_product) == ("impressions", True)  # new runs
+
+
+def test_experiments_write_their_tables_into_their_out_folder_unless_given_docs():
+    """A partial or overridden experiment run (`--set`, `--experiments main,length`) once
+    replaced the committed docs/results.md with its own tables by default."""
+    from loopfm.pipeline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["experiment", "--out", "runs/x"]).docs is None
+    assert parser.parse_args(["experiment-real", "--data", "d", "--format", "movielens", "--dataset", "a=b=c"]).docs is None
+    make = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "--out runs/results --docs docs" in make and "--seeds 5 --docs docs" in make  # make results / results-real

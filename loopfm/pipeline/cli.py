@@ -250,7 +250,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
     overrides = [(assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or []]
     names = tuple(n.strip() for n in args.experiments.split(",") if n.strip())
-    run_experiments(args.out, args.docs, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
+    run_experiments(args.out, args.docs or args.out, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
 
 
 def cmd_experiment_real(args: argparse.Namespace) -> None:
@@ -264,7 +264,7 @@ def cmd_experiment_real(args: argparse.Namespace) -> None:
         datasets[name] = rule
     if args.seeds < 2:
         raise ConfigError("--seeds must be at least 2 (the claims are paired tests over seeds)")
-    run_real(args.data, args.format, datasets, args.seeds, args.out, args.docs, args.set or [])
+    run_real(args.data, args.format, datasets, args.seeds, args.out, args.docs or args.out, args.set or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
     p.add_argument("--out", type=Path, default=Path("runs/results"), help="run directories, one per seed and world; "
                    "an existing one is resumed (finished cells are reused)")  # fmt: skip
-    p.add_argument("--docs", type=Path, default=Path("docs"), help="writes results.md, results.json, results/*.png")
+    p.add_argument("--docs", type=Path, help="writes results.md, results.json, results/*.png (default: the --out "
+                   "folder, so a partial or overridden run never replaces the committed tables; make results passes docs)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="worker processes (each torch thread-limited to 1)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
@@ -390,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named vertical rule (repeatable), e.g. comedy=genre=Comedy")  # fmt: skip
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("runs/results-real"), help="run directories; an existing one is resumed")
-    p.add_argument("--docs", type=Path, default=Path("docs"), help="writes results-real.md, results-real.json, results-real/*.png")
+    p.add_argument("--docs", type=Path, help="writes results-real.md, results-real.json, results-real/*.png "
+                   "(default: the --out folder; make results-real passes docs)")  # fmt: skip
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a default for every run")
     return parser
 
