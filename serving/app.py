@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         yield
+        gc.unfreeze()  # collectable again once this app stops (a test process starts many)
         await app.state.reloads.stop()
         await app.state.redis.aclose()
 

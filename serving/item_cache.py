@@ -6,8 +6,9 @@ Items absent from the store are cached too (as unknown), so the TTL also bounds 
 a newly materialized item stays unknown to this process.
 
 The rows live in one [max_items, width] matrix and the index maps an id to its slot, so a
-request's cached rows come out with one gather: `np.stack` over 100 per-item arrays was 6% of
-the server's busy time in a py-spy profile (2026-12-01, `wrk` closed loop, 100 candidates).
+request's cached rows come out with one gather, taken at lookup, before the request awaits
+Redis: `np.stack` over 100 per-item arrays was 6% of the server's busy time in a py-spy
+profile (2026-12-01, `wrk` closed loop, 100 candidates).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class ItemCache:
     def enabled(self) -> bool:
         return self.max_items > 0 and self.ttl_s > 0
 
-    def lookup(self, item_ids: Sequence[int | str]) -> tuple[np.ndarray, list[int | str]]:
-        """The slot of each id's cached row in request order (-1 where missing or expired) and
-        the missing ids, each once, in first-seen order."""
+    def lookup(self, item_ids: Sequence[int | str]) -> tuple[np.ndarray | None, np.ndarray, list[int | str]]:
+        """The cached rows gathered now, in request order ([C, W], rows of missing ids left for
+        `complete`; None before the first store), which ids were hit ([C] bool), and the
+        missing ids, each once, in first-seen order. Gathered here, not after the Redis read:
+        a request that stores meanwhile may give an evicted row's slot to another item."""
         now = time.monotonic()
         slots = np.full(len(item_ids), -1, dtype=np.int64)
         missing: dict[int | str, None] = {}
@@ -43,24 +46,25 @@ class ItemCache:
                 slots[position] = entry[1]
             else:
                 missing[item] = None
-        misses = int((slots < 0).sum())
+        hit = slots >= 0
+        misses = len(item_ids) - int(hit.sum())
         self.hits += len(item_ids) - misses
         self.misses += misses
-        return slots, list(missing)
+        rows = None if self._matrix is None else self._matrix[np.where(hit, slots, 0)]
+        return rows, hit, list(missing)
 
-    def rows(self, item_ids: Sequence[int | str], slots: np.ndarray, missing: Sequence[int | str],
-             fresh: np.ndarray | None) -> np.ndarray:  # fmt: skip
-        """[C, W] rows in request order: cached ones gathered by `slots` (from `lookup`), the
-        others taken from `fresh` [M, W] (the rows of `missing`, in its order), which are then
-        stored. ValueError if an id has neither a slot nor a fresh row."""
-        hit = slots >= 0
+    def complete(self, item_ids: Sequence[int | str], rows: np.ndarray | None, hit: np.ndarray,
+                 missing: Sequence[int | str], fresh: np.ndarray | None) -> np.ndarray:  # fmt: skip
+        """[C, W] rows in request order: the ones `lookup` gathered where `hit`, the others from
+        `fresh` [M, W] (the rows of `missing`, in its order), which are then stored. ValueError
+        if an id has neither."""
         if fresh is None or not len(missing):
-            if not hit.all():
+            if rows is None or not hit.all():
                 raise ValueError("ids without a cached row need their fresh rows")
-            return self._matrix[slots]
+            return rows
         out = np.empty((len(item_ids), fresh.shape[1]), dtype=fresh.dtype)
-        if hit.any():  # gathered before `store` may reuse a slot
-            out[hit] = self._matrix[slots[hit]]
+        if rows is not None and hit.any():
+            out[hit] = rows[hit]
         fresh_row = {item: k for k, item in enumerate(missing)}
         gaps = np.flatnonzero(~hit)
         out[gaps] = fresh[[fresh_row[item_ids[g]] for g in gaps]]

@@ -88,7 +88,7 @@ class Scorer:
         source ids of the model's entity types (serving.schemas.id_type_error checks them);
         each item's dense index comes with its features (ITEM_INDEX)."""
         started = time.perf_counter()
-        slots, missing = self.items.lookup(item_ids)
+        cached, hit, missing = self.items.lookup(item_ids)  # gathered before the await: see ItemCache.lookup
         requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
         *user_side, fetched = await read_online_features(
             client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)]
@@ -100,7 +100,7 @@ class Scorer:
             user.corrupt += group.corrupt
         read_done = time.perf_counter()
         fresh = candidate_tensors(fetched.values, self.spec) if missing else None
-        tensors = model_inputs(user.values, [hour], self.items.rows(item_ids, slots, missing, fresh), self.spec)
+        tensors = model_inputs(user.values, [hour], self.items.complete(item_ids, cached, hit, missing, fresh), self.spec)
         session = self.large_session if len(item_ids) >= self.large_batch else self.session
         scores = session.run(None, {name: tensors[name] for name in self.inputs})[0]
         now = time.time()

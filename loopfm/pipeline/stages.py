@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -76,14 +77,20 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
     from loopfm.eval.results import evaluate
 
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
-    jobs = jobs or min(len(variants), len(os.sched_getaffinity(0)))
+    variants = list(dict.fromkeys(variants))  # a variant named twice would train twice into one folder
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = max(1, jobs or min(len(variants), cores))
     if jobs == 1:
         infos = {v: _train_one(run_dir, v, None, log) for v in variants}
     else:
         longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:  # spawn: no forked torch thread pools
             futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
-            infos = {v: futures[v].result() for v in variants}
+            try:
+                infos = {v: futures[v].result() for v in variants}
+            except BaseException:  # a failed variant (or Ctrl-C): do not start the others
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     for v, info in infos.items():
         log(f"  vm {v}: {info['train_rows']} train / {info['eval_rows']} eval rows, {info['seconds']:.1f} s")
     rows = evaluate(paths, cfg)
@@ -92,9 +99,10 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
     return rows
 
 
-def _train_one(run_dir: Path, variant: str, threads: int | None, log=print) -> dict:
+def _train_one(run_dir: Path, variant: str, threads: int | None, log=None) -> dict:
     """One variant's train_variant (in a worker process of train_variants, or in this one);
-    `threads`: PyTorch intra-op threads (None: leave as is)."""
+    `threads`: PyTorch intra-op threads (None: leave as is); `log` defaults to a flushed print,
+    so a worker's progress lines come out as they happen even into a pipe."""
     import torch
 
     from loopfm.features.store import open_store
@@ -102,6 +110,7 @@ def _train_one(run_dir: Path, variant: str, threads: int | None, log=print) -> d
 
     if threads:
         torch.set_num_threads(threads)
+    log = log or functools.partial(print, flush=True)
     return train_variant(RunPaths(run_dir), RunConfig.load(run_dir), open_store(run_dir), variant, log=log)
 
 
