@@ -47,9 +47,8 @@ class ItemCache:
             else:
                 missing[item] = None
         hit = slots >= 0
-        misses = len(item_ids) - int(hit.sum())
-        self.hits += len(item_ids) - misses
-        self.misses += misses
+        self.hits += int(hit.sum())
+        self.misses += len(item_ids) - int(hit.sum())
         rows = None if self._matrix is None else self._matrix[np.where(hit, slots, 0)]
         return rows, hit, list(missing)
 
