@@ -1,4 +1,4 @@
-"""Feast definitions for LoopFM: three entities, four feature views, one service per VM variant.
+"""Feast definitions for LoopFM: three entities, five feature views, one service per VM variant.
 
 One FM serves many VMs: `fm_history` is keyed by user alone and shared by every VM, while
 `vm_click_history` is keyed by (user, vertical), so each vertical's VM reads its own
@@ -28,6 +28,8 @@ from loopfm.contract.names import (
     FM_HISTORY,
     FM_HISTORY_FEATURES,
     ITEM_FEATURES,
+    ITEM_ACTIVITY,
+    ITEM_COUNT_FEATURES,
     ITEM_FEATURES_VIEW,
     ITEM_INDEX,
     ITEM_KEY,
@@ -51,8 +53,8 @@ def _source(name: str) -> FileSource:
 
 
 def _pushed(name: str) -> PushSource:
-    """Histories also arrive between materializations: `loopfm ingest` pushes the new
-    snapshot of each touched user here (Feast's push API); the batch source stays the parquet."""
+    """Histories and counts also arrive between materializations: `loopfm ingest` pushes the
+    new snapshot of each touched user (or item) here (Feast's push API); the batch source stays the parquet."""
     return PushSource(name=f"{name}_push", batch_source=_source(name))
 
 
@@ -85,6 +87,18 @@ item_features = FeatureView(
     source=_source(ITEM_FEATURES_VIEW),
 )
 
+_item_impressions, _item_clicks = ITEM_COUNT_FEATURES
+item_activity = FeatureView(
+    name=ITEM_ACTIVITY,
+    entities=[item],
+    ttl=TTL,
+    schema=[
+        Field(name=_item_impressions, dtype=Int64, description="the item's impressions so far, by every user"),
+        Field(name=_item_clicks, dtype=Int64, description="the item's clicks so far, by every user"),
+    ],
+    source=_pushed(ITEM_ACTIVITY),
+)
+
 _impressions, _clicks = VM_COUNT_FEATURES
 vm_click_history = FeatureView(
     name=VM_CLICK_HISTORY,
@@ -111,7 +125,7 @@ fm_history = FeatureView(
     source=_pushed(FM_HISTORY),
 )
 
-_vm_features = [user_profile, item_features, vm_click_history]
+_vm_features = [user_profile, item_features, item_activity, vm_click_history]
 vm_base = FeatureService(name=feature_service("base"), features=_vm_features)
 vm_kd = FeatureService(name=feature_service("kd"), features=_vm_features, description="KD labels come with the entity rows")
 vm_loopfm = FeatureService(name=feature_service("loopfm"), features=[*_vm_features, fm_history])

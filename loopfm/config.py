@@ -79,6 +79,7 @@ class FMConfig:
     batch_size: int = 512
     lr: float = 5e-4  # docs/training.md ("... the FM's learning rate"): 2e-3 overfit the warm-up by epoch 2
     weight_decay: float = 0.0  # AdamW
+    wide_lr_multiplier: float = 20.0  # the first-order terms (module.wide_parameter_prefixes) learn this much faster
     id_dropout: float = 0.1  # share of training events whose user and item ids read as unknown
     warmup_days: int = 10  # VM examples start after this many days of FM training
     warmup_epochs: int = 20  # the most; early stopping on the warm-up's newest days picks the epoch
@@ -115,9 +116,10 @@ class VMConfig:
     batch_size: int = 512  # measured in docs/training.md ("VM encoder and batch size")
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW
-    wide_lr_multiplier: float = 20.0  # the candidate biases learn this much faster than the rest
+    wide_lr_multiplier: float = 20.0  # the wide part (candidate biases, rate weights) learns this much faster than the rest
     dropout: float = 0.5  # after each hidden layer of the MLP
     history_product: bool = True  # feed pooled history * candidate query to the MLP as well
+    item_activity: bool = True  # candidates carry the item's click rate and impressions so far (Feast view item_activity); docs/training.md
     short_window: int = 0  # also pool each history's newest this many positions (0 = off; at most L); docs/training.md
     kd_weight: float = 0.5
     kd_ramp_epochs: int = 3  # the KD weight rises linearly from 0 (epoch 1) to kd_weight (epoch 1 + this)
@@ -148,6 +150,7 @@ class RunConfig:
             (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),
             (0 <= fm.id_dropout < 1 and fm.weight_decay >= 0, "fm.id_dropout must lie in [0, 1) and fm.weight_decay be >= 0"),
+            (fm.wide_lr_multiplier > 0 and vm.wide_lr_multiplier > 0, "fm.wide_lr_multiplier and vm.wide_lr_multiplier must be positive"),
             (vm.encoder in ENCODERS, f"vm.encoder must be one of {ENCODERS}"),
             (fm.checkpoint_scheme in ("frozen", "rolling"), "fm.checkpoint_scheme must be frozen or rolling"),
             (all(fm.layers), "fm.extract_layer must name a layer, or several comma-separated"),

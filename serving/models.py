@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_FEATURES, ITEM_KEY, USER_KEY
+from loopfm.contract.names import CANDIDATE_FEATURES, ID_INT64, ID_STRING, ITEM_KEY, USER_KEY
 from loopfm.contract.tensorize import candidate_tensors, model_inputs
 from serving.scorer import Scorer
 
@@ -45,7 +45,7 @@ def check_model(scorer: Scorer, serving: Scorer | None) -> None:
         raise ModelRefused(f"model.json's entity_types {types} must give {USER_KEY} and {ITEM_KEY} as {ID_INT64} or "
                            f"{ID_STRING}: a model exported before source ids; export it again (`loopfm vm export`)")  # fmt: skip
     user_features = {f for _, views in scorer.user_groups for features in views.values() for f in features}
-    candidates = candidate_tensors({f: [None, None] for f in ITEM_FEATURES}, scorer.spec)
+    candidates = candidate_tensors({f: [None, None] for f in CANDIDATE_FEATURES}, scorer.spec)
     tensors = model_inputs({f: [None] for f in user_features}, [0], candidates, scorer.spec)
     unfed = graph_inputs - set(tensors)
     if unfed:

@@ -1,10 +1,19 @@
 """int4 codes and the shared tensorization (training and serving build inputs the same way)."""
 
+import dataclasses
+
 import numpy as np
 
 from loopfm.contract.codec import pack_int4, quantize_int4, unpack_int4
 from loopfm.contract.names import N_COUNT_BUCKETS, N_RATE_BUCKETS
-from loopfm.contract.tensorize import TensorSpec, activity_buckets, candidate_tensors, decode_fm_history, request_tensors
+from loopfm.contract.tensorize import (
+    TensorSpec,
+    activity_buckets,
+    candidate_tensors,
+    decode_fm_history,
+    rate_bucket_log_odds,
+    request_tensors,
+)
 
 SPEC = TensorSpec(history_length=4, code_dim=4, n_items=100, n_categories=10, n_brands=20)
 
@@ -48,6 +57,26 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
     # index outside the model's vocabulary (100 of 0..99) is unknown.
     assert candidate_tensors(items, SPEC).tolist() == [[43, 3, 4, 10], [0, 0, 0, 0], [45, 0, 0, 0], [0, 2, 2, 2]]
     assert request_tensors({**users, "item_ids": ["text", 5]}, [1, 2], SPEC)["vm_history"].sum() == 0
+
+
+def test_candidates_carry_the_item_s_rate_and_count_buckets_when_the_model_reads_item_activity():
+    spec = dataclasses.replace(SPEC, item_activity=True)
+    items = {"item_index": [42, 43, None], "category": [2, 2, None], "brand": [3, 3, None], "price_bucket": [9, 9, None],
+             "item_impressions": [0, 1000, None], "item_clicks": [0, 900, None]}  # fmt: skip
+    rate, count = activity_buckets(items["item_impressions"], items["item_clicks"])
+    out = candidate_tensors(items, spec)
+    assert out.shape == (3, 6) and len(spec.candidate_vocab) == 6
+    assert out[:, 4].tolist() == rate.tolist() == [29, 37, 0]  # an unseen item at even odds; no counts: unknown
+    assert out[:, 5].tolist() == count.tolist()
+    assert candidate_tensors(items, SPEC).shape == (3, 4)  # models exported before it read four columns
+
+
+def test_rate_bucket_log_odds_are_the_bucket_centres_and_zero_for_unknown():
+    centres = rate_bucket_log_odds()
+    rate, _ = activity_buckets([0, 1000, 1000], [0, 900, 10])
+    log_odds = np.log(np.array([1, 901, 11]) / np.array([1, 101, 991]))
+    assert centres[0] == 0 and len(centres) == N_RATE_BUCKETS + 1
+    assert np.abs(centres[rate] - log_odds).max() <= 0.125 + 1e-6  # within half a bin
 
 
 def test_activity_buckets_place_a_new_user_at_even_odds_and_separate_heavy_clickers():

@@ -11,7 +11,7 @@ def _seed(rng: np.random.Generator, n: int = 3000) -> dict[str, np.ndarray]:
     y = (rng.random(n) < 0.4).astype(float)
     signal = y + rng.normal(0, 1.5, n)
     preds = {m: 1 / (1 + np.exp(-(signal * w + rng.normal(0, 0.3, n))))
-             for m, w in (("fm", 0.8), ("popularity", 0.3), ("lr_item", 0.3), ("lr_user_item", 0.35), ("base", 0.4),
+             for m, w in (("fm", 0.8), ("popularity", 0.3), ("lr_item", 0.3), ("lr_user_item", 0.35), ("lr_rates", 0.3), ("base", 0.4),
                           ("kd", 0.4), ("loopfm", 1.0), ("loopfm_kd", 1.0))}  # fmt: skip
     return {"label": y, **preds}
 
@@ -22,11 +22,11 @@ def test_the_report_has_main_baselines_and_claims_per_dataset_and_says_which_goa
     d = out["datasets"]["comedy"]
     assert out["seeds"] == 3
     assert set(d["main"]) == {"fm", "base", "kd", "loopfm", "loopfm_kd"}
-    assert set(d["baselines"]) == {"popularity", "lr_item", "lr_user_item"}
+    assert set(d["baselines"]) == {"popularity", "lr_item", "lr_user_item", "lr_rates"}
     assert set(d["main"]["base"]["auc"]) >= {"mean", "std"}
     gain = d["claims"]["loopfm_kd_vs_kd"]["auc"]
     assert gain["relative"]["mean"] > 0.01 and gain["p_bootstrap"] < 0.05  # the sharper model wins by construction
-    assert d["goals"]["loopfm_not_below_base"] and d["goals"]["base_auc_ge_best_lr"]
+    assert d["goals"]["loopfm_not_below_base"] and d["goals"]["base_auc_ge_best_lr"] and d["goals"]["base_auc_ge_lr_rates"]
 
 
 def test_a_malformed_dataset_flag_is_refused_by_name_without_a_trace(tmp_path):

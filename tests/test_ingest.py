@@ -179,6 +179,14 @@ def test_a_late_event_becomes_available_when_ingested_online_equals_offline_and_
         assert held in value
         old = after[after["event_timestamp"] < started].reset_index(drop=True)
         pd.testing.assert_frame_equal(old, before[view].reset_index(drop=True))  # no earlier row sees it
+    item = int(late["item_id"].iloc[0])  # its counts so far, by every user, now include the late event
+    counts = read_parquet(paths.features / "item_activity.parquet").query("item_id == @item").sort_values("event_timestamp").iloc[-1]
+    shown = imp[imp["item_id"] == item]
+    assert (counts["item_impressions"], counts["item_clicks"]) == (len(shown), shown["label"].sum())
+    assert counts["event_timestamp"] >= started
+    online_item = open_store(run, private_redis.url).get_online_features(
+        features=["item_activity:item_impressions"], entity_rows=[{"item_id": item}]).to_dict()  # fmt: skip
+    assert online_item["item_impressions"][0] == len(shown)
 
 
 def test_two_ingests_on_one_run_directory_never_lose_or_corrupt_a_batch(run, private_redis, tmp_path):

@@ -129,7 +129,7 @@ def test_requests_leave_on_schedule_while_none_is_answered():
     assert len(received) == 50  # 4 connections held by unanswered requests did not hold the rest back
     assert received[-1] - received[0] < 0.5 + 0.1  # sent over the schedule's 0.5 s, not after answers
     assert report["client"]["send_lag_p50_ms"] is not None and 0 <= report["client"]["cpu_share"]
-    assert 0 < report["machine"]["busy_share"] <= 1 and 0 <= report["machine"]["steal_share"] < 1
+    assert 0 <= report["machine"]["busy_share"] <= 1 and 0 <= report["machine"]["steal_share"] < 1  # an idle host reads 0
 
 
 def test_machine_load_is_the_share_of_all_cores_time_busy_and_stolen_between_two_readings():

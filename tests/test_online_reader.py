@@ -7,11 +7,11 @@ import pytest
 import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 
-from loopfm.contract.names import FM_HISTORY, ITEM_FEATURES_VIEW, PROJECT, USER_PROFILE, VM_CLICK_HISTORY, views
+from loopfm.contract.names import FM_HISTORY, ITEM_ACTIVITY, ITEM_FEATURES_VIEW, PROJECT, USER_PROFILE, VM_CLICK_HISTORY, views
 from serving.feast_layout import CorruptValue, decode_value, feature_refs
 from serving.online_reader import read_online_features
 
-USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW)
+USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW, ITEM_ACTIVITY)
 
 
 @pytest.mark.parametrize(

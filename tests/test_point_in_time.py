@@ -53,6 +53,9 @@ def test_histories_and_counts_equal_a_brute_force_recomputation_that_excludes_th
         shown = imp[(imp.user_id == row.user_id) & (imp.vertical == cfg.vm.target_vertical) & (imp.event_timestamp < t)]
         assert (0 if pd.isna(row.impressions) else row.impressions, 0 if pd.isna(row.clicks) else row.clicks) == (
             len(shown), shown.label.sum())  # the user's counts so far, this impression excluded
+        seen = imp[(imp.item_id == row.item_id) & (imp.event_timestamp < t)]  # by every user, in every vertical
+        assert (0 if pd.isna(row.item_impressions) else row.item_impressions,
+                0 if pd.isna(row.item_clicks) else row.item_clicks) == (len(seen), seen.label.sum())  # fmt: skip
         clicked_now += row.label
     assert clicked_now > 0  # the sample includes clicked examples, whose own code exists at time t
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loopfm.config import RunConfig
-from loopfm.eval.baselines import BASELINES, baseline_predictions
+from loopfm.eval.baselines import BASELINES, baseline_predictions, rates_so_far
 from loopfm.fm.stream import checkpoint_path, log_embeddings, train_fm
 from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
 from loopfm.training import EarlyStopping, time_split
@@ -58,13 +58,27 @@ def test_baselines_are_fitted_on_training_rows_only_and_learn_item_quality():
     quality = rng.uniform(0.05, 0.9, 40)
     n = 6000
     items = rng.integers(0, 40, n)
-    frame = pd.DataFrame({"user_id": rng.integers(0, 50, n), "item_id": items, "label": (rng.random(n) < quality[items]).astype(int),
+    frame = pd.DataFrame({"impression_id": np.arange(n), "user_id": rng.integers(0, 50, n), "item_id": items, "vertical": "shop",
+                          "label": (rng.random(n) < quality[items]).astype(int),
                           "event_timestamp": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(n), unit="s")})  # fmt: skip
     train, rows = frame.iloc[:5000], frame.iloc[5000:]
-    predictions = baseline_predictions(train, rows.drop(columns="label"), 0.1)
+    predictions = baseline_predictions(train, rows.drop(columns="label"), 0.1, impressions=frame)
     assert set(predictions) == set(BASELINES)
     for p in predictions.values():
         assert np.corrcoef(p, quality[rows["item_id"]])[0, 1] > 0.9
+    assert set(baseline_predictions(train, rows, 0.1)) == set(BASELINES) - {"lr_rates"}  # it needs the impressions
+
+
+def test_the_rates_so_far_count_only_impressions_strictly_before_per_user_vertical_and_per_item():
+    t = pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta([0, 1, 1, 2, 3], unit="s")
+    imp = pd.DataFrame({"impression_id": [10, 11, 12, 13, 14], "user_id": [1, 1, 2, 1, 1], "item_id": [7, 7, 7, 8, 7],
+                        "vertical": ["a", "a", "a", "a", "b"], "label": [1, 0, 1, 1, 1], "event_timestamp": t})  # fmt: skip
+    rates = rates_so_far(imp)
+    odds = lambda k, n: np.log((k + 1) / (n - k + 1))  # noqa: E731
+    # user 1 in "a": nothing, then one click (same-time impression 12 is another user's), then 1 of 2
+    np.testing.assert_allclose(rates.loc[[10, 11, 13, 14], "user_rate"], [odds(0, 0), odds(1, 1), odds(1, 2), odds(0, 0)])
+    # item 7 by every user: 11 and 12 share a time, so neither counts the other
+    np.testing.assert_allclose(rates.loc[[10, 11, 12, 14], "item_rate"], [odds(0, 0), odds(1, 1), odds(1, 1), odds(2, 3)])
 
 
 def test_the_quality_table_carries_the_baselines(trained_run):

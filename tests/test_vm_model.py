@@ -1,9 +1,11 @@
 """The VM: every encoder runs in both layouts, and an empty history contributes nothing."""
 
+import numpy as np
 import pytest
 import torch
 
 from loopfm.config import ENCODERS
+from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
 
@@ -88,3 +90,44 @@ def test_a_short_window_model_exports_to_onnx_with_parity():
     tensors["candidate_user"] = np.arange(12)
     check = parity_check(model, onnx_bytes(model, tensors), tensors)
     assert check["rows"] == 12 and check["max_abs_diff"] < 1e-5
+
+
+def _rate_model(item_activity: bool) -> VerticalModel:
+    candidate_vocab = (51, 11, 21, 11, 49, 13) if item_activity else (51, 11, 21, 11)
+    shapes = VMShapes(user_context_vocab=(7, 3, 25, 49, 13), candidate_vocab=candidate_vocab, code_dim=4,
+                      embedding_dim=8, hidden=(16,), use_fm_history=False, encoder="mean", history_length=6,
+                      wide_rates=True, item_bias=not item_activity)  # fmt: skip
+    return VerticalModel(shapes)
+
+
+def test_the_wide_part_starts_at_a_logistic_regression_on_the_click_rates_so_far():
+    # Clicks follow the item's rate bucket alone: the fitted weight of the item rate is positive,
+    # the user's near zero, and with the item's rate among the candidates there is no item-id bias.
+    g = np.random.default_rng(0)
+    n = 4000
+    item_rate = g.integers(20, 40, n)
+    label = (g.random(n) < 1 / (1 + np.exp(-(rate_bucket_log_odds()[item_rate])))).astype(np.float32)
+    user_context = np.stack([g.integers(0, 7, n), g.integers(0, 3, n), g.integers(0, 25, n), g.integers(20, 40, n),
+                             g.integers(0, 13, n)], axis=1)  # fmt: skip
+    candidates = np.stack([g.integers(0, 51, n), g.integers(0, 11, n), g.integers(0, 21, n), g.integers(0, 11, n),
+                           item_rate, g.integers(0, 13, n)], axis=1)  # fmt: skip
+    model = _rate_model(item_activity=True)
+    model.init_biases(user_context, candidates, label)
+    user_weight, item_weight = model.rate_weight.tolist()
+    assert 0.7 < item_weight < 1.3 and abs(user_weight) < 0.2
+    assert 0 not in model.bias_columns and len(model.candidate_bias) == 5
+    without = _rate_model(item_activity=False)  # the user's rate only, and the item-id bias at popularity
+    without.init_biases(user_context, candidates[:, :4], label)
+    assert without.rate_weight.shape == (1,) and without.bias_columns == [0, 1, 2, 3]
+    assert without.candidate_bias[0].weight.abs().sum() > 0
+
+
+def test_the_item_s_click_rate_so_far_moves_the_score_through_the_wide_part():
+    model = _rate_model(item_activity=True).eval()
+    with torch.no_grad():
+        model.rate_weight.copy_(torch.tensor([0.0, 1.0]))
+    x = _inputs(users=1, candidates=2)
+    x["candidates"] = torch.tensor([[5, 1, 1, 1, 10, 3], [5, 1, 1, 1, 40, 3]])
+    low, high = model(**{k: v for k, v in x.items() if not k.startswith("fm_")})[0].tolist()
+    centres = rate_bucket_log_odds()
+    assert high - low > 0.5 * (centres[40] - centres[10])  # the deep part is small at init; the wide term is not

@@ -28,6 +28,7 @@ from loopfm.contract.codec import code_bytes
 from loopfm.contract.names import (
     FM_HISTORY,
     FM_HISTORY_FEATURE,
+    ITEM_ACTIVITY,
     ITEM_FEATURES_VIEW,
     ITEM_KEY,
     PROJECT,
@@ -46,7 +47,7 @@ from serving.online_reader import read_online_features
 from loopfm.contract.redis_url import cluster_node_url
 from serving.redis_client import async_client
 
-USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW)
+USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW, ITEM_ACTIVITY)
 FORMATS = {"int4 d=8": (8, "int4"), "int4 d=16": (16, "int4"), "int4 d=32": (32, "int4"), "fp32 d=32": (32, "fp32")}
 COPIES = 2000
 

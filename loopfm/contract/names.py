@@ -17,11 +17,14 @@ USER_PROFILE = "user_profile"
 ITEM_FEATURES_VIEW = "item_features"
 VM_CLICK_HISTORY = "vm_click_history"
 FM_HISTORY = "fm_history"
+ITEM_ACTIVITY = "item_activity"
 USER_FEATURES = ("age_bucket", "gender")
 ITEM_INDEX = "item_index"  # the item's dense index in the models' vocabulary (loopfm/data/ids.py)
 ITEM_FEATURES = (ITEM_INDEX, "category", "brand", "price_bucket")  # the candidate tensor's columns, in order
 VM_HISTORY_FEATURE = "item_ids"  # packed int32 item ids, oldest first
 VM_COUNT_FEATURES = ("impressions", "clicks")  # the user's counts so far in the VM's vertical
+ITEM_COUNT_FEATURES = ("item_impressions", "item_clicks")  # the item's counts so far, by every user
+CANDIDATE_FEATURES = (*ITEM_FEATURES, *ITEM_COUNT_FEATURES)  # what contract/tensorize.candidate_tensors reads
 FM_HISTORY_FEATURE = "fm_codes"  # packed codes (contract/codec.py), oldest first
 FM_HISTORY_FEATURES = (FM_HISTORY_FEATURE, "fm_newest_available_at_us", "fm_trained_until_us")
 VIEW_FEATURES = {
@@ -29,6 +32,7 @@ VIEW_FEATURES = {
     FM_HISTORY: FM_HISTORY_FEATURES,  # keyed by user_id, shared by every vertical's VM
     VM_CLICK_HISTORY: (VM_HISTORY_FEATURE, *VM_COUNT_FEATURES),  # keyed by (user_id, vertical)
     ITEM_FEATURES_VIEW: ITEM_FEATURES,  # keyed by item_id
+    ITEM_ACTIVITY: ITEM_COUNT_FEATURES,  # keyed by item_id
 }
 
 
@@ -54,7 +58,7 @@ N_HOURS = 24
 N_AGE_BUCKETS = 6  # the six MovieLens-1M age groups
 N_GENDERS = 2
 N_PRICE_BUCKETS = 10  # price deciles
-N_RATE_BUCKETS = 48  # a user's click rate so far: bins of 0.25 in log-odds over [-7, 5] (contract/tensorize.activity_buckets)
+N_RATE_BUCKETS = 48  # a user's (or an item's) click rate so far: bins of 0.25 in log-odds over [-7, 5] (contract/tensorize.activity_buckets)
 RATE_LOGIT_LOW, RATE_LOGIT_BIN = -7.0, 0.25  # rates 0.09% .. 99.3%: a 1% CTR and a 60% rating rate both get resolution
 N_COUNT_BUCKETS = 12  # a user's impressions so far: floor(log2(n + 1)), capped
 

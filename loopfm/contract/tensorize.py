@@ -18,6 +18,7 @@ import numpy as np
 from loopfm.contract.codec import code_bytes, decode_codes
 from loopfm.contract.names import (
     FM_HISTORY_FEATURE,
+    ITEM_COUNT_FEATURES,
     ITEM_FEATURES,
     N_AGE_BUCKETS,
     N_COUNT_BUCKETS,
@@ -46,6 +47,7 @@ class TensorSpec:
     n_age_buckets: int = N_AGE_BUCKETS
     n_genders: int = N_GENDERS
     code_format: str = "int4"  # int4 | fp32 (loopfm/contract/codec.py)
+    item_activity: bool = False  # candidates carry the item's click-rate and count buckets (vm.item_activity; False in models exported before it)
 
     @property
     def user_context_vocab(self) -> tuple[int, ...]:
@@ -54,7 +56,10 @@ class TensorSpec:
 
     @property
     def candidate_vocab(self) -> tuple[int, ...]:
-        return (self.n_items + 1, self.n_categories + 1, self.n_brands + 1, self.n_price_buckets + 1)
+        """item index, category, brand, price bucket, then (item_activity) the item's click-rate
+        and impression-count buckets (each +1; 0 = unknown)."""
+        ids = (self.n_items + 1, self.n_categories + 1, self.n_brands + 1, self.n_price_buckets + 1)
+        return (*ids, N_RATE_BUCKETS + 1, N_COUNT_BUCKETS + 1) if self.item_activity else ids
 
 
 def _missing(v: Any) -> bool:
@@ -99,6 +104,15 @@ def activity_bucket_arrays(n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np
     rate_bucket = np.clip(np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN), 0, N_RATE_BUCKETS - 1).astype(np.int64) + 1
     count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
     return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)
+
+
+def rate_bucket_log_odds() -> np.ndarray:
+    """[N_RATE_BUCKETS + 1] float32: the log-odds at the centre of each click-rate bucket of
+    `activity_bucket_arrays`, 0 for bucket 0 (unknown). A model's wide part multiplies it by a
+    learned weight, so a click rate so far enters the logit linearly, as in a logistic
+    regression on it (measured in docs/training.md, "Click rates so far")."""
+    centres = RATE_LOGIT_LOW + (np.arange(N_RATE_BUCKETS) + 0.5) * RATE_LOGIT_BIN
+    return np.concatenate([[0.0], centres]).astype(np.float32)
 
 
 def _unpack_sequences(blobs: Sequence[Any], length: int, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +181,7 @@ def model_inputs(
     candidate_user: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Every model input: U users' request-side tensors (request_tensors), the candidates
-    [C, 4] (candidate_tensors) and candidate_user [C], the user row of each candidate
+    [C, 4 or 6] (candidate_tensors) and candidate_user [C], the user row of each candidate
     (default: all 0, one request of one user)."""
     tensors = request_tensors(users, hours, spec)
     tensors["candidates"] = candidates
@@ -183,7 +197,12 @@ def one_request_inputs(
 
 
 def candidate_tensors(items: Mapping[str, Sequence[Any]], spec: TensorSpec) -> np.ndarray:
-    """Candidate-side input [C, 4] from the item features (ITEM_FEATURES, C values each): the
+    """Candidate-side input [C, 4 or 6] from the item features (ITEM_FEATURES, C values each): the
     item's dense index (the `item_index` feature, not the source id), category, brand, price
-    bucket (each +1; 0 = unknown, e.g. an item without stored features)."""
-    return np.stack([_index(items[f], vocab) for f, vocab in zip(ITEM_FEATURES, spec.candidate_vocab)], axis=1)
+    bucket (each +1; 0 = unknown, e.g. an item without stored features); with
+    `spec.item_activity`, then the item's click-rate and count buckets from its counts
+    so far (ITEM_COUNT_FEATURES, as `activity_buckets`; 0 where they are missing)."""
+    columns = [_index(items[f], vocab) for f, vocab in zip(ITEM_FEATURES, spec.candidate_vocab)]
+    if spec.item_activity:
+        columns += activity_buckets(*(items[f] for f in ITEM_COUNT_FEATURES))
+    return np.stack(columns, axis=1)

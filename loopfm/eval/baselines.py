@@ -4,7 +4,14 @@
   by `training.PRIOR_IMPRESSIONS` pseudo-impressions (an item never seen scores the overall rate);
 - `lr_item`, `lr_user_item`: L2 logistic regression on one-hot ids (scikit-learn), its
   strength C chosen on the newest `validation_fraction` of the training rows (the split the
-  VM validates on), then refitted on all of them.
+  VM validates on), then refitted on all of them;
+- `lr_rates` (when the impressions are given): logistic regression on two numbers per row,
+  the log-odds of the Laplace click rate so far of its user in its vertical and of its item
+  (every user), counted over every impression strictly before it: the counting features of
+  any CTR system, and on MovieLens stronger than the id regressions (docs/training.md,
+  "Click rates so far"). It counts by event time; the VM's Feast rows count an event ingested
+  late (`loopfm ingest`) only from its ingest time, so on a run with late ingests the
+  baseline has seen a little more than the VM.
 
 A VM that loses to these is a defect, not a result (docs/architecture.md).
 """
@@ -18,10 +25,11 @@ from sklearn.preprocessing import OneHotEncoder
 
 from loopfm.eval.metrics import quality
 from loopfm.io import unix_us
+from loopfm.sequences import count_before
 from loopfm.training import shrunk_rate, time_split
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
-BASELINES = ("popularity", *LR_COLUMNS)
+BASELINES = ("popularity", *LR_COLUMNS, "lr_rates")
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -49,10 +57,36 @@ def logistic_regression(train: pd.DataFrame, rows: pd.DataFrame, columns: tuple[
     return _logistic(train, rows, columns, min(losses, key=losses.get))
 
 
-def baseline_predictions(train: pd.DataFrame, rows: pd.DataFrame, validation_fraction: float) -> dict[str, np.ndarray]:
+def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
+    """Per impression (indexed by impression_id): `user_rate`, `item_rate`, the log-odds of
+    (clicks + 1) / (impressions + 2) of its user in its vertical and of its item, counted over
+    the impressions strictly before it (loopfm/sequences.count_before: the histories' rule)."""
+    t = unix_us(impressions["event_timestamp"]).to_numpy()
+    clicks = impressions["label"].to_numpy() == 1
+    out = {}
+    for name, key in (("user_rate", pd.factorize(pd.MultiIndex.from_frame(impressions[["user_id", "vertical"]]))[0]),
+                      ("item_rate", pd.factorize(impressions["item_id"])[0])):  # fmt: skip
+        n, k = count_before(key, t, key, t), count_before(key[clicks], t[clicks], key, t)
+        out[name] = np.log(k + 1.0) - np.log(n - k + 1.0)
+    return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())
+
+
+def rate_regression(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame) -> np.ndarray:
+    """P(click) of `rows` [n] by a logistic regression on `rates_so_far` fitted on `train`
+    (both frames need impression_id; train label)."""
+    x = rates.loc[train["impression_id"]].to_numpy()
+    model = LogisticRegression(max_iter=1000).fit(x, train["label"].to_numpy())
+    return model.predict_proba(rates.loc[rows["impression_id"]].to_numpy())[:, 1]
+
+
+def baseline_predictions(
+    train: pd.DataFrame, rows: pd.DataFrame, validation_fraction: float, impressions: pd.DataFrame | None = None
+) -> dict[str, np.ndarray]:
     """Every baseline's P(click) for `rows`; both frames need user_id, item_id, event_timestamp
-    and (train) label."""
+    and (train) label; `lr_rates` also their impression_id and the run's `impressions` table."""
     out = {"popularity": popularity(train, rows)}
     for name, columns in LR_COLUMNS.items():
         out[name] = logistic_regression(train, rows, columns, validation_fraction)
+    if impressions is not None:
+        out["lr_rates"] = rate_regression(train, rows, rates_so_far(impressions))
     return out

@@ -27,7 +27,8 @@ def reference_predictions(
         truth = read_parquet(paths.table("truth")).set_index("impression_id")["p_true"]
         predictions["bayes"] = truth.loc[entities["impression_id"]].to_numpy()
     predictions["fm"] = 1 / (1 + np.exp(-entities["fm_logit"].to_numpy(np.float64)))
-    predictions.update(baseline_predictions(train_entities, entities, cfg.vm.validation_fraction))
+    impressions = read_parquet(paths.table("impressions"))
+    predictions.update(baseline_predictions(train_entities, entities, cfg.vm.validation_fraction, impressions))
     return predictions
 
 

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
-             "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id"}  # fmt: skip
+             "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id",
+             "lr_rates": "LR on user and item click rates so far"}  # fmt: skip
 COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.contract.names import N_AGE_BUCKETS, N_COUNT_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, N_RATE_BUCKETS
 
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
@@ -41,6 +42,10 @@ class FoundationModel(nn.Module):
     """loopfm's FM: returns the logit and the layers `embedding` (the concatenated inputs),
     `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
 
+    # Parameters of the wide part (first-order terms), trained fm.wide_lr_multiplier times faster
+    # (loopfm/fm/plugin.py: wide_parameters), as the VM's candidate biases are.
+    wide_parameter_prefixes = ("user_bias.", "item_bias.", "rate_weight")
+
     def __init__(self, s: FMShapes):
         super().__init__()
         e = s.embedding_dim
@@ -62,11 +67,20 @@ class FoundationModel(nn.Module):
         self.rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
         self.count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
         activity = 4 * 4
+        # The item's click rate and impression count so far, by every user (fm/stream.py: _activity).
+        self.item_rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
+        self.item_count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
+        item_activity = 2 * 4
+        # The three click rates so far also enter the logit linearly (user over every vertical,
+        # user in the event's vertical, item): a logistic regression on them alone beat the FM
+        # on MovieLens (docs/training.md, "Click rates so far").
+        self.register_buffer("rate_log_odds", torch.from_numpy(rate_bucket_log_odds()), persistent=False)
+        self.rate_weight = nn.Parameter(torch.zeros(3))
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
         self.user_tower = nn.Linear(2 * e + s.intent_dim + activity, e)
-        self.item_tower = nn.Linear(e + e // 2, e)
-        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + 3 * e
+        self.item_tower = nn.Linear(e + e // 2 + item_activity, e)
+        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + item_activity + 3 * e
         self.embedding_width = width
         self.hidden = nn.ModuleList()
         for h in s.hidden:
@@ -91,7 +105,8 @@ class FoundationModel(nn.Module):
         activity = torch.cat([self.rate(b["rate_all"]), self.count(b["count_all"]),
                               self.rate(b["rate_vertical"]), self.count(b["count_vertical"])], dim=1)  # fmt: skip
         user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"], activity], dim=1))
-        item_vec = self.item_tower(torch.cat([item, category], dim=1))
+        item_activity = torch.cat([self.item_rate(b["rate_item"]), self.item_count(b["count_item"])], dim=1)
+        item_vec = self.item_tower(torch.cat([item, category, item_activity], dim=1))
         x = torch.cat(
             [
                 user,
@@ -106,6 +121,7 @@ class FoundationModel(nn.Module):
                 self.price(b["price_bucket"]),
                 b["intent"],
                 activity,
+                item_activity,
                 user_vec,
                 item_vec,
                 user_vec * item_vec,
@@ -116,7 +132,9 @@ class FoundationModel(nn.Module):
         for i, layer in enumerate(self.hidden, start=1):
             x = torch.relu(layer(x))
             activations[f"hidden{i}"] = x
+        rates = torch.stack([b["rate_all"], b["rate_vertical"], b["rate_item"]], dim=1)  # [B, 3]
         wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
+        wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), activations
 
 

@@ -13,12 +13,17 @@ importable by the `loopfm` process (installed, or on PYTHONPATH).
   int64, the user's last clicked item ids + 1 in every vertical strictly before the event
   (0 = padding or unknown); `rate_all`, `count_all`, `rate_vertical`, `count_vertical` [B]
   int64, the user's click-rate and impression-count buckets so far over every vertical and
-  in the event's own (contract/tensorize.activity_bucket_arrays; 0 = unknown); `intent` [B, k] float32 (the synthetic world's FM-only signal;
+  in the event's own, and `rate_item`, `count_item` [B] int64, the item's by every user
+  (contract/tensorize.activity_bucket_arrays; 0 = unknown); `intent` [B, k] float32 (the synthetic world's FM-only signal;
   k = 0 on imported data). It returns `logit` [B] (the click logit: trained with binary
   cross-entropy, logged as the KD label) and `activations`, a dict {layer name: [B, d]}.
 - `fm.extract_layer` names the logged layer, or several comma-separated (a list in
   config.json): their activations are concatenated in that order (the LoopFM paper
   concatenates layers), [B, sum of d], and compressed into one code.
+
+- Optional: `module.wide_parameter_prefixes`, a tuple of parameter-name prefixes (as
+  `named_parameters` gives them) of the first-order terms; they train `fm.wide_lr_multiplier`
+  times faster than the rest (`wide_parameters`).
 
 loopfm trains the module with the same scheme as its own FM (warm-up with early stopping,
 then day by day; docs/training.md) and the compressor beside it on the detached
@@ -65,6 +70,12 @@ def build(spec: str, shapes) -> nn.Module:
     if not isinstance(fm, nn.Module):
         raise ConfigError(f"fm.model {spec!r}: factory(shapes) returned {type(fm).__name__}, not a torch.nn.Module")
     return fm
+
+
+def wide_parameters(fm: nn.Module) -> list[nn.Parameter]:
+    """The parameters named by `fm.wide_parameter_prefixes` (none if it has no such attribute)."""
+    prefixes = tuple(getattr(fm, "wide_parameter_prefixes", ()))
+    return [p for name, p in fm.named_parameters() if prefixes and name.startswith(prefixes)]
 
 
 def extract(activations: dict[str, torch.Tensor], layers: tuple[str, ...]) -> torch.Tensor:

@@ -51,7 +51,7 @@ from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_par
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
-ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical")
+ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical", "rate_item", "count_item")
 
 
 def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -71,7 +71,7 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     raw_history = np.where(hist_idx >= 0, clicked_items[np.clip(hist_idx, 0, None)], 0)
 
     vertical = imp["vertical"].map(vertical_ids).to_numpy()
-    activity = _activity(imp["user_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
+    activity = _activity(imp["user_id"].to_numpy(), imp["item_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
     intent = _intent(paths, imp["user_id"], day)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
@@ -95,13 +95,17 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     return arrays, imp
 
 
-def _activity(user: np.ndarray, vertical: np.ndarray, n_verticals: int, t: np.ndarray, clicks: np.ndarray) -> dict[str, np.ndarray]:
-    """Per event [n]: the user's impressions and clicks before it, over every vertical and in the
-    event's own, as the VM's (contract/tensorize.activity_bucket_arrays) click-rate and count
-    buckets. The VM sees only its own vertical's counts; the FM's cross-vertical ones tell a
-    user's propensity where that vertical has little of the user (issue 15)."""
+def _activity(
+    user: np.ndarray, item: np.ndarray, vertical: np.ndarray, n_verticals: int, t: np.ndarray, clicks: np.ndarray
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per event [n]: the impressions and clicks before it of its user over every vertical, of its
+    user in the event's vertical, and of its item by every user, as the VM's
+    (contract/tensorize.activity_bucket_arrays) click-rate and count buckets. The VM sees only
+    its own vertical's counts; the FM's cross-vertical ones tell a user's propensity where that
+    vertical has little of the user, and the item's tell its click rate up to the event, which
+    a checkpoint's item embedding knows only up to the day it was trained (issue 15)."""
     out = {}
-    for scope, key in (("all", user), ("vertical", user * n_verticals + vertical)):
+    for scope, key in (("all", user), ("vertical", user * n_verticals + vertical), ("item", item)):
         n = count_before(key, t, key, t)
         k = count_before(key[clicks], t[clicks], key, t)
         out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(n, k)
@@ -198,7 +202,10 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     objective: torch.nn.Module = _Objective(fm, compressor, cfg.fm.layers, cfg.fm.matryoshka_dims, cfg.fm.id_dropout)
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
-    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)
+    wide = plugin.wide_parameters(fm)
+    deep = [p for p in objective.parameters() if all(p is not w for w in wide)]
+    opt = torch.optim.AdamW([{"params": deep}, {"params": wide, "lr": cfg.fm.lr * cfg.fm.wide_lr_multiplier}],
+                            lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)  # fmt: skip
     rng = np.random.default_rng(cfg.world.seed)
     known_users, known_items = np.zeros(shapes.n_users, bool), np.zeros(shapes.n_items, bool)
 
@@ -304,7 +311,11 @@ def _load(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tup
     state = torch.load(path, weights_only=False)
     shapes = FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])})
     fm = plugin.build(state.get("model", DEFAULT_FM_MODEL), shapes)
-    fm.load_state_dict(state["fm"])
+    try:
+        fm.load_state_dict(state["fm"])
+    except RuntimeError:
+        raise RuntimeError(f"{path} holds parameters {type(fm).__name__} no longer has (the FM's inputs changed since it "
+                           "was saved): re-run `loopfm fm train` and the stages after it") from None  # fmt: skip
     width, code_dim = state["compressor"]["encoder.weight"].shape[::-1]
     compressor = Compressor(width, code_dim)
     compressor.load_state_dict(state["compressor"])

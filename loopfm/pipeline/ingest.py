@@ -8,8 +8,9 @@ adds nothing.
   1. append the new impressions to data/impressions.parquet (an impression_id already
      stored with other values is refused: one id, one event);
   2. FM-log every impression the embedding log lacks, and append those rows to the log;
-  3. recompute the newest history snapshots of every user in the batch, append them to the
-     Feast batch sources (features/{fm_history,vm_click_history}.parquet);
+  3. recompute the newest history snapshots of every user in the batch, and the newest
+     counts of every item in it, append them to the Feast batch sources
+     (features/{fm_history,vm_click_history,item_activity}.parquet);
   4. push the same snapshots to the online store through Feast's push API.
 
 Event time versus availability time: whatever an ingest adds became known when it was
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.config import RunConfig
-from loopfm.contract.names import ID_INT64, ITEM_KEY, USER_KEY
+from loopfm.contract.names import ID_INT64, ITEM_ACTIVITY, ITEM_KEY, USER_KEY, VERTICAL_KEY
 from loopfm.data.ids import IdMap, id_map_path, load_id_maps
 from loopfm.io import RunPaths, from_unix_us, read_parquet, write_parquet
 from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
@@ -139,10 +140,12 @@ def _append_fm_log(paths: RunPaths, cfg: RunConfig, ingested_at: pd.Timestamp) -
     return int(rows.size)
 
 
-def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict[str, pd.DataFrame]:
-    """Each user's newest history snapshot per pushed view, from the whole log, keyed by
-    source ids as the Feast sources are (`users`: dense ids)."""
-    from loopfm.features.build import build_fm_history, build_vm_click_history, fm_history_members, keyed_by_source_ids
+def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray, items: np.ndarray) -> dict[str, pd.DataFrame]:
+    """Each user's newest history snapshot and each item's newest counts per pushed view, from
+    the whole log, keyed by source ids as the Feast sources are (`users`, `items`: dense ids)."""
+    from loopfm.features.build import (
+        build_fm_history, build_item_activity, build_vm_click_history, fm_history_members, keyed_by_source_ids,
+    )  # fmt: skip
 
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
@@ -151,6 +154,7 @@ def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict
         "fm_history": build_fm_history(log[mine], fm_history_members(imp["label"].to_numpy()[mine], cfg.fm.history_events),
                                        cfg.vm.history_length),
         "vm_click_history": build_vm_click_history(imp[mine], cfg.world.verticals, cfg.vm.history_length),
+        ITEM_ACTIVITY: build_item_activity(imp[imp["item_id"].isin(items)]),
     }
     id_maps = load_id_maps(paths)
     return {view: keyed_by_source_ids(df.sort_values("event_timestamp").groupby(entity_keys(df)).tail(1), id_maps)
@@ -158,7 +162,7 @@ def newest_snapshots(paths: RunPaths, cfg: RunConfig, users: np.ndarray) -> dict
 
 
 def entity_keys(snapshots: pd.DataFrame) -> list[str]:
-    return [key for key in ("user_id", "vertical") if key in snapshots]
+    return [key for key in (USER_KEY, VERTICAL_KEY, ITEM_KEY) if key in snapshots]
 
 
 def _stamp_and_append(paths: RunPaths, snapshots: dict[str, pd.DataFrame], ingested_at: pd.Timestamp) -> dict[str, pd.DataFrame]:
@@ -199,8 +203,9 @@ def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print, time_uni
         added = _append_impressions(paths, events, events_path)
     with stage(2, 4, "FM-log the impressions the embedding log lacks (offline, never in the server)"):
         logged = _append_fm_log(paths, cfg, ingested_at)
-    with stage(3, 4, "recompute the batch's users' newest histories into the Feast sources"):
-        snapshots = _stamp_and_append(paths, newest_snapshots(paths, cfg, events["user_id"].unique()), ingested_at)
+    with stage(3, 4, "recompute the batch's users' newest histories and items' counts into the Feast sources"):
+        newest = newest_snapshots(paths, cfg, events["user_id"].unique(), events["item_id"].unique())
+        snapshots = _stamp_and_append(paths, newest, ingested_at)
     with stage(4, 4, "push them to the online store (Feast push API)"):
         from feast.data_source import PushMode
 

@@ -18,11 +18,11 @@ from loopfm.config import RunConfig, Variant, variant_named
 from loopfm.data.dataset import Vocab
 from loopfm.eval.metrics import quality
 from loopfm.features.store import historical_features
-from loopfm.contract.names import FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
+from loopfm.contract.names import CANDIDATE_FEATURES, FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
-from loopfm.vm.model import VerticalModel, VMShapes
+from loopfm.vm.model import WIDE_PARAMETER_PREFIXES, VerticalModel, VMShapes
 
 
 def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
@@ -33,13 +33,19 @@ def tensor_spec(cfg: RunConfig, vocab: Vocab) -> TensorSpec:
         n_items=vocab.n_items,
         n_categories=vocab.n_categories,
         n_brands=vocab.n_brands,
+        item_activity=cfg.vm.item_activity,
     )
 
 
 def frame_tensors(df: pd.DataFrame, spec: TensorSpec) -> dict[str, np.ndarray]:
     """A historical-features frame (one candidate per row) -> model inputs."""
     user_columns = [*USER_FEATURES, VM_HISTORY_FEATURE, *VM_COUNT_FEATURES] + ([FM_HISTORY_FEATURE] if FM_HISTORY_FEATURE in df else [])
-    candidates = candidate_tensors({c: df[c].tolist() for c in ITEM_FEATURES}, spec)
+    wanted = CANDIDATE_FEATURES if spec.item_activity else ITEM_FEATURES
+    missing = [c for c in wanted if c not in df]
+    if missing:
+        raise ValueError(f"the historical features lack {missing}: this run's feature tables predate them; rebuild them "
+                         "(`loopfm features build`, `loopfm features apply`) or set vm.item_activity=false")  # fmt: skip
+    candidates = candidate_tensors({c: df[c].tolist() for c in wanted}, spec)
     return model_inputs({c: df[c].tolist() for c in user_columns}, df["hour"].tolist(), candidates, spec,
                         candidate_user=np.arange(len(df), dtype=np.int64))  # fmt: skip
 
@@ -79,6 +85,8 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         dropout=cfg.vm.dropout,
         history_product=cfg.vm.history_product,
         short_window=min(cfg.vm.short_window, spec.history_length),  # an L sweep may go below it
+        wide_rates=True,
+        item_bias=not spec.item_activity,
     )
 
 
@@ -140,15 +148,16 @@ def _train(
     cfg: RunConfig, spec: TensorSpec, variant: str, tensors: dict[str, np.ndarray], label: np.ndarray, kd_target: np.ndarray,
     rows: np.ndarray, epochs: int, after_epoch=None,
 ) -> VerticalModel:  # fmt: skip
-    """A fresh model (seed vm.seed, serving head started at the popularity of `rows`) trained on
+    """A fresh model (seed vm.seed, serving head started at baselines fitted on `rows`, see
+    VerticalModel.init_biases) trained on
     `rows` for up to `epochs` epochs; `after_epoch(model, epoch)` (epoch 0 = before training)
     returns True to stop early."""
     torch.manual_seed(cfg.vm.seed)
     rng = np.random.default_rng(cfg.vm.seed)
     model = VerticalModel(shapes_for(cfg, spec, variant))
-    model.init_biases(tensors["candidates"][rows, 0], label[rows])
-    wide = [p for n, p in model.named_parameters() if n.startswith("candidate_bias.")]
-    deep = [p for n, p in model.named_parameters() if not n.startswith("candidate_bias.")]
+    model.init_biases(tensors["user_context"][rows], tensors["candidates"][rows], label[rows])
+    wide = [p for n, p in model.named_parameters() if n.startswith(WIDE_PARAMETER_PREFIXES)]
+    deep = [p for n, p in model.named_parameters() if not n.startswith(WIDE_PARAMETER_PREFIXES)]
     opt = torch.optim.AdamW([{"params": deep}, {"params": wide, "lr": cfg.vm.lr * cfg.vm.wide_lr_multiplier}],
                             lr=cfg.vm.lr, weight_decay=cfg.vm.weight_decay)  # fmt: skip
     bce = torch.nn.functional.binary_cross_entropy_with_logits
