@@ -100,26 +100,21 @@ def _rate_model(item_activity: bool) -> VerticalModel:
     return VerticalModel(shapes)
 
 
-def test_the_wide_part_starts_at_a_logistic_regression_on_the_click_rates_so_far():
-    # Clicks follow the item's rate bucket alone: the fitted weight of the item rate is positive,
-    # the user's near zero, and with the item's rate among the candidates there is no item-id bias.
+def test_with_the_item_s_rate_so_far_there_is_no_item_id_bias_and_without_it_the_bias_starts_at_popularity():
     g = np.random.default_rng(0)
-    n = 4000
-    item_rate = g.integers(20, 40, n)
-    label = (g.random(n) < 1 / (1 + np.exp(-(rate_bucket_log_odds()[item_rate])))).astype(np.float32)
-    user_context = np.stack([g.integers(0, 7, n), g.integers(0, 3, n), g.integers(0, 25, n), g.integers(20, 40, n),
-                             g.integers(0, 13, n)], axis=1)  # fmt: skip
+    n = 400
     candidates = np.stack([g.integers(0, 51, n), g.integers(0, 11, n), g.integers(0, 21, n), g.integers(0, 11, n),
-                           item_rate, g.integers(0, 13, n)], axis=1)  # fmt: skip
-    model = _rate_model(item_activity=True)
-    model.init_biases(user_context, candidates, label)
-    user_weight, item_weight = model.rate_weight.tolist()
-    assert 0.7 < item_weight < 1.3 and abs(user_weight) < 0.2
-    assert 0 not in model.bias_columns and len(model.candidate_bias) == 5
-    without = _rate_model(item_activity=False)  # the user's rate only, and the item-id bias at popularity
-    without.init_biases(user_context, candidates[:, :4], label)
+                           g.integers(20, 40, n), g.integers(0, 13, n)], axis=1)  # fmt: skip
+    label = (candidates[:, 0] < 25).astype(np.float32)  # the first half of the items is always clicked
+    with_rate = _rate_model(item_activity=True)
+    with_rate.init_biases(candidates, label)
+    assert 0 not in with_rate.bias_columns and len(with_rate.candidate_bias) == 5
+    assert with_rate.rate_weight.tolist() == [0.0, 0.0]  # user and item rate weights, learned from 0
+    without = _rate_model(item_activity=False)
+    without.init_biases(candidates[:, :4], label)
     assert without.rate_weight.shape == (1,) and without.bias_columns == [0, 1, 2, 3]
-    assert without.candidate_bias[0].weight.abs().sum() > 0
+    bias = without.candidate_bias[0].weight[:, 0]
+    assert bias[:25].min() > 0 > bias[25:].max()  # each item's shrunk click rate relative to the overall one
 
 
 def test_the_item_s_click_rate_so_far_moves_the_score_through_the_wide_part():

@@ -155,7 +155,7 @@ def _train(
     torch.manual_seed(cfg.vm.seed)
     rng = np.random.default_rng(cfg.vm.seed)
     model = VerticalModel(shapes_for(cfg, spec, variant))
-    model.init_biases(tensors["user_context"][rows], tensors["candidates"][rows], label[rows])
+    model.init_biases(tensors["candidates"][rows], label[rows])
     wide = [p for n, p in model.named_parameters() if n.startswith(WIDE_PARAMETER_PREFIXES)]
     deep = [p for n, p in model.named_parameters() if not n.startswith(WIDE_PARAMETER_PREFIXES)]
     opt = torch.optim.AdamW([{"params": deep}, {"params": wide, "lr": cfg.vm.lr * cfg.vm.wide_lr_multiplier}],
