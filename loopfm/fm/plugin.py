@@ -75,7 +75,7 @@ def build(spec: str, shapes) -> nn.Module:
 def wide_parameters(fm: nn.Module) -> list[nn.Parameter]:
     """The parameters named by `fm.wide_parameter_prefixes` (none if it has no such attribute)."""
     prefixes = tuple(getattr(fm, "wide_parameter_prefixes", ()))
-    return [p for name, p in fm.named_parameters() if prefixes and name.startswith(prefixes)]
+    return [p for name, p in fm.named_parameters() if name.startswith(prefixes)]
 
 
 def extract(activations: dict[str, torch.Tensor], layers: tuple[str, ...]) -> torch.Tensor:

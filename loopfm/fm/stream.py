@@ -203,7 +203,8 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     wide = plugin.wide_parameters(fm)
-    deep = [p for p in objective.parameters() if all(p is not w for w in wide)]
+    wide_ids = {id(p) for p in wide}
+    deep = [p for p in objective.parameters() if id(p) not in wide_ids]
     opt = torch.optim.AdamW([{"params": deep}, {"params": wide, "lr": cfg.fm.lr * cfg.fm.wide_lr_multiplier}],
                             lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)  # fmt: skip
     rng = np.random.default_rng(cfg.world.seed)

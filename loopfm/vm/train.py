@@ -148,10 +148,9 @@ def _train(
     cfg: RunConfig, spec: TensorSpec, variant: str, tensors: dict[str, np.ndarray], label: np.ndarray, kd_target: np.ndarray,
     rows: np.ndarray, epochs: int, after_epoch=None,
 ) -> VerticalModel:  # fmt: skip
-    """A fresh model (seed vm.seed, serving head started at baselines fitted on `rows`, see
-    VerticalModel.init_biases) trained on
-    `rows` for up to `epochs` epochs; `after_epoch(model, epoch)` (epoch 0 = before training)
-    returns True to stop early."""
+    """A fresh model (seed vm.seed, serving head started at the popularity of `rows`:
+    VerticalModel.init_biases) trained on `rows` for up to `epochs` epochs;
+    `after_epoch(model, epoch)` (epoch 0 = before training) returns True to stop early."""
     torch.manual_seed(cfg.vm.seed)
     rng = np.random.default_rng(cfg.vm.seed)
     model = VerticalModel(shapes_for(cfg, spec, variant))
