@@ -131,7 +131,7 @@ def test_the_registry_and_the_exported_model_carry_the_entity_types(run, store):
     meta = json.loads((RunPaths(run_dir).vm / VARIANT / "onnx" / "model.json").read_text())
     assert meta["entity_types"] == {"user_id": "int64", "item_id": "string"}
     assert ITEM_INDEX in meta["features"]["item_id"]["item_features"]
-    assert meta["parity"]["rows"] > 0  # training and export read Feast's point-in-time join on these keys
+    assert meta["parity"]["requests"] > 0  # training and export read Feast's point-in-time join on these keys
 
 
 def test_reader_equals_get_online_features_for_large_int_and_string_keys(run, store):

@@ -9,10 +9,10 @@ from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
 
-def _model(encoder: str, use_fm: bool = True, short_window: int = 0) -> VerticalModel:
+def _model(encoder: str, use_fm: bool = True, short_window: int = 0, wide_rates: bool = False) -> VerticalModel:
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6,
-                      history_product=True, short_window=short_window)  # fmt: skip
+                      history_product=True, short_window=short_window, wide_rates=wide_rates)  # fmt: skip
     return VerticalModel(shapes).eval()
 
 
@@ -31,13 +31,20 @@ def _inputs(users: int, candidates: int, length: int = 6) -> dict[str, torch.Ten
 @pytest.mark.parametrize("short_window", [0, 2])
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_one_user_row_per_request_scores_like_one_user_row_per_candidate(encoder, short_window):
-    model, x = _model(encoder, short_window=short_window), _inputs(users=1, candidates=9)
+    """Three layouts, one function: candidate_user = 0 (gathers), the user's row repeated per
+    candidate (training), and candidate_user None (matrix products: the serving graph)."""
+    model, x = _model(encoder, short_window=short_window, wide_rates=True), _inputs(users=1, candidates=9)
+    with torch.no_grad():
+        model.rate_weight.fill_(0.5)
     shared, _ = model(**x)
     repeated = {k: (v.expand(9, *v.shape[1:]) if k in ("user_context", "vm_history", "fm_codes", "fm_mask") else v)
                 for k, v in x.items()}  # fmt: skip
     repeated["candidate_user"] = torch.arange(9)
     per_row, _ = model(**repeated)
+    served, _ = model(**(x | {"candidate_user": None}))
     torch.testing.assert_close(shared, per_row)
+    torch.testing.assert_close(served, per_row)
+    assert served.std() > 1e-3  # the candidates score differently
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -89,7 +96,7 @@ def test_a_short_window_model_exports_to_onnx_with_parity():
     tensors = {k: v.numpy() for k, v in _inputs(users=12, candidates=12).items()}
     tensors["candidate_user"] = np.arange(12)
     check = parity_check(model, onnx_bytes(model, tensors), tensors)
-    assert check["rows"] == 12 and check["max_abs_diff"] < 1e-5
+    assert check["requests"] == check["candidates"] == 12 and check["max_abs_diff"] < 1e-5
 
 
 def _rate_model(item_activity: bool) -> VerticalModel:

@@ -62,11 +62,12 @@ N_RATE_BUCKETS = 48  # a user's (or an item's) click rate so far: bins of 0.25 i
 RATE_LOGIT_LOW, RATE_LOGIT_BIN = -7.0, 0.25  # rates 0.09% .. 99.3%: a 1% CTR and a 60% rating rate both get resolution
 N_COUNT_BUCKETS = 12  # a user's impressions so far: floor(log2(n + 1)), capped
 
-# ONNX graph inputs: request-side ones once per user, candidate-side ones once per candidate.
+# ONNX graph inputs: request-side ones for the request's one user, candidate-side ones once per candidate.
 USER_SIDE_INPUTS = ("user_context", "vm_history", "fm_codes", "fm_mask")
 
 
 def input_names(use_fm_history: bool) -> list[str]:
-    """The exported graph's input names, in the order of ServingHead's arguments."""
-    names = ["user_context", "vm_history", "candidates", "candidate_user"]
+    """The exported graph's input names, in the order of ServingHead's arguments. Graphs
+    exported before 2026-12-02 also take candidate_user [C] after candidates (all 0 at serving)."""
+    names = ["user_context", "vm_history", "candidates"]
     return names + ["fm_codes", "fm_mask"] if use_fm_history else names

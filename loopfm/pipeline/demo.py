@@ -72,7 +72,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
         quality = train_stages(run_dir, cfg, redis_url, first=2, total=total)
         with stage(7, total, f"export {SERVED_VARIANT} to ONNX"):
             meta = export_variant(paths, cfg, open_store(run_dir), SERVED_VARIANT)
-            print(f"  {meta['model_version']}: parity on {meta['parity']['rows']} rows, "
+            print(f"  {meta['model_version']}: parity on {meta['parity']['requests']} requests and {meta['parity']['candidates']} candidates, "
                   f"max |ONNX - torch| = {meta['parity']['max_abs_diff']:.2e}")  # fmt: skip
         with stage(8, total, f"serve and send {requests} requests over HTTP"):
             proc, base_url = start_server(paths.vm / SERVED_VARIANT / "onnx", redis_url, paths.root / "server.log")

@@ -1,8 +1,8 @@
 """Export a trained VM to ONNX with the metadata the server needs, and check parity.
 
-The ONNX graph takes request-side inputs once per user and candidate-side inputs once per
-candidate (see loopfm/vm/model.py), so a request's history is encoded once, not once per
-candidate. `model.json` names the Feast feature views and features to read per entity and
+The ONNX graph scores one request: request-side inputs for its one user (first dimension 1)
+and candidate-side inputs once per candidate (see loopfm/vm/model.py), so a request's history
+is encoded once, not once per candidate. `model.json` names the Feast feature views and features to read per entity and
 the tensor spec, so the server needs neither the Feast registry nor any training code.
 """
 
@@ -85,10 +85,11 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
 
 
 def onnx_bytes(model: VerticalModel, tensors: dict[str, np.ndarray]) -> bytes:
-    """The serving head as an ONNX graph, traced on the first rows of `tensors`."""
+    """The serving head as an ONNX graph of one request (user-side inputs [1, ...], candidates
+    [C, ...]), traced on the first user and the first 8 candidates of `tensors`."""
     names = input_names(model.shapes.use_fm_history)
-    sample = tuple(torch.from_numpy(tensors[n][:8]) for n in names)
-    axes = {n: {0: "users" if n in USER_SIDE_INPUTS else "candidates"} for n in names} | {"score": {0: "candidates"}}
+    sample = tuple(torch.from_numpy(tensors[n][:1] if n in USER_SIDE_INPUTS else tensors[n][:8]) for n in names)
+    axes = {n: {0: "candidates"} for n in names if n not in USER_SIDE_INPUTS} | {"score": {0: "candidates"}}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but exact for this small graph; export_variant's
@@ -115,15 +116,27 @@ def optimized_graph(graph: bytes) -> bytes:
 
 
 def parity_check(
-    model, onnx_blob: bytes, tensors: dict[str, np.ndarray],
-    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    model: VerticalModel, onnx_blob: bytes, tensors: dict[str, np.ndarray],
+    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, rows: int = 256,
 ) -> dict:  # fmt: skip
-    """Max |ONNX - PyTorch| on every row in the training layout (one user per candidate), with
-    ONNX Runtime optimising the graph at `optimization` when it loads it."""
+    """Max |ONNX - PyTorch| between the serving graph (one user per request) and the PyTorch
+    model in the training layout (`tensors`: one user row per candidate): each of the first
+    `rows` rows as its own one-candidate request, then the first row's user against every row's
+    candidate (PyTorch's per-candidate gathers with candidate_user = 0). ONNX Runtime optimises
+    the graph at `optimization` when it loads it."""
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
     session = ort.InferenceSession(onnx_blob, options, providers=["CPUExecutionProvider"])
-    onnx_scores = session.run(None, tensors)[0]
+    names = [i.name for i in session.get_inputs()]
+    n, c = min(rows, len(tensors["candidates"])), len(tensors["candidates"])
+    one_user = {k: tensors[k][:1] if k in USER_SIDE_INPUTS else tensors[k] for k in names}
+    onnx_rows = np.concatenate([session.run(None, {k: tensors[k][i : i + 1] for k in names})[0] for i in range(n)])
+    onnx_one_user = session.run(None, one_user)[0]
+    model.eval()
     with torch.no_grad():
-        torch_scores = ServingHead(model)(**{k: torch.from_numpy(v) for k, v in tensors.items()}).numpy()
-    return {"rows": int(len(onnx_scores)), "max_abs_diff": float(np.abs(onnx_scores - torch_scores).max())}
+        as_torch = lambda feeds: {k: torch.from_numpy(v) for k, v in feeds.items()}  # noqa: E731
+        torch_rows = model(**as_torch({k: tensors[k][:n] for k in names}), candidate_user=torch.arange(n))[0]
+        torch_one_user = model(**as_torch(one_user), candidate_user=torch.zeros(c, dtype=torch.int64))[0]
+    diff = max(np.abs(onnx_rows - torch.sigmoid(torch_rows).numpy()).max(),
+               np.abs(onnx_one_user - torch.sigmoid(torch_one_user).numpy()).max())  # fmt: skip
+    return {"requests": n, "candidates": c, "max_abs_diff": float(diff)}

@@ -4,6 +4,8 @@ Inputs follow serving's shape: request-side tensors once per user, candidate-sid
 once per candidate, and `candidate_user` saying which user row each candidate belongs to.
 At serving time there is one user and many candidates, so the user's history is passed and
 encoded once per request; in training every row is its own user (candidate_user = arange).
+The serving graph (ServingHead) is traced for one user: no candidate_user input, and its
+history attention is matrix products rather than per-candidate gathers.
 
     user_context   [U, 5]     int64  age, gender, hour, click-rate and impression-count buckets (+1; 0 = unknown)
     vm_history     [U, L]     int64  own-vertical clicked item ids (+1; 0 = padding), newest last
@@ -11,7 +13,7 @@ encoded once per request; in training every row is its own user (candidate_user 
     fm_mask        [U, L]     float  1 where fm_codes holds a code
     candidates     [C, 4|6]   int64  item id, category, brand, price bucket, then (vm.item_activity) the
                                      item's click-rate and impression-count buckets so far (+1; 0 = unknown)
-    candidate_user [C]        int64  row of the user each candidate is scored for
+    candidate_user [C]        int64  row of the user each candidate is scored for (training; not a graph input)
     -> logit [C] (serving head), kd_logit [C] (auxiliary distillation head, training only)
 """
 
@@ -62,10 +64,12 @@ class DinScorer(nn.Module):
         self.product = nn.Linear(e, hidden, bias=False)
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor) -> torch.Tensor:
-        """keys [U, L, e], query [C, e] -> attention logits [C, L]."""
-        per_user = self.key(keys)[candidate_user]  # [C, L, hidden]
-        per_pair = self.product(keys[candidate_user] * query.unsqueeze(1))  # [C, L, hidden]
+    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor | None) -> torch.Tensor:
+        """keys [U, L, e], query [C, e] -> attention logits [C, L] (candidate_user None: U = 1)."""
+        per_user = self.key(keys)  # [U, L, hidden], once per user
+        if candidate_user is not None:  # else U = 1, broadcast over the candidates
+            per_user, keys = per_user[candidate_user], keys[candidate_user]  # [C, L, .]
+        per_pair = self.product(keys * query.unsqueeze(1))  # [C, L, hidden]
         return self.out(torch.relu(per_user + per_pair + self.query(query).unsqueeze(1))).squeeze(-1)
 
 
@@ -84,11 +88,19 @@ class DotMlpScorer(nn.Module):
         self.query = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.scale = d**-0.5
 
-    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor) -> torch.Tensor:
-        """keys [U, L, e], query [C, e] -> attention logits [C, L]."""
+    def forward(self, keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor | None) -> torch.Tensor:
+        """keys [U, L, e], query [C, e] -> attention logits [C, L] (candidate_user None: U = 1)."""
         k = self.key(keys)  # [U, L, d], once per user
         q = self.query(query) * self.scale  # [C, d], once per candidate
-        return torch.bmm(k[candidate_user], q.unsqueeze(-1)).squeeze(-1)
+        return dot_scores(k, q, candidate_user)
+
+
+def dot_scores(keys: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor | None) -> torch.Tensor:
+    """keys [U, L, d], query [C, d] -> [C, L], each candidate's query dotted with its user's keys.
+    candidate_user None means one user (U = 1): one [C, d] x [d, L] product, no [C, L, d] gather."""
+    if candidate_user is None:
+        return query @ keys[0].T
+    return torch.bmm(keys[candidate_user], query.unsqueeze(-1)).squeeze(-1)
 
 
 def attention_scorer(encoder: str, e: int) -> nn.Module | None:
@@ -97,32 +109,40 @@ def attention_scorer(encoder: str, e: int) -> nn.Module | None:
 
 
 def masked_pool(
-    keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor,
+    keys: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, candidate_user: torch.Tensor | None,
     encoder: str, scorer: nn.Module | None, recency: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Pool each candidate's user history keys [U, L, h] under mask [U, L] (1 = present) with
     target query [C, h] -> [C, h]. An all-padding history pools to zeros for every encoder.
-    `scorer`: the encoder's `attention_scorer` (din, dot_mlp), None otherwise.
+    `scorer`: the encoder's `attention_scorer` (din, dot_mlp), None otherwise. candidate_user
+    None: one user (U = 1) for every candidate, computed with matrix products instead of
+    [C, L, h] gathers (the serving graph; the same function).
 
     recency [L]: a learned log-weight per position (histories are right-aligned, position
     L - 1 the newest), added to every encoder's weights in its own terms: a factor exp(r) for
     sum and mean, a logit offset for dot, dot_mlp and din. At r = 0 each encoder is the plain one;
     a very negative r drops a position, so a longer history can always be weighted like a shorter one."""
-    mask = mask[candidate_user]  # [C, L]
+    one_user = candidate_user is None
+    mask = mask if one_user else mask[candidate_user]  # [1 or C, L]
     r = torch.zeros(keys.shape[1]) if recency is None else recency  # [L]
+
+    def pool(weights: torch.Tensor) -> torch.Tensor:  # [1 or C, L] -> [1 or C, h]
+        return weights @ keys[0] if one_user else torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
+
     if encoder in ("sum", "mean"):
         weights = mask * torch.exp(r)
-        pooled = torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
-        return pooled / weights.sum(1, keepdim=True).clamp(min=1e-6) if encoder == "mean" else pooled
+        pooled = pool(weights)
+        pooled = pooled / weights.sum(1, keepdim=True).clamp(min=1e-6) if encoder == "mean" else pooled
+        return pooled.expand(query.shape[0], -1)
     if encoder in ("dot", "dot_mlp"):  # scaled dot-product target attention, softmax over present positions
         if encoder == "dot":
-            scores = torch.bmm(keys[candidate_user], query.unsqueeze(-1)).squeeze(-1) / keys.shape[-1] ** 0.5
+            scores = dot_scores(keys, query, candidate_user) / keys.shape[-1] ** 0.5
         else:
             scores = scorer(keys, query, candidate_user)
         weights = torch.softmax((scores + r).masked_fill(mask == 0, -1e9), dim=1) * mask
     else:  # din: un-normalised (sigmoid) weights, as in DIN
         weights = torch.sigmoid(scorer(keys, query, candidate_user) + r) * mask
-    return torch.bmm(weights.unsqueeze(1), keys[candidate_user]).squeeze(1)
+    return pool(weights)
 
 
 class VerticalModel(nn.Module):
@@ -195,11 +215,17 @@ class VerticalModel(nn.Module):
         user_context: torch.Tensor,
         vm_history: torch.Tensor,
         candidates: torch.Tensor,
-        candidate_user: torch.Tensor,
+        candidate_user: torch.Tensor | None,
         fm_codes: torch.Tensor | None = None,
         fm_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logit [C], kd_logit [C]). candidate_user None: one user (U = 1), every candidate
+        theirs; the serving graph is traced that way (ServingHead)."""
         s = self.shapes
+
+        def per_candidate(t: torch.Tensor) -> torch.Tensor:  # [U, ...] -> [C, ...], each candidate's user's row
+            return t.expand(candidates.shape[0], *[-1] * (t.dim() - 1)) if candidate_user is None else t[candidate_user]
+
         ctx = torch.cat([emb(user_context[:, i]) for i, emb in enumerate(self.context)], dim=1)  # [U, 3e]
         cand = torch.cat([emb(candidates[:, i]) for i, emb in enumerate(self.candidate)], dim=1)  # [C, 4e]
         query = self.target(cand)  # [C, e]
@@ -209,14 +235,14 @@ class VerticalModel(nn.Module):
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
             pooled += self._pools(keys, fm_mask, query, candidate_user, self.fm_attention, self.fm_recency)
-        parts = [ctx[candidate_user], cand, *pooled]
+        parts = [per_candidate(ctx), cand, *pooled]
         if s.history_product:  # [C, e] each: the user-candidate affinity as an explicit product
             parts += [h * query for h in pooled]
         x = self.mlp(torch.cat(parts, dim=1))
         wide = sum(b(candidates[:, i]) for i, b in zip(self.bias_columns, self.candidate_bias))  # [C, 1]
         if s.wide_rates:
             # [C, 1 or 2] rate buckets: the candidate's user's and, when candidates carry it, the item's
-            rates = torch.cat([user_context[candidate_user, USER_RATE_COLUMN : USER_RATE_COLUMN + 1],
+            rates = torch.cat([per_candidate(user_context[:, USER_RATE_COLUMN : USER_RATE_COLUMN + 1]),
                                candidates[:, ITEM_RATE_COLUMN : ITEM_RATE_COLUMN + 1]], dim=1)  # fmt: skip
             wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
@@ -235,11 +261,13 @@ class VerticalModel(nn.Module):
 
 
 class ServingHead(nn.Module):
-    """What ONNX exports: the serving logit only, with exactly the inputs the variant uses."""
+    """What ONNX exports: the serving score (probability [C]) of one request, one user (U = 1)
+    and C candidates, with exactly the inputs the variant uses. No candidate_user: with one user
+    the history attention is two matrix products per history, not gathers of [C, L, e]."""
 
     def __init__(self, vm: VerticalModel):
         super().__init__()
         self.vm = vm
 
-    def forward(self, user_context, vm_history, candidates, candidate_user, fm_codes=None, fm_mask=None):
-        return torch.sigmoid(self.vm(user_context, vm_history, candidates, candidate_user, fm_codes, fm_mask)[0])
+    def forward(self, user_context, vm_history, candidates, fm_codes=None, fm_mask=None):
+        return torch.sigmoid(self.vm(user_context, vm_history, candidates, None, fm_codes, fm_mask)[0])
