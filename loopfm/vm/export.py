@@ -2,8 +2,9 @@
 
 The ONNX graph scores one request: request-side inputs for its one user (first dimension 1)
 and candidate-side inputs once per candidate (see loopfm/vm/model.py), so a request's history
-is encoded once, not once per candidate. `model.json` names the Feast feature views and features to read per entity and
-the tensor spec, so the server needs neither the Feast registry nor any training code.
+is encoded once, not once per candidate. `model.json` names the Feast feature views and
+features to read per entity and the tensor spec, so the server needs neither the Feast
+registry nor any training code.
 """
 
 from __future__ import annotations
