@@ -20,7 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench-serving: $(STAMP)  # runs the demo first if needed; ~6 min; writes docs/benchmarks.{md,json}
+bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/benchmarks.{md,json}
+	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q wrk >/dev/null; } \
+	  || echo "wrk (Debian package wrk) not installed: the closed-loop rows will say so"
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 

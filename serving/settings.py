@@ -31,7 +31,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379"  # or redis+cluster://host:port (serving/redis_client.py)
     max_candidates: int = 1000
     ort_threads: int = 1  # ONNX Runtime threads for requests below large_batch candidates
-    ort_threads_large: int = 2  # ... and at or above it; 1 with several workers (docs/serving.md)
+    ort_threads_large: int = 2  # ... and at or above it; at most the cores each worker has (docs/serving.md)
     workers: int = 1  # worker processes sharing the port, one per core (uvicorn --workers; loopfm serve)
     large_batch: int = 256
     redis_timeout_s: float = 0.5  # per Redis call, and the longest wait for a free pooled connection
@@ -57,8 +57,7 @@ class Settings:
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
             max_candidates=_number("LOOPFM_MAX_CANDIDATES", int, cls.max_candidates, 1, MAX_CANDIDATES),
             ort_threads=_number("LOOPFM_ORT_THREADS", int, cls.ort_threads, 1),
-            # one worker per core: a second ONNX Runtime thread would take another worker's core
-            ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, cls.ort_threads_large if workers == 1 else 1, 1),
+            ort_threads_large=_number("LOOPFM_ORT_THREADS_LARGE", int, min(cls.ort_threads_large, cores_per_worker(workers)), 1),
             workers=workers,
             large_batch=_number("LOOPFM_LARGE_BATCH", int, cls.large_batch, 1),
             redis_timeout_s=_number("LOOPFM_REDIS_TIMEOUT_S", float, cls.redis_timeout_s, 0.001),
@@ -70,6 +69,15 @@ class Settings:
             item_cache_size=_number("LOOPFM_ITEM_CACHE_SIZE", int, cls.item_cache_size, 0),
             item_cache_ttl_s=_number("LOOPFM_ITEM_CACHE_TTL_S", float, cls.item_cache_ttl_s, 0.0),
         )
+
+
+def cores_per_worker(workers: int) -> int:
+    """Cores this process may run on (`taskset`, cgroup cpusets) shared by `workers`, at least 1.
+
+    A second ONNX Runtime thread on a worker pinned to one core, or on a core another
+    worker owns, only adds context switches (docs/serving.md, ONNX Runtime row).
+    """
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 def _number(name: str, kind: type, default, low, high=None):

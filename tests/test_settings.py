@@ -1,5 +1,6 @@
 """Server settings come from the environment and a wrong value stops the start with its name."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,17 @@ def test_without_a_model_the_server_says_which_variables_to_set(monkeypatch):
         Settings.from_env()
 
 
-def test_several_workers_each_take_one_onnx_runtime_thread_unless_told_otherwise(monkeypatch):
+def test_onnx_runtime_takes_no_more_threads_than_each_worker_has_cores(monkeypatch):
     monkeypatch.setenv("LOOPFM_MODEL_DIR", "/models/shop")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert Settings.from_env().workers == 1 and Settings.from_env().ort_threads_large == 2
     monkeypatch.setenv("LOOPFM_WORKERS", "2")
     assert Settings.from_env().workers == 2 and Settings.from_env().ort_threads_large == 1
     monkeypatch.setenv("LOOPFM_ORT_THREADS_LARGE", "2")
     assert Settings.from_env().ort_threads_large == 2
+
+
+def test_a_server_pinned_to_one_core_takes_one_onnx_runtime_thread(monkeypatch):
+    monkeypatch.setenv("LOOPFM_MODEL_DIR", "/models/shop")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert Settings.from_env().workers == 1 and Settings.from_env().ort_threads_large == 1
