@@ -450,18 +450,11 @@ def write_report(report: dict, records: list[tuple], out: Path, title: str) -> N
     plot_load(records, title, out / "loadtest.png")
 
 
-def timed(fn, n: int, warmup: int = 20) -> dict:
-    """p50/p99 of an in-process call, and the calls per second of the sequential loop."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
+def sequential_summary(samples_ms: list[float]) -> dict:
+    """p50/p99 (ms) of back-to-back calls and their rate (calls/s)."""
     return {
-        "p50_ms": float(np.percentile(samples, 50)),
-        "p99_ms": float(np.percentile(samples, 99)),
-        "rate": 1000 * n / float(np.sum(samples)),
-        "n": n,
+        "p50_ms": float(np.percentile(samples_ms, 50)),
+        "p99_ms": float(np.percentile(samples_ms, 99)),
+        "rate": 1000 * len(samples_ms) / float(np.sum(samples_ms)),
+        "n": len(samples_ms),
     }

@@ -40,7 +40,7 @@ import uvloop
 
 from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.bench.loadtest import (LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, timed, warm_up,
+from loopfm.bench.loadtest import (LoadSpec, RequestPool, format_ms, request_bodies, run_load, sequential_summary, sweep, warm_up,
                                    write_report)  # fmt: skip
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
@@ -86,21 +86,27 @@ def pinned(cores: list[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int) -> dict:
-    """The server's own Scorer, called in process on an event loop, one request at a time."""
+def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int, warmup: int = 20) -> dict:
+    """The server's own Scorer, awaited in process one request at a time on one uvloop event
+    loop (as a worker runs it, without HTTP): p50/p99 ms of `n` calls after `warmup`."""
     rng = np.random.default_rng(1)
     spec = LoadSpec(rate=1, duration_s=n, candidates=candidates)
-    bodies = iter([json.loads(b) for b in request_bodies(spec, pool, n + 20, rng)])
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    bodies = [json.loads(b) for b in request_bodies(spec, pool, n + warmup, rng)]
+
+    async def calls() -> list[float]:
         client = redis.asyncio.Redis.from_url(redis_url)
+        samples = []
+        try:
+            for b in bodies:
+                started = time.perf_counter()
+                await scorer.score(client, b["user_id"], b["candidate_item_ids"], b["context"]["hour"])
+                samples.append((time.perf_counter() - started) * 1000)
+        finally:
+            await client.aclose()
+        return samples[warmup:]
 
-        def one() -> None:
-            b = next(bodies)
-            runner.run(scorer.score(client, b["user_id"], b["candidate_item_ids"], b["context"]["hour"]))
-
-        result = timed(one, n=n, warmup=20)
-        runner.run(client.aclose())
-    return result
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return sequential_summary(runner.run(calls()))
 
 
 def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print) -> dict:
