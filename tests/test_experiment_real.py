@@ -26,6 +26,7 @@ def test_the_report_has_main_baselines_and_claims_per_dataset_and_says_which_goa
     assert set(d["main"]["base"]["auc"]) >= {"mean", "std"}
     gain = d["claims"]["loopfm_kd_vs_kd"]["auc"]
     assert gain["relative"]["mean"] > 0.01 and gain["p_bootstrap"] < 0.05  # the sharper model wins by construction
+    assert d["claims"]["base_vs_lr_rates"]["auc"]["relative"]["mean"] > 0  # the strongest baseline is a claim too
     assert d["goals"]["loopfm_not_below_base"] and d["goals"]["base_auc_ge_best_lr"] and d["goals"]["base_auc_ge_lr_rates"]
 
 
