@@ -448,13 +448,3 @@ def write_report(report: dict, records: list[tuple], out: Path, title: str) -> N
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "loadtest.json", json.dumps(report, indent=2))
     plot_load(records, title, out / "loadtest.png")
-
-
-def sequential_summary(samples_ms: list[float]) -> dict:
-    """p50/p99 (ms) of back-to-back calls and their rate (calls/s)."""
-    return {
-        "p50_ms": float(np.percentile(samples_ms, 50)),
-        "p99_ms": float(np.percentile(samples_ms, 99)),
-        "rate": 1000 * len(samples_ms) / float(np.sum(samples_ms)),
-        "n": len(samples_ms),
-    }

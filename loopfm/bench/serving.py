@@ -40,8 +40,7 @@ import uvloop
 
 from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.bench.loadtest import (LoadSpec, RequestPool, format_ms, request_bodies, run_load, sequential_summary, sweep, warm_up,
-                                   write_report)  # fmt: skip
+from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
 NOOP_RATES = (50.0, 200.0, 500.0)
@@ -88,7 +87,8 @@ def pinned(cores: list[int]) -> Iterator[None]:
 
 def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int, warmup: int = 20) -> dict:
     """The server's own Scorer, awaited in process one request at a time on one uvloop event
-    loop (as a worker runs it, without HTTP): p50/p99 ms of `n` calls after `warmup`."""
+    loop (as a worker runs it, without HTTP): p50/p99 ms of `n` calls after `warmup`, and
+    their rate (calls/s)."""
     rng = np.random.default_rng(1)
     spec = LoadSpec(rate=1, duration_s=n, candidates=candidates)
     bodies = [json.loads(b) for b in request_bodies(spec, pool, n + warmup, rng)]
@@ -106,7 +106,9 @@ def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n:
         return samples[warmup:]
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return sequential_summary(runner.run(calls()))
+        samples_ms = runner.run(calls())
+    return {"p50_ms": float(np.percentile(samples_ms, 50)), "p99_ms": float(np.percentile(samples_ms, 99)),
+            "rate": 1000 * n / float(np.sum(samples_ms)), "n": n}  # fmt: skip
 
 
 def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print) -> dict:
