@@ -103,11 +103,11 @@ def _rate_model(item_activity: bool) -> VerticalModel:
     candidate_vocab = (51, 11, 21, 11, 49, 13) if item_activity else (51, 11, 21, 11)
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 49, 13), candidate_vocab=candidate_vocab, code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=False, encoder="mean", history_length=6,
-                      wide_rates=True, item_bias=not item_activity)  # fmt: skip
+                      wide_rates=True, item_bias=not item_activity, item_count_bias=False)  # fmt: skip
     return VerticalModel(shapes)
 
 
-def test_with_the_item_s_rate_so_far_there_is_no_item_id_bias_and_without_it_the_bias_starts_at_popularity():
+def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_without_it_the_bias_starts_at_popularity():
     g = np.random.default_rng(0)
     n = 400
     candidates = np.stack([g.integers(0, 51, n), g.integers(0, 11, n), g.integers(0, 21, n), g.integers(0, 11, n),
@@ -115,7 +115,7 @@ def test_with_the_item_s_rate_so_far_there_is_no_item_id_bias_and_without_it_the
     label = (candidates[:, 0] < 25).astype(np.float32)  # the first half of the items is always clicked
     with_rate = _rate_model(item_activity=True)
     with_rate.init_biases(candidates, label)
-    assert 0 not in with_rate.bias_columns and len(with_rate.candidate_bias) == 5
+    assert with_rate.bias_columns == [1, 2, 3, 4]  # no item-id and no item-count bias: both fit the training days
     assert with_rate.rate_weight.tolist() == [0.0, 0.0]  # user and item rate weights, learned from 0
     without = _rate_model(item_activity=False)
     without.init_biases(candidates[:, :4], label)

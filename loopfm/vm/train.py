@@ -87,6 +87,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         short_window=min(cfg.vm.short_window, spec.history_length),  # an L sweep may go below it
         wide_rates=True,
         item_bias=not spec.item_activity,
+        item_count_bias=False,
     )
 
 
