@@ -68,6 +68,17 @@ def test_recency_weights_can_drop_old_positions_so_a_longer_history_pools_like_a
     assert not torch.allclose(masked_pool(keys, mask, query, users, encoder, scorer), short)  # without recency it differs
 
 
+def test_recency_weights_start_at_a_decay_prior_newest_first_and_at_zero_without_one():
+    shapes = dict(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4, embedding_dim=8,
+                  hidden=(16,), use_fm_history=True, encoder="dot_mlp", history_length=6)  # fmt: skip
+    decayed = VerticalModel(VMShapes(**shapes, recency_decay=0.5))
+    for r in (decayed.own_recency, decayed.fm_recency):
+        assert r[-1] == 0 and torch.all(r[1:] > r[:-1])  # right-aligned: the newest position is the last
+        torch.testing.assert_close(r[0], torch.tensor(-2.5))  # 5 positions back
+    plain = VerticalModel(VMShapes(**shapes))
+    assert torch.all(plain.own_recency == 0) and torch.all(plain.fm_recency == 0)
+
+
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_the_short_window_pools_the_newest_positions_of_each_history_and_nothing_older(encoder):
     """With short_window = w a second pooled vector per history reads only its newest w

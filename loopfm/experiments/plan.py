@@ -19,7 +19,7 @@ from loopfm.config import VARIANTS, FMConfig, VMConfig
 Overrides = tuple[tuple[str, object], ...]
 
 # The sweeps are cut to what shows each effect, aiming at 5 seeds of all of them in about an hour on 2 cores
-# (not yet timed end to end: main and length took 62 min from scratch and encoder 31 min more, 2026-12-03).
+# (not yet timed end to end: main and length took 52 to 62 min from scratch and encoder 31 min more, 2026-12-03).
 EXPERIMENTS = ("main", "gap", "length", "encoder", "compression", "freshness", "layer", "vm_size")
 BENCH: Overrides = (("world.n_users", 7600), ("fm.matryoshka_dims", (8, 16)))  # >= 1M impressions
 GAP_NOISE = (0.2, 0.7, 8.0)  # fm_signal_noise: small = the FM knows much more than the VM

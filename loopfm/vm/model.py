@@ -51,6 +51,7 @@ class VMShapes:
     wide_rates: bool = False  # the click rates so far enter the logit linearly (False in models saved before it existed)
     item_bias: bool = True  # a learned bias per item id; off when candidates carry the item's rate so far
     item_count_bias: bool = True  # a learned bias per item impression-count bucket (True in models saved before it went)
+    recency_decay: float = 0.0  # the recency log-weights start at -recency_decay per position back from the newest
 
 
 class DinScorer(nn.Module):
@@ -163,8 +164,11 @@ class VerticalModel(nn.Module):
         per_history = (2 * e if s.history_product else e) * (2 if s.short_window else 1)
         width = e * len(s.user_context_vocab) + cand_width + per_history  # + own-history pooling
         self.own_attention = attention_scorer(s.encoder, e)
-        self.own_recency = nn.Parameter(torch.zeros(s.history_length))  # per-position log-weights, see masked_pool
-        self.fm_recency = nn.Parameter(torch.zeros(s.history_length)) if s.use_fm_history else None
+        # per-position log-weights (see masked_pool), started at a decay prior: 0 at the newest
+        # position, -recency_decay per position older, learned from there (docs/training.md, "Recency prior")
+        prior = -s.recency_decay * torch.arange(s.history_length - 1, -1, -1, dtype=torch.float32)  # [L]
+        self.own_recency = nn.Parameter(prior.clone())
+        self.fm_recency = nn.Parameter(prior.clone()) if s.use_fm_history else None
         self.fm_attention = attention_scorer(s.encoder, e) if s.use_fm_history else None
         if s.use_fm_history:
             self.code_proj = nn.Linear(s.code_dim, e)

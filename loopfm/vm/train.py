@@ -88,6 +88,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         wide_rates=True,
         item_bias=not spec.item_activity,
         item_count_bias=False,
+        recency_decay=cfg.vm.recency_decay,
     )
 
 
