@@ -105,6 +105,7 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
     assert cell.stat().st_mtime_ns == before
     assert again["main"] == results["main"]
     assert [i["from_scratch"] for i in again["run"]["invocations"]] == [True, False]
+    assert "; then `test again`" in (docs / "results.md").read_text()  # the header names every invocation
 
 
 def test_bad_experiment_flags_are_named(tmp_path):
