@@ -121,7 +121,7 @@ class VMConfig:
     history_product: bool = True  # feed pooled history * candidate query to the MLP as well
     item_activity: bool = True  # candidates carry the item's click rate and impressions so far (Feast view item_activity); docs/training.md
     short_window: int = 0  # also pool each history's newest this many positions (0 = off; at most L); docs/training.md
-    recency_decay: float = 0.07  # recency log-weights start at -this per position back (weight halves every 10); docs/training.md
+    recency_decay: float = 0.07  # recency log-weights start at -this per position back (sum, mean, softmax: half weight 10 back); docs/training.md
     kd_weight: float = 0.5
     kd_ramp_epochs: int = 3  # the KD weight rises linearly from 0 (epoch 1) to kd_weight (epoch 1 + this)
     eval_days: int = 6
