@@ -135,6 +135,22 @@ def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_
     assert bias[:25].min() > 0 > bias[25:].max()  # each item's shrunk click rate relative to the overall one
 
 
+def test_the_training_defaults_build_a_vm_without_an_item_count_bias_and_with_the_recency_prior():
+    """What `loopfm vm train` builds (vm/train.shapes_for), not a hand-made VMShapes."""
+    from loopfm.config import RunConfig
+    from loopfm.contract.tensorize import TensorSpec
+    from loopfm.vm.model import ITEM_COUNT_COLUMN
+    from loopfm.vm.train import shapes_for
+
+    cfg = RunConfig()
+    spec = TensorSpec(history_length=cfg.vm.history_length, code_dim=8, n_items=50, n_categories=10, n_brands=20, item_activity=True)
+    model = VerticalModel(shapes_for(cfg, spec, "loopfm_kd"))
+    assert ITEM_COUNT_COLUMN not in model.bias_columns and 0 not in model.bias_columns
+    newest_first = torch.flip(model.fm_recency.detach(), [0])
+    torch.testing.assert_close(newest_first[:3], torch.tensor([0.0, -1.0, -2.0]) * cfg.vm.recency_decay)
+    assert cfg.vm.recency_decay > 0
+
+
 def test_the_item_s_click_rate_so_far_moves_the_score_through_the_wide_part():
     model = _rate_model(item_activity=True).eval()
     with torch.no_grad():
