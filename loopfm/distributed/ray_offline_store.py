@@ -47,8 +47,9 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 from pydantic import PositiveInt
 
+from loopfm.features.offline_store import FEATURE_TS, asof_join, entity_table, nanoseconds, source_rows, view_features
+
 ROW = "_loopfm_row"  # entity-row position, carried through every shuffle, dropped at the end
-FEATURE_TS = "_loopfm_feature_ts"  # a source's timestamp column inside the join
 
 
 class ExactRayOfflineStoreConfig(RayOfflineStoreConfig):
@@ -97,31 +98,6 @@ class ExactRetrievalJob(RayRetrievalJob):
         return self.to_df(timeout=timeout)
 
 
-def _nanoseconds(column: pa.ChunkedArray) -> np.ndarray:
-    """A timestamp column (any unit, any zone) as int64 UTC nanoseconds, shape (rows,)."""
-    return column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy()
-
-
-def asof_positions(
-    entity_keys: pd.DataFrame, entity_ns: np.ndarray, feature_keys: pd.DataFrame, feature_ns: np.ndarray, ttl_ns: int | None
-) -> np.ndarray:
-    """For each entity row, the position of the newest feature row with equal keys and
-    feature_ns <= entity_ns (and >= entity_ns - ttl_ns when a ttl is given), else -1.
-    Shapes: (n,) and (m,) int64 ns, key frames of n and m rows; returns (n,) int64."""
-    left = entity_keys.assign(_t=entity_ns, _i=np.arange(len(entity_ns))).sort_values("_t", kind="stable")
-    right = feature_keys.assign(_t=feature_ns, _j=np.arange(len(feature_ns))).sort_values("_t", kind="stable")
-    matched = pd.merge_asof(left, right, on="_t", by=list(entity_keys.columns), direction="backward")
-    found = matched["_j"].to_numpy(dtype=float, na_value=np.nan)
-    position = np.where(np.isnan(found), -1, found).astype(np.int64)
-    if ttl_ns is not None:
-        hit = position >= 0
-        hit[hit] = feature_ns[position[hit]] < matched["_t"].to_numpy()[hit] - ttl_ns
-        position[hit] = -1
-    out = np.empty(len(entity_ns), dtype=np.int64)
-    out[matched["_i"].to_numpy()] = position
-    return out
-
-
 def _split(table: pa.Table, keys: list[str], partitions: int) -> list[pa.Table]:
     """The rows of `table` in `partitions` pieces by a hash of their join-key values that
     is the same in every process (pandas' fixed-key SipHash)."""
@@ -142,11 +118,7 @@ def _split_features(
     table: pa.Table, renames: dict[str, str], key_types: dict[str, pa.DataType], partitions: int
 ) -> list[pa.Table]:
     """Source rows with the entity side's key names and types, stamped rows only, split."""
-    table = table.select(list(renames)).rename_columns(renames)
-    table = table.filter(pc.is_valid(table.column(FEATURE_TS)))
-    for key, kind in key_types.items():
-        table = table.set_column(table.schema.get_field_index(key), key, table.column(key).cast(kind))
-    return _split(table, list(key_types), partitions)
+    return _split(source_rows(table, renames, key_types), list(key_types), partitions)
 
 
 def _join(
@@ -155,16 +127,7 @@ def _join(
     """One partition: its entity rows (the first `n_entity` pieces) with the as-of values of
     `features` from its source rows (the other pieces), nulls where nothing matched."""
     entity = pa.concat_tables(pieces[:n_entity])
-    source = pa.concat_tables(pieces[n_entity:], promote_options="default")
-    position = asof_positions(
-        entity.select(keys).to_pandas(),
-        _nanoseconds(entity.column(event_col)),
-        source.select(keys).to_pandas(),
-        _nanoseconds(source.column(FEATURE_TS)),
-        ttl_ns,
-    )
-    taken = source.select(features).take(pa.array(position, mask=position < 0))
-    return pa.Table.from_arrays([*entity.columns, *taken.columns], names=[*entity.column_names, *features])
+    return asof_join(entity, pa.concat_tables(pieces[n_entity:], promote_options="default"), keys, event_col, features, ttl_ns)
 
 
 class ExactRayOfflineStore(RayOfflineStore):
@@ -198,15 +161,12 @@ class ExactRayOfflineStore(RayOfflineStore):
         store = ExactRayOfflineStore()
         store._init_ray(config)
         event_col = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes)))
-        # As the DuckDB store: entity times in UTC microseconds (tz-naive ones read as UTC).
-        times = pd.to_datetime(entity_df[event_col], utc=True).dt.as_unit("us")
-        entity = pa.Table.from_pandas(entity_df.assign(**{event_col: times, ROW: np.arange(len(entity_df))}), preserve_index=False)
+        entity = entity_table(entity_df, event_col, **{ROW: np.arange(len(entity_df))})
         rows_per_block = max(1, -(-len(entity) // options.partitions))
         blocks = [ray.put(pa.Table.from_batches([b])) for b in entity.to_batches(max_chunksize=rows_per_block)] or [ray.put(entity)]
-        for name, fv in views.items():
-            feats = [ref.split(":", 1)[1] for ref in feature_refs if ref.split(":", 1)[0] == name]
+        for fv in views.values():
+            feats, names = view_features(fv, feature_refs, full_feature_names)
             if feats:
-                names = [f"{name}__{f}" if full_feature_names else f for f in feats]
                 blocks = _join_view(store, config, registry, project, fv, feats, names, blocks, entity.schema, event_col)
         job = ExactRetrievalJob(blocks, options, order=ROW)
         job._full_feature_names, job._on_demand_feature_views = full_feature_names, []
@@ -249,7 +209,7 @@ def _latest(keys: list[str], timestamp_field: str, start_ns: int, end_ns: int, *
     """One partition's newest row per key with start_ns <= FEATURE_TS <= end_ns, the
     timestamp column named `timestamp_field` again."""
     rows = pa.concat_tables(pieces, promote_options="default")
-    t = _nanoseconds(rows.column(FEATURE_TS))
+    t = nanoseconds(rows.column(FEATURE_TS))
     inside = np.flatnonzero((t >= start_ns) & (t <= end_ns))
     frame = rows.select(keys).to_pandas().iloc[inside].assign(_t=t[inside], _i=inside)
     newest = frame.sort_values("_t", kind="stable").drop_duplicates(keys, keep="last")["_i"].to_numpy()
