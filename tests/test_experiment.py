@@ -108,6 +108,38 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
     assert "; then `test again`" in (docs / "results.md").read_text()  # the header names every invocation
 
 
+def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(tmp_path):
+    from loopfm.eval.metrics import quality
+    from loopfm.experiments.main import run_experiments
+    from loopfm.experiments.plan import World, sweep_scale
+
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    results = run_experiments(out, docs, seeds=2, jobs=1, names=("main", "vm_size"), overrides=TINY, command="test")
+    home = World(scale=sweep_scale(dict(TINY)["world.n_users"]))
+    assert home.path == "n_users=62/fm-default"
+    (sweep,) = results["sweep_worlds"]
+    assert sweep["path"] == home.path and 0 < sweep["impressions"] < results["impressions"]
+    default = next(p for p in results["vm_size"]["points"] if p["label"] == "default")["cells"]["loopfm_kd"]
+    tr = []
+    for s in range(2):
+        d = out / f"seed{s}" / home.path
+        ne = {c: json.loads((d / f"cells/{c}__default/result.json").read_text())["quality"]["ne"] for c in ("base", "loopfm_kd")}
+        frame = pd.read_parquet(d / "eval.parquet")
+        fm_ne = quality(frame["label"].to_numpy(), frame["fm"].to_numpy())["ne"]
+        tr.append((ne["base"] - ne["loopfm_kd"]) / (ne["base"] - fm_ne))
+    assert default["tr"]["mean"] == pytest.approx(np.mean(tr))  # against the sweep world's base VM and FM
+    md = (docs / "results.md").read_text()
+    assert "*On the sweep world*" in md.split("## VM size")[1] and "n_users=62" in md.split("## Goals")[0]
+
+
+def test_cells_of_different_scales_are_never_paired():
+    from loopfm.experiments.plan import Cell, World
+    from loopfm.experiments.report import claim_stats
+
+    with pytest.raises(ValueError, match="different scales"):
+        claim_stats([], Cell(World(scale=(("world.n_users", 9),)), "kd"), Cell(MAIN, "kd"), reps=10)
+
+
 def test_bad_experiment_flags_are_named(tmp_path):
     from loopfm.experiments.main import run_experiments
 

@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from loopfm.experiments.plan import BENCH, EXPERIMENTS, Overrides, build_experiments
+from loopfm.experiments.plan import BENCH, EXPERIMENTS, ON_BENCH, Overrides, build_experiments
 from loopfm.experiments.report import build_results
 from loopfm.experiments.render import render
 from loopfm.experiments.runner import Progress, run_config, run_plan
@@ -53,14 +53,14 @@ NOTES = {
         "materialize writes to Redis (users with fewer than L logged events store fewer codes)."
     ),
     "freshness": (
-        "Logging delay: a code becomes available `delay` after its event (the main table uses 60 s and rolling checkpoints). "
+        "Logging delay: a code becomes available `delay` after its event (the default: 60 s and rolling checkpoints). "
         "Frozen: every code and KD label comes from the checkpoint after the warm-up days; rolling: each "
         "day is logged with the checkpoint trained up to that day (KD labels too, so VM + KD changes as well)."
     ),
     "layer": (
         "Which FM activation the compressor encodes: the concatenated embedding layer or the first hidden "
-        "layer (the paper found shallow layers transfer best). Each point retrains FM + compressor with the same seed; VM + KD is the main "
-        "table's (its KD label does not depend on the extracted layer)."
+        "layer (the paper found shallow layers transfer best). Each point retrains FM + compressor with the same seed; VM + KD is the sweep "
+        "world's default (its KD label does not depend on the extracted layer)."
     ),
     "vm_size": (
         "small: embedding 4, MLP (16); default: embedding 8, MLP (64, 32); large: embedding 16, MLP (256, 128)."
@@ -86,7 +86,7 @@ def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[s
     log = Progress(started)
     fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    experiments = build_experiments(names, cfg.vm.history_length)
+    experiments = build_experiments(names, cfg.vm.history_length, cfg.world.n_users)
     run_plan(out, experiments, seeds, base, jobs, log)
     log("computing statistics")
     results = build_results(out, experiments, seeds)
@@ -118,10 +118,27 @@ def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[s
         f"{', '.join(results['run']['base_overrides'])}. Each world's features are read once through Feast "
         "`get_historical_features` (service `vm_loopfm_kd`, a superset of every variant's features; base and "
         "KD drop the FM history column) and shared by the VMs trained on that world."
+        + "".join(f" {_sweep_sentence(w)}" for w in results["sweep_worlds"])
     )
-    write_text(docs / "results.md", render(results, docs, NOTES, header))
+    notes = {k: (f"{SWEEP_MARK} {v}" if k not in ON_BENCH and results["sweep_worlds"] and k != "goals" else v) for k, v in NOTES.items()}
+    write_text(docs / "results.md", render(results, docs, notes, header))
     log(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and {docs / 'results'}/*.png")
     return results
+
+
+SWEEP_MARK = "*On the sweep world* (the header says its size; its own base VM and FM)."
+
+
+def _sweep_sentence(w: dict) -> str:
+    b, f = w["base"], w["fm"]
+    return (
+        f"The main table and the L sweep run on that bench world; the sections marked *on the sweep world* run on a "
+        f"smaller one, {', '.join(w['overrides'])} ({w['impressions']:,} impressions, the smallest of the seeds; "
+        f"{min(w['per_seed_rows']['train_rows']):,}+ training and {min(w['per_seed_rows']['eval_rows']):,}+ held-out "
+        f"impressions per seed), with its own base VM (AUC {b['auc']['mean']:.4f}, NE {b['ne']['mean']:.4f}) and FM "
+        f"(AUC {f['auc']['mean']:.4f}, NE {f['ne']['mean']:.4f}), against which its TR and gains are computed: a "
+        "sweep point costs about a quarter of a bench one."
+    )
 
 
 def _record_invocation(out: Path, entry: dict) -> list[dict]:

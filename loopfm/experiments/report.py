@@ -26,29 +26,34 @@ ALPHA = 0.01
 
 @dataclass
 class Seed:
-    """One seed's eval labels, and every world's and cell's predictions and quality."""
+    """One seed's eval rows, and every world's and cell's predictions and quality."""
 
-    y: np.ndarray
     world_eval: dict[str, pd.DataFrame]
     world_info: dict[str, dict]
     pred: dict[str, np.ndarray]
     q: dict[str, dict]
     latency: dict[str, dict]
 
+    def labels(self, world: World) -> np.ndarray:
+        """The eval labels of `world`'s scale (those of its home world), shape (rows,)."""
+        return self.world_eval[world.home.path]["label"].to_numpy()
+
     def fm_quality(self, world: World) -> dict:
-        return quality(self.y, self.world_eval[world.path]["fm"].to_numpy())
+        return quality(self.labels(world), self.world_eval[world.path]["fm"].to_numpy())
 
     def metrics(self, cell: Cell) -> dict:
         return self._relative(self.q[cell.path], cell.world)
 
-    def fm_metrics(self) -> dict:
-        return self._relative(self.fm_quality(MAIN), MAIN)
+    def fm_metrics(self, world: World = MAIN) -> dict:
+        return self._relative(self.fm_quality(world), world)
 
     def _relative(self, q: dict, world: World) -> dict:
         """Adds TR (against the FM of the same world) and the share of the gap between the
-        base VM and the Bayes-optimal predictor that `q` closes (synthetic data only)."""
-        base = self.q[Cell(MAIN, "base").path]["ne"]
-        bayes = quality(self.y, self.world_eval[MAIN.path]["bayes"].to_numpy())["ne"] if "bayes" in self.world_eval[MAIN.path] else None
+        base VM (of the same scale) and the Bayes-optimal predictor that `q` closes (synthetic
+        data only)."""
+        home = self.world_eval[world.home.path]
+        base = self.q[Cell(world.home, "base").path]["ne"]
+        bayes = quality(self.labels(world), home["bayes"].to_numpy())["ne"] if "bayes" in home else None
         relative = gains(q["ne"], base, self.fm_quality(world)["ne"], bayes)
         relative.pop("delta_ne")  # the results tables carry TR and the gap closed, not dNE
         return {**q, **relative}
@@ -57,13 +62,11 @@ class Seed:
 def load_seed(seed_dir: Path, cells: list[Cell]) -> Seed:
     worlds = list(dict.fromkeys(c.world for c in cells))
     world_eval = {w.path: pd.read_parquet(seed_dir / w.path / "eval.parquet") for w in worlds}
-    ids = world_eval[MAIN.path]["impression_id"].to_numpy()
-    for path, frame in world_eval.items():  # pairing needs the same eval rows everywhere
-        if not np.array_equal(frame["impression_id"].to_numpy(), ids):
-            raise RuntimeError(f"{seed_dir / path}: eval rows differ from the main world's; cannot pair")
+    for w in worlds:  # pairing needs the same eval rows in every world of a scale
+        if not np.array_equal(world_eval[w.path]["impression_id"].to_numpy(), world_eval[w.home.path]["impression_id"].to_numpy()):
+            raise RuntimeError(f"{seed_dir / w.path}: eval rows differ from those of {w.home.path}; cannot pair")
     latency = {c.path: json.loads((seed_dir / c.path / "latency.json").read_text()) for c in cells if c.latency}
     return Seed(
-        y=world_eval[MAIN.path]["label"].to_numpy(),
         world_eval=world_eval,
         world_info={w.path: json.loads((seed_dir / w.path / "world.json").read_text()) for w in worlds},
         pred={c.path: np.load(seed_dir / c.path / "pred.npy").astype(np.float64) for c in cells},
@@ -78,8 +81,11 @@ def _summaries(rows: list[dict]) -> dict[str, dict]:
 
 def claim_stats(seeds: list[Seed], better: Cell, worse: Cell, reps: int) -> dict:
     """Per-seed improvement of `better` over `worse` (AUC up, NE down), relative to `worse`,
-    with a paired t-test over seeds and a paired bootstrap over eval impressions."""
-    ys = [s.y for s in seeds]
+    with a paired t-test over seeds and a paired bootstrap over eval impressions. Both cells
+    must be of one scale (the same eval rows); ValueError otherwise."""
+    if better.world.home != worse.world.home:
+        raise ValueError(f"cannot pair {better.path} with {worse.path}: worlds of different scales")
+    ys = [s.labels(better.world) for s in seeds]
     out = {"better": better.path, "worse": worse.path}
     for metric, sign in (("auc", 1), ("ne", -1)):
         a = [s.q[better.path][metric] for s in seeds]
@@ -103,7 +109,7 @@ def tr_goal(seeds: list[Seed], reps: int) -> dict:
     tr_kd = [s.metrics(Cell(MAIN, "kd"))["tr"] for s in seeds]
     tr_lkd = [s.metrics(Cell(MAIN, "loopfm_kd"))["tr"] for s in seeds]
     excess = summary([a - GOAL_TR_RATIO * b for a, b in zip(tr_lkd, tr_kd)])
-    boot = paired_bootstrap([s.y for s in seeds], [(2, [s.pred[kd] for s in seeds]), (-1, [s.pred[lkd] for s in seeds]),
+    boot = paired_bootstrap([s.labels(MAIN) for s in seeds], [(2, [s.pred[kd] for s in seeds]), (-1, [s.pred[lkd] for s in seeds]),
                                                    (-1, [s.pred[base] for s in seeds])], "ne", reps)  # fmt: skip
     p_t = paired_ttest(tr_lkd, [GOAL_TR_RATIO * b for b in tr_kd])
     return {"tr_loopfm_kd": summary(tr_lkd), "tr_kd": summary(tr_kd), "ratio_of_means": ratio_of_means(tr_lkd, tr_kd),
@@ -146,6 +152,19 @@ def experiment_entry(e: Experiment, seeds: list[Seed], reps: int) -> dict:
     return {"title": e.title, "points": points, "claims": claims}
 
 
+def sweep_world_entry(home: World, data: list[Seed]) -> dict:
+    """Size, base VM and FM of a world of another scale than the bench world's."""
+    info = [d.world_info[home.path] for d in data]
+    return {
+        "path": home.path,
+        "overrides": [f"{k}={json.dumps(v)}" for k, v in home.scale],
+        "impressions": min(i["impressions"] for i in info),
+        "per_seed_rows": {k: [i[k] for i in info] for k in ("impressions", "train_rows", "eval_rows")},
+        "base": _summaries([d.metrics(Cell(home, "base")) for d in data]),
+        "fm": _summaries([d.fm_metrics(home) for d in data]),
+    }
+
+
 def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
     cells = cells_of(experiments)
     data = [load_seed(out / f"seed{s}", cells) for s in range(seeds)]
@@ -158,10 +177,12 @@ def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
     }
     results["main"]["fm"] = _summaries([d.fm_metrics() for d in data])
     main_eval = data[0].world_eval[MAIN.path]
-    results["baselines"] = {b: _summaries([quality(d.y, d.world_eval[MAIN.path][b].to_numpy()) for d in data])
+    results["baselines"] = {b: _summaries([quality(d.labels(MAIN), d.world_eval[MAIN.path][b].to_numpy()) for d in data])
                             for b in BASELINES if b in main_eval}  # fmt: skip
     if "bayes" in data[0].world_eval[MAIN.path]:
-        results["bayes_ceiling"] = _summaries([quality(d.y, d.world_eval[MAIN.path]["bayes"].to_numpy()) for d in data])
+        results["bayes_ceiling"] = _summaries([quality(d.labels(MAIN), d.world_eval[MAIN.path]["bayes"].to_numpy()) for d in data])
+    homes = [w for w in dict.fromkeys(c.world.home for c in cells) if w != MAIN]
+    results["sweep_worlds"] = [sweep_world_entry(w, data) for w in homes]
     for e in experiments:
         entry = experiment_entry(e, data, reps=1000 if e.name == "main" else 200)
         if e.name == "main":

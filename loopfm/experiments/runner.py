@@ -74,10 +74,10 @@ def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redi
     from loopfm.features.store import feast_cli
     from loopfm.fm.stream import log_embeddings, train_fm
 
-    cfg = run_config(base, seed, world.fm, world.log)
+    cfg = run_config(base, seed, *world.overrides)
     root, wdir = seed_dir / world.root.path, seed_dir / world.path
     what = f"seed {seed} {world.path}"
-    root_cfg = run_config(base, seed, world.fm)
+    root_cfg = run_config(base, seed, *world.root.overrides)
     _stage(root, "synth", log, what, lambda: (root.mkdir(parents=True, exist_ok=True), write_world(root_cfg.world, RunPaths(root))))
     _stage(root, "fm", log, what, lambda: train_fm(RunPaths(root), root_cfg, progress=False))
     if world.log:
@@ -182,7 +182,7 @@ def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: O
         )
         log(f"seed {seed} {world.path}: Feast get_historical_features in {time.perf_counter() - t0:.1f} s")
         for cell in todo:
-            train_cell(seed_dir, cell, run_config(base, seed, world.fm, world.log, cell.vm), frames, log)
+            train_cell(seed_dir, cell, run_config(base, seed, *world.overrides, cell.vm), frames, log)
 
 
 def measure_latency(seed_dir: Path, cell: Cell, repeats: int = 200) -> dict:
@@ -220,11 +220,11 @@ def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: in
 
     cells = cells_of(experiments)
     worlds = list(dict.fromkeys(c.world for c in cells))
-    by_fm: dict[Overrides, list[World]] = {}
+    by_fm: dict[World, list[World]] = {}
     for w in sorted(worlds, key=lambda w: len(w.log)):  # a root world before its derived worlds
-        by_fm.setdefault(w.fm, []).append(w)
+        by_fm.setdefault(w.root, []).append(w)
     units = [(seed, ws) for ws in by_fm.values() for seed in range(seeds)]
-    units.sort(key=lambda u: -len(u[1]))  # the longest jobs first
+    units.sort(key=lambda u: (bool(u[1][0].scale), -len(u[1])))  # the longest jobs first: bench world, then most worlds
     log(f"{len(cells)} cells in {len(worlds)} worlds x {seeds} seeds; {len(units)} jobs on {jobs} process(es)")
     threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
     # feast apply talks to the online store; a private Valkey keeps any other Redis untouched.
