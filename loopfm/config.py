@@ -147,6 +147,7 @@ class RunConfig:
             (vm.epochs > 0 and vm.patience > 0, "vm.epochs and vm.patience must be positive"),
             (vm.kd_ramp_epochs >= 0, "vm.kd_ramp_epochs must be >= 0"),
             (vm.short_window >= 0, "vm.short_window must be >= 0"),
+            (vm.recency_decay >= 0, "vm.recency_decay must be a number >= 0 (0 = no recency prior)"),  # a NaN read from config.json fails too
             (0 <= vm.dropout < 1 and vm.weight_decay >= 0, "vm.dropout must lie in [0, 1) and vm.weight_decay be >= 0"),
             (0 < fm.validation_fraction < 1 and fm.warmup_epochs > 0 and fm.patience > 0,
              "fm.validation_fraction must lie in (0, 1), fm.warmup_epochs and fm.patience be positive"),

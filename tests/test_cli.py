@@ -52,6 +52,15 @@ def test_an_unknown_encoder_is_refused_before_anything_trains_naming_the_valid_o
     assert not any(tmp_path.iterdir())
 
 
+def test_a_negative_recency_decay_is_refused_naming_the_rule():
+    from loopfm.config import ConfigError, RunConfig
+
+    cfg = RunConfig()
+    cfg.override("vm.recency_decay=-0.1")  # --set refuses NaN itself
+    with pytest.raises(ConfigError, match="vm.recency_decay must be a number >= 0"):
+        cfg.validate()
+
+
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     """Every writing command takes the run directory's lock (loopfm.io.run_dir_lock); the
     holder here is this test, as an ingest or a build would be."""
