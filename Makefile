@@ -26,7 +26,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # well over an hour on 2 cores, not yet timed end to end (5 seeds, 2026-12-03: main+length 52 to 62 min from scratch, + encoder 31 min): every experiment from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # well over an hour on 2 cores, not yet timed end to end (5 seeds; main+length on the bench world 52 min from scratch on 2026-12-03, the other sweeps on a half-size world not yet run): every experiment from scratch in runs/results; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 

@@ -116,7 +116,7 @@ def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(tmp_p
     out, docs = tmp_path / "runs", tmp_path / "docs"
     results = run_experiments(out, docs, seeds=2, jobs=1, names=("main", "vm_size"), overrides=TINY, command="test")
     home = World(scale=sweep_scale(dict(TINY)["world.n_users"]))
-    assert home.path == "n_users=38/fm-default"
+    assert home.path == "n_users=125/fm-default"
     (sweep,) = results["sweep_worlds"]
     assert sweep["path"] == home.path and 0 < sweep["impressions"] < results["impressions"]
     default = next(p for p in results["vm_size"]["points"] if p["label"] == "default")["cells"]["loopfm_kd"]
@@ -129,7 +129,7 @@ def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(tmp_p
         tr.append((ne["base"] - ne["loopfm_kd"]) / (ne["base"] - fm_ne))
     assert default["tr"]["mean"] == pytest.approx(np.mean(tr))  # against the sweep world's base VM and FM
     md = (docs / "results.md").read_text()
-    assert "*On the sweep world*" in md.split("## VM size")[1] and "n_users=38" in md.split("## Goals")[0]
+    assert "*On the sweep world*" in md.split("## VM size")[1] and "n_users=125" in md.split("## Goals")[0]
 
 
 def test_cells_of_different_scales_are_never_paired():

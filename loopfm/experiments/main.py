@@ -137,7 +137,7 @@ def _sweep_sentence(w: dict) -> str:
         f"{min(w['per_seed_rows']['train_rows']):,}+ training and {min(w['per_seed_rows']['eval_rows']):,}+ held-out "
         f"impressions per seed), with its own base VM (AUC {b['auc']['mean']:.4f}, NE {b['ne']['mean']:.4f}) and FM "
         f"(AUC {f['auc']['mean']:.4f}, NE {f['ne']['mean']:.4f}), against which its TR and gains are computed: a "
-        "sweep point costs about a sixth of a bench one."
+        "sweep point costs about half a bench one."
     )
 
 
