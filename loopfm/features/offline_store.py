@@ -5,11 +5,11 @@ inner-joins every entity row to *every* older source row of its key, carrying th
 feature values, then keeps the newest by a window `row_number`. With per-event history
 snapshots that is rows x events-per-user rows of 800-byte values: on the bench world
 (137,229 entity rows, 1.03M `fm_history` and `vm_click_history` snapshots) one
-`vm_loopfm_kd` retrieval took 115 s (one thread, 2026-12-04). `AsofDuckDBOfflineStore`
+`vm_loopfm_kd` retrieval took 115 s (two experiment jobs side by side on 2 cores, 2026-12-04). `AsofDuckDBOfflineStore`
 replaces only that retrieval: per feature view, a backward as-of match on the join keys
 and the timestamps alone (`pandas.merge_asof`), then the values by Arrow `take`. Same
 rule as Feast's (feature time <= entity time, and >= entity time - ttl; the newest row
-wins), same rows, dtypes and order (`tests/test_point_in_time.py` compares it with the
+wins), same rows, dtypes and order (`tests/test_offline_store.py` compares it with the
 stock store). Materialization, writes and anything the as-of path does not cover
 (SQL entity frames, on-demand views, field mappings, created-timestamp columns, non-
 parquet sources) stay DuckDB's own. The join primitives are shared with the Ray profile
