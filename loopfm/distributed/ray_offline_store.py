@@ -47,7 +47,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 from pydantic import PositiveInt
 
-from loopfm.features.offline_store import FEATURE_TS, asof_join, entity_table, nanoseconds, source_rows, view_features
+from loopfm.features.offline_store import FEATURE_TS, asof_join, entity_table, join_keys, nanoseconds, source_rows, view_features
 
 ROW = "_loopfm_row"  # entity-row position, carried through every shuffle, dropped at the end
 
@@ -167,7 +167,7 @@ class ExactRayOfflineStore(RayOfflineStore):
         for fv in views.values():
             feats, names = view_features(fv, feature_refs, full_feature_names)
             if feats:
-                blocks = _join_view(store, config, registry, project, fv, feats, names, blocks, entity.schema, event_col)
+                blocks = _join_view(store, config, fv, feats, names, blocks, entity.schema, event_col)
         job = ExactRetrievalJob(blocks, options, order=ROW)
         job._full_feature_names, job._on_demand_feature_views = full_feature_names, []
         job._feature_refs, job._entity_df = feature_refs, entity_df
@@ -219,8 +219,6 @@ def _latest(keys: list[str], timestamp_field: str, start_ns: int, end_ns: int, *
 def _join_view(
     store: ExactRayOfflineStore,
     config: RepoConfig,
-    registry: BaseRegistry,
-    project: str,
     fv: FeatureView,
     feats: list[str],
     names: list[str],
@@ -235,11 +233,7 @@ def _join_view(
     source = fv.batch_source
     if source.field_mapping or source.created_timestamp_column:
         raise ValueError(f"ExactRayOfflineStore: feature view {fv.name!r} uses a field mapping or created-timestamp column")
-    source_keys = [registry.get_entity(e, project).join_key for e in fv.entities]
-    keys = [fv.projection.join_key_map.get(k, k) for k in source_keys]
-    missing = [k for k in keys if k not in entity_schema.names]
-    if missing:
-        raise ValueError(f"entity_df lacks the join keys {missing} of feature view {fv.name!r}")
+    source_keys, keys = join_keys(fv, entity_schema.names)
     partitions = config.offline_store.partitions
     ttl_ns = int(fv.ttl.total_seconds() * 1e9) if fv.ttl else None
     renames = {**dict(zip(source_keys, keys)), source.timestamp_field: FEATURE_TS, **dict(zip(feats, names))}

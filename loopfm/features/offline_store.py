@@ -95,6 +95,17 @@ def view_features(fv: FeatureView, feature_refs: list[str], full_feature_names: 
     return feats, [f"{name}__{f}" if full_feature_names else f for f in feats]
 
 
+def join_keys(fv: FeatureView, entity_columns: list[str]) -> tuple[list[str], list[str]]:
+    """(the view's join keys as its source names them, as the entity frame names them);
+    ValueError naming the view when the entity frame lacks one."""
+    source_keys = [c.name for c in fv.entity_columns]
+    keys = [fv.projection.join_key_map.get(k, k) for k in source_keys]
+    missing = [k for k in keys if k not in entity_columns]
+    if missing:
+        raise ValueError(f"entity_df lacks the join keys {missing} of feature view {fv.name!r}")
+    return source_keys, keys
+
+
 def entity_table(entity_df: pd.DataFrame, event_col: str, **extra: np.ndarray) -> pa.Table:
     """The entity frame as Arrow, its event times in UTC microseconds (tz-naive read as UTC),
     as the DuckDB store returns them."""
@@ -169,11 +180,7 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
             feats, names = view_features(fv, feature_refs, full_feature_names)
             if not feats:
                 continue
-            source_keys = [c.name for c in fv.entity_columns]
-            keys = [fv.projection.join_key_map.get(k, k) for k in source_keys]
-            missing = [k for k in keys if k not in rows.column_names]
-            if missing:
-                raise ValueError(f"entity_df lacks the join keys {missing} of feature view {fv.name!r}")
+            source_keys, keys = join_keys(fv, rows.column_names)
             source = fv.batch_source
             renames = {**dict(zip(source_keys, keys)), source.timestamp_field: FEATURE_TS, **dict(zip(feats, names))}
             stored = pads.dataset(FileSource.get_uri_for_file_path(config.repo_path, source.path), format="parquet")
