@@ -71,7 +71,9 @@ class FMConfig:
     model: str = DEFAULT_FM_MODEL  # package.module:factory of any module following loopfm/fm/plugin.py
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
+    dot_logit: bool = False  # add the user and item towers' inner product to the logit (fm/model.py)
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
+    intent_half_lives: tuple[float, ...] = ()  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/stream.py: _intent)
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
@@ -161,6 +163,7 @@ class RunConfig:
             (fm.history_events in HISTORY_EVENTS, f"fm.history_events must be one of {HISTORY_EVENTS}"),
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
+            (all(h > 0 for h in fm.intent_half_lives), "fm.intent_half_lives must be positive (days)"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:

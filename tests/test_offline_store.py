@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from feast.infra.offline_stores.duckdb import DuckDBOfflineStore
 
-from loopfm.features.offline_store import AsofDuckDBOfflineStore
+from loopfm.features.offline_store import AsofDuckDBOfflineStore, take_rows
 from loopfm.features.store import historical_features, open_store
 from loopfm.io import RunPaths, read_parquet
 
@@ -75,3 +78,28 @@ def test_ttl_and_full_feature_names_follow_feast(store, materialized_run):
 def test_entity_rows_without_a_view_s_join_key_are_refused_by_name(store, materialized_run):
     with pytest.raises(ValueError, match="join keys \\['item_id'\\] of feature view 'item_features'"):
         historical_features(store, _entities(materialized_run, "eval").head(5).drop(columns="item_id"), "vm_base")
+
+
+def test_taking_rows_across_chunks_keeps_values_types_order_and_nulls():
+    chunks = [pa.array([b"a", b"bb", None]), pa.array([b"ccc"]), pa.array([], pa.binary()), pa.array([b"dddd", b""])]
+    table = pa.table({"codes": pa.chunked_array(chunks), "n": pa.chunked_array([[1, 2, 3], [4], [], [5, 6]])})
+    rows = np.array([5, -1, 0, 3, 3, 1, 2, -1, 4])
+    got = take_rows(table, rows)
+    assert got.equals(table.take(pa.array(rows, mask=rows < 0)))  # what Arrow's own take gives
+    assert got.schema == table.schema
+    assert take_rows(table, np.array([5, 0], np.uint64)).equals(table.take([5, 0]))  # Arrow's sort_indices are uint64
+
+
+def test_rows_of_a_binary_column_past_2_gib_are_taken_without_an_offset_overflow():
+    """3.3 GB of fp32 FM histories made Arrow's take fail ("offset overflow while
+    concatenating arrays"): three chunks of one 750 MB value each (one shared buffer)."""
+    blob = pa.py_buffer(bytes(750 * 2**20))
+    big = pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, blob.size], np.int32).tobytes()), blob])
+    column = pa.chunked_array([pa.array([b"x"]), big, big, big, pa.array([b"y"])])
+    with pytest.raises(pa.ArrowInvalid, match="offset overflow"):
+        column.take([0])  # the defect, as Arrow has it
+    got = take_rows(pa.table({"codes": column}), np.array([4, -1, 0]))
+    assert got.column("codes").to_pylist() == [b"y", None, b"x"] and got.schema.field("codes").type == pa.binary()
+    two = take_rows(pa.table({"codes": column}), np.array([1, 4, 2, 3]))  # 2.2 GiB of rows: 64-bit offsets
+    assert two.schema.field("codes").type == pa.large_binary() and two.num_rows == 4
+    assert pc.binary_length(two.column("codes")).to_pylist() == [blob.size, 1, blob.size, blob.size]

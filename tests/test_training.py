@@ -142,3 +142,23 @@ def test_variants_trained_side_by_side_are_the_models_one_process_trains_alone(t
         torch.set_num_threads(threads)
     alone_losses, alone_predictions = trained()
     assert len(losses) == 3 and losses == alone_losses and np.array_equal(predictions, alone_predictions)
+
+
+def test_the_fms_intent_memory_averages_only_earlier_days_with_the_given_half_life(tmp_path):
+    """fm.intent_half_lives: an event of day d sees its day's signal and, per half-life, the
+    average of the user's signals of days < d weighted 2^(-age/h); a user's first day sees 0,
+    and a signal of day d never reaches an event of day d or earlier through the memory."""
+    from loopfm.fm.stream import _intent
+
+    paths = RunPaths(tmp_path)
+    signals = pd.DataFrame({"user_id": [7, 7, 7, 9], "day": [0, 1, 2, 1], "intent_0": [1.0, 2.0, 4.0, 5.0]})
+    write_parquet(signals, paths.table("fm_user_signals"))
+    user, day = pd.Series([7, 7, 7, 9, 9, 3]), np.array([0, 1, 2, 1, 2, 1])
+    got = _intent(paths, user, day, (1.0,))
+    assert got.shape == (6, 2)
+    assert np.allclose(got[:, 0], [1, 2, 4, 5, 0, 0])  # the day's own signal (0: none that day, user 3 unknown)
+    assert np.allclose(got[:, 1], [0, 1, (2 + 0.5 * 1) / 1.5, 0, 5, 0])
+    later = signals.assign(intent_0=np.where(signals["day"] == 2, 100.0, signals["intent_0"]))
+    write_parquet(later, paths.table("fm_user_signals"))
+    assert np.array_equal(_intent(paths, user, day, (1.0,))[:, 1], got[:, 1])  # day 2's signal: only later days
+    assert _intent(paths, user, day, ()).shape == (6, 1)

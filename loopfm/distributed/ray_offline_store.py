@@ -47,7 +47,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 from pydantic import PositiveInt
 
-from loopfm.features.offline_store import FEATURE_TS, asof_join, entity_table, join_keys, nanoseconds, source_rows, view_features
+from loopfm.features.offline_store import FEATURE_TS, asof_join, entity_table, join_keys, nanoseconds, source_rows, take_rows, view_features
 
 ROW = "_loopfm_row"  # entity-row position, carried through every shuffle, dropped at the end
 
@@ -84,7 +84,7 @@ class ExactRetrievalJob(RayRetrievalJob):
         table = pa.concat_tables(ray.get(self._blocks, timeout=timeout))
         if self._order is None:
             return table
-        return table.take(pc.sort_indices(table.column(self._order))).drop_columns([self._order])
+        return take_rows(table, pc.sort_indices(table.column(self._order)).to_numpy()).drop_columns([self._order])
 
     def to_df(self, validation_reference=None, timeout: int | None = None) -> pd.DataFrame:
         if self._cached_df is None:
@@ -213,7 +213,7 @@ def _latest(keys: list[str], timestamp_field: str, start_ns: int, end_ns: int, *
     inside = np.flatnonzero((t >= start_ns) & (t <= end_ns))
     frame = rows.select(keys).to_pandas().iloc[inside].assign(_t=t[inside], _i=inside)
     newest = frame.sort_values("_t", kind="stable").drop_duplicates(keys, keep="last")["_i"].to_numpy()
-    return rows.take(np.sort(newest)).rename_columns({FEATURE_TS: timestamp_field})
+    return take_rows(rows, np.sort(newest)).rename_columns({FEATURE_TS: timestamp_field})
 
 
 def _join_view(

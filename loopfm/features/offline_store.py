@@ -76,7 +76,7 @@ def source_rows(table: pa.Table, renames: dict[str, str], key_types: dict[str, p
 def asof_join(entity: pa.Table, source: pa.Table, keys: list[str], event_col: str, features: list[str], ttl_ns: int | None) -> pa.Table:
     """`entity` (rows in any order) with `features` appended: each row's values from the
     newest `source` row (`source_rows` form) of its keys at or before its `event_col`, nulls
-    where none matched. Values are Arrow `take`n, so bytes, ints and nulls stay as stored."""
+    where none matched. Values are taken as stored (`take_rows`), so bytes, ints and nulls stay as they are."""
     position = asof_positions(
         entity.select(keys).to_pandas(),
         nanoseconds(entity.column(event_col)),
@@ -84,8 +84,45 @@ def asof_join(entity: pa.Table, source: pa.Table, keys: list[str], event_col: st
         nanoseconds(source.column(FEATURE_TS)),
         ttl_ns,
     )
-    taken = source.select(features).take(pa.array(position, mask=position < 0))
+    taken = take_rows(source.select(features), position)
     return pa.Table.from_arrays([*entity.columns, *taken.columns], names=[*entity.column_names, *features])
+
+
+_OFFSETS_LIMIT = 2**31 - 1  # bytes a binary or string array with 32-bit offsets can hold
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """Rows `rows` [n] int64 of `table`, in that order (-1 = a row of nulls). Arrow's own
+    `take` on a chunked column concatenates its chunks first, which past 2 GiB of binary
+    values overflows their 32-bit offsets (ArrowInvalid "offset overflow": 3.3 GB of fp32 FM
+    histories on the sweep world, 2026-12-04). Binary and string columns are therefore taken
+    chunk by chunk; they keep their type unless the rows taken hold 2 GiB or more, which
+    then come as large_binary / large_string (64-bit offsets)."""
+    rows = np.asarray(rows, dtype=np.int64)  # Arrow's sort_indices give uint64, whose differences numpy makes float
+    columns = [_take_column(table.column(i), rows) for i in range(table.num_columns)]
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def _take_column(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
+    kind = column.type
+    if not (pa.types.is_binary(kind) or pa.types.is_string(kind)):
+        return column.take(pa.array(rows, mask=rows < 0))
+    starts = np.cumsum([0, *(len(c) for c in column.chunks)])
+    chunk = np.searchsorted(starts, rows, side="right") - 1  # -1 for the null rows
+    pieces, order = [], []
+    for c, values in enumerate(column.chunks):
+        at = np.flatnonzero((chunk == c) & (rows >= 0))
+        if at.size:
+            pieces.append(values.take(pa.array(rows[at] - starts[c])))
+            order.append(at)
+    missing = np.flatnonzero(rows < 0)
+    pieces.append(pa.nulls(missing.size, kind))
+    order.append(missing)
+    if sum(p.nbytes for p in pieces) >= _OFFSETS_LIMIT:
+        large = pa.large_binary() if pa.types.is_binary(kind) else pa.large_string()
+        pieces = [p.cast(large) for p in pieces]
+    stacked = pa.concat_arrays(pieces)  # rows in the order of np.concatenate(order)
+    return stacked.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
 
 def view_features(fv: FeatureView, feature_refs: list[str], full_feature_names: bool) -> tuple[list[str], list[str]]:

@@ -36,6 +36,7 @@ class FMShapes:
     hidden: tuple[int, ...]
     code_dim: int
     extract_layer: str
+    dot_logit: bool = False  # fm.dot_logit
 
 
 class FoundationModel(nn.Module):
@@ -76,6 +77,7 @@ class FoundationModel(nn.Module):
         # on MovieLens (docs/training.md, "Click rates so far").
         self.register_buffer("rate_log_odds", torch.from_numpy(rate_bucket_log_odds()), persistent=False)
         self.rate_weight = nn.Parameter(torch.zeros(3))
+        self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
         self.user_tower = nn.Linear(2 * e + s.intent_dim + activity, e)
@@ -135,6 +137,8 @@ class FoundationModel(nn.Module):
         rates = torch.stack([b["rate_all"], b["rate_vertical"], b["rate_item"]], dim=1)  # [B, 3]
         wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
         wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
+        if self.dot_logit:  # the towers' inner product itself, as a factorization machine's pairwise term
+            wide = wide + (user_vec * item_vec).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), activations
 
 

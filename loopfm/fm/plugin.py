@@ -14,8 +14,10 @@ importable by the `loopfm` process (installed, or on PYTHONPATH).
   (0 = padding or unknown); `rate_all`, `count_all`, `rate_vertical`, `count_vertical` [B]
   int64, the user's click-rate and impression-count buckets so far over every vertical and
   in the event's own, and `rate_item`, `count_item` [B] int64, the item's by every user
-  (contract/tensorize.activity_bucket_arrays; 0 = unknown); `intent` [B, k] float32 (the synthetic world's FM-only signal;
-  k = 0 on imported data). It returns `logit` [B] (the click logit: trained with binary
+  (contract/tensorize.activity_bucket_arrays; 0 = unknown); `intent` [B, k] float32 (the synthetic world's FM-only signal
+  of the event's day, then one block per `fm.intent_half_lives` entry of the user's earlier
+  days' signals, averaged: k = latent_dim * (1 + len(fm.intent_half_lives)); k = 0 on
+  imported data). It returns `logit` [B] (the click logit: trained with binary
   cross-entropy, logged as the KD label) and `activations`, a dict {layer name: [B, d]}.
 - `fm.extract_layer` names the logged layer, or several comma-separated (a list in
   config.json): their activations are concatenated in that order (the LoopFM paper

@@ -72,7 +72,7 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
 
     vertical = imp["vertical"].map(vertical_ids).to_numpy()
     activity = _activity(imp["user_id"].to_numpy(), imp["item_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
-    intent = _intent(paths, imp["user_id"], day)
+    intent = _intent(paths, imp["user_id"], day, cfg.fm.intent_half_lives)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
     arrays = {
@@ -112,15 +112,35 @@ def _activity(
     return out
 
 
-def _intent(paths: RunPaths, user: pd.Series, day: np.ndarray) -> np.ndarray:
-    """The FM-only daily signal per event, [n, k]; k = 0 for imported data, which has none
-    (the FM then learns from the raw histories of every vertical only)."""
+def _intent(paths: RunPaths, user: pd.Series, day: np.ndarray, half_lives: tuple[float, ...]) -> np.ndarray:
+    """The FM-only daily signal per event: the day's own [n, k] followed, for each half-life
+    h (days) of `fm.intent_half_lives`, by the average of the user's signals of *earlier*
+    days weighted 2^(-age / h) ([n, k] each; 0 before the user's first day): a filter over
+    the days as the oracle's Kalman row of docs/training.md ("How far the FM is from its
+    information") uses, with the gain left to the FM. k = 0 for imported data, which has
+    none (the FM then learns from the raw histories of every vertical only)."""
     if not paths.table("fm_user_signals").exists():
         return np.zeros((len(user), 0), dtype=np.float32)
     signals = read_parquet(paths.table("fm_user_signals"))
     intent_cols = [c for c in signals.columns if c.startswith("intent_")]
-    intent = signals.set_index(["user_id", "day"])[intent_cols]
-    return intent.reindex(pd.MultiIndex.from_arrays([user, day])).to_numpy(np.float32)
+    users = np.unique(signals["user_id"].to_numpy())
+    n_days = int(max(signals["day"].max(), day.max())) + 1
+    grid = np.zeros((users.size, n_days, len(intent_cols)), dtype=np.float64)  # [U, D, k]
+    seen = np.zeros((users.size, n_days), dtype=np.float64)  # 1 where the user has a signal that day
+    u, d = np.searchsorted(users, signals["user_id"].to_numpy()), signals["day"].to_numpy()
+    grid[u, d], seen[u, d] = signals[intent_cols].to_numpy(np.float64), 1.0
+    at = np.searchsorted(users, user.to_numpy()).clip(max=users.size - 1)
+    known = users[at] == user.to_numpy()  # an event's user without any signal reads 0
+    parts = [grid]
+    for h in half_lives:
+        keep = 0.5 ** (1.0 / h)
+        total, weight = np.zeros_like(grid), np.zeros_like(seen)
+        for t in range(1, n_days):  # total[:, t] = sum over days j < t of keep^(t-1-j) * signal_j
+            total[:, t] = keep * total[:, t - 1] + grid[:, t - 1]
+            weight[:, t] = keep * weight[:, t - 1] + seen[:, t - 1]
+        parts.append(total / np.maximum(weight, 1e-12)[:, :, None])
+    out = np.concatenate(parts, axis=2)[at, day]  # [n, k * (1 + len(half_lives))]
+    return np.where(known[:, None], out, 0.0).astype(np.float32)
 
 
 def _start_us(cfg: RunConfig) -> int:
@@ -139,6 +159,7 @@ def _shapes(cfg: RunConfig, vocab: Vocab, intent_dim: int) -> FMShapes:
         hidden=tuple(cfg.fm.hidden),
         code_dim=cfg.fm.code_dim,
         extract_layer=cfg.fm.extract_layer,
+        dot_logit=cfg.fm.dot_logit,
     )
 
 
