@@ -71,9 +71,9 @@ class FMConfig:
     model: str = DEFAULT_FM_MODEL  # package.module:factory of any module following loopfm/fm/plugin.py
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
-    dot_logit: bool = False  # add the user and item towers' inner product to the logit (fm/model.py)
+    dot_logit: bool = True  # add the user and item towers' inner product to the logit (fm/model.py); docs/training.md ("Earlier intents")
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
-    intent_half_lives: tuple[float, ...] = ()  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/stream.py: _intent)
+    intent_half_lives: tuple[float, ...] = (1.0, 4.0)  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/stream.py: _intent); docs/training.md ("Earlier intents")
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
@@ -115,6 +115,7 @@ class VMConfig:
     patience: int = 3  # epochs without a better validation log loss before stopping
     validation_fraction: float = 0.1  # the newest share of the training window, by event time
     refit: bool = True  # then train afresh on the whole window for the chosen number of epochs
+    average_epochs: float = 0.0  # validate and keep an exponential moving average of the weights over about this many epochs (0 = off)
     batch_size: int = 512  # measured in docs/training.md ("VM encoder and batch size")
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW
@@ -148,6 +149,7 @@ class RunConfig:
             (0 < vm.validation_fraction < 1, "vm.validation_fraction must lie in (0, 1)"),
             (vm.epochs > 0 and vm.patience > 0, "vm.epochs and vm.patience must be positive"),
             (vm.kd_ramp_epochs >= 0, "vm.kd_ramp_epochs must be >= 0"),
+            (vm.average_epochs >= 0, "vm.average_epochs must be a number >= 0 (0 = no weight average)"),
             (vm.short_window >= 0, "vm.short_window must be >= 0"),
             (vm.recency_decay >= 0, "vm.recency_decay must be a number >= 0 (0 = no recency prior)"),  # a NaN read from config.json fails too
             (0 <= vm.dropout < 1 and vm.weight_decay >= 0, "vm.dropout must lie in [0, 1) and vm.weight_decay be >= 0"),
@@ -229,7 +231,8 @@ class ConfigError(ValueError):
 _SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig}
 # A key a saved config.json lacks takes the behaviour the run was built with, not today's
 # default: its features and models were made before the key existed.
-_BEFORE_KEY = {"FMConfig": {"history_events": "clicks"}, "VMConfig": {"history_product": False}}
+_BEFORE_KEY = {"FMConfig": {"history_events": "clicks", "dot_logit": False, "intent_half_lives": ()},
+               "VMConfig": {"history_product": False}}  # fmt: skip
 
 
 def _section(type_name: str, values: dict, path: Path):

@@ -162,3 +162,58 @@ def test_the_fms_intent_memory_averages_only_earlier_days_with_the_given_half_li
     write_parquet(later, paths.table("fm_user_signals"))
     assert np.array_equal(_intent(paths, user, day, (1.0,))[:, 1], got[:, 1])  # day 2's signal: only later days
     assert _intent(paths, user, day, ()).shape == (6, 1)
+
+
+def _tiny_training_set(rows: int = 256):
+    """Random model inputs for a 6-position, 4-dim-code VM (numpy, one candidate per user row)."""
+    from loopfm.contract.tensorize import TensorSpec
+
+    spec = TensorSpec(history_length=6, code_dim=4, n_items=50, n_categories=10, n_brands=20, item_activity=True)
+    g = np.random.default_rng(0)
+    tensors = {
+        "user_context": np.stack([g.integers(0, v, rows) for v in spec.user_context_vocab], axis=1),
+        "vm_history": g.integers(0, spec.n_items + 1, (rows, 6)),
+        "fm_codes": g.uniform(-1, 1, (rows, 6, 4)).astype(np.float32),
+        "fm_mask": np.ones((rows, 6), np.float32),
+        "candidates": np.stack([g.integers(0, v, rows) for v in spec.candidate_vocab], axis=1),
+        "candidate_user": np.arange(rows),
+    }
+    label = (g.random(rows) < 0.3).astype(np.float32)
+    return spec, tensors, label
+
+
+@pytest.mark.parametrize("horizon", [1e-9, 1.0, 1e12])
+def test_the_vm_kept_is_the_moving_average_of_its_weights_over_the_given_number_of_epochs(horizon):
+    """vm.average_epochs: a horizon shorter than a step keeps the last weights, one of about
+    an epoch keeps weights between the start and the last step, one far longer than training
+    stays near the start: PyTorch's AveragedModel starts from the weights of its first step, so
+    it has moved far less than one epoch of training does."""
+    from loopfm.vm.train import _train
+
+    spec, tensors, label = _tiny_training_set()
+    rows = np.arange(len(label))
+
+    def weights(average_epochs: float, epochs: int) -> torch.Tensor:
+        cfg = RunConfig()
+        cfg.override("vm.batch_size=32")
+        cfg.override(f"vm.average_epochs={average_epochs}")
+        model = _train(cfg, spec, "loopfm_kd", tensors, label, label, rows, epochs)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start, one_epoch, last, kept = weights(0, 0), weights(0, 1), weights(0, 3), weights(horizon, 3)
+    assert not torch.allclose(start, last)
+    if horizon < 1:
+        assert torch.equal(kept, last)
+    elif horizon > 1e6:
+        assert (kept - start).norm() < 0.5 * (one_epoch - start).norm()
+    else:
+        assert 0 < (kept - start).norm() < (last - start).norm() and not torch.allclose(kept, last)
+
+
+def test_a_negative_weight_average_horizon_is_refused():
+    from loopfm.config import ConfigError
+
+    cfg = RunConfig()
+    cfg.vm.average_epochs = -1.0
+    with pytest.raises(ConfigError, match="vm.average_epochs"):
+        cfg.validate()

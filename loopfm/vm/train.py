@@ -7,12 +7,14 @@ feature service; the KD label (the FM's logged prediction) travels with the enti
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from loopfm.config import RunConfig, Variant, variant_named
 from loopfm.data.dataset import Vocab
@@ -164,8 +166,10 @@ def _train(
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     y, kd = torch.from_numpy(label), torch.from_numpy(kd_target)
     use_kd = variant_named(variant).kd
-    if after_epoch and after_epoch(model, 0):
-        return model
+    average = _weight_average(model, cfg.vm.average_epochs, math.ceil(len(rows) / cfg.vm.batch_size))
+    kept = average.module if average else model  # what is validated and returned
+    if after_epoch and after_epoch(kept, 0):
+        return kept
     for epoch in range(1, epochs + 1):
         model.train()
         kd_weight = cfg.vm.kd_weight * kd_ramp(epoch, cfg.vm.kd_ramp_epochs)
@@ -179,9 +183,21 @@ def _train(
             opt.zero_grad()
             loss.backward()
             opt.step()
-        if after_epoch and after_epoch(model, epoch):
+            if average:
+                average.update_parameters(model)
+        if after_epoch and after_epoch(kept, epoch):
             break
-    return model
+    return kept
+
+
+def _weight_average(model: VerticalModel, epochs: float, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights whose horizon, 1 / (1 - decay)
+    optimizer steps, is `epochs` epochs (None when epochs is 0). PyTorch's AveragedModel
+    (as in SWA, Izmailov et al. 2018; EMA as in Polyak averaging)."""
+    if epochs <= 0:
+        return None
+    decay = 1 - 1 / max(1.0, epochs * steps_per_epoch)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def kd_ramp(epoch: int, ramp_epochs: int) -> float:
