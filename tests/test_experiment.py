@@ -79,7 +79,7 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
     assert saved["seeds"] == 2 and saved["impressions"] > 0
     assert set(saved["main"]) == {"base", "kd", "loopfm", "loopfm_kd", "fm"}
     for row in saved["main"].values():
-        assert {"auc", "ne", "tr"} <= set(row) and {"mean", "std"} <= set(row["auc"])
+        assert {"auc", "ne", "tr"} <= set(row) and {"mean", "std"} <= set(row["auc"]) and len(row["auc"]["values"]) == 2
     # std is the sample std across the seeds' own results
     aucs = [json.loads((out / f"seed{s}/fm-default/cells/loopfm_kd__default/result.json").read_text())["quality"]["auc"]
             for s in range(2)]  # fmt: skip
@@ -97,6 +97,9 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
             boot = paired_bootstrap(y, [(sign, pred["better"]), (-sign, pred["worse"])], metric, reps=1000)
             assert claim[metric]["p_bootstrap"] == boot["p"]
     assert "## Main table" in (docs / "results.md").read_text() and (docs / "results" / "main.png").stat().st_size > 0
+    fm_goal = saved["goals"]["fm_closes_half_bayes_gap"]
+    assert fm_goal["met"] == (saved["main"]["fm"]["bayes_gap_closed"]["mean"] >= 0.5)
+    assert "FM closes >= 50%" in (docs / "results.md").read_text()
 
     # A second invocation reuses every finished cell: nothing is retrained, same numbers.
     cell = out / "seed0/fm-default/cells/kd__default/result.json"
@@ -130,6 +133,32 @@ def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(tmp_p
     assert default["tr"]["mean"] == pytest.approx(np.mean(tr))  # against the sweep world's base VM and FM
     md = (docs / "results.md").read_text()
     assert "*On the sweep world*" in md.split("## VM size")[1] and "n_users=125" in md.split("## Goals")[0]
+
+
+def _step(label: str, auc: float, p_t: float, p_boot: float) -> dict:
+    side = {"relative": {"mean": auc, "std": 0.01, "n": 5}, "p_ttest": p_t, "p_bootstrap": p_boot}
+    return {"label": label, "auc": side, "ne": {**side, "relative": {"mean": 0.0, "std": 0.01, "n": 5}}}
+
+
+def test_the_l_goal_fails_only_when_a_longer_history_is_significantly_worse_on_both_tests():
+    from loopfm.experiments.plan import build_experiments
+    from loopfm.experiments.report import length_goal
+
+    (length,) = build_experiments(("length",), base_length=50, bench_users=7600)
+    steps = [c for c in length.claims if c.worse.variant == "loopfm_kd"]
+    # one claim per step to the next longer L, each between two VM + LoopFM + KD cells
+    assert [c.label for c in steps] == [f"L={b} vs L={a} (LoopFM+KD)" for a, b in zip((5, 10, 25, 50), (10, 25, 50, 100))]
+    assert all(c.better.variant == "loopfm_kd" for c in steps)
+    gains = [{"label": c.label} for c in length.claims if c.worse.variant == "kd"]
+    flat = [_step(c.label, +0.001, 0.5, 0.5) for c in steps]
+
+    def goal(last: dict) -> dict:
+        return length_goal(length, {"claims": gains + flat[:-1] + [last]})
+
+    noisy = goal(_step("L=100 vs L=50 (LoopFM+KD)", -0.005, 0.30, 0.005))  # the bootstrap alone is not enough
+    assert noisy["met"] and noisy["worst_step"]["label"] == "L=100 vs L=50 (LoopFM+KD)"
+    assert not goal(_step("L=100 vs L=50 (LoopFM+KD)", -0.005, 0.01, 0.005))["met"]
+    assert goal(_step("L=100 vs L=50 (LoopFM+KD)", +0.005, 0.01, 0.005))["met"]  # significantly better is fine
 
 
 def test_cells_of_different_scales_are_never_paired():

@@ -21,7 +21,10 @@ NOTES = {
         "redrawn; seeds - 1 degrees of freedom). Bootstrap = paired bootstrap over the eval window's "
         "impressions, resampled within each seed, the same draw for both models, the difference averaged "
         "over seeds (1,000 draws here, 200 in the other sections; p resolution 1/draws). TR goal: "
-        "TR(LoopFM+KD) - 2 TR(KD) per seed (t-test) and 2 NE(KD) - NE(LoopFM+KD) - NE(base) (bootstrap)."
+        "TR(LoopFM+KD) - 2 TR(KD) per seed (t-test) and 2 NE(KD) - NE(LoopFM+KD) - NE(base) (bootstrap). "
+        "FM goal: on the mean over seeds. L goal: no step to the next longer L lowers VM + LoopFM + KD's "
+        "AUC or NE with p < 0.05 on both tests (the worst step by AUC is shown, p as AUC / NE; every step "
+        "is a claim of the L section). Every mean and std in results.json also lists its per-seed values."
     ),
     "gap": (
         "`world.fm_signal_noise` is the noise on the FM-only daily intent signal: 0.2 = the FM knows the "

@@ -164,7 +164,8 @@ def build_experiments(names: tuple[str, ...], base_length: int, bench_users: int
                                         () if n in (base_length, max(LENGTHS)) else (("vm.history_length", n),)))
             for n in LENGTHS
         ]  # fmt: skip
-        out.append(Experiment("length", "Sequence length L (own and FM history)", pts, _gain_claims(pts)))
+        steps = [Claim(f"{b.label} vs {a.label} (LoopFM+KD)", b.cells["loopfm_kd"], a.cells["loopfm_kd"]) for a, b in zip(pts, pts[1:])]
+        out.append(Experiment("length", "Sequence length L (own and FM history)", pts, _gain_claims(pts) + steps))
     if "encoder" in names:
         default = VMConfig().encoder  # its cells are the sweep world's defaults
         pts = [Point(e, e, _kd_pair(home, () if e == default else (("vm.encoder", e),), latency=True)) for e in ENCODER_SWEEP]

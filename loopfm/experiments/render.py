@@ -137,7 +137,7 @@ def _extra(name: str):
 def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str:
     """Write the plots under docs/results/ and return the markdown of docs/results.md."""
     plots = docs / "results"
-    md = [header, "", "## Goals (VM + LoopFM + KD vs VM + KD, main table)", "",
+    md = [header, "", "## Goals (issue 15: VM + LoopFM + KD vs VM + KD, the FM, the L sweep; bench world)", "",
           "| goal | measured (mean ± std over seeds) | p (t-test) | p (bootstrap) | met |", "|---|---|---|---|---|"]  # fmt: skip
     g = results["goals"]
     for key, label in (("relative_auc_ge_1pct", "relative AUC gain >= 1%"), ("relative_ne_ge_1pct", "relative NE gain >= 1%")):
@@ -145,6 +145,14 @@ def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str
     tr = g["tr_ge_2x_kd"]
     md.append(f"| TR >= 2 x TR(KD) | TR {ms(tr['tr_loopfm_kd'], 3)} vs KD's {ms(tr['tr_kd'], 3)} (ratio of means "
               f"{tr['ratio_of_means']:.2f}) | {pval(tr['p_ttest'])} | {pval(tr['p_bootstrap'])} | {'yes' if tr['met'] else 'no'} |")
+    fm = g["fm_closes_half_bayes_gap"]
+    md.append(f"| FM closes >= 50% of the base-to-Bayes NE gap | {pct(fm['closed']).replace('+', '')} | | | {'yes' if fm['met'] else 'no'} |")
+    if "gain_non_decreasing_in_l" in g:
+        step = g["gain_non_decreasing_in_l"]
+        w = step["worst_step"]
+        md.append(f"| gain non-decreasing in L | worst step {w['label']}: AUC {pct(w['auc']['relative'])}, NE {pct(w['ne']['relative'])} "
+                  f"| {pval(w['auc']['p_ttest'])} / {pval(w['ne']['p_ttest'])} | {pval(w['auc']['p_bootstrap'])} / {pval(w['ne']['p_bootstrap'])} "
+                  f"| {'yes' if step['met'] else 'no'} |")  # fmt: skip
     md += ["", notes.get("goals", ""), "", "## Main table", "",
            "| model | AUC | LogLoss | NE | TR | Bayes gap closed |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in results["main"].items():

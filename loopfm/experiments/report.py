@@ -22,6 +22,8 @@ from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_me
 GOAL_REL = 0.01
 GOAL_TR_RATIO = 2.0
 ALPHA = 0.01
+GOAL_FM_GAP = 0.5  # issue 15: the FM closes at least half of the base-to-Bayes NE gap
+ALPHA_STEP = 0.05  # a longer L "hurts" when both tests put VM + LoopFM + KD lower at p < 0.05
 
 
 @dataclass
@@ -127,6 +129,25 @@ def goals(main_claim: dict, tr: dict) -> dict:
     return out
 
 
+def fm_gap_goal(fm: dict) -> dict:
+    """The FM (a main-table row) closes at least GOAL_FM_GAP of the base-to-Bayes NE gap, on the mean."""
+    return {"closed": fm["bayes_gap_closed"], "met": bool(fm["bayes_gap_closed"]["mean"] >= GOAL_FM_GAP)}
+
+
+def length_goal(e: Experiment, entry: dict) -> dict:
+    """More history cannot hurt (the paper's theory; issue 15): no step of the L sweep to the next
+    longer L lowers VM + LoopFM + KD's AUC or NE with p < ALPHA_STEP on both tests. `entry` is
+    `experiment_entry(e, ...)`; the steps are its claims between two VM + LoopFM + KD cells.
+    Reports the worst step by relative AUC."""
+    steps = [c for plan, c in zip(e.claims, entry["claims"]) if plan.worse.variant == "loopfm_kd"]
+
+    def hurts(c: dict, metric: str) -> bool:
+        return c[metric]["relative"]["mean"] < 0 and max(c[metric]["p_ttest"], c[metric]["p_bootstrap"]) < ALPHA_STEP
+
+    worst = min(steps, key=lambda c: c["auc"]["relative"]["mean"])
+    return {"worst_step": worst, "met": not any(hurts(c, m) for c in steps for m in ("auc", "ne"))}
+
+
 def experiment_entry(e: Experiment, seeds: list[Seed], reps: int) -> dict:
     points = []
     for p in e.points:
@@ -188,6 +209,9 @@ def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
         if e.name == "main":
             results["main_claims"] = entry["claims"]
             results["goals"] = goals(entry["claims"][0], tr_goal(data, 1000))
+            results["goals"]["fm_closes_half_bayes_gap"] = fm_gap_goal(results["main"]["fm"])
         else:
             results[e.name] = entry
+        if e.name == "length" and "goals" in results:
+            results["goals"]["gain_non_decreasing_in_l"] = length_goal(e, entry)
     return results

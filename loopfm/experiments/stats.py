@@ -18,10 +18,12 @@ from scipy import stats
 from loopfm.eval.metrics import EPS, rate_entropy
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof=1) across seeds."""
+def summary(values: list[float]) -> dict:
+    """Mean, sample standard deviation (ddof=1) and the per-seed values themselves (so any other
+    paired test can be run on results.json)."""
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": [float(v) for v in a]}
 
 
 def ratio_of_means(a: list[float], b: list[float]) -> float:
