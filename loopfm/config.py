@@ -77,7 +77,7 @@ class FMConfig:
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
-    extract_layer: str = "hidden1"  # a layer the FM returns (built-in: embedding | hidden1 | hidden2), or several comma-separated
+    extract_layer: str = "embedding"  # a layer the FM returns (built-in: embedding | hidden1 | hidden2), or several comma-separated; docs/training.md ("Which FM layer")
     batch_size: int = 512
     lr: float = 5e-4  # docs/training.md ("... the FM's learning rate"): 2e-3 overfit the warm-up by epoch 2
     weight_decay: float = 0.0  # AdamW

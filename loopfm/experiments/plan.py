@@ -187,9 +187,11 @@ def build_experiments(names: tuple[str, ...], base_length: int, bench_users: int
         claims.append(Claim("rolling vs frozen (LoopFM+KD)", pts[-1].cells["loopfm_kd"], pts[-2].cells["loopfm_kd"]))
         out.append(Experiment("freshness", "Freshness: logging delay and checkpoint scheme", pts, claims))
     if "layer" in names:
-        pts = [Point(layer, layer, {"kd": sweep["kd"], "loopfm_kd": Cell(home if layer == "hidden1" else world((("fm.extract_layer", layer),)), "loopfm_kd")})
+        default = FMConfig().extract_layer
+        pts = [Point(layer, layer, {"kd": sweep["kd"], "loopfm_kd": Cell(home if layer == default else world((("fm.extract_layer", layer),)), "loopfm_kd")})
                for layer in LAYERS]  # fmt: skip
-        claims = [Claim(f"hidden1 vs {p.label}", pts[1].cells["loopfm_kd"], p.cells["loopfm_kd"]) for p in pts if p.x != "hidden1"]
+        home_point = next(p for p in pts if p.x == default)
+        claims = [Claim(f"{p.label} vs {default}", p.cells["loopfm_kd"], home_point.cells["loopfm_kd"]) for p in pts if p.x != default]
         out.append(Experiment("layer", "Which FM layer is extracted", pts, claims + _gain_claims(pts)))
     if "vm_size" in names:
         pts = [Point(name, e, _kd_pair(home, () if name == "default" else (("vm.embedding_dim", e), ("vm.hidden", h))))
