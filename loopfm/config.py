@@ -125,6 +125,7 @@ class VMConfig:
     item_activity: bool = True  # candidates carry the item's click rate and impressions so far (Feast view item_activity); docs/training.md
     short_window: int = 0  # also pool each history's newest this many positions (0 = off; at most L); docs/training.md
     recency_decay: float = 0.07  # recency log-weights start at -this per position back (sum, mean, softmax: half weight 10 back); docs/training.md
+    recency_slope: bool = True  # also learn one slope per history on the recency log-weights (vm/model.py); docs/training.md
     kd_weight: float = 0.5
     kd_ramp_epochs: int = 3  # the KD weight rises linearly from 0 (epoch 1) to kd_weight (epoch 1 + this)
     eval_days: int = 6
@@ -232,7 +233,7 @@ _SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMCon
 # A key a saved config.json lacks takes the behaviour the run was built with, not today's
 # default: its features and models were made before the key existed.
 _BEFORE_KEY = {"FMConfig": {"history_events": "clicks", "dot_logit": False, "intent_half_lives": ()},
-               "VMConfig": {"history_product": False}}  # fmt: skip
+               "VMConfig": {"history_product": False, "recency_slope": False}}  # fmt: skip
 
 
 def _section(type_name: str, values: dict, path: Path):

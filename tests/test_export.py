@@ -139,10 +139,12 @@ def test_every_encoder_exports_with_parity_for_one_user_and_1_or_1000_candidates
         assert np.ptp(expected) > 1e-3  # candidates score differently: the comparison has something to compare
 
 
+@pytest.mark.parametrize("by", ["position", "slope"])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_every_encoder_s_recency_weights_are_in_the_onnx_graph(trained_run, store, encoder):
-    """Dropping all but the two newest positions by recency changes ONNX Runtime's scores, and
-    they still equal PyTorch's: the learned weights travel inside the graph."""
+def test_every_encoder_s_recency_weights_are_in_the_onnx_graph(trained_run, store, encoder, by):
+    """Dropping old positions by recency (per-position weights, or the learned slope) changes
+    ONNX Runtime's scores, and they still equal PyTorch's: the learned weights travel inside
+    the graph."""
     import torch
 
     paths = RunPaths(trained_run)
@@ -150,8 +152,11 @@ def test_every_encoder_s_recency_weights_are_in_the_onnx_graph(trained_run, stor
     inputs = _eval_inputs(paths, store, spec, rows=300)
     flat = _scores(onnx_bytes(model, inputs), inputs)
     with torch.no_grad():
-        model.own_recency[:-2] = -60.0
-        model.fm_recency[:-2] = -60.0
+        for history in ("own", "fm"):
+            if by == "position":
+                getattr(model, f"{history}_recency")[:-2] = -60.0
+            else:
+                getattr(model, f"{history}_slope").fill_(60.0)
     newest_only = onnx_bytes(model, inputs)
     assert parity_check(model, newest_only, inputs)["max_abs_diff"] <= PARITY_TOLERANCE
     assert np.abs(_scores(newest_only, inputs) - flat).max() > 1e-4

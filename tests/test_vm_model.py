@@ -79,6 +79,28 @@ def test_recency_weights_start_at_a_decay_prior_newest_first_and_at_zero_without
     assert torch.all(plain.own_recency == 0) and torch.all(plain.fm_recency == 0)
 
 
+def test_a_learned_recency_slope_discounts_each_position_by_its_steps_back_and_starts_at_zero():
+    """recency_slope adds one scalar per history: log-weight = per-position weight - slope x
+    steps back. It starts at 0 (the prior alone), gets a gradient, and a steep slope leaves
+    only the newest position, as a history of length 1 would pool."""
+    shapes = dict(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4, embedding_dim=8,
+                  hidden=(16,), use_fm_history=True, encoder="dot_mlp", history_length=6, recency_decay=0.5)  # fmt: skip
+    model = VerticalModel(VMShapes(**shapes, recency_slope=True))
+    torch.testing.assert_close(model.recency("fm"), model.fm_recency)  # slope 0: the decay prior alone
+    model(**_inputs(users=2, candidates=5))[0].sum().backward()
+    assert model.own_slope.grad != 0 and model.fm_slope.grad != 0
+    with torch.no_grad():
+        model.fm_slope.fill_(0.25)
+    torch.testing.assert_close(model.recency("fm") - model.fm_recency, -0.25 * torch.arange(5, -1, -1.0))
+    keys, query, users = torch.randn(2, 6, 8), torch.randn(3, 8), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        model.fm_slope.fill_(60.0)
+        steep = masked_pool(keys, torch.ones(2, 6), query, users, "dot_mlp", model.fm_attention, model.recency("fm"))
+        newest = masked_pool(keys[:, 5:], torch.ones(2, 1), query, users, "dot_mlp", model.fm_attention, torch.zeros(1))
+    torch.testing.assert_close(steep, newest)
+    assert VerticalModel(VMShapes(**shapes)).fm_slope is None  # off: models saved before it existed
+
+
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_the_short_window_pools_the_newest_positions_of_each_history_and_nothing_older(encoder):
     """With short_window = w a second pooled vector per history reads only its newest w
@@ -146,9 +168,9 @@ def test_the_training_defaults_build_a_vm_without_an_item_count_bias_and_with_th
     spec = TensorSpec(history_length=cfg.vm.history_length, code_dim=8, n_items=50, n_categories=10, n_brands=20, item_activity=True)
     model = VerticalModel(shapes_for(cfg, spec, "loopfm_kd"))
     assert ITEM_COUNT_COLUMN not in model.bias_columns and 0 not in model.bias_columns
-    newest_first = torch.flip(model.fm_recency.detach(), [0])
+    newest_first = torch.flip(model.recency("fm").detach(), [0])
     torch.testing.assert_close(newest_first[:3], torch.tensor([0.0, -1.0, -2.0]) * cfg.vm.recency_decay)
-    assert cfg.vm.recency_decay > 0
+    assert cfg.vm.recency_decay > 0 and model.fm_slope is not None and model.own_slope is not None
 
 
 def test_the_item_s_click_rate_so_far_moves_the_score_through_the_wide_part():

@@ -52,6 +52,7 @@ class VMShapes:
     item_bias: bool = True  # a learned bias per item id; off when candidates carry the item's rate so far
     item_count_bias: bool = True  # a learned bias per item impression-count bucket (True in models saved before it went)
     recency_decay: float = 0.0  # recency log-weights start at -this per position back from the newest (0 in models saved before it existed)
+    recency_slope: bool = False  # also learn one slope per history on those log-weights (False in models saved before it existed)
 
 
 class DinScorer(nn.Module):
@@ -166,9 +167,17 @@ class VerticalModel(nn.Module):
         self.own_attention = attention_scorer(s.encoder, e)
         # per-position log-weights (see masked_pool), started at a decay prior: 0 at the newest
         # position, -recency_decay per position older, learned from there (docs/training.md, "Recency prior")
-        prior = -s.recency_decay * torch.arange(s.history_length - 1, -1, -1, dtype=torch.float32)  # [L]
+        steps_back = torch.arange(s.history_length - 1, -1, -1, dtype=torch.float32)  # [L], 0 at the newest
+        prior = -s.recency_decay * steps_back
         self.own_recency = nn.Parameter(prior.clone())
         self.fm_recency = nn.Parameter(prior.clone()) if s.use_fm_history else None
+        # recency_slope: one learned scalar per history, log-weight -= slope * steps back. Adam moves
+        # a parameter by about lr per step whatever its gradient, so the per-position weights need
+        # thousands of steps to discount position 40 by a few units; a slope that every position
+        # informs gets there in a hundred (docs/training.md, "A learned recency slope").
+        self.register_buffer("steps_back", steps_back, persistent=False)
+        self.own_slope = nn.Parameter(torch.zeros(())) if s.recency_slope else None
+        self.fm_slope = nn.Parameter(torch.zeros(())) if s.recency_slope and s.use_fm_history else None
         self.fm_attention = attention_scorer(s.encoder, e) if s.use_fm_history else None
         if s.use_fm_history:
             self.code_proj = nn.Linear(s.code_dim, e)
@@ -242,10 +251,10 @@ class VerticalModel(nn.Module):
         query = self.target(cand)  # [C, e]
         own = self.candidate[0](vm_history)  # [U, L, e] item-id embeddings shared with candidates
         own_mask = (vm_history > 0).float()
-        pooled = self._pools(own, own_mask, query, candidate_user, self.own_attention, self.own_recency)
+        pooled = self._pools(own, own_mask, query, candidate_user, self.own_attention, self.recency("own"))
         if s.use_fm_history:
             keys = self.code_proj(fm_codes)  # [U, L, e], once per user
-            pooled += self._pools(keys, fm_mask, query, candidate_user, self.fm_attention, self.fm_recency)
+            pooled += self._pools(keys, fm_mask, query, candidate_user, self.fm_attention, self.recency("fm"))
         parts = [per_candidate(ctx), cand, *pooled]
         if s.history_product:  # [C, e] each: the user-candidate affinity as an explicit product
             parts += [h * query for h in pooled]
@@ -259,6 +268,12 @@ class VerticalModel(nn.Module):
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
 
 
+
+    def recency(self, history: str) -> torch.Tensor:
+        """[L] log-weights of history "own" or "fm" (masked_pool's `recency`): the per-position
+        weights, minus the learned slope times the steps back when recency_slope is on."""
+        weights, slope = getattr(self, f"{history}_recency"), getattr(self, f"{history}_slope")
+        return weights if slope is None else weights - slope * self.steps_back
 
     def _pools(self, keys, mask, query, candidate_user, scorer, recency) -> list[torch.Tensor]:
         """[C, e] pooled vectors of one history: the whole of it, then (short_window > 0) its

@@ -91,6 +91,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         item_bias=not spec.item_activity,
         item_count_bias=False,
         recency_decay=cfg.vm.recency_decay,
+        recency_slope=cfg.vm.recency_slope,
     )
 
 
