@@ -26,7 +26,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # 71 min wall time on 2 nearly quiet cores (2026-12-05): every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # 71 min wall time on 2 nearly quiet cores (2026-12-05; 73 min beside make test, 2026-12-06): every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 

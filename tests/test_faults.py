@@ -78,10 +78,15 @@ def test_redis_killed_mid_load_and_restarted_confines_errors_to_the_outage(serve
           f"max latency {max(lat for _, lat, _ in records) * 1000:.0f} ms")  # fmt: skip
     assert failed, "the outage went unnoticed: the test did not inject a fault"
     assert {kind for _, _, kind in failed} <= {"http_503", "http_504"}  # answered, never dropped or hung
-    assert all(down_at - 0.1 <= sent <= up_at + 0.5 for sent, _, _ in failed), "errors outside the outage"
-    assert max(lat for _, lat, _ in records) < DEADLINE_S + 0.5  # nobody waited past the deadline
-    after = [kind for t, _, kind in records if origin + t > up_at + 0.5]
-    assert len(after) > 100 and set(after) == {"ok"}
+    # Timing bounds are relative to this machine's own pace with the store up (the seconds
+    # before the crash), so a CPU-starved machine slows the test without failing it.
+    before = [lat for t, lat, kind in records if origin + t < down_at - 0.1]
+    assert before and all(kind == "ok" for t, _, kind in records if origin + t < down_at - 0.1), "errors before the outage"
+    recovered_at = min(origin + t for t, _, kind in records if origin + t >= up_at and kind == "ok")
+    assert all(down_at - 0.1 <= sent < recovered_at for sent, _, _ in failed), "errors after the recovery"
+    assert max(lat for _, lat, _ in records) < DEADLINE_S + 0.5 + max(before)  # nobody waited past the deadline
+    after = [kind for t, _, kind in records if origin + t >= recovered_at]
+    assert len(after) > 60 and set(after) == {"ok"}  # recovered alone, at least a second before the load ended
     body = httpx.post(f"{served}/score", json=BODY).json()
     assert body["user_known"]  # the restarted server came back with its data
 
