@@ -267,8 +267,6 @@ class VerticalModel(nn.Module):
             wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
 
-
-
     def recency(self, history: str) -> torch.Tensor:
         """[L] log-weights of history "own" or "fm" (masked_pool's `recency`): the per-position
         weights, minus the learned slope times the steps back when recency_slope is on."""
