@@ -133,14 +133,27 @@ class VMConfig:
 
 
 @dataclass
+class StreamConfig:
+    """The live loop (loopfm/stream/): how events are partitioned and how a worker reads them."""
+
+    partitions: int = 8  # stream keys; a user's events all go to partition crc32(user id) % partitions
+    batch_size: int = 500  # the most events a worker reads per micro-batch
+    max_wait_ms: int = 5  # the longest a worker waits for a partial micro-batch
+    lease_ms: int = 10_000  # a partition is another worker's this long after its owner stops renewing it
+    future_skew_s: float = 300.0  # an event timestamp further than this into the future is a dead letter
+    dedup_window: int = 64  # impression ids each user remembers: a re-sent event within it changes nothing
+
+
+@dataclass
 class RunConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     fm: FMConfig = field(default_factory=FMConfig)
     vm: VMConfig = field(default_factory=VMConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def validate(self) -> "RunConfig":
         """Refuse combinations that would fail later, deep inside a stage."""
-        w, fm, vm = self.world, self.fm, self.vm
+        w, fm, vm, st = self.world, self.fm, self.vm, self.stream
         checks = [
             (len(w.verticals) == len(w.vertical_mix), "world.verticals and world.vertical_mix differ in length"),
             (vm.target_vertical in w.verticals, f"vm.target_vertical {vm.target_vertical!r} not in world.verticals"),
@@ -167,6 +180,9 @@ class RunConfig:
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
             (all(h > 0 for h in fm.intent_half_lives), "fm.intent_half_lives must be positive (days)"),
+            (st.partitions > 0 and st.batch_size > 0 and st.max_wait_ms >= 0 and st.lease_ms >= 1000,
+             "stream.partitions and stream.batch_size must be positive, stream.max_wait_ms >= 0, stream.lease_ms >= 1000"),
+            (st.future_skew_s >= 0 and st.dedup_window >= 0, "stream.future_skew_s and stream.dedup_window must be >= 0"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -229,7 +245,7 @@ class ConfigError(ValueError):
     """A config file or flag is wrong; the message names the file and key."""
 
 
-_SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig}
+_SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig, "StreamConfig": StreamConfig}
 # A key a saved config.json lacks takes the behaviour the run was built with, not today's
 # default: its features and models were made before the key existed.
 _BEFORE_KEY = {"FMConfig": {"history_events": "clicks", "dot_logit": False, "intent_half_lives": ()},

@@ -19,7 +19,7 @@ LAYERS = [
     ("loopfm.eval",),
     ("loopfm.vm",),
     ("loopfm.distributed", "loopfm.server_process", "loopfm.redis_server"),
-    ("loopfm.experiments", "loopfm.bench", "loopfm.pipeline", "serving"),
+    ("loopfm.experiments", "loopfm.bench", "loopfm.pipeline", "loopfm.stream", "serving"),
 ]
 
 

@@ -119,28 +119,61 @@ def _intent(paths: RunPaths, user: pd.Series, day: np.ndarray, half_lives: tuple
     the days as the oracle's Kalman row of docs/training.md ("How far the FM is from its
     information") uses, with the gain left to the FM. k = 0 for imported data, which has
     none (the FM then learns from the raw histories of every vertical only)."""
-    if not paths.table("fm_user_signals").exists():
+    signals = _signal_grid(paths, int(day.max()) + 1 if len(day) else 0)
+    if signals is None:
         return np.zeros((len(user), 0), dtype=np.float32)
-    signals = read_parquet(paths.table("fm_user_signals"))
-    intent_cols = [c for c in signals.columns if c.startswith("intent_")]
-    users = np.unique(signals["user_id"].to_numpy())
-    n_days = int(max(signals["day"].max(), day.max())) + 1
-    grid = np.zeros((users.size, n_days, len(intent_cols)), dtype=np.float64)  # [U, D, k]
-    seen = np.zeros((users.size, n_days), dtype=np.float64)  # 1 where the user has a signal that day
-    u, d = np.searchsorted(users, signals["user_id"].to_numpy()), signals["day"].to_numpy()
-    grid[u, d], seen[u, d] = signals[intent_cols].to_numpy(np.float64), 1.0
+    users, grid, seen = signals
     at = np.searchsorted(users, user.to_numpy()).clip(max=users.size - 1)
     known = users[at] == user.to_numpy()  # an event's user without any signal reads 0
     parts = [grid]
     for h in half_lives:
-        keep = 0.5 ** (1.0 / h)
-        total, weight = np.zeros_like(grid), np.zeros_like(seen)
-        for t in range(1, n_days):  # total[:, t] = sum over days j < t of keep^(t-1-j) * signal_j
-            total[:, t] = keep * total[:, t - 1] + grid[:, t - 1]
-            weight[:, t] = keep * weight[:, t - 1] + seen[:, t - 1]
+        total, weight = _decayed(grid, seen, h)
         parts.append(total / np.maximum(weight, 1e-12)[:, :, None])
     out = np.concatenate(parts, axis=2)[at, day]  # [n, k * (1 + len(half_lives))]
     return np.where(known[:, None], out, 0.0).astype(np.float32)
+
+
+def _signal_grid(paths: RunPaths, min_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The FM-only signals table as users [U], grid [U, D, k] and seen [U, D] (1 where the user
+    has a signal that day), D = max(its last day + 1, min_days); None when the run has none."""
+    if not paths.table("fm_user_signals").exists():
+        return None
+    signals = read_parquet(paths.table("fm_user_signals"))
+    intent_cols = [c for c in signals.columns if c.startswith("intent_")]
+    users = np.unique(signals["user_id"].to_numpy())
+    n_days = int(max(signals["day"].max() + 1, min_days))
+    grid = np.zeros((users.size, n_days, len(intent_cols)), dtype=np.float64)  # [U, D, k]
+    seen = np.zeros((users.size, n_days), dtype=np.float64)
+    u, d = np.searchsorted(users, signals["user_id"].to_numpy()), signals["day"].to_numpy()
+    grid[u, d], seen[u, d] = signals[intent_cols].to_numpy(np.float64), 1.0
+    return users, grid, seen
+
+
+def _decayed(grid: np.ndarray, seen: np.ndarray, half_life: float) -> tuple[np.ndarray, np.ndarray]:
+    """total [U, D, k] and weight [U, D]: at day t, the sum over days j < t of keep^(t-1-j) times
+    the signal (total) or its presence (weight), keep = 2^(-1 / half_life)."""
+    keep = 0.5 ** (1.0 / half_life)
+    total, weight = np.zeros_like(grid), np.zeros_like(seen)
+    for t in range(1, grid.shape[1]):
+        total[:, t] = keep * total[:, t - 1] + grid[:, t - 1]
+        weight[:, t] = keep * weight[:, t - 1] + seen[:, t - 1]
+    return total, weight
+
+
+def intent_after_signals(paths: RunPaths, half_lives: tuple[float, ...]) -> tuple[np.ndarray, int, np.ndarray, np.ndarray] | None:
+    """The `_intent` filter's state on the first day after the signals table, from which any
+    later day follows by decay alone (no later signals exist): users [U], that day D, total
+    [U, len(half_lives), k], weight [U, len(half_lives)]. None when the run has no signals."""
+    signals = _signal_grid(paths, 0)
+    if signals is None:
+        return None
+    users, grid, seen = signals
+    day = grid.shape[1]
+    grid, seen = np.concatenate([grid, grid[:, :1] * 0], axis=1), np.concatenate([seen, seen[:, :1] * 0], axis=1)
+    totals, weights = zip(*(_decayed(grid, seen, h) for h in half_lives)) if half_lives else ((), ())
+    total = np.stack([t[:, day] for t in totals], axis=1) if half_lives else np.zeros((users.size, 0, grid.shape[2]))
+    weight = np.stack([w[:, day] for w in weights], axis=1) if half_lives else np.zeros((users.size, 0))
+    return users, day, total, weight
 
 
 def _start_us(cfg: RunConfig) -> int:
@@ -167,15 +200,22 @@ def _batch(
     arrays: dict[str, np.ndarray], idx: np.ndarray, known_users: np.ndarray | None = None, known_items: np.ndarray | None = None
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """FM inputs of events `idx`; given a checkpoint's known ids [bool], every other user and
-    item id reads as unknown (-1; 0 in raw_history, which holds item id + 1)."""
+    item id (one it never trained on, or one beyond its vocabulary) reads as unknown (-1; 0 in
+    raw_history, which holds item id + 1)."""
     b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, *ACTIVITY_COLUMNS, "raw_history")}
     if known_users is not None:
-        b["user_id"] = np.where(known_users[b["user_id"]], b["user_id"], -1)
-        b["item_id"] = np.where(known_items[b["item_id"]], b["item_id"], -1)
-        b["raw_history"] = np.where(np.concatenate([[False], known_items])[b["raw_history"]], b["raw_history"], 0)
+        b["user_id"] = np.where(_known(known_users, b["user_id"]), b["user_id"], -1)
+        b["item_id"] = np.where(_known(known_items, b["item_id"]), b["item_id"], -1)
+        b["raw_history"] = np.where(_known(known_items, b["raw_history"] - 1), b["raw_history"], 0)
     out = {k: torch.from_numpy(v) for k, v in b.items()}
     out["intent"] = torch.from_numpy(arrays["intent"][idx])
     return out
+
+
+def _known(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """known[ids] [bool], False for ids outside 0..len(known)-1 (unknown or grown since)."""
+    inside = (ids >= 0) & (ids < known.size)
+    return inside & known[np.where(inside, ids, 0)]
 
 
 def checkpoint_path(paths: RunPaths, index: int) -> Path:
@@ -324,7 +364,7 @@ def _mean_over_ranks(values: list[float], world_size: int) -> list[float]:
     return (t / world_size).tolist()
 
 
-def _load(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tuple[str, ...], int, np.ndarray, np.ndarray]:
+def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tuple[str, ...], int, np.ndarray, np.ndarray]:
     """Checkpoint `index` -> FM (the fm.model it was trained with), compressor, extracted
     layers, trained-until (unix µs), known users and items [bool]."""
     path = checkpoint_path(paths, index)
@@ -345,6 +385,28 @@ def _load(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tup
     return fm.eval(), compressor.eval(), layers, int(state["trained_until_us"]), state["known_users"], state["known_items"]
 
 
+def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...], batch: dict[str, torch.Tensor],
+           cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One batch of FM inputs (`_batch`) -> (logits [B] float32, stored codes [B, code_bytes]
+    uint8): extraction -> compression -> the first fm.code_dim dims -> int4 or fp32. The one
+    encoding of `fm log` and `loopfm stream`. Raises ValueError when the checkpoint's code is
+    narrower than fm.code_dim."""
+    if compressor.encoder.out_features < cfg.fm.code_dim:
+        raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
+    with torch.no_grad():
+        logit, acts = fm(batch)
+        z = compressor.encode(plugin.extract(acts, layers)).numpy()[:, : cfg.fm.code_dim]
+    return logit.numpy(), encode_codes(z, cfg.fm.code_format)
+
+
+def checkpoint_index(cfg: RunConfig, day: int) -> int:
+    """The checkpoint that encodes an event of day `day` (module docstring): the warm-up one
+    under `frozen`; under `rolling` the FM as it stood that day, the newest for later days."""
+    if cfg.fm.checkpoint_scheme == "frozen":
+        return cfg.fm.warmup_days
+    return int(np.clip(day, cfg.fm.warmup_days, cfg.world.n_days))
+
+
 def log_events(
     paths: RunPaths, cfg: RunConfig, arrays: dict[str, np.ndarray], imp: pd.DataFrame, rows: np.ndarray,
     progress: bool = True,
@@ -356,24 +418,17 @@ def log_events(
     logits = np.zeros(n, dtype=np.float32)
     codes = np.zeros((n, code_bytes(cfg.fm.code_dim, cfg.fm.code_format)), dtype=np.uint8)
     trained_until = np.zeros(n, dtype=np.int64)
-    frozen = cfg.fm.checkpoint_scheme == "frozen"
     days = arrays["day"][rows]
     loaded: dict[int, tuple] = {}
     for d in tqdm(np.unique(days), desc="fm log (days)", disable=not progress):
-        index = cfg.fm.warmup_days if frozen else int(np.clip(d, cfg.fm.warmup_days, cfg.world.n_days))
+        index = checkpoint_index(cfg, int(d))
         if index not in loaded:
-            loaded = {index: _load(paths, index)}
+            loaded = {index: load_checkpoint(paths, index)}
         fm, compressor, layers, until, known_users, known_items = loaded[index]
-        if compressor.encoder.out_features < cfg.fm.code_dim:
-            raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
         at = np.flatnonzero(days == d)  # positions in the output
-        with torch.no_grad():
-            for lo in range(0, at.size, 8192):
-                out = at[lo : lo + 8192]
-                logit, acts = fm(_batch(arrays, rows[out], known_users, known_items))
-                z = compressor.encode(plugin.extract(acts, layers)).numpy()[:, : cfg.fm.code_dim]
-                logits[out] = logit.numpy()
-                codes[out] = encode_codes(z, cfg.fm.code_format)
+        for lo in range(0, at.size, 8192):
+            out = at[lo : lo + 8192]
+            logits[out], codes[out] = encode(fm, compressor, layers, _batch(arrays, rows[out], known_users, known_items), cfg)
         trained_until[at] = until
     events = imp.iloc[rows].reset_index(drop=True)
     return pd.DataFrame(

@@ -227,6 +227,26 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     ingest(args.run_dir, args.events, _redis_url(args), time_unit=args.time_unit)
 
 
+def cmd_events_publish(args: argparse.Namespace) -> None:
+    from loopfm.stream.producer import publish_file
+
+    publish_file(args.run_dir, args.file, _redis_url(args), "events", args.time_unit)
+
+
+def cmd_items_upsert(args: argparse.Namespace) -> None:
+    from loopfm.stream.producer import publish_file
+
+    publish_file(args.run_dir, args.file, _redis_url(args), "items")
+
+
+def cmd_stream(args: argparse.Namespace) -> None:
+    from loopfm.stream.worker import run_worker
+
+    summary = run_worker(args.run_dir, _redis_url(args), args.name, idle_exit_s=args.until_idle, max_events=args.max_events,
+                         progress_s=args.progress_s, metrics_port=args.metrics_port)  # fmt: skip
+    print(json.dumps(summary))
+
+
 def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving import markdown, run_serving_bench
     from loopfm.io import write_text
@@ -356,6 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
+
+    events = sub.add_parser("events", help="the live loop's producers").add_subparsers(dest="cmd", required=True)
+    p = command(events, "publish", cmd_events_publish, "check a file of impressions, then publish it to the event stream")
+    p.add_argument("file", type=Path, help="parquet or CSV: " + ", ".join(
+        ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
+    p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
+                   "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
+    items = sub.add_parser("items", help="the item catalog").add_subparsers(dest="cmd", required=True)
+    p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
+    p.add_argument("file", type=Path, help="parquet or CSV: item_id, category, brand, price_bucket")
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
+    p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files")
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
+    p.add_argument("--name", help="consumer name in the group (default: host-pid)")
+    p.add_argument("--until-idle", type=positive_float, metavar="S", help="exit after S seconds with nothing to read")
+    p.add_argument("--max-events", type=positive_int, help="exit after handling this many messages")
+    p.add_argument("--progress-s", type=positive_float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "open loop, /healthz floor, capacity, wrk; 1 and 2 workers, pinned cores")

@@ -58,38 +58,52 @@ def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
         raise
 
 
-def read_events(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | None = None) -> pd.DataFrame:
-    """Load and check a batch of impressions (parquet or CSV) against the run it joins. Ids
-    are parsed exactly, times by the project's one parser (`time_unit`: the unit of numeric
-    event_timestamp values, None infers it). `user_id` and `item_id` are source ids of the
-    run's entity types (loopfm/data/ids.py), returned as dense ids; unknown ones are refused."""
+def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV (read as text: numbers are parsed exactly later, never through float64) or parquet
+    file holding `columns`. Raises IngestError naming the file."""
     if not path.exists():
         raise IngestError(f"{path}: no such file")
     csv = path.suffix.lower() == ".csv"
-    try:  # CSV as text: numbers are parsed exactly below, never through float64
+    try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]) if csv else pd.read_parquet(path)
     except Exception as exc:  # pyarrow and pandas raise many kinds for a file that is not what it says
         raise IngestError(f"{path}: not a readable {'CSV' if csv else 'parquet'} file: {exc}") from None
-    missing = [c for c in EVENT_COLUMNS if c not in raw.columns]
+    missing = [c for c in columns if c not in raw.columns]
     if missing:
-        raise IngestError(f"{path}: missing column(s) {missing}; expected {list(EVENT_COLUMNS)}")
+        raise IngestError(f"{path}: missing column(s) {missing}; expected {list(columns)}")
+    return raw
+
+
+def read_event_file(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | None = None) -> pd.DataFrame:
+    """Load and check a file of impressions (parquet or CSV) against the run it joins, ids kept
+    as source ids (int64 or text per the run's entity types, loopfm/data/ids.py). Ids are parsed
+    exactly, times by the project's one parser (`time_unit`: the unit of numeric
+    event_timestamp values, None infers it). Raises IngestError naming the file, column and row."""
+    raw = read_table(path, EVENT_COLUMNS)
     events = pd.DataFrame({"vertical": raw["vertical"].astype(str)})
     for column in ("impression_id", "label"):
         events[column] = _parsed(path, raw, column, lambda v: integers(v, INT64_RANGE)).astype(np.int64)
-    users, items = load_id_maps(paths)
-    for id_map in (users, items):  # source ids of the run's entity types -> dense ids (-1: unknown)
-        events[id_map.key] = id_map.to_dense(_source_ids(path, raw, id_map))
+    for id_map in load_id_maps(paths):
+        events[id_map.key] = _source_ids(path, raw, id_map).to_numpy()
     events["event_timestamp"] = from_unix_us(_parsed(path, raw, "event_timestamp", lambda v: unix_times_us(v, time_unit)))
     events["hour"] = events["event_timestamp"].dt.hour.astype(np.int64)
-
     _first_bad(path, "label", ~events["label"].isin([0, 1]), "labels must be 0 or 1")
+    _first_bad(path, "vertical", ~events["vertical"].isin(cfg.world.verticals), f"vertical not in {list(cfg.world.verticals)}")
+    return events[["impression_id", "user_id", "item_id", "vertical", "event_timestamp", "hour", "label"]]
+
+
+def read_events(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str | None = None) -> pd.DataFrame:
+    """`read_event_file` with dense user and item ids; users and items the run's id maps lack
+    are refused, as is one impression_id with different values."""
+    events = read_event_file(path, cfg, paths, time_unit)
+    for id_map in load_id_maps(paths):  # source ids of the run's entity types -> dense ids (-1: unknown)
+        events[id_map.key] = id_map.to_dense(events[id_map.key])
     _first_bad(path, "user_id", events["user_id"] < 0,
                f"user unknown to the FM (not in {id_map_path(paths, USER_KEY)}); new users need a retrained FM")  # fmt: skip
     _first_bad(path, "item_id", events["item_id"] < 0, f"item not in {id_map_path(paths, ITEM_KEY)}")
-    _first_bad(path, "vertical", ~events["vertical"].isin(cfg.world.verticals), f"vertical not in {list(cfg.world.verticals)}")
     events = events.drop_duplicates()
     _first_bad(path, "impression_id", events["impression_id"].duplicated(), "the same impression_id with different values")
-    return events[["impression_id", "user_id", "item_id", "vertical", "event_timestamp", "hour", "label"]]
+    return events
 
 
 def _source_ids(path: Path, raw: pd.DataFrame, id_map: IdMap) -> pd.Series:

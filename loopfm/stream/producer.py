@@ -1,0 +1,106 @@
+"""Producers of the loop: impressions and catalog upserts onto the partitioned streams.
+
+From Python:
+
+    from loopfm.stream.producer import Producer
+    producer = Producer("redis://127.0.0.1:6379", partitions=8)
+    producer.events([{"impression_id": 1, "user_id": 42, "item_id": 7, "vertical": "shop",
+                      "event_timestamp": 1_767_225_600_000_000, "label": 1}])
+    producer.items([{"item_id": 7, "category": 3, "brand": 11, "price_bucket": 4}])
+
+(fields of loopfm/stream/messages.py; event_timestamp in unix µs). From the shell,
+`loopfm events publish --run-dir R FILE` and `loopfm items upsert --run-dir R FILE` check the
+whole file first, naming the file, column and row of the first fault, and publish nothing
+from a bad file. A worker checks each message again and files a bad one, with its reason, in
+the dead-letter stream: a producer may be anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+from loopfm.config import RunConfig
+from loopfm.contract.names import PROJECT
+from loopfm.io import RunPaths, unix_us
+from loopfm.stream.keys import StreamKeys, partition_of
+from loopfm.stream.messages import IMPRESSION_FIELDS, ITEM_FIELDS
+
+_CHUNK = 1000  # XADDs per pipeline
+
+
+class Producer:
+    """XADDs messages to partition crc32(id) % partitions of `project`'s loop (loopfm/stream/keys.py):
+    impressions by user id, catalog upserts by item id. Returns the entry ids, in input order."""
+
+    def __init__(self, redis_url: str, partitions: int, project: str = PROJECT):
+        from loopfm.features.store import sync_client
+
+        self.client, self.keys = sync_client(redis_url), StreamKeys(project, partitions)
+
+    def _publish(self, messages: Iterable[Mapping], by: str, kind: str) -> list[str]:
+        ids: list[str] = []
+        pipe = self.client.pipeline(transaction=False)
+        for n, message in enumerate(messages, start=1):
+            fields = {k: str(v) for k, v in message.items()} | {"kind": kind}
+            pipe.xadd(self.keys.events(partition_of(fields.get(by, ""), self.keys.partitions)), fields)
+            if n % _CHUNK == 0:
+                ids += pipe.execute()
+        ids += pipe.execute()
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    def events(self, messages: Iterable[Mapping]) -> list[str]:
+        """Impressions: maps with the fields IMPRESSION_FIELDS."""
+        return self._publish(messages, "user_id", "impression")
+
+    def items(self, messages: Iterable[Mapping]) -> list[str]:
+        """Catalog upserts: maps with the fields ITEM_FIELDS."""
+        return self._publish(messages, "item_id", "item")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def event_messages(events: pd.DataFrame) -> list[dict]:
+    """A checked events frame (loopfm.pipeline.ingest.read_event_file) -> messages."""
+    frame = events.assign(event_timestamp=unix_us(events["event_timestamp"]))
+    return frame[list(IMPRESSION_FIELDS)].to_dict("records")
+
+
+def read_item_file(path: Path, paths: RunPaths) -> pd.DataFrame:
+    """A catalog file (CSV or parquet with ITEM_FIELDS), checked whole: item ids of the run's
+    type, attributes integers inside the FM's vocabularies. Raises IngestError naming the file,
+    column and row."""
+    from loopfm.contract.names import N_PRICE_BUCKETS
+    from loopfm.data.dataset import Vocab
+    from loopfm.data.ids import load_id_maps
+    from loopfm.parse import INT64_RANGE, integers
+    from loopfm.pipeline.ingest import _first_bad, _parsed, _source_ids, read_table
+
+    raw = read_table(path, ITEM_FIELDS)
+    vocab = Vocab.load(paths)
+    out = pd.DataFrame({"item_id": _source_ids(path, raw, load_id_maps(paths)[1]).to_numpy()})
+    for column, size in (("category", vocab.n_categories), ("brand", vocab.n_brands), ("price_bucket", N_PRICE_BUCKETS)):
+        out[column] = _parsed(path, raw, column, lambda v: integers(v, INT64_RANGE)).astype("int64").to_numpy()
+        _first_bad(path, column, (out[column] < 0) | (out[column] >= size), f"must lie in 0..{size - 1} (the FM's vocabulary)")
+    return out
+
+
+def publish_file(run_dir: Path, path: Path, redis_url: str, kind: str, time_unit: str | None = None, log=print) -> int:
+    """`loopfm events publish` (kind "events") / `loopfm items upsert` (kind "items"): check
+    the whole file, then publish every row. Returns the number of messages."""
+    from loopfm.pipeline.ingest import read_event_file
+
+    paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
+    if kind == "events":
+        messages = event_messages(read_event_file(path, cfg, paths, time_unit))
+    else:
+        messages = read_item_file(path, paths).to_dict("records")
+    with contextlib.closing(Producer(redis_url, cfg.stream.partitions)) as producer:
+        (producer.events if kind == "events" else producer.items)(messages)
+    log(f"published {len(messages)} {'impressions' if kind == 'events' else 'catalog upserts'} from {path} "
+        f"to {cfg.stream.partitions} partitions")  # fmt: skip
+    return len(messages)
