@@ -269,8 +269,7 @@ def test_a_worker_killed_mid_stream_and_restarted_applies_every_event_exactly_on
     applied_before = len(offline.read(paths, offline.IMPRESSIONS))
     assert 0 < applied_before < 3000, "the kill must land mid-stream"
     # the lease of the killed worker expires; a worker with another name takes over
-    summary = Worker(run, url, name="b", log=print).run(idle_exit_s=2.0)
-    print(summary, applied_before)
+    summary = Worker(run, url, name="b", log=lambda *_: None).run(idle_exit_s=2.0)
     users, items = touched(messages)
     assert_online_equals_batch(run, url, users, items)
     assert sorted(offline.read_impressions(paths)["impression_id"]) == sorted(m["impression_id"] for m in messages)
@@ -283,10 +282,9 @@ def test_two_workers_share_the_partitions_and_keep_each_users_order(live):
     messages = events_of(run, 2000, seed=5)
     procs = [subprocess.Popen([LOOPFM, "stream", "--run-dir", str(run), "--redis-url", url, "--name", name, "--until-idle", "8"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for name in ("a", "b")]  # fmt: skip
-    client, deadline = redis.Redis.from_url(url), time.monotonic() + 120
-    while client.zcard(StreamKeys(PROJECT, 4).workers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.5)  # each has leased its half
+    client, keys, deadline = redis.Redis.from_url(url), StreamKeys(PROJECT, 4), time.monotonic() + 120
+    while {client.get(keys.lease(p)) for p in range(4)} != {b"a", b"b"} and time.monotonic() < deadline:
+        time.sleep(0.1)  # until each holds a share of the partitions
     publish(run, url, messages)
     outputs = [json.loads(p.communicate(timeout=180)[0].strip().splitlines()[-1]) for p in procs]
     assert sum(o["applied"] for o in outputs) == 2000
