@@ -138,10 +138,12 @@ class StreamConfig:
 
     partitions: int = 8  # stream keys; a user's events all go to partition crc32(user id) % partitions
     batch_size: int = 500  # the most events a worker reads per micro-batch
-    max_wait_ms: int = 5  # the longest a worker waits for a partial micro-batch
+    max_wait_ms: int = 5  # the longest a blocking read waits for a first entry
+    linger_ms: int = 20  # a micro-batch collects the entries of up to this long after its oldest (Kafka's linger.ms)
     lease_ms: int = 10_000  # a partition is another worker's this long after its owner stops renewing it
     future_skew_s: float = 300.0  # an event timestamp further than this into the future is a dead letter
     dedup_window: int = 64  # impression ids each user remembers: a re-sent event within it changes nothing
+    max_len: int = 1_000_000  # entries a partition's stream keeps (XADD MAXLEN ~): bounds the server's memory; entries trimmed before a worker read them are lost
 
 
 @dataclass
@@ -180,8 +182,9 @@ class RunConfig:
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
             (all(h > 0 for h in fm.intent_half_lives), "fm.intent_half_lives must be positive (days)"),
-            (st.partitions > 0 and st.batch_size > 0 and st.max_wait_ms >= 0 and st.lease_ms >= 1000,
-             "stream.partitions and stream.batch_size must be positive, stream.max_wait_ms >= 0, stream.lease_ms >= 1000"),
+            (st.partitions > 0 and st.batch_size > 0 and st.max_len > 0 and st.max_wait_ms >= 0 and st.linger_ms >= 0
+             and st.lease_ms >= 1000, "stream.partitions, stream.batch_size and stream.max_len must be positive, "
+             "stream.max_wait_ms and stream.linger_ms >= 0, stream.lease_ms >= 1000"),
             (st.future_skew_s >= 0 and st.dedup_window >= 0, "stream.future_skew_s and stream.dedup_window must be >= 0"),
         ]
         problems = [message for ok, message in checks if not ok]

@@ -256,6 +256,24 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     print(markdown(summary))
 
 
+def cmd_bench_stream(args: argparse.Namespace) -> None:
+    from loopfm.bench.stream import StreamBenchSpec, markdown, run_stream_bench
+    from loopfm.io import write_text
+
+    spec = StreamBenchSpec()
+    if args.duration is not None:
+        spec = replace(spec, duration_s=args.duration, cost_duration_s=min(args.duration, spec.cost_duration_s),
+                       serving_duration_s=min(args.duration, spec.serving_duration_s))  # fmt: skip
+    for name, value in (("rates", args.rates), ("workers", args.workers)):
+        if value is not None:
+            spec = replace(spec, **{name: tuple(value)})
+    if args.history_events is not None:
+        spec = replace(spec, history_events=args.history_events)
+    summary = run_stream_bench(args.run_dir, args.out, spec)
+    write_text(args.out / "benchmarks-stream.md", markdown(summary))
+    print(markdown(summary))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from loopfm.pipeline.demo import run_demo
 
@@ -402,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
     p.add_argument("--duration", type=positive_float, default=30.0,
                    help="seconds per open-loop point (a third of it per /healthz, sweep, wrk and four-path point); ~10 min at 30")
+
+    p = bench.add_parser("stream", help="the live loop: freshness and throughput open loop (1 and 2 workers), CPU per "
+                         "event against the stored history, /score beside a worker; pinned cores")  # fmt: skip
+    p.set_defaults(func=cmd_bench_stream)
+    p.add_argument("--run-dir", type=Path, default=Path("runs/bench-stream"),
+                   help="the bench's own world, built there if missing (default: runs/bench-stream)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks-stream.md/json and benchmarks-stream/ plots")
+    p.add_argument("--duration", type=positive_float, help="seconds per freshness point (default 60; at most 20 per "
+                   "history-cost point and 30 per /score point); ~25 min at 60")  # fmt: skip
+    p.add_argument("--rates", type=positive_float, nargs="+", help="offered events/s (default 500 1000 2000 5000 10000)")
+    p.add_argument("--workers", type=int, nargs="+", choices=[1, 2], help="worker counts (default 1 2)")
+    p.add_argument("--history-events", type=positive_int, help="the grown store's stored events (default 10,000,000)")
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
     p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")

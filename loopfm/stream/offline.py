@@ -13,8 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from loopfm.io import RunPaths, write_parquet
+from loopfm.io import RunPaths, atomic_write
+
+TIME = pa.timestamp("us", tz="UTC")
 
 IMPRESSIONS, ITEMS = "impressions", "items"
 
@@ -23,12 +27,13 @@ def folder(paths: RunPaths, kind: str) -> Path:
     return paths.root / "stream" / kind
 
 
-def append(paths: RunPaths, kind: str, rows: pd.DataFrame, write_us: int, worker: str) -> Path | None:
-    """Write `rows` as a new file of `kind`; nothing for an empty frame."""
-    if rows.empty:
+def append(paths: RunPaths, kind: str, rows: pa.Table, write_us: int, worker: str) -> Path | None:
+    """Write `rows` as a new file of `kind` (atomically); nothing for an empty table. Times are
+    timestamp[us, UTC], as write_parquet stores them."""
+    if rows.num_rows == 0:
         return None
     path = folder(paths, kind) / f"{write_us}-{worker}.parquet"
-    write_parquet(rows, path)
+    atomic_write(path, lambda tmp: pq.write_table(rows, tmp))
     return path
 
 

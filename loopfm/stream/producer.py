@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from loopfm.config import RunConfig
+from loopfm.config import RunConfig, StreamConfig
 from loopfm.contract.names import PROJECT
 from loopfm.io import RunPaths, unix_us
 from loopfm.stream.keys import StreamKeys, partition_of
@@ -34,19 +34,21 @@ _CHUNK = 1000  # XADDs per pipeline
 
 class Producer:
     """XADDs messages to partition crc32(id) % partitions of `project`'s loop (loopfm/stream/keys.py):
-    impressions by user id, catalog upserts by item id. Returns the entry ids, in input order."""
+    impressions by user id, catalog upserts by item id. Returns the entry ids, in input order.
+    Each partition keeps about `max_len` entries (XADD MAXLEN ~, trimmed oldest first;
+    `stream.max_len` of the run's config)."""
 
-    def __init__(self, redis_url: str, partitions: int, project: str = PROJECT):
+    def __init__(self, redis_url: str, partitions: int, max_len: int = StreamConfig.max_len, project: str = PROJECT):
         from loopfm.features.store import sync_client
 
-        self.client, self.keys = sync_client(redis_url), StreamKeys(project, partitions)
+        self.client, self.keys, self.max_len = sync_client(redis_url), StreamKeys(project, partitions), max_len
 
     def _publish(self, messages: Iterable[Mapping], by: str, kind: str) -> list[str]:
         ids: list[str] = []
         pipe = self.client.pipeline(transaction=False)
         for n, message in enumerate(messages, start=1):
             fields = {k: str(v) for k, v in message.items()} | {"kind": kind}
-            pipe.xadd(self.keys.events(partition_of(fields.get(by, ""), self.keys.partitions)), fields)
+            pipe.xadd(self.keys.events(partition_of(fields.get(by, ""), self.keys.partitions)), fields, maxlen=self.max_len, approximate=True)
             if n % _CHUNK == 0:
                 ids += pipe.execute()
         ids += pipe.execute()
@@ -99,7 +101,7 @@ def publish_file(run_dir: Path, path: Path, redis_url: str, kind: str, time_unit
         messages = event_messages(read_event_file(path, cfg, paths, time_unit))
     else:
         messages = read_item_file(path, paths).to_dict("records")
-    with contextlib.closing(Producer(redis_url, cfg.stream.partitions)) as producer:
+    with contextlib.closing(Producer(redis_url, cfg.stream.partitions, cfg.stream.max_len)) as producer:
         (producer.events if kind == "events" else producer.items)(messages)
     log(f"published {len(messages)} {'impressions' if kind == 'events' else 'catalog upserts'} from {path} "
         f"to {cfg.stream.partitions} partitions")  # fmt: skip

@@ -15,7 +15,7 @@ redelivered entry and a re-sent event (within `stream.dedup_window`) change noth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -53,7 +53,7 @@ class UserState:
     intent_weight: list[float] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serializes a dataclass as asdict would, without the copy
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "UserState":

@@ -22,6 +22,7 @@ The FM checkpoint is reloaded between micro-batches when `loopfm fm train` write
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -43,7 +45,7 @@ from loopfm.data.dataset import Vocab
 from loopfm.data.ids import load_id_maps
 from loopfm.features.build import fm_history_members
 from loopfm.features.store import sync_client
-from loopfm.io import RunPaths, from_unix_us, read_parquet
+from loopfm.io import RunPaths, read_parquet
 from loopfm.stream import offline
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
@@ -110,6 +112,8 @@ class FMEncoder:
 
         from loopfm.fm.stream import load_checkpoint
 
+        torch.set_num_threads(1)  # micro-batches are small, and a worker runs per core (docs/stream.md)
+
         path = newest_checkpoint(self.paths, self.cfg)
         stat = path.stat()
         identity = (path.name, stat.st_mtime_ns, stat.st_size)
@@ -138,6 +142,7 @@ class Totals:
     applied: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    trimmed: int = 0  # pending entries trimmed from the stream before they were applied (lost)
     items_upserted: int = 0
     batches: int = 0
     busy_s: float = 0.0  # wall time spent applying batches (not waiting for entries)
@@ -151,7 +156,7 @@ class Totals:
     def summary(self) -> dict:
         f = np.asarray(self.freshness_ms)
         pct = {f"p{q}": float(np.percentile(f, q)) if f.size else None for q in (50, 90, 99)}
-        return {"applied": self.applied, "duplicates": self.duplicates, "dead_letters": self.dead_letters,
+        return {"applied": self.applied, "duplicates": self.duplicates, "dead_letters": self.dead_letters, "trimmed": self.trimmed,
                 "items_upserted": self.items_upserted, "batches": self.batches, "busy_s": round(self.busy_s, 3),
                 "freshness_ms": pct}  # fmt: skip
 
@@ -166,6 +171,15 @@ class Metrics:
                                    buckets=FRESHNESS_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.lag = Gauge("loopfm_stream_lag", "Entries not yet delivered in this worker's partitions", registry=self.registry)
         self.partitions = Gauge("loopfm_stream_partitions", "Partitions this worker leases", registry=self.registry)
+
+
+def activity_buckets(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The FM's rate and count buckets (contract/tensorize.py) of each scope's impressions and
+    clicks so far, for the whole batch at once: [n] -> rate_{scope}, count_{scope} [n]."""
+    out = dict(inputs)
+    for scope in ("all", "vertical", "item"):
+        out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(out.pop(f"impressions_{scope}"), out.pop(f"clicks_{scope}"))
+    return out
 
 
 def _decoded(blob) -> int | None:
@@ -260,29 +274,61 @@ class Worker:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _read(self) -> list[tuple[int, str, dict]]:
+    def _batch(self) -> list[tuple[int, str, dict]]:
+        """One micro-batch: the entries of one read and, unless the oldest of them is already
+        `stream.linger_ms` old, of one more read once it is (as Kafka's linger.ms), so that a
+        light stream still makes batches of several events, each batch's fixed cost (an FM
+        forward pass, an offline file, three round trips) shared."""
+        entries = self._read()
+        if entries and not self.replay:
+            oldest_s = min(int(entry_id.split("-")[0]) for _, entry_id, _ in entries) / 1000
+            wait_s = min(oldest_s + self.cfg.stream.linger_ms / 1000 - time.time(), self.cfg.stream.linger_ms / 1000)
+            if wait_s > 0:
+                time.sleep(wait_s)
+                entries += self._read(block=False)
+        return entries
+
+    def _read(self, block: bool = True) -> list[tuple[int, str, dict]]:
         """Up to stream.batch_size entries per leased partition: a replayed partition's pending
-        entries first, else new ones (waiting at most stream.max_wait_ms)."""
+        entries first, else new ones (waiting at most stream.max_wait_ms if `block`)."""
         if not self.held:
             time.sleep(self.cfg.stream.max_wait_ms / 1000 or 0.001)
             return []
         ids = {self.keys.events(p): "0" if p in self.replay else ">" for p in sorted(self.held)}
-        count, wait = self.cfg.stream.batch_size, self.cfg.stream.max_wait_ms
+        count, wait = self.cfg.stream.batch_size, self.cfg.stream.max_wait_ms if block else 0
         if self.cluster or self.replay:  # no blocking read across slots; pending reads never block
             replies = []
             for key, start in ids.items():
                 replies += self.client.xreadgroup(GROUP, self.name, {key: start}, count=count) or []
-            if not any(entries for _, entries in replies) and not self.replay:
+            if not any(entries for _, entries in replies) and not self.replay and wait:
                 time.sleep(wait / 1000)
         else:
             replies = self.client.xreadgroup(GROUP, self.name, ids, count=count, block=wait or None) or []
-        out = []
+        out, trimmed = [], defaultdict(list)
         for key, entries in replies:
             p = int((key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1])
             if p in self.replay and not entries:
                 self.replay.discard(p)
-            out += [(p, entry_id.decode(), fields) for entry_id, fields in entries if fields is not None]
+            for entry_id, fields in entries:
+                if fields is None:  # pending, but trimmed from the stream (stream.max_len) before it was applied
+                    trimmed[p].append(entry_id)
+                else:
+                    out.append((p, entry_id.decode(), fields))
+        if trimmed:
+            self._ack(trimmed)
+            n = sum(map(len, trimmed.values()))
+            self.totals.trimmed += n
+            self.metrics.events.labels("trimmed").inc(n)
+            self.log(f"stream {self.name}: {n} pending entries were trimmed from the stream before they were applied "
+                     "(stream.max_len); they are lost")  # fmt: skip
         return out
+
+    def _ack(self, ids: dict[int, list]) -> None:
+        """XACK entry ids by partition, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for p, entry_ids in ids.items():
+            pipe.xack(self.keys.events(p), GROUP, *entry_ids)
+        pipe.execute()
 
     # ---- applying ---------------------------------------------------------------------------
 
@@ -314,10 +360,7 @@ class Worker:
         by_partition = defaultdict(list)
         for p, entry_id, _ in entries:
             by_partition[p].append(entry_id)
-        ack = self.client.pipeline(transaction=False)
-        for p, ids in by_partition.items():
-            ack.xack(self.keys.events(p), GROUP, *ids)
-        ack.execute()
+        self._ack(by_partition)
         freshness = [done_ms - int(entry_id.split("-")[0]) for _, entry_id, _ in events]
         self.totals.add_freshness(freshness)
         for f in freshness:
@@ -341,12 +384,16 @@ class Worker:
 
     def _upsert_items(self, upserts: list[tuple[int, str, ItemUpsert]], pipe, write_us: int) -> None:
         dense = self._dense(self.item_map, list(dict.fromkeys(u.item for _, _, u in upserts)), "item")
-        rows = []
-        for _, entry_id, u in upserts:
+        for _, _, u in upserts:
             pipe.hset(item_key(self.keys.project, u.item), mapping=item_feature_fields(dense[u.item], u.category, u.brand, u.price_bucket, write_us))
-            rows.append({"item_source": str(u.item), "item_id": dense[u.item], "category": u.category, "brand": u.brand,
-                         "price_bucket": u.price_bucket, "written_at": from_unix_us([write_us])[0], "entry_id": entry_id})  # fmt: skip
-        offline.append(self.paths, offline.ITEMS, pd.DataFrame(rows), write_us, self.name)
+        rows = pa.table({
+            "item_source": [str(u.item) for _, _, u in upserts],
+            "item_id": pa.array([dense[u.item] for _, _, u in upserts], pa.int64()),
+            **{name: pa.array([getattr(u, name) for _, _, u in upserts], pa.int64()) for name in ("category", "brand", "price_bucket")},
+            "written_at": pa.array([write_us] * len(upserts), offline.TIME),
+            "entry_id": [entry_id for _, entry_id, _ in upserts],
+        })  # fmt: skip
+        offline.append(self.paths, offline.ITEMS, rows, write_us, self.name)
         self.totals.items_upserted += len(upserts)
 
     def _read_entities(self, users: list, items: list) -> tuple[list, list]:
@@ -403,7 +450,7 @@ class Worker:
             applied.append((p, entry_id, e, state.dense, info[2]))
 
         if applied:
-            logits, codes = self.encoder.encode({k: np.asarray(v) for k, v in inputs.items()})
+            logits, codes = self.encoder.encode(activity_buckets({k: np.asarray(v) for k, v in inputs.items()}))
             labels = np.array([e.label for _, _, e, _, _ in applied])
             member = fm_history_members(labels, cfg.fm.history_events)
             delay_us = cfg.fm.logging_delay_s * 1_000_000
@@ -445,27 +492,26 @@ class Worker:
         day = (e.time_us - self.start_us) // US_PER_DAY
         inputs["intent"].append(state.intent(day, self.cfg.fm.intent_half_lives, self.signal_dim))
         for scope, (sn, sk) in (("all", state.counts(ALL)), ("vertical", state.counts(e.vertical)), ("item", (n, k))):
-            rate, count = activity_bucket_arrays(np.array([sn]), np.array([sk]))
-            inputs[f"rate_{scope}"].append(int(rate[0]))
-            inputs[f"count_{scope}"].append(int(count[0]))
+            inputs[f"impressions_{scope}"].append(sn)  # bucketed per batch: activity_buckets
+            inputs[f"clicks_{scope}"].append(sk)
 
     def _write_offline(self, applied: list, logits: np.ndarray, codes: np.ndarray, available: list[int], write_us: int) -> None:
-        times = [e.time_us for _, _, e, _, _ in applied]
-        rows = pd.DataFrame({
-            "impression_id": np.array([e.impression_id for _, _, e, _, _ in applied], dtype=np.int64),
-            "user_id": np.array([u for _, _, _, u, _ in applied], dtype=np.int64),
-            "item_id": np.array([i for _, _, _, _, i in applied], dtype=np.int64),
+        times = np.array([e.time_us for _, _, e, _, _ in applied], dtype=np.int64)
+        rows = pa.table({
+            "impression_id": pa.array([e.impression_id for _, _, e, _, _ in applied], pa.int64()),
+            "user_id": pa.array([u for _, _, _, u, _ in applied], pa.int64()),
+            "item_id": pa.array([i for _, _, _, _, i in applied], pa.int64()),
             "user_source": [str(e.user) for _, _, e, _, _ in applied],
             "item_source": [str(e.item) for _, _, e, _, _ in applied],
             "vertical": [e.vertical for _, _, e, _, _ in applied],
-            "event_timestamp": from_unix_us(times),
-            "hour": (np.array(times) // US_PER_HOUR) % 24,
-            "label": np.array([e.label for _, _, e, _, _ in applied], dtype=np.int64),
-            "fm_code": [c.tobytes() for c in codes],
+            "event_timestamp": pa.array(times, offline.TIME),
+            "hour": (times // US_PER_HOUR) % 24,
+            "label": pa.array([e.label for _, _, e, _, _ in applied], pa.int64()),
+            "fm_code": pa.array([c.tobytes() for c in codes], pa.binary()),
             "fm_logit": logits.astype(np.float32),
-            "fm_trained_until": from_unix_us([self.encoder.trained_until_us] * len(applied)),
-            "available_at": from_unix_us(available),
-            "partition": np.array([p for p, _, _, _, _ in applied], dtype=np.int64),
+            "fm_trained_until": pa.array([self.encoder.trained_until_us] * len(applied), offline.TIME),
+            "available_at": pa.array(available, offline.TIME),
+            "partition": pa.array([p for p, _, _, _, _ in applied], pa.int64()),
             "entry_id": [entry_id for _, entry_id, _, _, _ in applied],
         })  # fmt: skip
         offline.append(self.paths, offline.IMPRESSIONS, rows, write_us, self.name)
@@ -495,6 +541,7 @@ class Worker:
         if metrics_port is not None:
             start_http_server(metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
         ensure_bootstrapped(self.client, self.keys, self.paths, self.cfg, self.log)
+        gc.freeze()  # the start-up heap (torch, pandas, the id maps) leaves the collector's scans
         idle_since, next_progress, last_applied = time.monotonic(), time.monotonic() + progress_s, 0
         try:
             while not self.stopping:
@@ -503,7 +550,7 @@ class Worker:
                     self._next_lease_check = time.monotonic() + MEMBERSHIP_CHECK_S
                     if self.encoder.refresh():
                         self.log(f"stream: now encoding with {self.encoder.name}")
-                entries = self._read()
+                entries = self._batch()
                 if entries:
                     self.apply(entries)
                     idle_since = time.monotonic()

@@ -1,0 +1,618 @@
+"""`loopfm bench stream`: how fresh the live loop keeps the online store, at what rate, at
+what cost per event, and what it costs `/score` beside it. Writes benchmarks-stream.{md,json}
+and benchmarks-stream/*.png.
+
+Freshness is what a reader sees: a producer process XADDs impressions open loop (a fixed
+schedule, whatever the workers do) and, for about 200 events a second, polls the event's user
+hash until the user's state says the event is applied (`applied` >= its entry id; the state is
+written in the same HSET as the user's `fm_history`, so the code is visible then). Freshness =
+that moment minus the entry id's millisecond (the server's clock at XADD), so it includes up
+to a poll interval (1 ms) and the id's truncation (< 1 ms). Each tick polls the oldest sample in
+flight of each partition (a partition is applied in order), so sampling costs the store a few
+keys a millisecond however far the workers fall behind.
+
+The bench builds its own world (BENCH_WORLD, about 10^5 impressions, a `loopfm_kd` VM served
+over ONNX) in `--run-dir` unless one is there, and a private Valkey. Its parts, in order:
+
+1. history cost: worker CPU per event at a fixed rate on the world's store (~10^5 stored
+   events), then on the same store grown to `history_events` by cloning every user's hash
+   (DUMP/RESTORE: the state, FM history and click histories) under new user ids and scaling
+   the items' counts. A worker touches only an event's user and item keys and appends a new
+   offline file, so nothing it does reads the stored history; the clones make the key space
+   and memory as large as such a store's would be.
+2. freshness points: for 1 and 2 workers, `duration_s` per offered rate, on the grown store;
+   achieved rate (entries acked per second of schedule), group lag, dead letters, worker and
+   Valkey CPU per event;
+3. beside serving: `/score` (100 candidates, open loop) at `serving_rate` alone, then while a
+   worker applies `serving_stream_eps`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loopfm.bench.loadtest import LoadSpec, format_ms, run_load, warm_up
+from loopfm.bench.serving import pinned, request_pool
+from loopfm.config import RunConfig
+from loopfm.contract.names import PROJECT
+from loopfm.data.ids import load_id_maps
+from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.stream.keys import GROUP, StreamKeys, partition_of
+from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, STATE_FIELD, item_key, user_key
+
+VARIANT = "loopfm_kd"
+# About 1.0e5 impressions (1,600 users x 14 days); small training settings: the bench
+# measures the loop, not model quality.
+BENCH_WORLD = ["--users", "1600", "--days", "14", "--seed", "7", "--set", "fm.warmup_days=5", "--set", "vm.eval_days=4",
+               "--set", "vm.epochs=2", "--set", "fm.warmup_epochs=4", "--set", "fm.passes_per_day=1"]  # fmt: skip
+SAMPLES_PER_S = 200  # freshness samples per second of schedule
+POLL_S = 0.001  # the producer's tick: sends what is due, polls the samples in flight
+DRAIN_TIMEOUT_S = 120.0
+# Per key, the newest applied entry id of the user's state (loopfm/stream/state.py), without
+# shipping the whole state back: one round trip for every sample in flight.
+APPLIED_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, ARGV[1])
+  out[i] = state and string.match(state, '"applied":"([^"]*)"') or ''
+end
+return out
+"""
+
+
+@dataclass
+class StreamBenchSpec:
+    rates: tuple[float, ...] = (500, 1000, 2000, 5000, 10000)  # offered events/s per freshness point
+    workers: tuple[int, ...] = (1, 2)
+    duration_s: float = 60.0  # per freshness point
+    history_events: int = 10_000_000  # the grown store of the history-cost part
+    cost_rate: float = 2000.0  # events/s offered while CPU per event is measured
+    cost_duration_s: float = 20.0
+    serving_rate: float = 200.0  # /score requests/s, 100 candidates
+    serving_stream_eps: float = 1000.0
+    serving_duration_s: float = 30.0
+    new_entity_share: float = 0.001  # events from a user (and for an item) the run has never seen
+
+
+# ---- the world ---------------------------------------------------------------------------------
+
+
+def _loopfm(*args: str, log) -> None:
+    command = [str(Path(sys.executable).with_name("loopfm")), *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`loopfm {' '.join(args)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    log(f"  loopfm {' '.join(args[:2])}: done")
+
+
+def ensure_world(run_dir: Path, redis_url: str, log=print) -> None:
+    """Build BENCH_WORLD in `run_dir` (about a minute) unless its served model is there; then
+    apply and materialize it into `redis_url`. The run's streamed rows (stream/) are removed:
+    the bench's world is its own."""
+    r = ["--run-dir", str(run_dir)]
+    if not (RunPaths(run_dir).vm / VARIANT / "onnx" / "model.onnx").exists():
+        log(f"building the bench world in {run_dir}")
+        _loopfm("data", "synth", *r, *BENCH_WORLD, log=log)
+        for stage in (("fm", "train"), ("fm", "log"), ("features", "build")):
+            _loopfm(*stage, *r, log=log)
+        _loopfm("features", "apply", *r, "--redis-url", redis_url, log=log)
+        _loopfm("vm", "train", *r, "--variant", "base", "--variant", VARIANT, log=log)  # every variant is compared with base
+        _loopfm("vm", "export", *r, "--variant", VARIANT, log=log)
+    else:
+        _loopfm("features", "apply", *r, "--redis-url", redis_url, log=log)
+    shutil.rmtree(RunPaths(run_dir).root / "stream", ignore_errors=True)
+
+
+@dataclass
+class Pool:
+    """What the producer draws events from: source ids and the run's click rate."""
+
+    users: np.ndarray
+    items: np.ndarray
+    verticals: list[str]
+    vertical_mix: list[float]
+    click_rate: float
+    first_impression_id: int
+    new_user_base: int  # source ids from here on are new users (int64 runs)
+    new_item_base: int
+
+
+def event_pool(run_dir: Path) -> Pool:
+    paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
+    users, items = load_id_maps(paths)
+    imp = read_parquet(paths.table("impressions"), columns=["impression_id", "label"])
+    if users.source.dtype.kind != "i" or items.source.dtype.kind != "i":
+        raise ValueError(f"the stream bench draws int64 ids; {run_dir} has text ids")
+    return Pool(users.source.to_numpy(), items.source.to_numpy(), list(cfg.world.verticals), list(cfg.world.vertical_mix),
+                float(imp["label"].mean()), int(imp["impression_id"].max()) + 1,
+                int(users.source.max()) + 10**9, int(items.source.max()) + 10**9)  # fmt: skip
+
+
+def grow_store(url: str, pool: Pool, clones: int, log=print) -> np.ndarray:
+    """Clone every user's keys (its Feast hash with the loop's state, and its per-vertical click
+    histories) `clones` times under new source ids, and multiply every item's counts by
+    clones + 1. Returns the user source ids of the grown store (originals first)."""
+    from loopfm.features.store import sync_client
+    from loopfm.stream.online import user_vertical_key
+
+    client = sync_client(url)
+    started, out = time.perf_counter(), [pool.users]
+    step = int(pool.users.max()) + 1
+    for c in range(1, clones + 1):
+        new = pool.users + c * step
+        for lo in range(0, len(pool.users), 500):
+            keys = [user_key(PROJECT, int(u)) for u in pool.users[lo : lo + 500]]
+            keys += [user_vertical_key(PROJECT, int(u), v) for u in pool.users[lo : lo + 500] for v in pool.verticals]
+            targets = [user_key(PROJECT, int(u)) for u in new[lo : lo + 500]]
+            targets += [user_vertical_key(PROJECT, int(u), v) for u in new[lo : lo + 500] for v in pool.verticals]
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.dump(key)
+            dumps = pipe.execute()
+            pipe = client.pipeline(transaction=False)
+            for key, blob in zip(targets, dumps):
+                if blob is not None:
+                    pipe.restore(key, 0, blob, replace=True)
+            pipe.execute()
+        out.append(new)
+        if c % 10 == 0 or c == clones:
+            log(f"  cloned the users {c}/{clones} times ({time.perf_counter() - started:.0f} s)")
+    pipe = client.pipeline(transaction=False)
+    for i in pool.items:
+        key = item_key(PROJECT, int(i))
+        pipe.hget(key, ITEM_IMPRESSIONS)
+        pipe.hget(key, ITEM_CLICKS)
+    counts = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for i, n, k in zip(pool.items, counts[::2], counts[1::2]):
+        pipe.hset(item_key(PROJECT, int(i)), mapping={ITEM_IMPRESSIONS: int(n or 0) * (clones + 1), ITEM_CLICKS: int(k or 0) * (clones + 1)})
+    pipe.execute()
+    client.close()
+    return np.concatenate(out)
+
+
+# ---- the producer (a process of its own) ---------------------------------------------------------
+
+
+def _messages(pool: Pool, users: np.ndarray, n: int, first_id: int, seed: int, new_share: float) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    user = users[rng.integers(len(users), size=n)]
+    item = pool.items[rng.integers(len(pool.items), size=n)]
+    new = rng.random(n) < new_share
+    user = np.where(new, pool.new_user_base + first_id + np.arange(n), user)
+    item = np.where(new, pool.new_item_base + first_id + np.arange(n), item)
+    vertical = rng.choice(len(pool.verticals), size=n, p=np.asarray(pool.vertical_mix) / sum(pool.vertical_mix))
+    label = (rng.random(n) < pool.click_rate).astype(int)
+    return [{"kind": "impression", "impression_id": str(first_id + j), "user_id": str(user[j]), "item_id": str(item[j]),
+             "vertical": pool.verticals[vertical[j]], "label": str(label[j])} for j in range(n)]  # fmt: skip
+
+
+def produce(url: str, partitions: int, max_len: int, messages: list[dict], rate: float, cores: list[int], results) -> None:
+    """Send `messages` open loop at `rate` per second (event_timestamp = the send time), sample
+    freshness (module docstring), and put a report on the `results` queue."""
+    from loopfm.features.store import sync_client
+
+    os.sched_setaffinity(0, cores)
+    client = sync_client(url)
+    keys = StreamKeys(PROJECT, partitions)
+    applied = client.register_script(APPLIED_SCRIPT)
+    partition = [partition_of(m["user_id"], partitions) for m in messages]
+    every = max(1, round(rate / SAMPLES_PER_S))
+    pending = [collections.deque() for _ in range(partitions)]  # per partition: (user key, entry id), oldest first
+    freshness, lags = [], []
+    origin, sent, n = time.perf_counter(), 0, len(messages)
+
+    def poll() -> None:
+        """The oldest sample in flight of each partition, again while one turns up applied: a
+        partition is applied in order, so a newer sample is not visible before an older one."""
+        while True:
+            heads = [q for q in pending if q]
+            if not heads:
+                return
+            got = applied(keys=[q[0][0] for q in heads], args=[STATE_FIELD])
+            now_ms = time.time() * 1000
+            seen = False
+            for q, entry in zip(heads, got):
+                entry = entry.decode() if isinstance(entry, bytes) else entry
+                if entry and _order(entry) >= _order(q[0][1]):
+                    freshness.append(now_ms - int(q.popleft()[1].split("-")[0]))
+                    seen = True
+            if not seen:
+                return
+
+    while sent < n:
+        elapsed = time.perf_counter() - origin
+        due = min(n, int(rate * elapsed) + 1)
+        if due > sent:
+            lags.append(elapsed - sent / rate)  # how late the oldest due message leaves
+            now_us = time.time_ns() // 1000
+            pipe = client.pipeline(transaction=False)
+            for j in range(sent, due):
+                pipe.xadd(keys.events(partition[j]), {**messages[j], "event_timestamp": str(now_us)}, maxlen=max_len, approximate=True)
+            for j, entry in zip(range(sent, due), pipe.execute()):
+                if j % every == 0:
+                    pending[partition[j]].append((user_key(PROJECT, int(messages[j]["user_id"])), entry.decode()))
+            sent = due
+        poll()
+        now = time.perf_counter()
+        time.sleep(max(POLL_S / 2, min(origin + (sent + 1) / rate, now + POLL_S) - now) if sent < n else 0)
+    schedule_s = time.perf_counter() - origin
+    results.put({"schedule_done": True})
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while any(pending) and time.monotonic() < deadline:
+        poll()
+        time.sleep(POLL_S)
+    drain_s = time.perf_counter() - origin - schedule_s
+    results.put({"sent": sent, "schedule_s": schedule_s, "drain_s": drain_s, "freshness_ms": freshness,
+                 "unapplied_samples": sum(map(len, pending)),
+                 "send_lag_p99_ms": float(np.percentile(lags, 99) * 1000) if lags else 0.0})  # fmt: skip
+    client.close()
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+class Workers:
+    """`n` `loopfm stream` processes, worker k pinned to cores[k]; started, then stopped by SIGTERM."""
+
+    def __init__(self, run_dir: Path, url: str, cores: list[list[int]], logs: Path):
+        self.keys = StreamKeys(PROJECT, RunConfig.load(run_dir).stream.partitions)
+        self.procs = []
+        exe = str(Path(sys.executable).with_name("loopfm"))
+        for k, c in enumerate(cores):
+            log = open(logs / f"stream-worker{k}.log", "ab")
+            self.procs.append(subprocess.Popen([exe, "stream", "--run-dir", str(run_dir), "--redis-url", url, "--name",
+                                                f"bench{k}", "--progress-s", "10"], stdout=log, stderr=subprocess.STDOUT,
+                                               preexec_fn=lambda c=c: os.sched_setaffinity(0, c)))  # fmt: skip
+            log.close()
+        self.names = [f"bench{k}" for k in range(len(cores))]
+
+    def wait_for_leases(self, client, within_s: float = 120.0) -> None:
+        """Until every partition is leased and every worker holds a share (bootstrap included)."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            holders = {h.decode() for h in client.mget([self.keys.lease(p) for p in range(self.keys.partitions)]) if h}
+            if holders == set(self.names) and all(client.get(self.keys.lease(p)) for p in range(self.keys.partitions)):
+                return
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a stream worker exited; see its log under bench_logs/")
+            time.sleep(0.1)
+        raise RuntimeError(f"the stream workers did not lease every partition within {within_s:g} s")
+
+    def cpu_s(self) -> float:
+        return sum(_process_cpu_s(p.pid) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _store_cpu_s(client) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def group_progress(client, keys: StreamKeys) -> dict[str, int]:
+    """Over every partition: entries acked by the group, pending (delivered, not acked), lag
+    (not yet delivered), and the dead-letter stream's length."""
+    out = {"acked": 0, "pending": 0, "lag": 0}
+    for p in range(keys.partitions):
+        try:
+            groups = client.xinfo_groups(keys.events(p))
+        except Exception:  # the stream does not exist yet
+            continue
+        for g in groups:
+            if g["name"] in (GROUP, GROUP.encode()):
+                out["acked"] += int(g.get("entries-read") or 0) - int(g["pending"])
+                out["pending"] += int(g["pending"])
+                out["lag"] += int(g.get("lag") or 0)
+    out["dead_letters"] = int(client.xlen(keys.dead_letters)) if client.exists(keys.dead_letters) else 0
+    return out
+
+
+def _drain(client, keys: StreamKeys, within_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Until every partition's lag and pending are 0 (at most `within_s`)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        g = group_progress(client, keys)
+        if g["lag"] == 0 and g["pending"] == 0:
+            return
+        time.sleep(0.1)
+
+
+def offered_point(url: str, run_dir: Path, workers: Workers, pool: Pool, users: np.ndarray, rate: float, duration_s: float,
+                  cores: list[int], seed: int, new_share: float) -> dict:  # fmt: skip
+    """One open-loop point: the producer process sends for `duration_s`; this process samples
+    the group's lag each second. Returns the point's row."""
+    from loopfm.features.store import sync_client
+
+    cfg = RunConfig.load(run_dir)
+    client, keys = sync_client(url), workers.keys
+    n = int(rate * duration_s)
+    first = pool.first_impression_id
+    pool.first_impression_id += n
+    messages = _messages(pool, users, n, first, seed, new_share)
+    before, cpu0, store0 = group_progress(client, keys), workers.cpu_s(), _store_cpu_s(client)
+    results = multiprocessing.get_context("spawn").Queue()
+    proc = multiprocessing.get_context("spawn").Process(target=produce, args=(url, cfg.stream.partitions, cfg.stream.max_len,
+                                                                              messages, rate, cores, results))  # fmt: skip
+    proc.start()
+    lag_max, end, report = 0, None, None
+    while report is None:
+        g = group_progress(client, keys)
+        lag_max = max(lag_max, g["lag"] + g["pending"])
+        try:
+            message = results.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the producer process exited with {proc.exitcode} before reporting")
+            continue
+        if message.get("schedule_done"):
+            end = group_progress(client, keys)
+        else:
+            report = message
+    proc.join(timeout=10)
+    _drain(client, keys)
+    after, cpu1, store1 = group_progress(client, keys), workers.cpu_s(), _store_cpu_s(client)
+    applied = after["acked"] - before["acked"]
+    fresh = np.asarray(report["freshness_ms"])
+    client.close()
+    return {
+        "offered_eps": report["sent"] / report["schedule_s"],
+        "achieved_eps": min(end["acked"] - before["acked"], report["sent"]) / report["schedule_s"],
+        "freshness_ms": {q: float(np.percentile(fresh, int(q[1:]))) if fresh.size else None for q in ("p50", "p90", "p99")}
+        | {"max": float(fresh.max()) if fresh.size else None, "samples": int(fresh.size),
+           "not_applied_within_drain": report["unapplied_samples"]},  # fmt: skip
+        "lag_max": lag_max,
+        "lag_at_end": end["lag"] + end["pending"],
+        "drain_s": round(report["drain_s"], 2),  # schedule end -> the last sample visible
+        "dead_letters": after["dead_letters"] - before["dead_letters"],
+        "events": applied,
+        "worker_cpu_us_per_event": (cpu1 - cpu0) / max(applied, 1) * 1e6,
+        "store_cpu_us_per_event": (store1 - store0) / max(applied, 1) * 1e6,
+        "producer_send_lag_p99_ms": report["send_lag_p99_ms"],
+    }
+
+
+# ---- the bench ---------------------------------------------------------------------------------
+
+
+def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = StreamBenchSpec(), log=print) -> dict:
+    """Every part (module docstring); writes out_dir/benchmarks-stream.json and the plot."""
+    from loopfm.features.store import sync_client
+    from loopfm.redis_server import redis_url_or_local
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise ValueError(f"the stream bench pins workers and the store to separate cores; this process may use only {cores}")
+    a, b = cores[:2]
+    logs = RunPaths(run_dir).root / "bench_logs"
+    started = time.perf_counter()
+    summary: dict = {"spec": asdict(spec), "points": []}
+    with pinned([b]), redis_url_or_local() as url:  # Valkey, the producer and this process on core b
+        ensure_world(run_dir, url, log)
+        logs.mkdir(parents=True, exist_ok=True)
+        pool = event_pool(run_dir)
+        client = sync_client(url)
+        stored = len(read_parquet(RunPaths(run_dir).table("impressions"), columns=["label"]))
+        clones = max(0, round(spec.history_events / stored) - 1)
+
+        log(f"history cost: 1 worker on core {a}, {spec.cost_rate:g} events/s for {spec.cost_duration_s:g} s")
+        workers = Workers(run_dir, url, [[a]], logs)
+        workers.wait_for_leases(client)
+        offered_point(url, run_dir, workers, pool, pool.users, 500, 3.0, [b], 0, 0.0)  # warm-up
+        cost = []
+        for label, users in (("world", pool.users), ("grown", None)):
+            if users is None:
+                log(f"  growing the store to ~{stored * (clones + 1):,} stored events ({clones} clones of every user)")
+                users = grow_store(url, pool, clones, log)
+            point = offered_point(url, run_dir, workers, pool, users, spec.cost_rate, spec.cost_duration_s, [b], 1, 0.0)
+            cost.append({"stored_events": stored * (1 if label == "world" else clones + 1), "users": len(users)} | point)
+            log(f"  {label}: {cost[-1]['stored_events']:,} stored events, {len(users):,} users: worker "
+                f"{point['worker_cpu_us_per_event']:.0f} µs CPU/event, Valkey {point['store_cpu_us_per_event']:.0f} µs")
+        workers.stop()
+        grown_users = users
+        summary["history_cost"] = {
+            "stored_events": [c["stored_events"] for c in cost],
+            "users": [c["users"] for c in cost],
+            "cpu_us_per_event": [round(c["worker_cpu_us_per_event"], 1) for c in cost],
+            "store_cpu_us_per_event": [round(c["store_cpu_us_per_event"], 1) for c in cost],
+            "freshness_ms_p99": [c["freshness_ms"]["p99"] for c in cost],
+            "offered_eps": spec.cost_rate, "duration_s": spec.cost_duration_s,
+            "how": f"the world's users' keys cloned {clones} times (DUMP/RESTORE) under new ids, items' counts scaled",
+        }  # fmt: skip
+
+        for n_workers in spec.workers:
+            worker_cores = [[a]] if n_workers == 1 else [[a], [b]]
+            log(f"freshness, {n_workers} worker(s) on cores {worker_cores}; Valkey and the producer on core {b}")
+            workers = Workers(run_dir, url, worker_cores, logs)
+            workers.wait_for_leases(client)
+            offered_point(url, run_dir, workers, pool, grown_users, 500, 3.0, [b], 2, spec.new_entity_share)  # warm-up
+            for i, rate in enumerate(spec.rates):
+                point = offered_point(url, run_dir, workers, pool, grown_users, rate, spec.duration_s, [b], 10 + i,
+                                      spec.new_entity_share)  # fmt: skip
+                point = {"workers": n_workers, "cores": {"workers": worker_cores, "store": [b], "producer": [b]}} | point
+                summary["points"].append(point)
+                f = point["freshness_ms"]
+                log(f"  {rate:>6g} offered: {point['achieved_eps']:.0f} achieved events/s, freshness p50 {format_ms(f['p50'])} "
+                    f"p99 {format_ms(f['p99'])}, lag max {point['lag_max']}, drain {point['drain_s']} s, "
+                    f"worker {point['worker_cpu_us_per_event']:.0f} µs/event")  # fmt: skip
+            workers.stop()
+
+        summary["beside_serving"] = beside_serving(run_dir, url, pool, grown_users, spec, a, b, logs, log)
+        client.close()
+    shutil.rmtree(RunPaths(run_dir).root / "stream", ignore_errors=True)
+    summary["machine"] = {"cores": len(cores), "python": platform.python_version(), "platform": platform.platform()}
+    summary["command"] = "make bench-stream" if spec == StreamBenchSpec() else "loopfm bench stream (non-default spec)"
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "benchmarks-stream.json", json.dumps(summary, indent=2))
+    plot(summary, out_dir / "benchmarks-stream" / "freshness.png")
+    return summary
+
+
+def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec: StreamBenchSpec, a: int, b: int,
+                   logs: Path, log) -> dict:  # fmt: skip
+    """/score p50/p99 at spec.serving_rate, alone and while one worker applies spec.serving_stream_eps."""
+    from loopfm.server_process import start_server, stop_server
+
+    with pinned([a]):
+        proc, server = start_server(RunPaths(run_dir).vm / VARIANT / "onnx", url, logs / "bench-stream-server.log")
+    requests = request_pool(run_dir)
+    out = {"rate": spec.serving_rate, "candidates": 100, "stream_eps": spec.serving_stream_eps,
+           "cores": {"server": [a], "client": [b], "store": [b], "worker": [b], "producer": [b]}}  # fmt: skip
+    try:
+        warm_up(server, requests, rate=spec.serving_rate, seconds=3.0)
+        load = LoadSpec(rate=spec.serving_rate, duration_s=spec.serving_duration_s)
+        alone, _ = run_load(server, load, requests)
+        workers = Workers(run_dir, url, [[b]], logs)
+        from loopfm.features.store import sync_client
+
+        client = sync_client(url)
+        workers.wait_for_leases(client)
+        n = int(spec.serving_stream_eps * (spec.serving_duration_s + 6))
+        first = pool.first_impression_id
+        pool.first_impression_id += n
+        messages = _messages(pool, users, n, first, 99, spec.new_entity_share)
+        cfg = RunConfig.load(run_dir)
+        results = multiprocessing.get_context("spawn").Queue()
+        producer = multiprocessing.get_context("spawn").Process(target=produce, args=(url, cfg.stream.partitions, cfg.stream.max_len,
+                                                                                      messages, spec.serving_stream_eps, [b], results))  # fmt: skip
+        producer.start()
+        time.sleep(3.0)  # the stream at its rate before the load starts
+        streaming, _ = run_load(server, load, requests)
+        report = results.get(timeout=spec.serving_duration_s + 60)  # the end of the schedule
+        report = results.get(timeout=DRAIN_TIMEOUT_S + 10)
+        producer.join(timeout=10)
+        workers.stop()
+        client.close()
+    finally:
+        stop_server(proc)
+    fresh = np.asarray(report["freshness_ms"])
+    out |= {"score_p50_ms_alone": alone["p50_ms"], "score_p99_ms_alone": alone["p99_ms"],
+            "score_p50_ms_streaming": streaming["p50_ms"], "score_p99_ms_streaming": streaming["p99_ms"],
+            "score_errors": {"alone": alone["errors"], "streaming": streaming["errors"]},
+            "stream_freshness_ms_p99": float(np.percentile(fresh, 99)) if fresh.size else None}  # fmt: skip
+    log(f"beside serving: /score p99 {format_ms(alone['p99_ms'])} alone, {format_ms(streaming['p99_ms'])} while a worker "
+        f"applies {spec.serving_stream_eps:g} events/s")  # fmt: skip
+    return out
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for n in sorted({p["workers"] for p in summary["points"]}):
+        rows = [p for p in summary["points"] if p["workers"] == n]
+        offered = [p["offered_eps"] for p in rows]
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            left.plot(offered, [p["freshness_ms"][q] for p in rows], style, label=f"{n} worker(s), {q}")
+        right.plot(offered, [p["achieved_eps"] for p in rows], "o-", label=f"{n} worker(s)")
+    top = max((p["offered_eps"] for p in summary["points"]), default=1)
+    right.plot([0, top], [0, top], ":", color="grey", label="achieved = offered")
+    left.axhline(1000, color="grey", linestyle=":", label="1 s")
+    left.set(xscale="log", yscale="log", xlabel="offered events/s", ylabel="freshness, ms (XADD -> visible)",
+             title="Freshness")  # fmt: skip
+    right.set(xlabel="offered events/s", ylabel="achieved events/s", title="Throughput")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(summary: dict) -> str:
+    """benchmarks-stream.md: the tables of one run, with the cores each process had."""
+    h, bs = summary["history_cost"], summary["beside_serving"]
+    lines = [
+        "# Live loop benchmark",
+        "",
+        f"`{summary['command']}` on {summary['machine']['cores']} cores ({summary['machine']['platform']}), "
+        f"{summary['seconds'] / 60:.0f} min. Method: loopfm/bench/stream.py's docstring. Freshness is XADD to the "
+        "value being visible to a reader of the user's hash (polled every ms), over about 200 sampled events a second.",
+        "",
+        "## Freshness and throughput",
+        "",
+        "| workers (cores) | offered events/s | achieved events/s | freshness p50 / p90 / p99 / max ms | lag max | drain s "
+        "| dead letters | worker µs CPU/event | Valkey µs CPU/event |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in summary["points"]:
+        f = p["freshness_ms"]
+        lines.append(f"| {p['workers']} ({p['cores']['workers']}) | {p['offered_eps']:.0f} | {p['achieved_eps']:.0f} | "
+                     f"{format_ms(f['p50'])} / {format_ms(f['p90'])} / {format_ms(f['p99'])} / {format_ms(f['max'])} | "
+                     f"{p['lag_max']} | {p['drain_s']} | {p['dead_letters']} | {p['worker_cpu_us_per_event']:.0f} | "
+                     f"{p['store_cpu_us_per_event']:.0f} |")  # fmt: skip
+    lines += [
+        "",
+        f"Valkey and the producer ran on core {summary['points'][0]['cores']['store'] if summary['points'] else '?'}; "
+        f"with 2 workers the second worker shares that core. {summary['spec']['duration_s']:g} s per point; events "
+        f"drawn uniformly over the grown store's users, {summary['spec']['new_entity_share']:.1%} from new users "
+        "and for new items.",
+        "",
+        "![freshness](benchmarks-stream/freshness.png)",
+        "",
+        "## Cost per event against the stored history",
+        "",
+        "| stored events | users | worker µs CPU/event | Valkey µs CPU/event | freshness p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for i, n in enumerate(h["stored_events"]):
+        lines.append(f"| {n:,} | {h['users'][i]:,} | {h['cpu_us_per_event'][i]:.0f} | {h['store_cpu_us_per_event'][i]:.0f} | "
+                     f"{format_ms(h['freshness_ms_p99'][i])} |")  # fmt: skip
+    ratio = h["cpu_us_per_event"][1] / h["cpu_us_per_event"][0] if h["cpu_us_per_event"][0] else float("nan")
+    lines += [
+        "",
+        f"One worker, {h['offered_eps']:g} events/s for {h['duration_s']:g} s each. The grown store: {h['how']}. "
+        f"Ratio grown / world: {ratio:.2f}.",
+        "",
+        "## /score beside a worker",
+        "",
+        "| /score at | candidates | p50 ms alone | p99 ms alone | p50 ms streaming | p99 ms streaming | stream events/s | "
+        "stream freshness p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {bs['rate']:g} req/s | {bs['candidates']} | {format_ms(bs['score_p50_ms_alone'])} | {format_ms(bs['score_p99_ms_alone'])} | "
+        f"{format_ms(bs['score_p50_ms_streaming'])} | {format_ms(bs['score_p99_ms_streaming'])} | {bs['stream_eps']:g} | "
+        f"{format_ms(bs['stream_freshness_ms_p99'])} |",
+        "",
+        f"Cores: {bs['cores']}.",
+        "",
+    ]
+    return "\n".join(lines)
