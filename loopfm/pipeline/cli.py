@@ -242,6 +242,13 @@ def cmd_items_upsert(args: argparse.Namespace) -> None:
 def cmd_stream(args: argparse.Namespace) -> None:
     from loopfm.stream.worker import run_worker
 
+    if args.action == "compact":
+        from loopfm.io import RunPaths
+        from loopfm.stream.offline import compact_now
+
+        lease_s = RunConfig.load(args.run_dir).stream.lease_ms / 1000
+        compact_now(RunPaths(args.run_dir), lease_s if args.older_than_s is None else args.older_than_s)
+        return
     summary = run_worker(args.run_dir, _redis_url(args), args.name, idle_exit_s=args.until_idle, max_events=args.max_events,
                          progress_s=args.progress_s, metrics_port=args.metrics_port)  # fmt: skip
     print(json.dumps(summary))
@@ -388,7 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
     p.add_argument("file", type=Path, help="parquet or CSV: item_id, category, brand, price_bucket")
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
-    p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files")
+    p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files; "
+                "`stream compact`: merge its small offline files")  # fmt: skip
+    p.add_argument("action", nargs="?", choices=["compact"], help="compact: merge stream/*/ files into one per day, then exit")
+    p.add_argument("--older-than-s", type=float, metavar="S",
+                   help="compact: only files written more than S seconds ago (default: stream.lease_ms)")  # fmt: skip
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--name", help="consumer name in the group (default: host-pid)")
     p.add_argument("--until-idle", type=positive_float, metavar="S", help="exit after S seconds with nothing to read")
