@@ -377,10 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-bound-ms", type=finite_float, default=10.0)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 
-    p = command(sub, "ingest", cmd_ingest, "fresh impressions -> FM log (offline) -> Feast push; idempotent, safe to re-run")
+    p = command(sub, "ingest", cmd_ingest, "a file of impressions into the live loop: check, publish, apply (a worker), "
+                "return; a re-run adds nothing")  # fmt: skip
     p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
-    p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
 
@@ -448,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock).
-# serve, loadtest and bench only read it (and write their own logs and reports).
+# serve, loadtest and bench only read it (and write their own logs and reports); ingest and
+# stream only append new files under stream/ (loopfm/stream/offline.py).
 WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_fm_import_log, cmd_features_build,
-           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_ingest, cmd_demo)  # fmt: skip
+           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_demo)  # fmt: skip
 
 
 class Stopped(KeyboardInterrupt):

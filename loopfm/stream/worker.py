@@ -83,9 +83,14 @@ def stream_schema(paths: RunPaths, cfg: RunConfig) -> Schema:
 def newest_checkpoint(paths: RunPaths, cfg: RunConfig) -> Path:
     """The checkpoint that encodes live events: the warm-up one under `frozen`, the newest
     written under `rolling` (fm/stream.py's scheme for events after the last trained day).
-    Raises FileNotFoundError when there is none."""
+    Raises FileNotFoundError when there is none, or when the run's log was imported (`loopfm fm
+    import-log`): its codes come from another FM, which loopfm cannot run on new events."""
     from loopfm.fm.stream import checkpoint_path
 
+    imported = paths.fm / "import_summary.json"
+    if imported.exists():
+        raise FileNotFoundError(f"this run's FM log was imported ({imported}): new events need the FM that made it, and loopfm "
+                                "has no checkpoint of it; run `loopfm fm train` and `loopfm fm log` to use loopfm's own FM")  # fmt: skip
     if cfg.fm.checkpoint_scheme == "frozen":
         path = checkpoint_path(paths, cfg.fm.warmup_days)
         found = [path] if path.exists() else []
