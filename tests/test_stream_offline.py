@@ -170,7 +170,7 @@ def test_online_equals_the_newest_offline_snapshot_after_the_stream_drains(live)
     assert catalog.loc[existing, "category"] == 2 and catalog.loc[NEW_ITEM, "item_index"] >= 500
 
 
-def test_a_catalog_upsert_reaches_only_training_rows_after_it_was_written(live, tmp_path):
+def test_a_catalog_upsert_reaches_only_training_rows_after_it_was_written(live):
     run, url = live
     item = int(load_id_maps(RunPaths(run))[1].source.iloc[3])
     before = read_parquet(RunPaths(run).table("items")).set_index("item_id").loc[3, "category"]
@@ -187,7 +187,7 @@ def test_a_catalog_upsert_reaches_only_training_rows_after_it_was_written(live, 
     assert got == [before, before + 1]
 
 
-def test_compaction_merges_the_small_files_and_changes_no_training_set(streamed, tmp_path):
+def test_compaction_merges_the_small_files_and_changes_no_training_set(streamed):
     run, url, _ = streamed
     paths = RunPaths(run)
     build(run)
