@@ -222,3 +222,18 @@ def test_a_compaction_cut_short_before_removing_the_small_files_reads_the_same(s
     offline.compact(paths, older_than_us=time.time_ns() // 1000, log=lambda *_: None)
     assert len(offline.files(paths, offline.IMPRESSIONS)) == 1
     pd.testing.assert_frame_equal(offline.read_impressions(paths), want)
+
+
+def test_a_worker_started_after_the_id_maps_grew_gives_the_next_new_user_the_next_index(live):
+    run, url = live
+    messages = wave(run, 20, time.time_ns() // 1000 - US_PER_S, seed=3)
+    publish(run, url, messages)
+    drain(run, url)
+    build(run)
+    grown = len(load_id_maps(RunPaths(run))[0].source)
+    later = {**messages[0], "impression_id": 5 * 10**9, "user_id": 7_000_009, "event_timestamp": time.time_ns() // 1000}
+    publish(run, url, [later])
+    drain(run, url, name="started-later")  # reads the grown map from disk
+    build(run)
+    users = load_id_maps(RunPaths(run))[0]
+    assert len(users.source) == grown + 1 and users.source.iloc[grown] == 7_000_009
