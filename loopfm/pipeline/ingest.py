@@ -30,6 +30,7 @@ from loopfm.contract.names import ID_INT64
 from loopfm.data.ids import IdMap, load_id_maps
 from loopfm.io import RunPaths, from_unix_us
 from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
+from loopfm.stream.keys import StreamKeys
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
 
@@ -111,7 +112,7 @@ def _reachable(redis_url: str) -> None:
         raise RuntimeError(f"cannot reach Redis at {redis_url}: {' '.join(str(exc).split())}") from None
 
 
-def _wait_applied(redis_url: str, keys, timeout_s: float) -> None:
+def _wait_applied(redis_url: str, keys: StreamKeys, timeout_s: float) -> None:
     """Poll until every partition's group has nothing undelivered (lag) and nothing unacked
     (pending); other live workers may hold some partitions. Raises RuntimeError on timeout."""
     from loopfm.features.store import sync_client
@@ -137,7 +138,6 @@ def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print, time_uni
     """Check (module docstring), publish every event, run a worker until they are applied;
     return the worker's summary (applied, duplicates, dead_letters, ...) with `published`."""
     from loopfm.contract.names import PROJECT
-    from loopfm.stream.keys import StreamKeys
     from loopfm.stream.producer import Producer, event_messages
     from loopfm.stream.worker import newest_checkpoint, run_worker
 
