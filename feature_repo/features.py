@@ -53,8 +53,9 @@ def _source(name: str) -> FileSource:
 
 
 def _pushed(name: str) -> PushSource:
-    """Histories and counts also arrive between materializations: `loopfm ingest` pushes the
-    new snapshot of each touched user (or item) here (Feast's push API); the batch source stays the parquet."""
+    """A push source over the parquet batch source, for a producer that pushes fresh snapshots
+    through Feast's push API; loopfm's own live loop writes Feast's Redis layout directly
+    (loopfm/stream/online.py) and pushes nothing here."""
     return PushSource(name=f"{name}_push", batch_source=_source(name))
 
 

@@ -63,15 +63,15 @@ def test_a_negative_recency_decay_is_refused_naming_the_rule():
 
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     """Every writing command takes the run directory's lock (loopfm.io.run_dir_lock); the
-    holder here is this test, as an ingest or a build would be."""
+    holder here is this test, as a training or a build would be."""
     from loopfm.io import run_dir_lock
 
     run = tmp_path / "run"
-    with run_dir_lock(run, "loopfm ingest --events a.csv"):
+    with run_dir_lock(run, "loopfm vm train --variant base"):
         for args in (("features", "build"), ("fm", "log"), ("data", "synth"), ("vm", "export")):
             r = loopfm(*args, "--run-dir", str(run), check=False)
             assert r.returncode == 2 and "Traceback" not in r.stderr
-            assert f"{run} is being written by pid {os.getpid()} (`loopfm ingest --events a.csv`" in r.stderr
+            assert f"{run} is being written by pid {os.getpid()} (`loopfm vm train --variant base`" in r.stderr
     r = loopfm("fm", "log", "--run-dir", str(run), check=False)  # released: now the usual message
     assert r.returncode == 2 and "config.json" in r.stderr
 
@@ -87,9 +87,9 @@ def test_a_writer_refused_before_the_holder_names_itself_waits_for_the_name(tmp_
     lock = lock_path(run)
     holder = lock.with_name(lock.name + ".holder")
     with FileLock(lock):
-        late = threading.Timer(0.2, lambda: holder.write_text("pid 4242 (`loopfm ingest --events a.csv`, since now)"))
+        late = threading.Timer(0.2, lambda: holder.write_text("pid 4242 (`loopfm vm train --variant base`, since now)"))
         late.start()
-        with pytest.raises(RunDirBusy, match=r"being written by pid 4242 \(`loopfm ingest"):
+        with pytest.raises(RunDirBusy, match=r"being written by pid 4242 \(`loopfm vm train"):
             run_dir_lock(run, "loopfm features build").__enter__()
         late.join()
 

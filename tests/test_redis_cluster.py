@@ -5,17 +5,22 @@ reader and by a real uvicorn /score, selected only by a redis+cluster:// URL."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from conftest import loopfm
+from conftest import LOOPFM, loopfm
+from loopfm.contract.names import PROJECT
 from loopfm.features.store import feast_connection_string, open_store
 from loopfm.redis_server import local_redis, local_redis_cluster
 from loopfm.server_process import start_server, stop_server
+from loopfm.stream.keys import StreamKeys
 from loopfm.contract.redis_url import cluster_node_url
 from serving.redis_client import async_client
 from test_online_reader import reader_agrees_with_feast
@@ -86,3 +91,25 @@ def test_cluster_urls_reach_feast_as_a_startup_node_and_refuse_a_database():
     assert feast_connection_string("rediss+cluster://10.0.0.1:7000") == "10.0.0.1:7000,ssl=true"
     with pytest.raises(ValueError, match="REDIS_URL"):
         cluster_node_url("redis+cluster://10.0.0.1:7000/2")
+
+
+def test_two_stream_workers_on_the_cluster_share_the_partitions_and_write_what_a_single_node_would(cluster_run: Path, cluster_url: str):
+    from test_stream import assert_online_equals_batch, events_of, publish, set_partitions, touched
+
+    set_partitions(cluster_run, 4)
+    messages = events_of(cluster_run, 600, seed=11)
+    cluster = redis.RedisCluster.from_url(cluster_node_url(cluster_url))
+    keys = StreamKeys(PROJECT, 4)
+    assert len({cluster.keyslot(keys.events(p)) // 5462 for p in range(4)}) > 1, "the stream keys spread over the masters"
+    procs = [subprocess.Popen([LOOPFM, "stream", "--run-dir", str(cluster_run), "--redis-url", cluster_url, "--name", name,
+                               "--until-idle", "5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for name in ("a", "b")]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while {cluster.get(keys.lease(p)) for p in range(4)} != {b"a", b"b"} and time.monotonic() < deadline:
+        time.sleep(0.1)  # until each holds a share of the partitions
+    publish(cluster_run, cluster_url, messages)
+    outputs = [json.loads(p.communicate(timeout=180)[0].strip().splitlines()[-1]) for p in procs]
+    assert sum(o["applied"] for o in outputs) == 600
+    assert all(o["applied"] > 0 for o in outputs), "each worker applied a share"
+    users, items = touched(messages)
+    assert_online_equals_batch(cluster_run, cluster_url, users, items)

@@ -21,7 +21,7 @@ from loopfm.contract.names import ENTITY_TYPES_FILE, ITEM_INDEX
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from loopfm.data.synth import simulate
 from loopfm.io import RunPaths, read_parquet
-from loopfm.pipeline.ingest import IngestError, read_events
+from loopfm.data.event_files import IngestError, read_event_file
 from loopfm.server_process import start_server, stop_server
 from serving.feast_layout import feature_refs, user_side_refs
 from test_online_reader import reader_agrees_with_feast
@@ -209,22 +209,19 @@ def test_models_list_and_openapi_name_the_id_types(server):
     assert kinds == {"integer", "string"} and "entity_types" in schema["user_id"]["description"]
 
 
-def test_ingest_takes_source_ids_and_names_an_unknown_one(run, tmp_path):
+def test_an_events_file_keeps_source_ids_exactly_and_names_one_of_the_wrong_type(run, tmp_path):
+    """`loopfm ingest` and `loopfm events publish` read ids as the run's source ids (a new one is
+    a new user or item of the live loop, given its dense index by the worker)."""
     run_dir, _ = run
     users, items = known_ids(run_dir)
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
-    dense_items = read_parquet(paths.table("item_ids")).set_index("source_id")["item_id"]
-    batch = pd.DataFrame({"impression_id": [10**9, 10**9 + 1], "user_id": [str(users[0]), str(users[1])],
-                          "item_id": items[:2], "vertical": "target", "event_timestamp": ["2026-12-01T00:00:00"] * 2,
-                          "label": [1, 0]})  # fmt: skip
+    batch = pd.DataFrame({"impression_id": [10**9, 10**9 + 1], "user_id": [str(users[0]), str(users[1] + 1)],
+                          "item_id": [items[0], "sku-new"], "vertical": "target",
+                          "event_timestamp": ["2026-12-01T00:00:00"] * 2, "label": [1, 0]})  # fmt: skip
     batch.to_csv(tmp_path / "batch.csv", index=False)
-    events = read_events(tmp_path / "batch.csv", cfg, paths)
-    users_dense = read_parquet(paths.table("user_ids")).set_index("source_id")["user_id"]
-    assert events["user_id"].tolist() == users_dense.loc[users[:2]].tolist()  # parsed exactly, beyond 2**53
-    assert events["item_id"].tolist() == dense_items.loc[items[:2]].tolist()
-    batch.assign(item_id=["sku-new", items[0]]).to_csv(tmp_path / "unknown.csv", index=False)
-    with pytest.raises(IngestError, match=r"column 'item_id', row 1: item not in .*item_ids.parquet"):
-        read_events(tmp_path / "unknown.csv", cfg, paths)
-    batch.assign(user_id=[str(users[0] + 1), str(users[1])]).to_csv(tmp_path / "neighbour.csv", index=False)
-    with pytest.raises(IngestError, match=r"column 'user_id', row 1: user unknown to the FM"):
-        read_events(tmp_path / "neighbour.csv", cfg, paths)
+    events = read_event_file(tmp_path / "batch.csv", cfg, paths)
+    assert events["user_id"].tolist() == [users[0], users[1] + 1]  # parsed exactly, beyond 2**53
+    assert events["item_id"].tolist() == [items[0], "sku-new"]
+    batch.assign(user_id=["u-1", str(users[1])]).to_csv(tmp_path / "typed.csv", index=False)
+    with pytest.raises(IngestError, match=r"column 'user_id', row 1: not an integer"):
+        read_event_file(tmp_path / "typed.csv", cfg, paths)

@@ -35,7 +35,7 @@ from loopfm.features.build import (
 )
 from loopfm.features.store import open_store
 from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
-from loopfm.stream import offline
+from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.producer import Producer
 from loopfm.stream.worker import Worker
@@ -250,6 +250,21 @@ def test_each_kind_of_bad_message_is_a_dead_letter_with_its_reason_and_the_parti
         assert reason in got
     assert [int(f[b"impression_id"]) for _, f in letters] == [m["impression_id"] for m, _ in bad]
     assert redis.Redis.from_url(url).xpending(StreamKeys(PROJECT, 1).events(0), "loopfm-stream")["pending"] == 0
+
+
+def test_pending_entries_trimmed_from_the_stream_are_counted_as_lost_and_the_partition_flows_on(live):
+    run, url = live
+    set_partitions(run, 1)
+    client, key = redis.Redis.from_url(url), StreamKeys(PROJECT, 1).events(0)
+    publish(run, url, events_of(run, 5, seed=8))
+    client.xgroup_create(key, "loopfm-stream", id="0", mkstream=True)
+    client.xreadgroup("loopfm-stream", "gone", {key: ">"}, count=5)  # delivered to a worker that died before acking
+    client.xtrim(key, maxlen=0, approximate=False)  # then trimmed away (stream.max_len)
+    later = events_of(run, 3, seed=9)
+    publish(run, url, later)
+    summary = drain(run, url)
+    assert (summary["trimmed"], summary["applied"]) == (5, 3)
+    assert client.xpending(key, "loopfm-stream")["pending"] == 0
 
 
 def test_a_worker_killed_mid_stream_and_restarted_applies_every_event_exactly_once(live):

@@ -2,14 +2,8 @@
 what cost per event, and what it costs `/score` beside it. Writes benchmarks-stream.{md,json}
 and benchmarks-stream/*.png.
 
-Freshness is what a reader sees: a producer process XADDs impressions open loop (a fixed
-schedule, whatever the workers do) and, for about 200 events a second, polls the event's user
-hash until the user's state says the event is applied (`applied` >= its entry id; the state is
-written in the same HSET as the user's `fm_history`, so the code is visible then). Freshness =
-that moment minus the entry id's millisecond (the server's clock at XADD), so it includes up
-to a poll interval (1 ms) and the id's truncation (< 1 ms). Each tick polls the oldest sample in
-flight of each partition (a partition is applied in order), so sampling costs the store a few
-keys a millisecond however far the workers fall behind.
+Freshness is what a reader sees, XADD to the user's hash saying the event is applied
+(loopfm/stream/openloop.py: a producer process sends open loop and samples ~200 events a second).
 
 The bench builds its own world (BENCH_WORLD, about 10^5 impressions, a `loopfm_kd` VM served
 over ONNX) in `--run-dir` unless one is there, and a private Valkey. Its parts, in order:
@@ -29,7 +23,6 @@ over ONNX) in `--run-dir` unless one is there, and a private Valkey. Its parts, 
 
 from __future__ import annotations
 
-import collections
 import json
 import multiprocessing
 import os
@@ -51,27 +44,17 @@ from loopfm.config import RunConfig
 from loopfm.contract.names import PROJECT
 from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
-from loopfm.stream.keys import GROUP, StreamKeys, partition_of
-from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, STATE_FIELD, item_key, user_key
+from loopfm.stream.keys import GROUP, StreamKeys
+from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, item_key, user_key
+from loopfm.stream.openloop import send
+from loopfm.stream.worker import start_worker_process, wait_for_leases
 
 VARIANT = "loopfm_kd"
 # About 1.0e5 impressions (1,600 users x 14 days); small training settings: the bench
 # measures the loop, not model quality.
 BENCH_WORLD = ["--users", "1600", "--days", "14", "--seed", "7", "--set", "fm.warmup_days=5", "--set", "vm.eval_days=4",
                "--set", "vm.epochs=2", "--set", "fm.warmup_epochs=4", "--set", "fm.passes_per_day=1"]  # fmt: skip
-SAMPLES_PER_S = 200  # freshness samples per second of schedule
-POLL_S = 0.001  # the producer's tick: sends what is due, polls the samples in flight
-DRAIN_TIMEOUT_S = 120.0
-# Per key, the newest applied entry id of the user's state (loopfm/stream/state.py), without
-# shipping the whole state back: one round trip for every sample in flight.
-APPLIED_SCRIPT = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local state = redis.call('HGET', key, ARGV[1])
-  out[i] = state and string.match(state, '"applied":"([^"]*)"') or ''
-end
-return out
-"""
+DRAIN_TIMEOUT_S = 120.0  # openloop.send's wait for the last samples, and the group's drain
 
 
 @dataclass
@@ -197,106 +180,30 @@ def _messages(pool: Pool, users: np.ndarray, n: int, first_id: int, seed: int, n
     item = np.where(new, pool.new_item_base + first_id + np.arange(n), item)
     vertical = rng.choice(len(pool.verticals), size=n, p=np.asarray(pool.vertical_mix) / sum(pool.vertical_mix))
     label = (rng.random(n) < pool.click_rate).astype(int)
-    return [{"kind": "impression", "impression_id": str(first_id + j), "user_id": str(user[j]), "item_id": str(item[j]),
-             "vertical": pool.verticals[vertical[j]], "label": str(label[j])} for j in range(n)]  # fmt: skip
+    return [{"impression_id": first_id + j, "user_id": int(user[j]), "item_id": int(item[j]),
+             "vertical": pool.verticals[vertical[j]], "label": int(label[j])} for j in range(n)]  # fmt: skip
 
 
 def produce(url: str, partitions: int, max_len: int, messages: list[dict], rate: float, cores: list[int], results) -> None:
-    """Send `messages` open loop at `rate` per second (event_timestamp = the send time), sample
-    freshness (module docstring), and put a report on the `results` queue."""
-    from loopfm.features.store import sync_client
-
+    """The producer process: on `cores`, openloop.send (schedule end and report on `results`)."""
     os.sched_setaffinity(0, cores)
-    client = sync_client(url)
-    keys = StreamKeys(PROJECT, partitions)
-    applied = client.register_script(APPLIED_SCRIPT)
-    partition = [partition_of(m["user_id"], partitions) for m in messages]
-    every = max(1, round(rate / SAMPLES_PER_S))
-    pending = [collections.deque() for _ in range(partitions)]  # per partition: (user key, entry id), oldest first
-    freshness, lags = [], []
-    origin, sent, n = time.perf_counter(), 0, len(messages)
-
-    def poll() -> None:
-        """The oldest sample in flight of each partition, again while one turns up applied: a
-        partition is applied in order, so a newer sample is not visible before an older one."""
-        while True:
-            heads = [q for q in pending if q]
-            if not heads:
-                return
-            got = applied(keys=[q[0][0] for q in heads], args=[STATE_FIELD])
-            now_ms = time.time() * 1000
-            seen = False
-            for q, entry in zip(heads, got):
-                entry = entry.decode() if isinstance(entry, bytes) else entry
-                if entry and _order(entry) >= _order(q[0][1]):
-                    freshness.append(now_ms - int(q.popleft()[1].split("-")[0]))
-                    seen = True
-            if not seen:
-                return
-
-    while sent < n:
-        elapsed = time.perf_counter() - origin
-        due = min(n, int(rate * elapsed) + 1)
-        if due > sent:
-            lags.append(elapsed - sent / rate)  # how late the oldest due message leaves
-            now_us = time.time_ns() // 1000
-            pipe = client.pipeline(transaction=False)
-            for j in range(sent, due):
-                pipe.xadd(keys.events(partition[j]), {**messages[j], "event_timestamp": str(now_us)}, maxlen=max_len, approximate=True)
-            for j, entry in zip(range(sent, due), pipe.execute()):
-                if j % every == 0:
-                    pending[partition[j]].append((user_key(PROJECT, int(messages[j]["user_id"])), entry.decode()))
-            sent = due
-        poll()
-        now = time.perf_counter()
-        time.sleep(max(POLL_S / 2, min(origin + (sent + 1) / rate, now + POLL_S) - now) if sent < n else 0)
-    schedule_s = time.perf_counter() - origin
-    results.put({"schedule_done": True})
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while any(pending) and time.monotonic() < deadline:
-        poll()
-        time.sleep(POLL_S)
-    drain_s = time.perf_counter() - origin - schedule_s
-    results.put({"sent": sent, "schedule_s": schedule_s, "drain_s": drain_s, "freshness_ms": freshness,
-                 "unapplied_samples": sum(map(len, pending)),
-                 "send_lag_p99_ms": float(np.percentile(lags, 99) * 1000) if lags else 0.0})  # fmt: skip
-    client.close()
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    results.put(send(url, partitions, max_len, messages, rate, lambda: results.put({"schedule_done": True})))
 
 
 # ---- measuring ---------------------------------------------------------------------------------
 
 
 class Workers:
-    """`n` `loopfm stream` processes, worker k pinned to cores[k]; started, then stopped by SIGTERM."""
+    """`len(cores)` `loopfm stream` processes, worker k pinned to cores[k]; stopped by SIGTERM."""
 
     def __init__(self, run_dir: Path, url: str, cores: list[list[int]], logs: Path):
         self.keys = StreamKeys(PROJECT, RunConfig.load(run_dir).stream.partitions)
-        self.procs = []
-        exe = str(Path(sys.executable).with_name("loopfm"))
-        for k, c in enumerate(cores):
-            log = open(logs / f"stream-worker{k}.log", "ab")
-            self.procs.append(subprocess.Popen([exe, "stream", "--run-dir", str(run_dir), "--redis-url", url, "--name",
-                                                f"bench{k}", "--progress-s", "10"], stdout=log, stderr=subprocess.STDOUT,
-                                               preexec_fn=lambda c=c: os.sched_setaffinity(0, c)))  # fmt: skip
-            log.close()
         self.names = [f"bench{k}" for k in range(len(cores))]
+        self.procs = [start_worker_process(run_dir, url, name, logs / f"stream-{name}.log", c, ("--progress-s", "10"))
+                      for name, c in zip(self.names, cores)]  # fmt: skip
 
-    def wait_for_leases(self, client, within_s: float = 120.0) -> None:
-        """Until every partition is leased and every worker holds a share (bootstrap included)."""
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            holders = {h.decode() for h in client.mget([self.keys.lease(p) for p in range(self.keys.partitions)]) if h}
-            if holders == set(self.names) and all(client.get(self.keys.lease(p)) for p in range(self.keys.partitions)):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError("a stream worker exited; see its log under bench_logs/")
-            time.sleep(0.1)
-        raise RuntimeError(f"the stream workers did not lease every partition within {within_s:g} s")
+    def wait_for_leases(self, client) -> None:
+        wait_for_leases(client, self.keys, self.names, self.procs)
 
     def cpu_s(self) -> float:
         return sum(_process_cpu_s(p.pid) for p in self.procs)

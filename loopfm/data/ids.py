@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from loopfm.contract.names import ENTITY_TYPES_FILE, ID_INT64, ID_STRING, ITEM_KEY, USER_KEY
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.io import RunPaths, read_parquet, write_parquet, write_text
 
 SOURCE_ID = "source_id"
 
@@ -75,6 +75,29 @@ def write_entity_types(folder: Path, maps: Sequence[IdMap]) -> dict[str, str]:
     types = {m.key: m.id_type for m in maps}
     write_text(folder / ENTITY_TYPES_FILE, json.dumps(types, indent=2))
     return types
+
+
+def extend_id_map(paths: RunPaths, current: IdMap, dense: np.ndarray, source: pd.Series) -> IdMap:
+    """`current` grown append-only by new (dense [n], source [n]) pairs, which must be its next
+    indices n0..n0+n-1 (any order) for source ids it lacks; written to the map's file when
+    anything is new. Raises ValueError naming the gap or the clash."""
+    if len(dense) == 0:
+        return current
+    order = np.argsort(dense, kind="stable")
+    dense, source = np.asarray(dense)[order], pd.Series(source).iloc[order].reset_index(drop=True)
+    path = id_map_path(paths, current.key)
+    expected = np.arange(len(current.source), len(current.source) + len(dense))
+    if not np.array_equal(dense, expected):
+        missing = sorted(set(expected.tolist()) - set(dense.tolist()))[:10]
+        raise ValueError(f"{path}: the stream's new {current.key} values must continue 0..{len(current.source) - 1} "
+                         f"without gaps; missing {missing}")  # fmt: skip
+    known = pd.Index(current.source).get_indexer(source) >= 0
+    if known.any():
+        raise ValueError(f"{path}: source id {source[known].iloc[0]!r} already has a dense index, yet the stream gave it "
+                         f"{int(dense[known][0])}")  # fmt: skip
+    grown = pd.concat([current.source, source.astype(current.source.dtype)], ignore_index=True)
+    write_parquet(id_map(current.key, np.arange(len(grown)), grown), path)
+    return IdMap(current.key, grown)
 
 
 def load_id_maps(paths: RunPaths) -> tuple[IdMap, IdMap]:

@@ -29,7 +29,7 @@ from loopfm.contract.names import (
     VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
 )
-from loopfm.data.ids import IdMap, load_id_maps, write_entity_types
+from loopfm.data.ids import IdMap, write_entity_types
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import last_n_before
 from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
@@ -144,24 +144,41 @@ def keyed_by_source_ids(df: pd.DataFrame, id_maps: Sequence[IdMap]) -> pd.DataFr
     return df.reset_index(drop=True).assign(**{m.key: m.to_source(df[m.key]) for m in id_maps if m.key in df})
 
 
+def item_features(items: pd.DataFrame, upserts: pd.DataFrame, static_ts: pd.Timestamp) -> pd.DataFrame:
+    """The `item_features` source: the run's catalog stamped `static_ts` (before every event),
+    then each streamed upsert (loopfm/data/streamed.py: catalog_upserts) stamped when it was
+    written, so a row at time t reads the newest attributes written before t."""
+    rows = [items[["item_id", "category", "brand", "price_bucket"]].assign(event_timestamp=static_ts)]
+    if not upserts.empty:
+        rows.append(upserts.rename(columns={"written_at": "event_timestamp"}))
+    table = pd.concat(rows, ignore_index=True).astype({"event_timestamp": "datetime64[us, UTC]"})
+    return table.assign(**{ITEM_INDEX: table["item_id"]})[["item_id", *ITEM_FEATURES, "event_timestamp"]]
+
+
 def build_feature_tables(
     paths: RunPaths, cfg: RunConfig, progress=partial(print, flush=True), engine: Engine = LOCAL
 ) -> dict[str, int]:
     """Write the Feast sources and the VM's train/eval entity frames, all or none (a staged
     folder swapped in at the end); return their row counts. `engine` maps the two history
-    builders over shards of users (loopfm/engine.py)."""
-    imp = read_parquet(paths.table("impressions"))
-    log = read_parquet(paths.fm_log)
-    if not (log["impression_id"].to_numpy() == imp["impression_id"].to_numpy()).all():
+    builders over shards of users (loopfm/engine.py).
+
+    The events are the run's impressions and the live loop's streamed ones, with their codes
+    as logged and available (loopfm/data/streamed.py: run_tables); the id maps first grow by
+    the new users and items the stream met. A new user has no `user_profile` row: the VM reads
+    its profile as unknown (index 0), online and offline alike."""
+    from loopfm.data import streamed as offline
+
+    if not (read_parquet(paths.fm_log, columns=["impression_id"])["impression_id"].to_numpy()
+            == read_parquet(paths.table("impressions"), columns=["impression_id"])["impression_id"].to_numpy()).all():  # fmt: skip
         raise ValueError(f"{paths.fm_log} does not match impressions: re-run `loopfm fm log`")
+    imp, log = offline.run_tables(paths)
     start = pd.Timestamp(cfg.world.start_date, tz="UTC")
     static_ts = start - pd.Timedelta(days=1)
     users = read_parquet(paths.table("users"))
-    items = read_parquet(paths.table("items"))
-    id_maps = load_id_maps(paths)
+    id_maps = offline.grow_id_maps(paths)
     tables = {
         "user_profile": users[["user_id", "age_bucket", "gender"]].assign(event_timestamp=static_ts),
-        "item_features": items.assign(**{ITEM_INDEX: items["item_id"]})[["item_id", *ITEM_FEATURES]].assign(event_timestamp=static_ts),
+        "item_features": item_features(read_parquet(paths.table("items")), offline.catalog_upserts(paths), static_ts),
         ITEM_ACTIVITY: build_item_activity(imp),
         **_histories(imp, log, cfg, engine),
     }

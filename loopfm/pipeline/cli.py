@@ -242,6 +242,13 @@ def cmd_items_upsert(args: argparse.Namespace) -> None:
 def cmd_stream(args: argparse.Namespace) -> None:
     from loopfm.stream.worker import run_worker
 
+    if args.action == "compact":
+        from loopfm.io import RunPaths
+        from loopfm.data.streamed import compact_now
+
+        lease_s = RunConfig.load(args.run_dir).stream.lease_ms / 1000
+        compact_now(RunPaths(args.run_dir), lease_s if args.older_than_s is None else args.older_than_s)
+        return
     summary = run_worker(args.run_dir, _redis_url(args), args.name, idle_exit_s=args.until_idle, max_events=args.max_events,
                          progress_s=args.progress_s, metrics_port=args.metrics_port)  # fmt: skip
     print(json.dumps(summary))
@@ -388,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-bound-ms", type=finite_float, default=10.0)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 
-    p = command(sub, "ingest", cmd_ingest, "fresh impressions -> FM log (offline) -> Feast push; idempotent, safe to re-run")
+    p = command(sub, "ingest", cmd_ingest, "a file of impressions into the live loop: check, publish, apply (a worker), "
+                "return; a re-run adds nothing")  # fmt: skip
     p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
-    p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
 
@@ -406,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
     p.add_argument("file", type=Path, help="parquet or CSV: item_id, category, brand, price_bucket")
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
-    p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files")
+    p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files; "
+                "`stream compact`: merge its small offline files")  # fmt: skip
+    p.add_argument("action", nargs="?", choices=["compact"], help="compact: merge stream/*/ files into one per day, then exit")
+    p.add_argument("--older-than-s", type=float, metavar="S",
+                   help="compact: only files written more than S seconds ago (default: stream.lease_ms)")  # fmt: skip
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--name", help="consumer name in the group (default: host-pid)")
     p.add_argument("--until-idle", type=positive_float, metavar="S", help="exit after S seconds with nothing to read")
@@ -467,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock).
-# serve, loadtest and bench only read it (and write their own logs and reports).
+# serve, loadtest and bench only read it (and write their own logs and reports); ingest and
+# stream only append new files under stream/ (loopfm/data/streamed.py).
 WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_fm_import_log, cmd_features_build,
-           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_ingest, cmd_demo)  # fmt: skip
+           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_demo)  # fmt: skip
 
 
 class Stopped(KeyboardInterrupt):

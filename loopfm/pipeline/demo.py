@@ -55,6 +55,48 @@ def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int
     }
 
 
+def live_burst(paths: RunPaths, cfg: RunConfig, redis_url: str, base_url: str, events: int = 3000, rate: float = 1000.0) -> dict:
+    """The loop live beside the server: a `loopfm stream` worker applies a burst of `events`
+    impressions sent open loop at `rate` a second (loopfm/stream/openloop.py measures freshness,
+    XADD to visible), among them clicks of a brand-new user on a brand-new item of the target
+    vertical; then /score answers for that user from the fresh history."""
+    from loopfm.contract.names import PROJECT
+    from loopfm.data.ids import load_id_maps
+    from loopfm.stream.keys import StreamKeys
+    from loopfm.stream.openloop import send
+    from loopfm.stream.worker import start_worker_process, wait_for_leases
+    from loopfm.features.store import sync_client
+
+    rng = np.random.default_rng(1)
+    users, items = load_id_maps(paths)
+    new_user, new_item = int(users.source.max()) + 1, int(items.source.max()) + 1
+    known = users.source.to_numpy()
+    catalog = items.source.to_numpy()
+    first = int(read_parquet(paths.table("impressions"), columns=["impression_id"])["impression_id"].max()) + 1
+    messages = [{"impression_id": first + j, "user_id": int(rng.choice(known)), "item_id": int(rng.choice(catalog)),
+                 "vertical": str(rng.choice(cfg.world.verticals)), "label": int(rng.random() < 0.1)} for j in range(events)]  # fmt: skip
+    for j in np.linspace(0, events - 1, 5).astype(int):  # the new user clicks five times, first on the new item
+        messages[j] |= {"user_id": new_user, "vertical": cfg.vm.target_vertical, "label": 1}
+    messages[0]["item_id"] = new_item
+    keys, client = StreamKeys(PROJECT, cfg.stream.partitions), sync_client(redis_url)
+    worker = start_worker_process(paths.root, redis_url, "demo", paths.root / "stream.log")
+    try:
+        wait_for_leases(client, keys, ["demo"], [worker])
+        report = send(redis_url, cfg.stream.partitions, cfg.stream.max_len, messages, rate, wait_s=30.0)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        client.close()
+    candidates = [new_item, *rng.choice(catalog, 9, replace=False).tolist()]
+    body = {"user_id": new_user, "candidate_item_ids": candidates, "context": {"hour": 12}}
+    answer = httpx.post(f"{base_url}/score", json=body, timeout=10).json()
+    fresh = np.asarray(report["freshness_ms"])
+    return {"events": report["sent"], "offered_eps": report["sent"] / report["schedule_s"],
+            "freshness_p50_ms": float(np.percentile(fresh, 50)), "freshness_p99_ms": float(np.percentile(fresh, 99)),
+            "samples": int(fresh.size), "new_user": new_user, "new_item": new_item, "score_request": body,
+            "score_response": answer}  # fmt: skip
+
+
 def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
     from loopfm.features.store import open_store
@@ -64,7 +106,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.vm.export import export_variant
 
     started = time.perf_counter()
-    paths, total = RunPaths(run_dir), 8
+    paths, total = RunPaths(run_dir), 9
     cfg.save(run_dir)
     with stage(1, total, "synthesize the world"):
         print(f"  {write_world(cfg.world, paths)}")
@@ -74,17 +116,24 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
             meta = export_variant(paths, cfg, open_store(run_dir), SERVED_VARIANT)
             print(f"  {meta['model_version']}: parity on {meta['parity']['requests']} requests and {meta['parity']['candidates']} candidates, "
                   f"max |ONNX - torch| = {meta['parity']['max_abs_diff']:.2e}")  # fmt: skip
-        with stage(8, total, f"serve and send {requests} requests over HTTP"):
-            proc, base_url = start_server(paths.vm / SERVED_VARIANT / "onnx", redis_url, paths.root / "server.log")
-            try:
+        proc, base_url = start_server(paths.vm / SERVED_VARIANT / "onnx", redis_url, paths.root / "server.log")
+        try:
+            with stage(8, total, f"serve and send {requests} requests over HTTP"):
                 latency = latency_sample(base_url, paths, cfg, requests)
-            finally:
-                stop_server(proc)
+            with stage(9, total, "the live loop: a stream worker applies a burst of events while the server answers"):
+                live = live_burst(paths, cfg, redis_url, base_url)
+                print(f"  {live['events']} events at {live['offered_eps']:.0f}/s: freshness (XADD -> visible) p50 "
+                      f"{live['freshness_p50_ms']:.0f} ms, p99 {live['freshness_p99_ms']:.0f} ms ({live['samples']} samples)")
+                print(f"  new user {live['new_user']}: /score user_known={live['score_response']['user_known']}, "
+                      f"new item {live['new_item']} scored {live['score_response']['scores'][0]:.4f}")  # fmt: skip
+        finally:
+            stop_server(proc)
     summary = {
         "wall_time_s": time.perf_counter() - started,
         "world": {"users": cfg.world.n_users, "days": cfg.world.n_days, "verticals": list(cfg.world.verticals)},
         "quality": quality,
         "latency": latency,
+        "live_loop": live,
         "model_version": meta["model_version"],
     }
     write_text(paths.results / "demo_summary.json", json.dumps(summary, indent=2))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from loopfm.contract.names import ID_INT64, N_PRICE_BUCKETS
+from loopfm.data.event_files import EVENT_COLUMNS, ITEM_COLUMNS
 
-IMPRESSION_FIELDS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
-ITEM_FIELDS = ("item_id", "category", "brand", "price_bucket")
+IMPRESSION_FIELDS, ITEM_FIELDS = EVENT_COLUMNS, ITEM_COLUMNS  # a message holds a file row's columns
 KINDS = ("impression", "item")
 _INTEGER = re.compile(r"[+-]?\d+")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -77,11 +77,14 @@ end
 return {n, k}
 """
 
-# KEYS[1]: one entity's hash of new ids. ARGV: "id:" .. source id, the run's id-map size.
+# KEYS[1]: one entity's hash of new ids. ARGV: "id:" .. source id, the run's id-map size. The
+# first call's size is kept (`_base`): `features build` grows the id maps on disk with these
+# ids, and a worker started after that must go on from the same base, not from the grown size.
 NEW_ID_SCRIPT = """
 local d = redis.call('HGET', KEYS[1], ARGV[1])
 if d then return tonumber(d) end
-d = redis.call('HINCRBY', KEYS[1], '_next', 1) - 1 + tonumber(ARGV[2])
+redis.call('HSETNX', KEYS[1], '_base', ARGV[2])
+d = redis.call('HINCRBY', KEYS[1], '_next', 1) - 1 + tonumber(redis.call('HGET', KEYS[1], '_base'))
 redis.call('HSET', KEYS[1], ARGV[1], d)
 return d
 """

@@ -25,9 +25,10 @@ import pandas as pd
 
 from loopfm.config import RunConfig, StreamConfig
 from loopfm.contract.names import PROJECT
+from loopfm.data.event_files import read_event_file, read_item_file
 from loopfm.io import RunPaths, unix_us
 from loopfm.stream.keys import StreamKeys, partition_of
-from loopfm.stream.messages import IMPRESSION_FIELDS, ITEM_FIELDS
+from loopfm.stream.messages import IMPRESSION_FIELDS
 
 _CHUNK = 1000  # XADDs per pipeline
 
@@ -67,35 +68,14 @@ class Producer:
 
 
 def event_messages(events: pd.DataFrame) -> list[dict]:
-    """A checked events frame (loopfm.pipeline.ingest.read_event_file) -> messages."""
+    """A checked events frame (loopfm.data.event_files.read_event_file) -> messages."""
     frame = events.assign(event_timestamp=unix_us(events["event_timestamp"]))
     return frame[list(IMPRESSION_FIELDS)].to_dict("records")
-
-
-def read_item_file(path: Path, paths: RunPaths) -> pd.DataFrame:
-    """A catalog file (CSV or parquet with ITEM_FIELDS), checked whole: item ids of the run's
-    type, attributes integers inside the FM's vocabularies. Raises IngestError naming the file,
-    column and row."""
-    from loopfm.contract.names import N_PRICE_BUCKETS
-    from loopfm.data.dataset import Vocab
-    from loopfm.data.ids import load_id_maps
-    from loopfm.parse import INT64_RANGE, integers
-    from loopfm.pipeline.ingest import _first_bad, _parsed, _source_ids, read_table
-
-    raw = read_table(path, ITEM_FIELDS)
-    vocab = Vocab.load(paths)
-    out = pd.DataFrame({"item_id": _source_ids(path, raw, load_id_maps(paths)[1]).to_numpy()})
-    for column, size in (("category", vocab.n_categories), ("brand", vocab.n_brands), ("price_bucket", N_PRICE_BUCKETS)):
-        out[column] = _parsed(path, raw, column, lambda v: integers(v, INT64_RANGE)).astype("int64").to_numpy()
-        _first_bad(path, column, (out[column] < 0) | (out[column] >= size), f"must lie in 0..{size - 1} (the FM's vocabulary)")
-    return out
 
 
 def publish_file(run_dir: Path, path: Path, redis_url: str, kind: str, time_unit: str | None = None, log=print) -> int:
     """`loopfm events publish` (kind "events") / `loopfm items upsert` (kind "items"): check
     the whole file, then publish every row. Returns the number of messages."""
-    from loopfm.pipeline.ingest import read_event_file
-
     paths, cfg = RunPaths(run_dir), RunConfig.load(run_dir)
     if kind == "events":
         messages = event_messages(read_event_file(path, cfg, paths, time_unit))

@@ -26,6 +26,8 @@ import gc
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ from loopfm.data.ids import load_id_maps
 from loopfm.features.build import fm_history_members
 from loopfm.features.store import sync_client
 from loopfm.io import RunPaths, read_parquet
-from loopfm.stream import offline
+from loopfm.data import streamed as offline
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
 from loopfm.stream.online import (
@@ -85,9 +87,14 @@ def stream_schema(paths: RunPaths, cfg: RunConfig) -> Schema:
 def newest_checkpoint(paths: RunPaths, cfg: RunConfig) -> Path:
     """The checkpoint that encodes live events: the warm-up one under `frozen`, the newest
     written under `rolling` (fm/stream.py's scheme for events after the last trained day).
-    Raises FileNotFoundError when there is none."""
+    Raises FileNotFoundError when there is none, or when the run's log was imported (`loopfm fm
+    import-log`): its codes come from another FM, which loopfm cannot run on new events."""
     from loopfm.fm.stream import checkpoint_path
 
+    imported = paths.fm / "import_summary.json"
+    if imported.exists():
+        raise FileNotFoundError(f"this run's FM log was imported ({imported}): new events need the FM that made it, and loopfm "
+                                "has no checkpoint of it; run `loopfm fm train` and `loopfm fm log` to use loopfm's own FM")  # fmt: skip
     if cfg.fm.checkpoint_scheme == "frozen":
         path = checkpoint_path(paths, cfg.fm.warmup_days)
         found = [path] if path.exists() else []
@@ -257,12 +264,15 @@ class Worker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        cursor = "0-0"
+        cursor, trimmed = "0-0", 0
         while True:
-            cursor, *_ = self.client.xautoclaim(key, GROUP, self.name, min_idle_time=0, start_id=cursor, count=1000)
+            cursor, _, *deleted = self.client.xautoclaim(key, GROUP, self.name, min_idle_time=0, start_id=cursor, count=1000)
+            trimmed += len(deleted[0]) if deleted else 0  # pending, but trimmed from the stream: dropped by XAUTOCLAIM
             cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
             if cursor == "0-0":
                 break
+        if trimmed:
+            self._trimmed(trimmed)
         self.held.add(p)
         self.replay.add(p)
 
@@ -316,12 +326,14 @@ class Worker:
                     out.append((p, entry_id.decode(), fields))
         if trimmed:
             self._ack(trimmed)
-            n = sum(map(len, trimmed.values()))
-            self.totals.trimmed += n
-            self.metrics.events.labels("trimmed").inc(n)
-            self.log(f"stream {self.name}: {n} pending entries were trimmed from the stream before they were applied "
-                     "(stream.max_len); they are lost")  # fmt: skip
+            self._trimmed(sum(map(len, trimmed.values())))
         return out
+
+    def _trimmed(self, n: int) -> None:
+        self.totals.trimmed += n
+        self.metrics.events.labels("trimmed").inc(n)
+        self.log(f"stream {self.name}: {n} pending entries were trimmed from the stream (stream.max_len) before they were "
+                 "applied; they are lost")  # fmt: skip
 
     def _ack(self, ids: dict[int, list]) -> None:
         """XACK entry ids by partition, in one round trip."""
@@ -582,3 +594,28 @@ def run_worker(run_dir: Path, redis_url: str, name: str | None = None, **options
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     return worker.run(**options)
+
+
+def start_worker_process(run_dir: Path, redis_url: str, name: str, log_path: Path, cores: list[int] | None = None,
+                         options: tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
+    """`loopfm stream` in a process of its own (pinned to `cores` if given), output to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "loopfm.pipeline.cli", "stream", "--run-dir", str(run_dir), "--redis-url", redis_url,
+               "--name", name, *options]  # fmt: skip
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)  # fmt: skip
+
+
+def wait_for_leases(client, keys: StreamKeys, names: list[str], procs: list[subprocess.Popen], within_s: float = 120.0) -> None:
+    """Until every partition is leased and each of `names` holds a share (start-up and the
+    first worker's bootstrap included). Raises RuntimeError if a process exits or time runs out."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        holders = client.mget([keys.lease(p) for p in range(keys.partitions)])
+        if all(holders) and {h.decode() for h in holders} == set(names):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a stream worker exited before leasing its partitions; see its log")
+        time.sleep(0.1)
+    raise RuntimeError(f"the stream workers did not lease every partition within {within_s:g} s")
