@@ -1,5 +1,5 @@
-"""Run-directory layout, atomic file writes and time units shared by every stage (times are
-unix microseconds, UTC, everywhere inside the project)."""
+"""Run-directory layout, atomic file writes, how a file's name gives its layout, and time units
+shared by every stage (times are unix microseconds, UTC, everywhere inside the project)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_text(path: Path, text: str) -> None:
     """A text file written atomically (atomic_write)."""
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")  # pandas reads these compressed by their name
+SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def text_separator(path: Path) -> str | None:
+    """The column separator that a delimited text file's name gives, read from the suffix
+    before any compression suffix, in any case: "," for .csv, a tab for .tsv (events.tsv.gz:
+    a tab); None for any other name (parquet, or a format's own files)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return SEPARATORS.get(suffixes[-1]) if suffixes else None
 
 
 HOLDER_WAIT_S = 2.0  # how long a refused process waits for the holder to write its name

@@ -210,3 +210,22 @@ def test_two_ingests_on_one_run_directory_never_lose_or_corrupt_a_batch(run, pri
     assert set(events["impression_id"]) <= set(stored) and stored.is_unique
     assert set(events["impression_id"]) <= set(read_parquet(paths.fm_log)["impression_id"])
     assert not list(run.rglob("*.tmp")) and not (tmp_path / ".run.lock.holder").exists()
+
+
+def test_an_events_file_reads_alike_as_csv_tsv_compressed_or_parquet_with_float_ids(built_run, tmp_path):
+    """The separator follows the name before `.gz`; a parquet file's float64 ids are read exactly."""
+    from loopfm.config import RunConfig
+    from loopfm.pipeline.ingest import IngestError, read_events
+
+    paths, cfg = RunPaths(built_run), RunConfig.load(built_run)
+    batch = fresh_events(built_run)
+    batch.to_csv(tmp_path / "events.csv", index=False)
+    expected = read_events(tmp_path / "events.csv", cfg, paths)
+    batch.to_csv(tmp_path / "events.tsv.gz", sep="\t", index=False)
+    batch.to_csv(tmp_path / "events.CSV.gz", index=False)
+    batch.astype({"user_id": "float64", "item_id": "float64"}).to_parquet(tmp_path / "events.parquet")
+    for name in ("events.tsv.gz", "events.CSV.gz", "events.parquet"):
+        pd.testing.assert_frame_equal(read_events(tmp_path / name, cfg, paths), expected, obj=name)
+    batch.assign(user_id=float(2**53 + 2)).to_parquet(tmp_path / "rounded.parquet")
+    with pytest.raises(IngestError, match=r"rounded.parquet: column 'user_id', row 1: .* beyond 2\*\*53"):
+        read_events(tmp_path / "rounded.parquet", cfg, paths)
