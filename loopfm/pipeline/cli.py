@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 
     p = command(sub, "ingest", cmd_ingest, "fresh impressions -> FM log (offline) -> Feast push; idempotent, safe to re-run")
-    p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
+    p.add_argument("--events", type=Path, required=True, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
     p.add_argument("--redis-url", help="the online store to push to (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
@@ -379,14 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser("events", help="the live loop's producers").add_subparsers(dest="cmd", required=True)
     p = command(events, "publish", cmd_events_publish, "check a file of impressions, then publish it to the event stream")
-    p.add_argument("file", type=Path, help="parquet or CSV: " + ", ".join(
+    p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
     items = sub.add_parser("items", help="the item catalog").add_subparsers(dest="cmd", required=True)
     p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
-    p.add_argument("file", type=Path, help="parquet or CSV: item_id, category, brand, price_bucket")
+    p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): item_id, category, brand, price_bucket")
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files")
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
