@@ -122,8 +122,9 @@ def running_server(
     run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None, workers: int = 1
 ) -> Iterator[str]:
     """Yield `url` if given; otherwise serve the run's exported variant on loopback with
-    `workers` processes. Without a Redis URL a local Valkey is started and the run
-    materialized into it first."""
+    `workers` processes, their output on this process's. Without a Redis URL a local Valkey
+    is started and the run materialized into it first, with a Feast registry of its own in a
+    temporary folder: the run is only read (it may be mounted read-only)."""
     if url:
         yield url
         return
@@ -133,11 +134,11 @@ def running_server(
     model_dir = RunPaths(run_dir).vm / variant / "onnx"
     if not (model_dir / "model.onnx").exists():
         raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
-    with redis_url_or_local(redis_url) as store_url, tempfile.TemporaryDirectory(prefix="loopfm-serve-") as scratch:
+    with redis_url_or_local(redis_url) as store_url:
         if not redis_url:
             print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")
-            # The registry of this throw-away store lives and dies with it: the run is only read.
-            materialize(run_dir, store_url, registry=Path(scratch) / "registry.db")
+            with tempfile.TemporaryDirectory(prefix="loopfm-serve-") as scratch:  # this store's registry: the run is only read
+                materialize(run_dir, store_url, registry=Path(scratch) / "registry.db")
         proc, base = start_server(model_dir, store_url, None, port=port, workers=workers)
         try:
             yield base
