@@ -1,5 +1,5 @@
-"""Run-directory layout, atomic file writes and time units shared by every stage (times are
-unix microseconds, UTC, everywhere inside the project)."""
+"""Run-directory layout, atomic file writes, how a file's name gives its layout, and time units
+shared by every stage (times are unix microseconds, UTC, everywhere inside the project)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst")  # pandas reads these compressed by their name
+SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+def text_separator(path: Path) -> str | None:
+    """The column separator that a delimited text file's name gives, read from the suffix
+    before any compression suffix, in any case: "," for .csv, a tab for .tsv (events.tsv.gz:
+    a tab); None for any other name (parquet, or a format's own files)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return SEPARATORS.get(suffixes[-1]) if suffixes else None
+
+
 HOLDER_WAIT_S = 2.0  # how long a refused process waits for the holder to write its name
 
 
@@ -97,9 +111,31 @@ def lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
+class RunDirReadOnly(RuntimeError):
+    """A writing command was given a run directory (or lock folder) this user cannot write."""
+
+
+def require_writable(run_dir: Path, command: str, fix: str = "") -> None:
+    """Raise RunDirReadOnly, naming the path and the fix, unless this user can write both
+    `run_dir` (its nearest existing ancestor when it does not exist yet) and the folder of its
+    lock. Checked before a writing command starts, so a read-only run (a `:ro` mount, a
+    `chmod -R a-w` copy, another user's files) is refused before any work, not midway."""
+    for path in (run_dir, lock_path(run_dir).parent):
+        path = path.resolve()
+        while not path.exists():
+            path = path.parent
+        if not os.access(path, os.W_OK):
+            raise RunDirReadOnly(
+                f"`{command}` writes {run_dir} and its lock {lock_path(run_dir)}, but {path} is not writable "
+                f"by this user (uid {os.getuid()}): make it writable (chown or chmod u+w), or run this on a "
+                f"writable copy of the run{fix}"
+            )
+
+
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
-    """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder.
+def run_dir_lock(run_dir: Path, command: str, fix: str = "") -> Iterator[None]:
+    """Hold `run_dir` for one writing command, or raise RunDirBusy at once naming the holder
+    (RunDirReadOnly first, naming the path and `fix`, if this user cannot write there).
 
     An OS file lock (filelock: flock on POSIX), so a holder that dies, even by SIGKILL,
     releases it. `<lock>.holder` says who holds it (pid, command, since when); the holder
@@ -107,6 +143,7 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
     seconds for it (taking the lock instead if it is released meanwhile)."""
     from filelock import FileLock, Timeout
 
+    require_writable(run_dir, command, fix)
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(path), path.with_name(path.name + ".holder")

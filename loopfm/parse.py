@@ -81,6 +81,17 @@ def integer_keys(values: pd.Series, bounds: tuple[int, int] = ID_RANGE) -> pd.Se
     return pd.Series(text, index=values.index).astype("string[pyarrow]")
 
 
+def text_ids(values: pd.Series) -> pd.Series:
+    """An id column as a file holds it -> ids as text (string[pyarrow]): a numeric column (a
+    parquet file's integers or floats) as the plain decimal of each id ("13", never "13.0"),
+    text unchanged; missing stays missing. Raises BadValues as `integer_keys` does for a
+    numeric column: a float that is no integer, or beyond 2**53 (it may already have been
+    rounded into another id), is refused, never merged with another id."""
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        return integer_keys(values)
+    return values.astype("string[pyarrow]")
+
+
 def source_ids(keys: pd.Series) -> pd.Series:
     """Distinct ids as they came (text) -> the entity's source-id column: int64 when every id is
     the plain decimal of a signed 64-bit integer (so int64 and text name the same ids one to

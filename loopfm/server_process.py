@@ -38,7 +38,7 @@ def uvicorn_command(app: str, host: str, port: int, workers: int = 1, python: st
 def start_server(
     model_dir: Path,
     redis_url: str,
-    log_path: Path,
+    log_path: Path | None,
     port: int | None = None,
     wait_for: str = "/readyz",
     app: str = SERVING_APP,
@@ -49,27 +49,32 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """Start uvicorn (of `python`'s install) with `workers` processes sharing a free loopback
     port (the app reads the same count as LOOPFM_WORKERS) and wait until `wait_for` answers
-    200 (from one worker: the others may still be starting) within `ready_within_s`."""
+    200 (from one worker: the others may still be starting) within `ready_within_s`. The
+    server's output is appended to `log_path`, or shares this process's stdout and stderr
+    when None (`loopfm serve`, which only reads its run)."""
     port = port or free_port()
     env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url,
            **(env or {}), "LOOPFM_WORKERS": str(workers)}  # fmt: skip
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     command = uvicorn_command(app, "127.0.0.1", port, workers=workers, python=python)
-    with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if log_path is None:
+        proc, see = subprocess.Popen(command, env=env), "its output above"
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            proc, see = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), str(log_path)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_within_s
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode}; see {log_path}")
+                raise RuntimeError(f"server exited with code {proc.returncode}; see {see}")
             try:
                 if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
                     return proc, url
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server's {wait_for} not 200 within {ready_within_s:g} s; see {log_path}")
+        raise RuntimeError(f"server's {wait_for} not 200 within {ready_within_s:g} s; see {see}")
     except BaseException:  # not ready, or a stop signal while waiting: leave no server behind
         stop_server(proc)
         raise

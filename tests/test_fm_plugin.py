@@ -4,6 +4,8 @@ the interface, naming the setting."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from torch import nn
 from conftest import SMALL_WORLD, loopfm
 from loopfm.config import ConfigError, RunConfig
 from loopfm.fm import plugin
-from loopfm.fm.model import FMShapes
+from loopfm.fm.model import FMShapes, FoundationModel
 from loopfm.fm.stream import ACTIVITY_COLUMNS
 from loopfm.io import RunPaths
 
@@ -80,6 +82,28 @@ def raises(shapes):
     raise TypeError("needs more arguments")
 
 
+class _NaNLayer(nn.Module):
+    """The built-in FM with a NaN extracted layer; only while training when `in_training`."""
+
+    def __init__(self, shapes, in_training: bool):
+        super().__init__()
+        self.fm, self.in_training = FoundationModel(shapes), in_training
+
+    def forward(self, batch):
+        logit, acts = self.fm(batch)
+        if self.training or not self.in_training:
+            acts = {**acts, "hidden1": torch.full_like(acts["hidden1"], float("nan"))}
+        return logit, acts
+
+
+def nan_layer(shapes):
+    return _NaNLayer(shapes, in_training=False)
+
+
+def nan_in_training(shapes):
+    return _NaNLayer(shapes, in_training=True)
+
+
 NOT_CALLABLE = 3
 
 
@@ -124,6 +148,7 @@ def test_extract_layer_takes_a_comma_separated_text_or_a_list_in_config_json(tmp
         ("test_fm_plugin:no_tuple", "must return (logit [B], {layer: activations [B, d]}), got Tensor"),
         ("test_fm_plugin:flat_layer", "layer 'hidden1' must be a float tensor of shape [B, d] with B = 5, got (5,)"),
         ("test_fm_plugin:crashes", "forward(batch) raised KeyError: 'no_such_input'"),
+        ("test_fm_plugin:nan_layer", "NaN or infinite values in layer 'hidden1' on a sample of 5 events"),
     ],
 )
 def test_a_factory_that_breaks_the_interface_is_a_config_error_naming_the_setting(spec: str, message: str):
@@ -143,7 +168,7 @@ def test_a_layer_the_fm_does_not_return_is_named_with_the_layers_it_has():
 @pytest.fixture
 def plug_in_run(tmp_path: Path, monkeypatch) -> Path:
     """A small synthetic world whose config names examples/tiny_fm.py, two of its layers extracted."""
-    monkeypatch.setenv("PYTHONPATH", f"{EXAMPLES}:{TESTS}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(EXAMPLES), str(TESTS), os.environ.get("PYTHONPATH")))))
     run = tmp_path / "run"
     loopfm("data", "synth", "--run-dir", str(run), *SMALL_WORLD, "--set", "fm.model=tiny_fm:build",
            "--set", "fm.extract_layer=user_tower,item_tower", "--set", "fm.warmup_epochs=3")  # fmt: skip
@@ -175,3 +200,39 @@ def test_fm_train_with_a_broken_factory_stops_before_training_and_writes_no_chec
     assert not (RunPaths(plug_in_run).fm / "checkpoints").exists()
     r = loopfm("data", "synth", "--run-dir", str(plug_in_run.parent / "other"), "--set", "fm.model=tiny_fm", check=False)
     assert r.returncode == 2 and "fm.model must be package.module:factory" in r.stderr
+
+
+def test_fm_train_stops_when_the_extracted_layer_turns_nan_in_training_and_names_where(plug_in_run: Path):
+    """A layer finite on the sample but NaN in training: stopped at its first batch, not logged as one code."""
+    config = plug_in_run / "config.json"
+    settings = json.loads(config.read_text())
+    settings["fm"].update(model="test_fm_plugin:nan_in_training", extract_layer=["hidden1"])
+    config.write_text(json.dumps(settings))
+    r = loopfm("fm", "train", "--run-dir", str(plug_in_run), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "fm train stopped in warm-up epoch 1: NaN or infinite values in the reconstruction loss (layers hidden1)" in r.stderr
+    assert not (RunPaths(plug_in_run).fm / "checkpoints").exists()
+
+
+def test_encoding_refuses_nan_activations_naming_the_layer():
+    """fm log and loopfm stream share encode: a NaN layer is an error, never a constant code."""
+    from loopfm.fm.model import Compressor
+    from loopfm.fm.stream import encode
+
+    fm = nan_layer(SHAPES).eval()
+    with pytest.raises(ValueError, match=r"fm.model _NaNLayer: NaN or infinite values in layer 'hidden1' on 5 events"):
+        encode(fm, Compressor(16, RunConfig().fm.code_dim), ("hidden1",), events(), RunConfig())
+
+
+def test_fm_log_refuses_a_checkpoint_with_nan_weights_and_keeps_the_old_log(copy_of_run: Path):
+    paths, cfg = RunPaths(copy_of_run), RunConfig.load(copy_of_run)
+    ckpt = paths.fm / "checkpoints" / f"ckpt_{cfg.fm.warmup_days:03d}.pt"
+    state = torch.load(ckpt, weights_only=False)
+    name = next(iter(state["fm"]))
+    state["fm"][name] = state["fm"][name].float().fill_(float("nan"))
+    torch.save(state, ckpt)
+    before = paths.fm_log.read_bytes()
+    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{ckpt}: NaN or infinite values in parameters {name}" in r.stderr
+    assert paths.fm_log.read_bytes() == before

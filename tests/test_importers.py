@@ -375,6 +375,16 @@ def test_each_entitys_source_ids_are_int64_when_every_id_is_a_plain_int64_else_s
         assert source_ids_of(["7", odd_one]) == ["7", odd_one], odd_one
 
 
+def test_ids_read_from_a_numeric_column_are_their_exact_decimal_text_never_float_text():
+    from loopfm.parse import BadValues, text_ids
+
+    assert text_ids(pd.Series([13.0, 7.0, None])).tolist() == ["13", "7", pd.NA]
+    assert text_ids(pd.Series([2**63 + 1], dtype="uint64")).tolist() == [str(2**63 + 1)]
+    assert text_ids(pd.Series(["007", "a7"])).tolist() == ["007", "a7"]  # text stays as written
+    with pytest.raises(BadValues, match="beyond 2\\*\\*53"):
+        text_ids(pd.Series([float(2**53 + 2)]))
+
+
 def source_ids_of(keys: list[str]) -> list:
     from loopfm.parse import source_ids
 
@@ -394,3 +404,38 @@ def test_one_time_parser_infers_the_unit_from_the_size_or_takes_it_given(tmp_pat
     write(tmp_path / "log.csv", ["uid,iid,y,when", "1,2,1,1790848800"])
     with pytest.raises(DataFormatError, match="line 2, column 'when': a unix time in ms outside 1980 to 2100"):
         imported(tmp_path / "log.csv", "csv", "iid=2", roles=roles, time_unit="ms")
+
+
+def test_float64_id_columns_are_read_as_exact_integers_or_refused_never_merged(tmp_path):
+    """A parquet file whose id columns are float64: 13.0 is the id 13 (not the text '13.0');
+    ids float64 may have rounded (beyond 2**53: 123456789012345678 and ...679 are one float)
+    and fractions are refused naming the column and row."""
+    log = pd.DataFrame({"uid": [13.0, 7.0, 13.0], "iid": [1.0, 2.0, 2.0], "stars": [5, 1, 4], "shelf": ["a", "b", "b"]})
+    roles = {"user_id": "uid", "item_id": "iid", "label": "stars", "category": "shelf"}
+    log.to_parquet(tmp_path / "log.parquet")
+    tables = imported(tmp_path / "log.parquet", "csv", "shelf=b", roles=roles, click_threshold=4).tables
+    assert source_ids(tables, "user").dtype == np.int64 and sorted(source_ids(tables, "user")) == [7, 13]
+    for uid, problem in (([123456789012345678.0, 123456789012345679.0, 7.0], "beyond 2**53 cannot be held exactly"),
+                         ([13.0, 7.5, 13.0], "not an integer")):  # fmt: skip
+        log.assign(uid=uid).to_parquet(tmp_path / "bad.parquet")
+        with pytest.raises(DataFormatError, match=r"bad.parquet: row [12], column 'uid': ") as refused:
+            imported(tmp_path / "bad.parquet", "csv", "shelf=b", roles=roles, click_threshold=4)
+        assert problem in str(refused.value)
+
+
+@pytest.mark.parametrize("name, sep", [("events.tsv.gz", "\t"), ("events.TSV", "\t"), ("events.csv.gz", ","), ("events.csv.bz2", ",")])
+def test_a_csv_files_separator_follows_its_name_before_the_compression_suffix(tmp_path, name, sep):
+    from loopfm.io import text_separator
+
+    assert text_separator(Path(name)) == sep
+    log = pd.DataFrame({"uid": ["a", "b"], "iid": ["x", "y"], "clicked": [1, 0], "shelf": ["s", "t"]})
+    log.to_csv(tmp_path / name, sep=sep, index=False)
+    roles = {"user_id": "uid", "item_id": "iid", "label": "clicked", "category": "shelf"}
+    tables = imported(tmp_path / name, "csv", "shelf=s", roles=roles).tables
+    assert source_ids(tables, "user").tolist() == ["a", "b"]
+
+
+def test_names_without_a_separator_suffix_give_none():
+    from loopfm.io import text_separator
+
+    assert [text_separator(Path(n)) for n in ("log.parquet", "u.data", "events.gz", "events")] == [None] * 4

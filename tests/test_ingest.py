@@ -139,3 +139,22 @@ def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(
     events = read_event_file(batch, RunConfig.load(built_run), RunPaths(built_run), **({"time_unit": unit} if unit else {}))
     assert events["event_timestamp"].iloc[0] == pd.Timestamp("2026-10-01 10:00", tz="UTC")
     assert events["hour"].iloc[0] == 10
+
+
+def test_an_events_file_reads_alike_as_csv_tsv_compressed_or_parquet_with_float_ids(built_run, tmp_path):
+    """The separator follows the name before `.gz`; a parquet file's float64 ids are read exactly."""
+    from loopfm.config import RunConfig
+    from loopfm.data.event_files import IngestError, read_event_file
+
+    paths, cfg = RunPaths(built_run), RunConfig.load(built_run)
+    batch = fresh_events(built_run)
+    batch.to_csv(tmp_path / "events.csv", index=False)
+    expected = read_event_file(tmp_path / "events.csv", cfg, paths)
+    batch.to_csv(tmp_path / "events.tsv.gz", sep="\t", index=False)
+    batch.to_csv(tmp_path / "events.CSV.gz", index=False)
+    batch.astype({"user_id": "float64", "item_id": "float64"}).to_parquet(tmp_path / "events.parquet")
+    for name in ("events.tsv.gz", "events.CSV.gz", "events.parquet"):
+        pd.testing.assert_frame_equal(read_event_file(tmp_path / name, cfg, paths), expected, obj=name)
+    batch.assign(user_id=float(2**53 + 2)).to_parquet(tmp_path / "rounded.parquet")
+    with pytest.raises(IngestError, match=r"rounded.parquet: column 'user_id', row 1: .* beyond 2\*\*53"):
+        read_event_file(tmp_path / "rounded.parquet", cfg, paths)

@@ -31,7 +31,7 @@ def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uv
     """Without a Redis URL serve starts its own Valkey (and materializes into it) and uvicorn;
     with one, uvicorn only."""
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)  # serve materializes into its own Valkey: the registry is rewritten
+    shutil.copytree(trained_run, run)  # a private copy (serve only reads it)
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     store = [] if own_valkey else ["--redis-url", redis_url]
     proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port()), *store],

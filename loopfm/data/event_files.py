@@ -13,8 +13,8 @@ from loopfm.config import RunConfig
 from loopfm.contract.names import ID_INT64, N_PRICE_BUCKETS
 from loopfm.data.dataset import Vocab
 from loopfm.data.ids import IdMap, load_id_maps
-from loopfm.io import RunPaths, from_unix_us
-from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
+from loopfm.io import RunPaths, from_unix_us, text_separator
+from loopfm.parse import INT64_RANGE, BadValues, integers, text_ids, unix_times_us
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
 ITEM_COLUMNS = ("item_id", "category", "brand", "price_bucket")
@@ -42,13 +42,15 @@ def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV (read as text: numbers are parsed exactly later, never through float64) or parquet
-    file holding `columns`. Raises IngestError naming the file."""
+    """A CSV or TSV file, compressed or not (the separator follows the name: loopfm.io.text_separator;
+    read as text: numbers are parsed exactly later, never through float64), or else a parquet
+    file, holding `columns`. Raises IngestError naming the file."""
     if not path.exists():
         raise IngestError(f"{path}: no such file")
-    csv = path.suffix.lower() == ".csv"
+    sep = text_separator(path)
+    csv = sep is not None
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]) if csv else pd.read_parquet(path)
+        raw = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""]) if csv else pd.read_parquet(path)
     except Exception as exc:  # pyarrow and pandas raise many kinds for a file that is not what it says
         raise IngestError(f"{path}: not a readable {'CSV' if csv else 'parquet'} file: {exc}") from None
     missing = [c for c in columns if c not in raw.columns]
@@ -77,11 +79,10 @@ def read_event_file(path: Path, cfg: RunConfig, paths: RunPaths, time_unit: str 
 
 def _source_ids(path: Path, raw: pd.DataFrame, id_map: IdMap) -> pd.Series:
     """A batch's id column as the run's source ids: exact int64 for an int64 entity (never
-    through float64), text for a string one."""
+    through float64), text for a string one (a numeric column's ids in plain decimal: text_ids)."""
     if id_map.id_type == ID_INT64:
         return _parsed(path, raw, id_map.key, lambda v: integers(v, INT64_RANGE)).astype(np.int64)
-    _first_bad(path, id_map.key, raw[id_map.key].isna(), "missing value")
-    return raw[id_map.key].astype(str)
+    return _parsed(path, raw, id_map.key, text_ids).astype(str)
 
 
 def read_item_file(path: Path, paths: RunPaths) -> pd.DataFrame:

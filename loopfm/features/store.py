@@ -56,12 +56,17 @@ def feature_store_yaml(redis_url: str) -> Path:
     return FEATURE_REPO / ("feature_store.cluster.yaml" if cluster_node_url(redis_url) else "feature_store.yaml")
 
 
-def feast_env(run_dir: Path, redis_url: str) -> dict[str, str]:
-    """The variables feature_store.yaml reads. The registry is RUN_DIR/registry.db unless
-    LOOPFM_REGISTRY names another file (a job that may not write into the run directory)."""
+def registry_path(run_dir: Path, registry: Path | None = None) -> Path:
+    """The Feast registry file: `registry`, else $LOOPFM_REGISTRY (a job that may not write
+    into the run directory), else RUN_DIR/registry.db."""
+    return (registry or Path(os.environ.get("LOOPFM_REGISTRY") or run_dir / "registry.db")).resolve()
+
+
+def feast_env(run_dir: Path, redis_url: str, registry: Path | None = None) -> dict[str, str]:
+    """The variables feature_store.yaml reads (registry: registry_path)."""
     return {
         "LOOPFM_RUN_DIR": str(run_dir.resolve()),
-        "LOOPFM_REGISTRY": os.environ.get("LOOPFM_REGISTRY") or str(run_dir.resolve() / "registry.db"),
+        "LOOPFM_REGISTRY": str(registry_path(run_dir, registry)),
         "REDIS_CONNECTION_STRING": feast_connection_string(redis_url),
         "FEAST_FS_YAML_FILE_PATH": str(feature_store_yaml(redis_url)),  # read by the feast CLI
     }
@@ -78,12 +83,12 @@ def feast_executable() -> str:
     return found
 
 
-def feast_cli(args: list[str], run_dir: Path, redis_url: str) -> str:
+def feast_cli(args: list[str], run_dir: Path, redis_url: str, registry: Path | None = None) -> str:
     """Run the real `feast` CLI in the feature repo; raise with its output on failure."""
     result = subprocess.run(
         [feast_executable(), *args],
         cwd=FEATURE_REPO,
-        env={**os.environ, **feast_env(run_dir, redis_url)},
+        env={**os.environ, **feast_env(run_dir, redis_url, registry)},
         capture_output=True,
         text=True,
     )
@@ -92,12 +97,15 @@ def feast_cli(args: list[str], run_dir: Path, redis_url: str) -> str:
     return result.stdout
 
 
-def apply_and_materialize(run_dir: Path, redis_url: str, start: pd.Timestamp, end: pd.Timestamp) -> None:
+def apply_and_materialize(
+    run_dir: Path, redis_url: str, start: pd.Timestamp, end: pd.Timestamp, registry: Path | None = None
+) -> None:
     """`feast apply`, then `feast materialize START END` over an explicit window: unlike
-    materialize-incremental it also fills a fresh Redis after an earlier run."""
+    materialize-incremental it also fills a fresh Redis after an earlier run. The registry
+    written is registry_path(run_dir, registry)."""
     fmt = "%Y-%m-%dT%H:%M:%S"
-    feast_cli(["apply"], run_dir, redis_url)
-    feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url)
+    feast_cli(["apply"], run_dir, redis_url, registry)
+    feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url, registry)
     mark_materialized(redis_url)
 
 

@@ -74,6 +74,11 @@ def build(spec: str, shapes) -> nn.Module:
     return fm
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in `tensors` holding a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def wide_parameters(fm: nn.Module) -> list[nn.Parameter]:
     """The parameters named by `fm.wide_parameter_prefixes` (none if it has no such attribute)."""
     prefixes = tuple(getattr(fm, "wide_parameter_prefixes", ()))
@@ -89,8 +94,8 @@ def extract(activations: dict[str, torch.Tensor], layers: tuple[str, ...]) -> to
 
 def activation_width(fm: nn.Module, batch: dict[str, torch.Tensor], spec: str, layers: tuple[str, ...]) -> int:
     """Call `fm` on a sample `batch` of B events and check that it follows the interface
-    (module docstring); return the width of the extracted activation (sum of the layers'
-    d). Raises ConfigError naming fm.model or fm.extract_layer otherwise."""
+    (module docstring) and gives finite values; return the width of the extracted activation
+    (sum of the layers' d). Raises ConfigError naming fm.model or fm.extract_layer otherwise."""
     n = len(batch["user_id"])
     fm.eval()
     try:
@@ -114,4 +119,8 @@ def activation_width(fm: nn.Module, batch: dict[str, torch.Tensor], spec: str, l
         if not (isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 2 and a.shape[0] == n):
             got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise ConfigError(f"fm.model {spec!r}: layer {name!r} must be a float tensor of shape [B, d] with B = {n}, got {got}")
+    bad = nonfinite({"the logit": logit, **{f"layer {name!r}": activations[name] for name in layers}})
+    if bad:
+        raise ConfigError(f"fm.model {spec!r}: NaN or infinite values in {' and '.join(bad)} on a sample of {n} events "
+                          "before any training: a code cannot be made of them")  # fmt: skip
     return sum(int(activations[name].shape[1]) for name in layers)

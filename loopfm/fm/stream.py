@@ -288,8 +288,9 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         }
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    def train_on(idx: np.ndarray) -> tuple[float, float]:
-        """One optimizer step per global batch of `idx` (in the given order); mean losses."""
+    def train_on(idx: np.ndarray, where: str) -> tuple[float, float]:
+        """One optimizer step per global batch of `idx` (in the given order); mean losses.
+        Raises ValueError naming `where` when a loss is NaN or infinite, before stepping on it."""
         objective.train()
         losses, recon = [], []
         for lo in range(0, idx.size, cfg.fm.batch_size):
@@ -298,6 +299,11 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
                 continue  # a tail too small to give every rank a row (never when single-process)
             bi = global_batch[rank::world_size]
             task, rec = objective(_batch(arrays, bi), torch.from_numpy(arrays["label"][bi]))
+            bad = plugin.nonfinite({"the task loss (the logit)": task, f"the reconstruction loss (layers {','.join(cfg.fm.layers)})": rec})
+            if bad:
+                raise ValueError(f"fm train stopped in {where}: NaN or infinite values in {' and '.join(bad)}, so fm.model "
+                                 f"{cfg.fm.model!r} gives non-finite values or weights; fix the model or lower fm.lr "
+                                 f"(checkpoints before {where} are kept)")  # fmt: skip
             opt.zero_grad()
             (task + rec).backward()
             opt.step()
@@ -310,7 +316,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     fit_rows, val_rows = (warmup[i] for i in time_split(arrays["time_s"][warmup], cfg.fm.validation_fraction))
     stopping = EarlyStopping(cfg.fm.patience)
     for epoch in tqdm(range(cfg.fm.warmup_epochs), desc="fm warm-up (epochs)", disable=not progress):
-        train_on(rng.permutation(fit_rows))
+        train_on(rng.permutation(fit_rows), f"warm-up epoch {epoch + 1}")
         if stopping.update(_validation_logloss(fm, arrays, val_rows), objective):
             break
     stopping.restore(objective)
@@ -321,7 +327,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         day_idx = np.flatnonzero(arrays["day"] == d)
         if day_idx.size:
             next_day = np.flatnonzero(arrays["day"] == d + 1)
-            logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]))
+            logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]), f"day {d}")
             history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
                             "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
             known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
@@ -381,6 +387,10 @@ def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compr
     width, code_dim = state["compressor"]["encoder.weight"].shape[::-1]
     compressor = Compressor(width, code_dim)
     compressor.load_state_dict(state["compressor"])
+    bad = plugin.nonfinite({**fm.state_dict(), **{f"compressor.{k}": v for k, v in compressor.state_dict().items()}})
+    if bad:
+        raise ValueError(f"{path}: NaN or infinite values in parameters {', '.join(bad[:5])}: re-run `loopfm fm train` "
+                         "(with a fixed fm.model or a lower fm.lr)")  # fmt: skip
     layers = tuple(state.get("layers", [shapes.extract_layer]))  # checkpoints before fm.model: one layer
     return fm.eval(), compressor.eval(), layers, int(state["trained_until_us"]), state["known_users"], state["known_items"]
 
@@ -390,11 +400,15 @@ def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...],
     """One batch of FM inputs (`_batch`) -> (logits [B] float32, stored codes [B, code_bytes]
     uint8): extraction -> compression -> the first fm.code_dim dims -> int4 or fp32. The one
     encoding of `fm log` and `loopfm stream`. Raises ValueError when the checkpoint's code is
-    narrower than fm.code_dim."""
+    narrower than fm.code_dim, or the logit or an extracted layer holds NaN or infinite values."""
     if compressor.encoder.out_features < cfg.fm.code_dim:
         raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
     with torch.no_grad():
         logit, acts = fm(batch)
+        bad = plugin.nonfinite({"the logit": logit, **{f"layer {name!r}": acts[name] for name in layers}})
+        if bad:
+            raise ValueError(f"fm.model {type(fm).__name__}: NaN or infinite values in {' and '.join(bad)} on "
+                             f"{len(logit)} events: a code cannot be made of them")  # fmt: skip
         z = compressor.encode(plugin.extract(acts, layers)).numpy()[:, : cfg.fm.code_dim]
     return logit.numpy(), encode_codes(z, cfg.fm.code_format)
 

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "ingest", cmd_ingest, "a file of impressions into the live loop: check, publish, apply (a worker), "
                 "return; a re-run adds nothing")  # fmt: skip
-    p.add_argument("--events", type=Path, required=True, help="parquet or CSV: " + ", ".join(
+    p.add_argument("--events", type=Path, required=True, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
@@ -405,14 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser("events", help="the live loop's producers").add_subparsers(dest="cmd", required=True)
     p = command(events, "publish", cmd_events_publish, "check a file of impressions, then publish it to the event stream")
-    p.add_argument("file", type=Path, help="parquet or CSV: " + ", ".join(
+    p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
         ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
                    "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
     items = sub.add_parser("items", help="the item catalog").add_subparsers(dest="cmd", required=True)
     p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
-    p.add_argument("file", type=Path, help="parquet or CSV: item_id, category, brand, price_bucket")
+    p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): item_id, category, brand, price_bucket")
     p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
     p = command(sub, "stream", cmd_stream, "a worker of the live loop: events -> FM codes -> online store + offline files; "
                 "`stream compact`: merge its small offline files")  # fmt: skip
@@ -478,11 +478,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock).
-# serve, loadtest and bench only read it (and write their own logs and reports); ingest and
-# stream only append new files under stream/ (loopfm/data/streamed.py).
+# Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock),
+# refused before any work on a directory this user cannot write. serve only reads its run;
+# features apply and loadtest write it unless told to write elsewhere (written_dir). ingest and
+# stream only append new files under stream/ (loopfm/data/streamed.py), beside each other.
 WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_fm_import_log, cmd_features_build,
-           cmd_features_apply, cmd_vm_train, cmd_vm_export, cmd_demo)  # fmt: skip
+           cmd_vm_train, cmd_vm_export, cmd_bench_serving, cmd_bench_stream, cmd_demo)  # fmt: skip
+ELSEWHERE = {  # how a command that can also just read its run is told to write elsewhere
+    cmd_features_apply: ", or set LOOPFM_REGISTRY to a writable file outside the run (Feast's registry; the run is then only read)",
+    cmd_loadtest: ", or pass --out to write the report outside the run",
+}
+
+
+def written_dir(args: argparse.Namespace) -> Path | None:
+    """The folder this command writes (and locks), or None for a command that only reads its run."""
+    if args.func in (cmd_experiment, cmd_experiment_real):
+        return args.out
+    if args.func is cmd_features_apply:
+        from loopfm.features.store import registry_path
+
+        return args.run_dir if registry_path(args.run_dir).is_relative_to(args.run_dir.resolve()) else None
+    if args.func is cmd_loadtest:
+        return args.run_dir if args.out is None else None
+    return args.run_dir if args.func in WRITERS else None
 
 
 class Stopped(KeyboardInterrupt):
@@ -512,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library deprecations are not the user's concern
     for sig in (signal.SIGTERM, signal.SIGINT):  # process managers stop with SIGTERM, a terminal with SIGINT
         signal.signal(sig, _stop)
-    target = args.out if args.func in (cmd_experiment, cmd_experiment_real) else args.run_dir if args.func in WRITERS else None
     command = " ".join(["loopfm", *(sys.argv[1:] if argv is None else argv)])
     try:
-        with run_dir_lock(target, command) if target is not None else contextlib.nullcontext():
+        target = written_dir(args)
+        with run_dir_lock(target, command, ELSEWHERE.get(args.func, "")) if target is not None else contextlib.nullcontext():
             args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)

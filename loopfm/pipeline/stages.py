@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -55,13 +56,15 @@ def train_stages(run_dir: Path, cfg: RunConfig, redis_url: str, first: int, tota
         return train_variants(run_dir, list(VARIANTS))
 
 
-def materialize(run_dir: Path, redis_url: str) -> None:
-    """`feast apply` + `feast materialize` over the whole world's time span."""
+def materialize(run_dir: Path, redis_url: str, registry: Path | None = None) -> None:
+    """`feast apply` + `feast materialize` over the whole world's time span (the registry
+    written: loopfm.features.store.registry_path)."""
     from loopfm.features.store import apply_and_materialize
 
     w = RunConfig.load(run_dir).world
     start = pd.Timestamp(w.start_date, tz="UTC")
-    apply_and_materialize(run_dir, redis_url, start - pd.Timedelta(days=2), start + pd.Timedelta(days=w.n_days + 1))
+    window = (start - pd.Timedelta(days=2), start + pd.Timedelta(days=w.n_days + 1))
+    apply_and_materialize(run_dir, redis_url, *window, registry=registry)
 
 
 def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | None = None) -> dict[str, dict]:
@@ -119,8 +122,9 @@ def running_server(
     run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None, workers: int = 1
 ) -> Iterator[str]:
     """Yield `url` if given; otherwise serve the run's exported variant on loopback with
-    `workers` processes. Without a Redis URL a local Valkey is started and the run
-    materialized into it first."""
+    `workers` processes, their output on this process's. Without a Redis URL a local Valkey
+    is started and the run materialized into it first, with a Feast registry of its own in a
+    temporary folder: the run is only read (it may be mounted read-only)."""
     if url:
         yield url
         return
@@ -132,12 +136,10 @@ def running_server(
         raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
     with redis_url_or_local(redis_url) as store_url:
         if not redis_url:
-            from loopfm.io import run_dir_lock
-
             print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")
-            with run_dir_lock(run_dir, "loopfm serve (feast apply + materialize)"):  # rewrites registry.db
-                materialize(run_dir, store_url)
-        proc, base = start_server(model_dir, store_url, RunPaths(run_dir).root / "server.log", port=port, workers=workers)
+            with tempfile.TemporaryDirectory(prefix="loopfm-serve-") as scratch:  # this store's registry: the run is only read
+                materialize(run_dir, store_url, registry=Path(scratch) / "registry.db")
+        proc, base = start_server(model_dir, store_url, None, port=port, workers=workers)
         try:
             yield base
         finally:

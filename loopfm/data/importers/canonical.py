@@ -23,7 +23,7 @@ import pandas as pd
 from loopfm.contract.names import ITEM_KEY, N_PRICE_BUCKETS, USER_KEY
 from loopfm.data.ids import id_map
 from loopfm.io import US_PER_DAY, US_PER_HOUR
-from loopfm.parse import BadValues, integer_keys, source_ids, unix_times_us
+from loopfm.parse import BadValues, integer_keys, source_ids, text_ids, unix_times_us
 
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
@@ -46,15 +46,20 @@ class DataFormatError(ValueError):
 
 
 def read_table(
-    path: Path, columns: Sequence[str], *, sep: str = ",", names: Sequence[str] | None = None, encoding: str = "utf-8"
+    path: Path, columns: Sequence[str], *, sep: str = ",", names: Sequence[str] | None = None, encoding: str = "utf-8",
+    id_columns: Sequence[str] = (),
 ) -> pd.DataFrame:  # fmt: skip
     """A CSV (header row unless `names` is given) or parquet file, every value as text, with
-    `_line`: where each row is in the file. Fails unless every one of `columns` is there."""
+    `_line`: where each row is in the file. Fails unless every one of `columns` is there.
+    `id_columns` of a parquet file's numeric type become the exact decimal of each id
+    (loopfm.parse.text_ids: "13", never "13.0"; a float that is no integer or beyond 2**53 is
+    refused naming the column and row)."""
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
         if path.suffix == ".parquet":
-            df = pd.read_parquet(path).astype(TEXT)
+            df = pd.read_parquet(path)
+            df = df.astype({c: TEXT for c in df.columns if c not in id_columns})
         else:
             df = pd.read_csv(
                 path, sep=sep, header=None if names else 0, names=names, dtype=TEXT, index_col=False,
@@ -69,8 +74,10 @@ def read_table(
         raise DataFormatError(f"{path}: missing column {missing[0]!r} (found: {', '.join(df.columns)})")
     first_line = 1 if names or path.suffix == ".parquet" else 2
     df["_line"] = np.arange(len(df)) + first_line
-    df = df[df.drop(columns="_line").notna().any(axis=1)].reset_index(drop=True)  # blank lines
     df.attrs["path"] = path
+    for column in id_columns:
+        df[column] = _parsed(df, column, text_ids)
+    df = df[df.drop(columns="_line").notna().any(axis=1)].reset_index(drop=True)  # blank lines
     return df
 
 

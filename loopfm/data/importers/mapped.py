@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 
 from loopfm.data.importers.canonical import REQUIRED_ROLES, ROLES, DataFormatError, convert, read_table
+from loopfm.io import text_separator
 
 
 def read_mapped(
@@ -27,8 +28,8 @@ def read_mapped(
         raise DataFormatError("column map: give timestamp (absolute time) or order (sequence only), not both")
     frames = []
     for path in files:
-        sep = "\t" if path.suffix == ".tsv" else ","
-        table = read_table(path, list(roles.values()), sep=sep)
+        ids = [roles[role] for role in ("user_id", "item_id")]
+        table = read_table(path, list(roles.values()), sep=text_separator(path) or ",", id_columns=ids)
         frames.append(convert(table, roles, integer_ids=integer_ids, click_threshold=click_threshold, time_unit=time_unit))
     return pd.concat(frames, ignore_index=True)
 
