@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-serving results results-real container-test
+.PHONY: demo test venv clean bench-serving bench-stream results results-real container-test
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/be
 results: $(STAMP)  # 71 min wall time on 2 nearly quiet cores (2026-12-05; 73 min beside make test, 2026-12-06): every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
+
+bench-stream: $(STAMP)  # builds its own world in runs/bench-stream (about a minute); ~25 min; writes docs/benchmarks-stream.{md,json}
+	$(BIN)/loopfm bench stream --run-dir runs/bench-stream --out docs
 
 container-test: $(STAMP)  # runs the demo first if needed; podman builds of both images + docker-compose.yml run for real (containers/test.sh; root)
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo

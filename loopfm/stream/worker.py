@@ -3,8 +3,9 @@ online store (Feast's Redis layout) and the offline side, within a second of the
 
 One micro-batch, at a cost that does not depend on the stored history:
 
-  1. read up to `stream.batch_size` entries of the partitions this worker leases (waiting at
-     most `stream.max_wait_ms`); refuse bad ones to the dead-letter stream with the reason;
+  1. read up to `stream.batch_size` entries of each partition this worker leases (waiting at
+     most `stream.max_wait_ms`), and what arrives until the oldest is `stream.linger_ms` old;
+     refuse bad ones to the dead-letter stream with the reason;
   2. one pipelined round trip: each user's running state and profile, each item's counts and
      catalog features; new source ids get dense indices (a second round trip, only for them);
   3. per event, in stream order: the FM's inputs from its user's state (fm/stream.py's point-
