@@ -40,7 +40,10 @@ def as_user(*args: str) -> list[str]:
 
 
 def user_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LOOPFM_REGISTRY")}
+    # Feast's metrics module, once imported by this test process, points these at a folder of
+    # ours (root's, mode 0700) that another user cannot write: a user's shell has none of them.
+    dropped = ("REDIS_URL", "LOOPFM_REGISTRY", "PROMETHEUS_MULTIPROCESS_DIR", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     return {**env, "HOME": "/nonexistent", **extra}  # as the image's system user: no home folder
 
 

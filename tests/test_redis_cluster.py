@@ -102,13 +102,17 @@ def test_two_stream_workers_on_the_cluster_share_the_partitions_and_write_what_a
     keys = StreamKeys(PROJECT, 4)
     assert len({cluster.keyslot(keys.events(p)) // 5462 for p in range(4)}) > 1, "the stream keys spread over the masters"
     procs = [subprocess.Popen([LOOPFM, "stream", "--run-dir", str(cluster_run), "--redis-url", cluster_url, "--name", name,
-                               "--until-idle", "5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               "--until-idle", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in ("a", "b")]  # fmt: skip
     deadline = time.monotonic() + 120
     while {cluster.get(keys.lease(p)) for p in range(4)} != {b"a", b"b"} and time.monotonic() < deadline:
         time.sleep(0.1)  # until each holds a share of the partitions
     publish(cluster_run, cluster_url, messages)
-    outputs = [json.loads(p.communicate(timeout=180)[0].strip().splitlines()[-1]) for p in procs]
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
     assert sum(o["applied"] for o in outputs) == 600
     assert all(o["applied"] > 0 for o in outputs), "each worker applied a share"
     users, items = touched(messages)

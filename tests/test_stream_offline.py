@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from loopfm.config import RunConfig
@@ -212,7 +213,7 @@ def test_a_compaction_cut_short_before_removing_the_small_files_reads_the_same(s
     paths = RunPaths(run)
     small = offline.files(paths, offline.IMPRESSIONS)
     duplicate = pd.read_parquet(small[-1]).head(3).assign(available_at=pd.Timestamp.now(tz="UTC"))
-    offline.append(paths, offline.IMPRESSIONS, duplicate, offline.write_order(small[-1])[0] + 1, "again")  # a re-applied batch
+    offline.append(paths, offline.IMPRESSIONS, pa.Table.from_pandas(duplicate, preserve_index=False), offline.write_order(small[-1])[0] + 1, "again")  # a re-applied batch
     want = offline.read_impressions(paths)
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)
     offline.compact(paths, older_than_us=time.time_ns() // 1000, log=lambda *_: None)

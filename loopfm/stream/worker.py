@@ -391,7 +391,7 @@ class Worker:
         if new:
             pipe = self.client.pipeline(transaction=False)
             for s in new:
-                self.id_script(keys=[self.keys.new_ids(entity)], args=[f"id:{s}", len(id_map.source)], client=pipe)
+                self._script(pipe, self.id_script, self.keys.new_ids(entity), [f"id:{s}", len(id_map.source)])
             out.update(zip(new, (int(d) for d in pipe.execute())))
         return out
 
@@ -408,6 +408,17 @@ class Worker:
         })  # fmt: skip
         offline.append(self.paths, offline.ITEMS, rows, write_us, self.name)
         self.totals.items_upserted += len(upserts)
+
+    def _script(self, pipe, script, key, args: list) -> None:
+        """Queue a one-key script on `pipe`: EVALSHA (the server keeps the script), or EVAL of its
+        text on a cluster. redis-py 7.4's ClusterPipeline refuses EVALSHA (its
+        PIPELINE_BLOCKED_COMMANDS) and shadows `eval` with a method of no arguments
+        (`RedisCluster.from_url(u).pipeline().eval("return 1", 0)` raises TypeError), so the
+        command goes through execute_command, which routes EVAL by its key."""
+        if self.cluster:
+            pipe.execute_command("EVAL", script.script, 1, key, *args)
+        else:
+            script(keys=[key], args=args, client=pipe)
 
     def _read_entities(self, users: list, items: list) -> tuple[list, list]:
         pipe = self.client.pipeline(transaction=False)
@@ -478,7 +489,7 @@ class Worker:
         for u, v in touched_pairs:
             pipe.hset(user_vertical_key(self.keys.project, u, v), mapping=vm_history_fields(states[u], v, write_us))
         for (i, p), entries in item_entries.items():
-            self.item_script(keys=[item_key(self.keys.project, i)], args=item_count_args(p, entries, write_us), client=pipe)
+            self._script(pipe, self.item_script, item_key(self.keys.project, i), item_count_args(p, entries, write_us))
         self.totals.applied += len(applied)
         self.metrics.events.labels("applied").inc(len(applied))
 
