@@ -26,7 +26,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # 71 min wall time on 2 nearly quiet cores (2026-12-05; 73 min beside make test, 2026-12-06): every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # about 75 min on 2 cores: every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 
@@ -41,7 +41,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 ML100K_DEV := runs/data/ml100k-dev
-results-real: $(STAMP)  # 4.0 min on a quiet 2-core machine (2026-12-03; 9.5 to 13 min beside make results): MovieLens-100K dev half, Comedy and Drama, 5 seeds; writes docs/results-real.{md,json} + docs/results-real/*.png
+results-real: $(STAMP)  # about 5 min on 2 quiet cores: MovieLens-100K dev half, Comedy and Drama, 5 seeds; writes docs/results-real.{md,json} + docs/results-real/*.png
 	../shared/data/movielens-100k-dev.sh $(ML100K_DEV) $(abspath $(BIN)/python)
-	rm -rf runs/results-real  # from scratch, as `results`: a resumed seed keeps the predictions of older code
+	rm -rf runs/results-real  # from scratch, as `results`: a resumed seed would keep predictions made by other code
 	$(BIN)/loopfm experiment-real --out runs/results-real --data $(ML100K_DEV) --format movielens --dataset comedy=genre=Comedy --dataset drama=genre=Drama --seeds 5 --docs docs

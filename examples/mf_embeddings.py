@@ -1,4 +1,4 @@
-"""Embeddings from a model outside loopfm, for `loopfm fm import-log` (README, "Bring your own FM").
+"""Embeddings from a model outside loopfm, for `loopfm fm import-log` (docs/your-data.md, "Bring your own FM").
 
 A logistic matrix factorisation (logit = b + b_user + b_item + <p_user, q_item>) fitted on the
 run's impressions (`RUN/data/impressions.parquet`: every vertical, as an FM would see them)

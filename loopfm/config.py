@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loopfm.contract.codec import CODE_FORMATS
 from loopfm.contract.names import feature_service
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, FormatError, check_format
 
 DEFAULT_FM_MODEL = "loopfm.fm.model:FoundationModel"  # the FM interface: loopfm/fm/plugin.py
 
@@ -197,7 +198,7 @@ class RunConfig:
 
         self.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.json", json.dumps(asdict(self), indent=2))
+        write_text(run_dir / "config.json", json.dumps({FORMAT_KEY: FORMAT_VERSION, **asdict(self)}, indent=2))
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunConfig":
@@ -205,6 +206,10 @@ class RunConfig:
         if not path.exists():
             raise ConfigError(f"{path} not found: run `loopfm data synth --run-dir {run_dir}` first")
         raw = json.loads(path.read_text())
+        try:
+            check_format(raw, path, "make the run again (`loopfm data synth|import` or `loopfm run`, then the stages)")
+        except FormatError as exc:
+            raise ConfigError(str(exc)) from None
         cfg = cls(**{f.name: _section(f.type, raw.get(f.name, {}), path) for f in fields(cls)})
         try:
             return cfg.validate()
@@ -249,10 +254,6 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig, "StreamConfig": StreamConfig}
-# A key a saved config.json lacks takes the behaviour the run was built with, not today's
-# default: its features and models were made before the key existed.
-_BEFORE_KEY = {"FMConfig": {"history_events": "clicks", "dot_logit": False, "intent_half_lives": ()},
-               "VMConfig": {"history_product": False, "recency_slope": False}}  # fmt: skip
 
 
 def _section(type_name: str, values: dict, path: Path):
@@ -261,6 +262,5 @@ def _section(type_name: str, values: dict, path: Path):
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in section {type_name}")
-    values = {**_BEFORE_KEY.get(type_name, {}), **values}
     # JSON has no tuples; restore them so configs compare equal after a round trip.
     return section(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

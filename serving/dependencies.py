@@ -3,9 +3,8 @@ client, the metrics and the reload broadcast, all set on `app.state` by serving/
 and the key guards.
 
 Every dependency is `async def`: FastAPI runs a plain `def` dependency in its thread pool,
-one thread hop per dependency per request. With the five getters below as `def`, a py-spy
-profile of /score under load spent about a quarter of the busy time waking and waiting for
-those threads (2026-12-01, `loopfm loadtest` at 80 req/s)."""
+one thread hop per dependency per request, and waking and waiting for those threads is a
+large share of a short request's time (docs/serving.md, "Where the time goes")."""
 
 from __future__ import annotations
 

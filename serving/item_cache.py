@@ -7,8 +7,8 @@ a newly materialized item stays unknown to this process.
 
 The rows live in one [max_items, width] matrix and the index maps an id to its slot, so a
 request's cached rows come out with one gather, taken at lookup, before the request awaits
-Redis: `np.stack` over 100 per-item arrays was 6% of the server's busy time in a py-spy
-profile (2026-12-01, `wrk` closed loop, 100 candidates).
+Redis: stacking per-item arrays on every request costs more than one gather
+(docs/serving.md, "Where the time goes").
 """
 
 from __future__ import annotations

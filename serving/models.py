@@ -43,7 +43,7 @@ def check_model(scorer: Scorer, serving: Scorer | None) -> None:
     types = scorer.entity_types
     if sorted(types) != sorted((USER_KEY, ITEM_KEY)) or not set(types.values()) <= {ID_INT64, ID_STRING}:
         raise ModelRefused(f"model.json's entity_types {types} must give {USER_KEY} and {ITEM_KEY} as {ID_INT64} or "
-                           f"{ID_STRING}: a model exported before source ids; export it again (`loopfm vm export`)")  # fmt: skip
+                           f"{ID_STRING}: export it again (`loopfm vm export`)")  # fmt: skip
     user_features = {f for _, views in scorer.user_groups for features in views.values() for f in features}
     candidates = candidate_tensors({f: [None, None] for f in CANDIDATE_FEATURES}, scorer.spec)
     tensors = model_inputs({f: [None] for f in user_features}, [0], candidates, scorer.spec)

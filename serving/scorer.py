@@ -13,21 +13,20 @@ import redis.asyncio
 
 from loopfm.contract.names import ITEM_KEY
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
+from loopfm.contract.version import check_format
 from serving.item_cache import ItemCache
 from serving.feast_layout import request_side, user_entity
 from serving.online_reader import EntityRows, read_online_features
 
 
-def _session(onnx_path: Path, threads: int, optimized: bool) -> ort.InferenceSession:
-    """optimized: the graph is the one ONNX Runtime optimised at export (`optimized_graph` in
-    model.json), loaded with graph optimisation disabled; otherwise ORT optimises it at load."""
+def _session(onnx_path: Path, threads: int) -> ort.InferenceSession:
+    """The graph ONNX Runtime optimised at export (`optimized_graph` in model.json), loaded
+    with graph optimisation disabled: it is not optimised again at every start."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
@@ -58,22 +57,19 @@ class Scorer:
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: export a model with `loopfm vm export`")
         self.meta = json.loads(meta_path.read_text())
-        optimized = self.meta.get("optimized_graph")  # absent in models exported before it
-        if optimized:
-            onnx_path = model_dir / optimized["file"]
-            if not onnx_path.exists():
-                raise FileNotFoundError(f"{onnx_path} not found: model.json names it as the optimised graph; re-export the model")
+        check_format(self.meta, meta_path, "re-export the model with `loopfm vm export` (after `loopfm vm train` for a model.pt of another version)")
+        onnx_path = model_dir / self.meta["optimized_graph"]["file"]
+        if not onnx_path.exists():
+            raise FileNotFoundError(f"{onnx_path} not found: model.json names it as the optimised graph; re-export the model")
         self.spec = TensorSpec(**self.meta["spec"])
-        self.entity_types: dict[str, str] = self.meta.get("entity_types", {})  # checked by serving.models.check_model
+        self.entity_types: dict[str, str] = self.meta["entity_types"]  # checked by serving.models.check_model
         self.user_groups, self.item_views = request_side(self.meta)
         self.items = item_cache if item_cache is not None else ItemCache(max_items=0, ttl_s=0)
         # Two sessions of one model: small requests run on one thread (a second only adds
         # synchronisation), large ones on `large_batch_threads` without spin-waiting, so an
         # idle core speeds them up without being burnt while waiting.
-        self.session = _session(onnx_path, threads, bool(optimized))
-        self.large_session = (
-            _session(onnx_path, large_batch_threads, bool(optimized)) if large_batch_threads != threads else self.session
-        )
+        self.session = _session(onnx_path, threads)
+        self.large_session = _session(onnx_path, large_batch_threads) if large_batch_threads != threads else self.session
         self.large_batch = large_batch
         self.inputs = [i.name for i in self.session.get_inputs()]
 

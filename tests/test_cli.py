@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import loopfm
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 
 
 def test_a_stage_run_before_its_inputs_exist_names_the_missing_file(tmp_path):
@@ -21,9 +22,16 @@ def test_unknown_config_keys_are_named(tmp_path):
     r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.cod_dim=8", check=False)
     assert r.returncode == 2 and "fm.cod_dim" in r.stderr and "fm.code_dim" in r.stderr
     assert "Traceback" not in r.stderr
-    (tmp_path / "config.json").write_text(json.dumps({"world": {"n_userz": 3}}))
+    (tmp_path / "config.json").write_text(json.dumps({FORMAT_KEY: FORMAT_VERSION, "world": {"n_userz": 3}}))
     r = loopfm("fm", "train", "--run-dir", str(tmp_path), check=False)
     assert r.returncode == 2 and "n_userz" in r.stderr and "config.json" in r.stderr
+
+
+def test_a_config_of_another_format_version_is_refused_naming_what_to_re_run(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"world": {"n_users": 3}}))  # no format_version: an older loopfm
+    r = loopfm("fm", "train", "--run-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"reads version {FORMAT_VERSION}" in r.stderr and "loopfm data synth|import" in r.stderr
 
 
 def test_wrongly_typed_values_and_unknown_variants_are_refused(tmp_path):
@@ -133,16 +141,14 @@ def test_a_worker_count_or_bench_duration_out_of_range_is_refused_naming_the_fla
     assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_config_saved_before_a_key_existed_keeps_the_behaviour_its_run_was_built_with(tmp_path):
+def test_a_saved_config_carries_the_format_version_and_reads_back_equal(tmp_path):
     from loopfm.config import RunConfig
 
-    RunConfig().save(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    del raw["fm"]["history_events"], raw["vm"]["history_product"]
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    old = RunConfig.load(tmp_path)
-    assert (old.fm.history_events, old.vm.history_product) == ("clicks", False)  # its features hold click codes
-    assert (RunConfig().fm.history_events, RunConfig().vm.history_product) == ("impressions", True)  # new runs
+    cfg = RunConfig()
+    cfg.override("fm.extract_layer=hidden1,hidden2")
+    cfg.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[FORMAT_KEY] == FORMAT_VERSION
+    assert RunConfig.load(tmp_path) == cfg
 
 
 def test_experiments_write_their_tables_into_their_out_folder_unless_given_docs():

@@ -68,7 +68,7 @@ def test_candidates_carry_the_item_s_rate_and_count_buckets_when_the_model_reads
     assert out.shape == (3, 6) and len(spec.candidate_vocab) == 6
     assert out[:, 4].tolist() == rate.tolist() == [29, 37, 0]  # an unseen item at even odds; no counts: unknown
     assert out[:, 5].tolist() == count.tolist()
-    assert candidate_tensors(items, SPEC).shape == (3, 4)  # models exported before it read four columns
+    assert candidate_tensors(items, SPEC).shape == (3, 4)  # without vm.item_activity: four columns
 
 
 def test_rate_bucket_log_odds_are_the_bucket_centres_and_zero_for_unknown():

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -193,3 +194,27 @@ def test_the_server_loads_the_optimised_graph_without_optimising_it_again(traine
     (onnx_dir / OPTIMIZED_GRAPH).unlink()
     with pytest.raises(ModelRefused, match=OPTIMIZED_GRAPH):
         ModelRegistry({"default": onnx_dir}, Scorer)
+
+
+def test_a_model_of_another_format_version_is_refused_naming_what_to_re_run(trained_run, tmp_path):
+    """model.pt and model.json carry FORMAT_VERSION; an older file is never read with guessed defaults."""
+    import shutil
+
+    import torch
+
+    from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, FormatError
+    from serving.scorer import Scorer
+
+    paths = RunPaths(trained_run)
+    onnx_dir = Path(shutil.copytree(paths.vm / "loopfm_kd" / "onnx", tmp_path / "onnx"))
+    meta = json.loads((onnx_dir / "model.json").read_text())
+    assert meta[FORMAT_KEY] == FORMAT_VERSION
+    (onnx_dir / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != FORMAT_KEY}))
+    with pytest.raises(FormatError, match="loopfm vm export"):
+        Scorer(onnx_dir)
+    old = RunPaths(tmp_path / "run")
+    (old.vm / "base").mkdir(parents=True)
+    state = torch.load(paths.vm / "base" / "model.pt", weights_only=False)
+    torch.save({**state, FORMAT_KEY: FORMAT_VERSION + 1}, old.vm / "base" / "model.pt")
+    with pytest.raises(FormatError, match="loopfm vm train --variant base"):
+        load_variant(old, "base")

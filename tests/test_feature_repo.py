@@ -1,4 +1,4 @@
-"""feature_repo/ is an ordinary Feast repo: the README's by-hand commands work from it."""
+"""feature_repo/ is an ordinary Feast repo: the by-hand commands of docs/getting-started.md work from it."""
 
 import os
 import subprocess

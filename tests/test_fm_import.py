@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,13 @@ def test_embeddings_all_available_after_the_window_start_are_refused(data_run: P
     assert main(["fm", "import-log", "--run-dir", str(data_run), "--embeddings", str(path)]) == 2
     assert "0 embedding(s) available before the VM's training window" in capsys.readouterr().err
     assert not RunPaths(data_run).fm.exists()
+
+
+def test_the_worked_example_s_mf_embeddings_import_as_the_fm_log(run: Path, tmp_path: Path):
+    """docs/your-data.md's worked example: examples/mf_embeddings.py, then `loopfm fm import-log`."""
+    out = tmp_path / "mf.parquet"
+    example = Path(__file__).parents[1] / "examples" / "mf_embeddings.py"
+    subprocess.run([sys.executable, str(example), "--run-dir", str(run), "--out", str(out), "--dim", "4", "--steps", "5"],
+                   check=True, capture_output=True)  # fmt: skip
+    loopfm("fm", "import-log", "--run-dir", str(run), "--embeddings", str(out))
+    assert (RunPaths(run).fm / "fm_event_embeddings.parquet").exists() and (RunPaths(run).fm / "import_summary.json").exists()

@@ -16,6 +16,7 @@ from torch import nn
 
 from conftest import SMALL_WORLD, loopfm
 from loopfm.config import ConfigError, RunConfig
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 from loopfm.fm import plugin
 from loopfm.fm.model import FMShapes, FoundationModel
 from loopfm.fm.stream import ACTIVITY_COLUMNS
@@ -128,7 +129,7 @@ def test_extract_layer_takes_a_comma_separated_text_or_a_list_in_config_json(tmp
     cfg = RunConfig()
     cfg.override("fm.extract_layer=hidden2, hidden1")
     assert cfg.fm.layers == ("hidden2", "hidden1")
-    (tmp_path / "config.json").write_text('{"fm": {"extract_layer": ["embedding", "hidden2"]}}')
+    (tmp_path / "config.json").write_text(json.dumps({FORMAT_KEY: FORMAT_VERSION, "fm": {"extract_layer": ["embedding", "hidden2"]}}))
     assert RunConfig.load(tmp_path).fm.layers == ("embedding", "hidden2")
     cfg.override("fm.extract_layer=hidden1,")
     with pytest.raises(ConfigError, match="fm.extract_layer must name a layer"):

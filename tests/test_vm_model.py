@@ -9,10 +9,10 @@ from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
 
-def _model(encoder: str, use_fm: bool = True, short_window: int = 0, wide_rates: bool = False) -> VerticalModel:
+def _model(encoder: str, use_fm: bool = True, short_window: int = 0) -> VerticalModel:
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 21, 13), candidate_vocab=(51, 11, 21, 11), code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=use_fm, encoder=encoder, history_length=6,
-                      history_product=True, short_window=short_window, wide_rates=wide_rates)  # fmt: skip
+                      history_product=True, short_window=short_window)  # fmt: skip
     return VerticalModel(shapes).eval()
 
 
@@ -33,7 +33,7 @@ def _inputs(users: int, candidates: int, length: int = 6) -> dict[str, torch.Ten
 def test_one_user_row_per_request_scores_like_one_user_row_per_candidate(encoder, short_window):
     """Three layouts, one function: candidate_user = 0 (gathers), the user's row repeated per
     candidate (training), and candidate_user None (matrix products: the serving graph)."""
-    model, x = _model(encoder, short_window=short_window, wide_rates=True), _inputs(users=1, candidates=9)
+    model, x = _model(encoder, short_window=short_window), _inputs(users=1, candidates=9)
     with torch.no_grad():
         model.rate_weight.fill_(0.5)
     shared, _ = model(**x)
@@ -98,7 +98,7 @@ def test_a_learned_recency_slope_discounts_each_position_by_its_steps_back_and_s
         steep = masked_pool(keys, torch.ones(2, 6), query, users, "dot_mlp", model.fm_attention, model.recency("fm"))
         newest = masked_pool(keys[:, 5:], torch.ones(2, 1), query, users, "dot_mlp", model.fm_attention, torch.zeros(1))
     torch.testing.assert_close(steep, newest)
-    assert VerticalModel(VMShapes(**shapes)).fm_slope is None  # off: models saved before it existed
+    assert VerticalModel(VMShapes(**shapes)).fm_slope is None  # off by default
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -136,7 +136,7 @@ def _rate_model(item_activity: bool) -> VerticalModel:
     candidate_vocab = (51, 11, 21, 11, 49, 13) if item_activity else (51, 11, 21, 11)
     shapes = VMShapes(user_context_vocab=(7, 3, 25, 49, 13), candidate_vocab=candidate_vocab, code_dim=4,
                       embedding_dim=8, hidden=(16,), use_fm_history=False, encoder="mean", history_length=6,
-                      wide_rates=True, item_bias=not item_activity, item_count_bias=False)  # fmt: skip
+                      item_bias=not item_activity)  # fmt: skip
     return VerticalModel(shapes)
 
 

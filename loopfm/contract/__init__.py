@@ -6,5 +6,6 @@ install (the Dockerfile) takes it whole:
   services, the ONNX input names, the vocabulary sizes fixed by the canonical schema;
 - `codec`: how an FM code is stored (int4 or fp32);
 - `tensorize`: feature values -> model input arrays, the one function both sides call;
-- `redis_url`: how one REDIS_URL names a single node or a Redis Cluster.
+- `redis_url`: how one REDIS_URL names a single node or a Redis Cluster;
+- `version`: the format version of every saved file, and its check.
 """

@@ -67,7 +67,6 @@ USER_SIDE_INPUTS = ("user_context", "vm_history", "fm_codes", "fm_mask")
 
 
 def input_names(use_fm_history: bool) -> list[str]:
-    """The exported graph's input names, in the order of ServingHead's arguments. Graphs
-    exported before 2026-12-02 also take candidate_user [C] after candidates (all 0 at serving)."""
+    """The exported graph's input names, in the order of ServingHead's arguments."""
     names = ["user_context", "vm_history", "candidates"]
     return names + ["fm_codes", "fm_mask"] if use_fm_history else names

@@ -47,7 +47,7 @@ class TensorSpec:
     n_age_buckets: int = N_AGE_BUCKETS
     n_genders: int = N_GENDERS
     code_format: str = "int4"  # int4 | fp32 (loopfm/contract/codec.py)
-    item_activity: bool = False  # candidates carry the item's click-rate and count buckets (vm.item_activity; False in models exported before it)
+    item_activity: bool = False  # candidates carry the item's click-rate and count buckets (vm.item_activity)
 
     @property
     def user_context_vocab(self) -> tuple[int, ...]:
@@ -181,11 +181,12 @@ def model_inputs(
     candidate_user: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Every model input: U users' request-side tensors (request_tensors), the candidates
-    [C, 4 or 6] (candidate_tensors) and candidate_user [C], the user row of each candidate
-    (default: all 0, one request of one user)."""
+    [C, 4 or 6] (candidate_tensors) and, when given (training), candidate_user [C], the user
+    row of each candidate. Without it there is one user (a request; the exported graph)."""
     tensors = request_tensors(users, hours, spec)
     tensors["candidates"] = candidates
-    tensors["candidate_user"] = np.zeros(len(candidates), dtype=np.int64) if candidate_user is None else candidate_user
+    if candidate_user is not None:
+        tensors["candidate_user"] = candidate_user
     return tensors
 
 

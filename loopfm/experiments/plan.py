@@ -11,12 +11,9 @@ up to the world's). Every experiment point is a set of cells, one per seed.
 
 The main table and the length sweep (the goals) run on the bench world (>= 1M impressions);
 the other sweeps on a smaller *sweep world* (SWEEP_SHARE of the bench users), where each
-point costs about half as much. At 15% of the users (1,140; 14,797 training rows) early
-stopping kept epoch 1 or 2 of VM + LoopFM + KD on 2 of 3 seeds, which then scored as VM + KD
-(AUC 0.588 / 0.563 against 0.587 / 0.562; seed 0: 0.680 against 0.604; 2026-12-04), so the sweep world
-keeps half the users: 3,800 (`loopfm experiment --experiments main --seeds 2 --set world.n_users=3800`:
-VM + LoopFM + KD 0.7137 / 0.6459 against VM + KD 0.6172 / 0.5999; VM cells 15 to 56 s against the
-bench's 30 to 175 s).
+point costs about half as much. Half is the smallest share at which VM + LoopFM + KD still
+trains past its first epochs and separates from VM + KD; on much smaller worlds early
+stopping keeps an epoch where the two score alike (docs/experiments.md, "The two worlds").
 """
 
 from __future__ import annotations
@@ -29,12 +26,11 @@ from loopfm.config import VARIANTS, FMConfig, VMConfig
 
 Overrides = tuple[tuple[str, object], ...]
 
-# The sweeps are cut to what shows each effect, aiming at 5 seeds of all of them in about an hour on 2 cores
-# (2026-12-03, all on the bench world: main and length took 52 to 62 min from scratch, encoder 31 min more).
+# The sweeps are cut to what shows each effect, so that 5 seeds of all of them take about an hour on 2 cores.
 EXPERIMENTS = ("main", "gap", "length", "encoder", "compression", "freshness", "layer", "vm_size")
 BENCH: Overrides = (("world.n_users", 7600), ("fm.matryoshka_dims", (8, 16)))  # >= 1M impressions
 ON_BENCH = ("main", "length")  # the others run on the sweep world
-SWEEP_SHARE = 0.5  # sweep world users / bench world users (see the module doc; not yet run end to end)
+SWEEP_SHARE = 0.5  # sweep world users / bench world users (see the module doc)
 GAP_NOISE = (0.2, 0.7, 8.0)  # fm_signal_noise: small = the FM knows much more than the VM
 LENGTHS = (5, 10, 25, 50, 100)
 CODES = (("fp32", 32), ("int4", 32), ("int4", 8))  # (format, logged dims)

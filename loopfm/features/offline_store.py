@@ -3,9 +3,8 @@
 Feast 0.67's DuckDB store (through `feast.infra.offline_stores.ibis.point_in_time_join`)
 inner-joins every entity row to *every* older source row of its key, carrying the
 feature values, then keeps the newest by a window `row_number`. With per-event history
-snapshots that is rows x events-per-user rows of 800-byte values: on the bench world
-(137,229 entity rows, 1.03M `fm_history` and `vm_click_history` snapshots) one
-`vm_loopfm_kd` retrieval took 115 s (two experiment jobs side by side on 2 cores, 2026-12-04). `AsofDuckDBOfflineStore`
+snapshots that is rows x events-per-user rows of 800-byte values (docs/scaling.md, "The
+default offline store: as-of point-in-time joins", has the cost). `AsofDuckDBOfflineStore`
 replaces only that retrieval: per feature view, a backward as-of match on the join keys
 and the timestamps alone (`pandas.merge_asof`), then the values by Arrow `take`. Same
 rule as Feast's (feature time <= entity time, and >= entity time - ttl; the newest row
@@ -94,8 +93,8 @@ _OFFSETS_LIMIT = 2**31 - 1  # bytes a binary or string array with 32-bit offsets
 def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
     """Rows `rows` [n] int64 of `table`, in that order (-1 = a row of nulls). Arrow's own
     `take` on a chunked column concatenates its chunks first, which past 2 GiB of binary
-    values overflows their 32-bit offsets (ArrowInvalid "offset overflow": 3.3 GB of fp32 FM
-    histories on the sweep world, 2026-12-04). Binary and string columns are therefore taken
+    values overflows their 32-bit offsets (ArrowInvalid "offset overflow", as fp32 FM histories
+    of an experiment's sweep world do). Binary and string columns are therefore taken
     chunk by chunk; they keep their type unless the rows taken hold 2 GiB or more, which
     then come as large_binary / large_string (64-bit offsets)."""
     rows = np.asarray(rows, dtype=np.int64)  # Arrow's sort_indices give uint64, whose differences numpy makes float

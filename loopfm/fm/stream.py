@@ -39,9 +39,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from loopfm.config import DEFAULT_FM_MODEL, RunConfig
+from loopfm.config import RunConfig
 from loopfm.contract.codec import code_bytes, encode_codes
 from loopfm.contract.tensorize import activity_bucket_arrays
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, check_format
 from loopfm.data.dataset import Vocab
 from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import count_before, last_n_before
@@ -277,6 +278,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         path = checkpoint_path(paths, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
+            FORMAT_KEY: FORMAT_VERSION,
             "fm": fm.state_dict(),
             "compressor": compressor.state_dict(),
             "shapes": asdict(shapes),
@@ -377,8 +379,9 @@ def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compr
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `loopfm fm train` first")
     state = torch.load(path, weights_only=False)
+    check_format(state, path, "re-run `loopfm fm train` and the stages after it")
     shapes = FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])})
-    fm = plugin.build(state.get("model", DEFAULT_FM_MODEL), shapes)
+    fm = plugin.build(state["model"], shapes)
     try:
         fm.load_state_dict(state["fm"])
     except RuntimeError:
@@ -391,7 +394,7 @@ def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compr
     if bad:
         raise ValueError(f"{path}: NaN or infinite values in parameters {', '.join(bad[:5])}: re-run `loopfm fm train` "
                          "(with a fixed fm.model or a lower fm.lr)")  # fmt: skip
-    layers = tuple(state.get("layers", [shapes.extract_layer]))  # checkpoints before fm.model: one layer
+    layers = tuple(state["layers"])
     return fm.eval(), compressor.eval(), layers, int(state["trained_until_us"]), state["known_users"], state["known_items"]
 
 

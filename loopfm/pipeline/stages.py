@@ -72,9 +72,9 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
 
     `jobs` (default: one per core this process may use, at most one per variant) processes
     train variants side by side, each on one PyTorch thread, the LoopFM variants (the longest)
-    first. Measured on the demo world (2 cores, 2026-12-01): one LoopFM epoch took 3.0 s on two
-    threads alone and 3.8 s on one thread beside a second variant, so two at once train about
-    1.6 times as fast as one after the other."""
+    first: a LoopFM epoch on one thread beside a second variant is only a little slower than on
+    two threads alone, so two at once train faster than one after the other (docs/training.md,
+    "Cost on the demo world, and the batch size")."""
     from loopfm.eval.metrics import markdown_table
     from loopfm.eval.plots import plot_quality
     from loopfm.eval.results import evaluate

@@ -23,6 +23,7 @@ import torch
 
 from loopfm.config import RunConfig, variant_named
 from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, input_names
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 from loopfm.features.store import entity_types, historical_features
 from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
@@ -65,6 +66,7 @@ def export_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, out_dir
         if check["max_abs_diff"] > PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX/PyTorch parity failed for {variant}'s {graph}: {check}")
     meta = {
+        FORMAT_KEY: FORMAT_VERSION,
         "model_version": f"{variant}-{hashlib.sha256(blob).hexdigest()[:12]}",
         "variant": variant,
         "feature_service": service,

@@ -46,13 +46,11 @@ class VMShapes:
     encoder: str
     history_length: int
     dropout: float = 0.0
-    history_product: bool = False  # False in models saved before it existed
-    short_window: int = 0  # also pool the newest this many positions of each history (0 = off, as before it existed)
-    wide_rates: bool = False  # the click rates so far enter the logit linearly (False in models saved before it existed)
+    history_product: bool = False  # the MLP also reads each pooled history times the candidate's query
+    short_window: int = 0  # also pool the newest this many positions of each history (0 = off)
     item_bias: bool = True  # a learned bias per item id; off when candidates carry the item's rate so far
-    item_count_bias: bool = True  # a learned bias per item impression-count bucket (True in models saved before it went)
-    recency_decay: float = 0.0  # recency log-weights start at -this per position back from the newest (0 in models saved before it existed)
-    recency_slope: bool = False  # also learn one slope per history on those log-weights (False in models saved before it existed)
+    recency_decay: float = 0.0  # recency log-weights start at -this per position back from the newest
+    recency_slope: bool = False  # also learn one slope per history on those log-weights
 
 
 class DinScorer(nn.Module):
@@ -190,25 +188,20 @@ class VerticalModel(nn.Module):
         self.head = nn.Linear(width, 1)
         self.kd_head = nn.Linear(width, 1)
         # First-order ("wide") terms of the serving head: one learned bias per candidate
-        # feature value, as in Wide & Deep / DeepFM: item popularity is a bias, not something
-        # the MLP should rebuild from an embedding. Context values get none: measured on
-        # MovieLens, an hour bias fits the few sessions of the training window (AUC 0.674 -> 0.663).
-        # With the item's click rate so far among the candidates, the item-id bias is left out: fitted
-        # on the whole training window, it knows each item's rate there better than the causal
-        # rate does in training, and worse in the held-out window (docs/training.md, "Click rates so far").
-        # The item's impression-count bucket gets none either: how often an item has been shown so far
-        # grows with time, so its bias fits the training window's days, not the held-out window's
-        # (MovieLens base VM AUC, 5 seeds, Comedy 0.7266 -> 0.7290, Drama 0.7184 -> 0.7232 without it;
-        # docs/training.md, "The item-count bias").
-        self.bias_columns = [i for i in range(len(s.candidate_vocab))
-                             if (s.item_bias or i != 0) and (s.item_count_bias or i != ITEM_COUNT_COLUMN)]  # fmt: skip
+        # feature value, as in Wide & Deep / DeepFM, so item popularity is a bias rather than
+        # something the MLP rebuilds from an embedding. Context values get none (an hour bias
+        # fits the training window's few sessions). With the item's click rate so far among the
+        # candidates there is no item-id bias: fitted on the whole training window it knows each
+        # item's rate there better than the causal rate does. The item's impression-count bucket
+        # never gets one: that count grows with time, so its bias would fit the training days,
+        # not later ones. docs/training.md, "Click rates so far" and "The item-count bias".
+        self.bias_columns = [i for i in range(len(s.candidate_vocab)) if (s.item_bias or i != 0) and i != ITEM_COUNT_COLUMN]
         self.candidate_bias = nn.ModuleList(nn.Embedding(s.candidate_vocab[i], 1) for i in self.bias_columns)
         # The user's click rate so far (and the item's, when candidates carry it) also enter the
-        # logit linearly, log-odds times a learned weight: a logistic regression on those two
-        # rates beat every model without the term on MovieLens (docs/training.md, "Click rates so far").
-        if s.wide_rates:
-            self.register_buffer("rate_log_odds", torch.from_numpy(rate_bucket_log_odds()), persistent=False)
-            self.rate_weight = nn.Parameter(torch.zeros(2 if len(s.candidate_vocab) > ITEM_RATE_COLUMN else 1))
+        # logit linearly, log-odds times a learned weight: a logistic regression on the two rates
+        # is a strong baseline the model must contain (docs/training.md, "Click rates so far").
+        self.register_buffer("rate_log_odds", torch.from_numpy(rate_bucket_log_odds()), persistent=False)
+        self.rate_weight = nn.Parameter(torch.zeros(2 if len(s.candidate_vocab) > ITEM_RATE_COLUMN else 1))
         for module in self.modules():
             if isinstance(module, nn.Embedding):  # small init: N(0, 1) rows are noise the MLP must unlearn
                 nn.init.normal_(module.weight, std=EMBEDDING_INIT_STD)
@@ -260,11 +253,10 @@ class VerticalModel(nn.Module):
             parts += [h * query for h in pooled]
         x = self.mlp(torch.cat(parts, dim=1))
         wide = sum(b(candidates[:, i]) for i, b in zip(self.bias_columns, self.candidate_bias))  # [C, 1]
-        if s.wide_rates:
-            # [C, 1 or 2] rate buckets: the candidate's user's and, when candidates carry it, the item's
-            rates = torch.cat([per_candidate(user_context[:, USER_RATE_COLUMN : USER_RATE_COLUMN + 1]),
-                               candidates[:, ITEM_RATE_COLUMN : ITEM_RATE_COLUMN + 1]], dim=1)  # fmt: skip
-            wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
+        # [C, 1 or 2] rate buckets: the candidate's user's and, when candidates carry it, the item's
+        rates = torch.cat([per_candidate(user_context[:, USER_RATE_COLUMN : USER_RATE_COLUMN + 1]),
+                           candidates[:, ITEM_RATE_COLUMN : ITEM_RATE_COLUMN + 1]], dim=1)  # fmt: skip
+        wide = wide + (self.rate_log_odds[rates] * self.rate_weight).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), self.kd_head(x).squeeze(1)
 
     def recency(self, history: str) -> torch.Tensor:

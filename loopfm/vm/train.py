@@ -22,6 +22,7 @@ from loopfm.eval.metrics import quality
 from loopfm.features.store import historical_features
 from loopfm.contract.names import CANDIDATE_FEATURES, FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
+from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, check_format
 from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
 from loopfm.training import EarlyStopping, time_split
 from loopfm.vm.model import WIDE_PARAMETER_PREFIXES, VerticalModel, VMShapes
@@ -87,9 +88,7 @@ def shapes_for(cfg: RunConfig, spec: TensorSpec, variant: str) -> VMShapes:
         dropout=cfg.vm.dropout,
         history_product=cfg.vm.history_product,
         short_window=min(cfg.vm.short_window, spec.history_length),  # an L sweep may go below it
-        wide_rates=True,
         item_bias=not spec.item_activity,
-        item_count_bias=False,
         recency_decay=cfg.vm.recency_decay,
         recency_slope=cfg.vm.recency_slope,
     )
@@ -105,7 +104,7 @@ def train_variant(paths: RunPaths, cfg: RunConfig, store, variant: str, log=prin
     model, p, fit = fit_variant(cfg, spec, variant, train_df, eval_df, log)
     out = paths.vm / variant
     out.mkdir(parents=True, exist_ok=True)
-    state = {"state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}
+    state = {FORMAT_KEY: FORMAT_VERSION, "state": model.state_dict(), "shapes": asdict(model.shapes), "spec": asdict(spec)}
     atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
     write_text(out / "training.json", json.dumps(fit, indent=2))
     write_parquet(pd.DataFrame({"impression_id": eval_df["impression_id"], "p": p}), out / "eval_predictions.parquet")
@@ -216,6 +215,7 @@ def load_variant(paths: RunPaths, variant: str) -> tuple[VerticalModel, TensorSp
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `loopfm vm train --variant {variant}` first")
     state = torch.load(path, weights_only=False)
+    check_format(state, path, f"re-run `loopfm vm train --variant {variant}`")
     shapes = state["shapes"]
     shapes = VMShapes(**{k: tuple(v) if isinstance(v, list) else v for k, v in shapes.items()})
     model = VerticalModel(shapes)

@@ -28,7 +28,7 @@ from loopfm.parse import BadValues, integer_keys, source_ids, text_ids, unix_tim
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
 AGE_EDGES = (18, 25, 35, 45, 56)
-NO_TIME_START_US = pd.Timestamp("2000-01-01", tz="UTC").value // 1000  # for data without absolute times
+NO_TIME_START_US = pd.Timestamp(year=2000, month=1, day=1, tz="UTC").value // 1000  # for data without absolute times
 # role (what a column means) -> its canonical column. timestamp: unix time (loopfm.parse) or date-time text;
 # order: sortable numbers without absolute time; age: years; age_level: a bucket 0-5 (higher: 5).
 COLUMNS = {
@@ -258,7 +258,7 @@ class Span:
 
 def _times(events: pd.DataFrame, days: int) -> np.ndarray:
     """Event times in µs. Without absolute times, the order (a column, else the row order) is
-    spread evenly over `days` days from 2000-01-01 UTC."""
+    spread evenly over `days` days from NO_TIME_START_US (the start of the year 2000, UTC)."""
     if "_time_us" in events and events["_time_us"].notna().all():
         return events["_time_us"].to_numpy(np.int64)
     key = events["_order"].to_numpy(np.float64) if "_order" in events else np.arange(len(events), dtype=np.float64)
