@@ -481,9 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock),
 # refused before any work on a directory this user cannot write. serve only reads its run;
 # features apply and loadtest write it unless told to write elsewhere (written_dir). ingest and
-# stream only append new files under stream/ (loopfm/data/streamed.py), beside each other.
+# stream only append new files under stream/ (loopfm/data/streamed.py), beside each other;
+# bench stream builds its world through these commands, each taking the lock itself.
 WRITERS = (cmd_synth, cmd_data_import, cmd_run, cmd_fm_train, cmd_fm_log, cmd_fm_import_log, cmd_features_build,
-           cmd_vm_train, cmd_vm_export, cmd_bench_serving, cmd_bench_stream, cmd_demo)  # fmt: skip
+           cmd_vm_train, cmd_vm_export, cmd_bench_serving, cmd_demo)  # fmt: skip
 ELSEWHERE = {  # how a command that can also just read its run is told to write elsewhere
     cmd_features_apply: ", or set LOOPFM_REGISTRY to a writable file outside the run (Feast's registry; the run is then only read)",
     cmd_loadtest: ", or pass --out to write the report outside the run",
