@@ -75,7 +75,7 @@ class StreamBenchSpec:
 
 
 def _loopfm(*args: str, log) -> None:
-    command = [str(Path(sys.executable).with_name("loopfm")), *args]
+    command = [sys.executable, "-m", "loopfm.pipeline.cli", *args]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`loopfm {' '.join(args)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
