@@ -539,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from loopfm.io import NO_ROOM
+
+        if exc.errno not in NO_ROOM:
+            raise
+        print(f"loopfm: error: cannot write {exc.filename or 'a file'} ({os.strerror(exc.errno)}; it keeps its previous "
+              "content): make room there, or write elsewhere, and run this again", file=sys.stderr)  # fmt: skip
+        return 2
     except Stopped as stop:
         print(f"loopfm: stopped by {signal.Signals(stop.args[0]).name}", file=sys.stderr)
         return 128 + stop.args[0]
