@@ -9,6 +9,9 @@ the file, the column and the row.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -122,7 +125,9 @@ def time_unit(number: float) -> str | None:
 def unix_times_us(values: pd.Series, unit: str | None = None) -> np.ndarray:
     """Times from outside -> int64 unix microseconds (UTC).
 
-    Accepts timestamps (a datetime column), date-time text (UTC unless it names a zone) and
+    Accepts timestamps (a datetime column), date-time text (UTC unless it names a zone by an
+    offset, `Z`, UTC or GMT; an abbreviation such as EST or CST,
+    which names different zones in different places, is refused rather than read as UTC) and
     unix numbers in `unit` (s, ms, us, ns); with no unit, the unit is inferred from the
     magnitude (`time_unit`) and must be the same on every row. Raises BadValues for a
     missing value, a number whose unit cannot be told or that lies outside [1980, 2100), a
@@ -146,11 +151,30 @@ def unix_times_us(values: pd.Series, unit: str | None = None) -> np.ndarray:
         raw = values[is_number] if text is None else text[is_number]
         out[is_number] = _unix_numbers_us(raw, numbers[is_number], unit)
     if (~is_number).any():
-        parsed = pd.to_datetime(text[~is_number], errors="coerce", utc=True, format="mixed")
+        parsed = _date_times(text, ~is_number)
         if parsed.isna().any():
             raise BadValues("neither a unix time nor a date-time", _spread(~is_number, parsed.isna().to_numpy()))
         out[~is_number] = parsed.astype("datetime64[us, UTC]").astype(np.int64).to_numpy()
     return out
+
+
+UNKNOWN_ZONE = re.compile(r"tzname (\S+) identified but not understood")  # dateutil's UnknownTimezoneWarning
+
+
+def _date_times(text: pd.Series, rows: np.ndarray) -> pd.Series:
+    """Date-time text of `rows` [bool] -> UTC timestamps (NaT where it is no date-time). Raises
+    BadValues for text naming a zone the parser does not know (dateutil warns once per row and
+    reads it as UTC)."""
+    text = text[rows]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parsed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
+    zones = sorted({m.group(1) for w in caught if (m := UNKNOWN_ZONE.search(str(w.message)))})
+    if zones:
+        named = text.str.contains(rf"(?<![A-Za-z])(?:{'|'.join(map(re.escape, zones))})(?![A-Za-z])", regex=True)
+        raise BadValues(f"a time zone abbreviation ({', '.join(zones)}) that names no one zone: write the offset "
+                        "(e.g. 2026-09-01 00:00:20-05:00), or UTC", _spread(rows, named.to_numpy(bool)))  # fmt: skip
+    return parsed
 
 
 def _unix_numbers_us(raw: pd.Series, numbers: np.ndarray, unit: str | None) -> np.ndarray:
