@@ -64,3 +64,42 @@ def test_a_request_with_more_new_items_than_the_bound_still_gets_every_row():
     rows, hit, missing = cache.lookup(ids)
     assert cache.complete(ids, rows, hit, missing, np.array([[20], [30], [40]])).tolist() == [[10], [20], [30], [40]]
     assert len(cache) == 2
+
+
+def test_rows_of_items_the_live_loop_wrote_are_dropped_at_the_next_request(redis_url):
+    """The stream workers' items-written feed, on a real Valkey: a request reads what it has not
+    seen in its round trip and drops those rows after storing its own."""
+    import json
+    import uuid
+
+    import redis
+
+    from loopfm.contract.names import items_written_key
+    from serving.item_cache import WRITTEN_PAGE
+
+    client, key = redis.Redis.from_url(redis_url), items_written_key(f"test-{uuid.uuid4().hex}")
+    client.xadd(key, {"items": json.dumps([1, 2, 3])})  # before this server: nothing cached to drop
+    cache = ItemCache(max_items=10, ttl_s=60)
+
+    def request(ids: list) -> list:
+        rows, hit, missing = cache.lookup(ids)
+        written = client.execute_command(*cache.written_query(key))  # in the request's one round trip
+        cache.complete(ids, rows, hit, missing, np.array([[i] for i in missing]) if missing else None)
+        cache.forget_written(written)
+        return missing
+
+    assert request([1, 2, "sku-7"]) == [1, 2, "sku-7"]
+    assert request([1, 2, "sku-7"]) == []
+    client.xadd(key, {"items": json.dumps([2, "sku-7", 99])})  # a micro-batch wrote 2, sku-7 and an uncached 99
+    assert request([1]) == []  # this request reads the entry; its own rows were gathered before
+    assert request([1, 2, "sku-7"]) == [2, "sku-7"]
+    assert request([1, 2, "sku-7"]) == []  # an entry is read once
+    client.xadd(key, {"items": json.dumps([5])})
+    with client.pipeline(transaction=False) as pipe:  # more than one read holds: every row goes
+        for _ in range(WRITTEN_PAGE):
+            pipe.xadd(key, {"items": json.dumps([6])})
+        pipe.execute()
+    request([])
+    assert request([1, 2, "sku-7"]) == [1, 2, "sku-7"]
+    assert ItemCache(max_items=0, ttl_s=60).written_query(key) is None  # the cache off: no extra command
+    client.delete(key)
