@@ -9,9 +9,6 @@ the file, the column and the row.
 
 from __future__ import annotations
 
-import re
-import warnings
-
 import numpy as np
 import pandas as pd
 
@@ -158,23 +155,24 @@ def unix_times_us(values: pd.Series, unit: str | None = None) -> np.ndarray:
     return out
 
 
-UNKNOWN_ZONE = re.compile(r"tzname (\S+) identified but not understood")  # dateutil's UnknownTimezoneWarning
+# A trailing word of 2-5 letters names a zone by abbreviation ("EST", "CEST"), except these.
+ZONE_WORD = r"(?:^|[^A-Za-z])([A-Za-z]{2,5})$"
+UNAMBIGUOUS = ("UTC", "GMT", "UT", "AM", "PM")
 
 
 def _date_times(text: pd.Series, rows: np.ndarray) -> pd.Series:
     """Date-time text of `rows` [bool] -> UTC timestamps (NaT where it is no date-time). Raises
-    BadValues for text naming a zone the parser does not know (dateutil warns once per row and
-    reads it as UTC)."""
+    BadValues for text ending in a zone abbreviation: EST, CST or IST name different zones in
+    different places, and the parser reads an abbreviation it does not know as UTC (or as the
+    machine's local zone when that is its name)."""
     text = text[rows]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        parsed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
-    zones = sorted({m.group(1) for w in caught if (m := UNKNOWN_ZONE.search(str(w.message)))})
-    if zones:
-        named = text.str.contains(rf"(?<![A-Za-z])(?:{'|'.join(map(re.escape, zones))})(?![A-Za-z])", regex=True)
-        raise BadValues(f"a time zone abbreviation ({', '.join(zones)}) that names no one zone: write the offset "
-                        "(e.g. 2026-09-01 00:00:20-05:00), or UTC", _spread(rows, named.to_numpy(bool)))  # fmt: skip
-    return parsed
+    word = text.str.extract(ZONE_WORD, expand=False)
+    named = (word.notna() & ~word.str.upper().isin(UNAMBIGUOUS)).to_numpy(bool)
+    if named.any():
+        zones = ", ".join(sorted(set(word[named])))
+        raise BadValues(f"a time zone abbreviation ({zones}) that names no one zone: write the offset "
+                        "(e.g. 2026-09-01 00:00:20-05:00), or UTC", _spread(rows, named))  # fmt: skip
+    return pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
 
 
 def _unix_numbers_us(raw: pd.Series, numbers: np.ndarray, unit: str | None) -> np.ndarray:

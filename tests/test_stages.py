@@ -108,17 +108,18 @@ def test_a_killed_fm_train_leaves_the_previous_checkpoints_whole_and_fm_log_refu
     paths = RunPaths(copy_of_run)
     checkpoints = paths.fm / "checkpoints"
     previous = folder_digest(checkpoints)
+    copied = set(paths.fm.glob(".checkpoints.v*"))  # the copy of the built run's own version folder
     train = subprocess.Popen([LOOPFM, "fm", "train", "--run-dir", str(copy_of_run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not [d for d in paths.fm.glob(".checkpoints.v*") if len(list(d.glob("ckpt_*.pt"))) >= 2]:  # two new ones written
+    while not (staged := [d for d in set(paths.fm.glob(".checkpoints.v*")) - copied if len(list(d.glob("ckpt_*.pt"))) >= 2]):
         assert train.poll() is None and time.monotonic() < deadline, "fm train ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.05)  # until two new checkpoints are written
     train.send_signal(signal.SIGKILL)
     train.wait()
     assert folder_digest(checkpoints) == previous  # the previous training, whole: never a mix
     loopfm("fm", "log", "--run-dir", str(copy_of_run))
 
-    other = next(paths.fm.glob(".checkpoints.v*")) / "ckpt_005.pt"  # a checkpoint of the killed training
+    other = staged[0] / "ckpt_005.pt"  # a checkpoint of the killed training
     shutil.copy(other, checkpoints / "ckpt_005.pt")
     r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
