@@ -103,3 +103,39 @@ def test_rows_of_items_the_live_loop_wrote_are_dropped_at_the_next_request(redis
     assert request([1, 2, "sku-7"]) == [1, 2, "sku-7"]
     assert ItemCache(max_items=0, ttl_s=60).written_query(key) is None  # the cache off: no extra command
     client.delete(key)
+
+
+def test_the_scorer_serves_an_items_rewritten_row_at_the_next_request_and_never_a_negative_age(trained_run, private_redis):
+    """On the materialized store: an item's row is cached; the live loop rewrites it (here: it
+    is removed, so the item turns unknown) and announces it; the next request reads it afresh.
+    A user's FM history stamped ahead of now (availability = event time + logging delay) has age 0."""
+    import asyncio
+    import json
+    import time
+
+    import redis
+
+    from loopfm.contract.names import FM_HISTORY, PROJECT, items_written_key
+    from loopfm.io import RunPaths
+    from loopfm.stream.online import item_key, timestamp_value, user_key
+    from serving.feast_layout import timestamp_field
+    from serving.redis_client import async_client
+    from serving.scorer import Scorer
+
+    store = redis.Redis.from_url(private_redis.url)
+    store.hset(user_key(PROJECT, 3), timestamp_field(FM_HISTORY), timestamp_value(time.time_ns() // 1000 + 40_000_000))
+    scorer = Scorer(RunPaths(trained_run).vm / "loopfm_kd" / "onnx", item_cache=ItemCache(max_items=100, ttl_s=300))
+
+    async def unknown_after(change) -> list:
+        client = async_client(private_redis.url, 2.0)
+        try:
+            await scorer.score(client, 3, [801, 802], 9)  # caches both rows
+            change()
+            scored = await scorer.score(client, 3, [801, 802], 9)  # reads the announcement
+            assert scored.feature_age_s[FM_HISTORY] == 0.0
+            return (await scorer.score(client, 3, [801, 802], 9)).unknown_items
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(unknown_after(lambda: store.delete(item_key(PROJECT, 801)))) == []  # unannounced: cached, at most the TTL
+    assert asyncio.run(unknown_after(lambda: store.xadd(items_written_key(PROJECT), {"items": json.dumps([801])}))) == [801]
