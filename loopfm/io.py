@@ -4,6 +4,7 @@ shared by every stage (times are unix microseconds, UTC, everywhere inside the p
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -62,17 +63,28 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+# A write refused by the file system itself: full, over quota, mounted read-only.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` into a temporary file of a unique name beside `path`, then one rename onto
     `path`: readers see the old file or the new one, two writers never share a temporary file,
     and a write that fails or is interrupted leaves no temporary file behind. The file's mode
-    comes from the umask, as any file's (mkstemp's 0600 hid models from a container's user)."""
+    comes from the umask, as any file's (mkstemp's 0600 hid models from a container's user).
+    Raises OSError naming `path` (its `filename`) when the file system refuses (NO_ROOM):
+    writers such as pyarrow and torch name no file in theirs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 & ~umask
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 & ~umask
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in NO_ROOM:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

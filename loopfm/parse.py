@@ -122,7 +122,9 @@ def time_unit(number: float) -> str | None:
 def unix_times_us(values: pd.Series, unit: str | None = None) -> np.ndarray:
     """Times from outside -> int64 unix microseconds (UTC).
 
-    Accepts timestamps (a datetime column), date-time text (UTC unless it names a zone) and
+    Accepts timestamps (a datetime column), date-time text (UTC unless it names a zone by an
+    offset, `Z`, UTC or GMT; an abbreviation such as EST or CST,
+    which names different zones in different places, is refused rather than read as UTC) and
     unix numbers in `unit` (s, ms, us, ns); with no unit, the unit is inferred from the
     magnitude (`time_unit`) and must be the same on every row. Raises BadValues for a
     missing value, a number whose unit cannot be told or that lies outside [1980, 2100), a
@@ -146,11 +148,31 @@ def unix_times_us(values: pd.Series, unit: str | None = None) -> np.ndarray:
         raw = values[is_number] if text is None else text[is_number]
         out[is_number] = _unix_numbers_us(raw, numbers[is_number], unit)
     if (~is_number).any():
-        parsed = pd.to_datetime(text[~is_number], errors="coerce", utc=True, format="mixed")
+        parsed = _date_times(text, ~is_number)
         if parsed.isna().any():
             raise BadValues("neither a unix time nor a date-time", _spread(~is_number, parsed.isna().to_numpy()))
         out[~is_number] = parsed.astype("datetime64[us, UTC]").astype(np.int64).to_numpy()
     return out
+
+
+# A trailing word of 2-5 letters names a zone by abbreviation ("EST", "CEST"), except these.
+ZONE_WORD = r"(?:^|[^A-Za-z])([A-Za-z]{2,5})$"
+UNAMBIGUOUS = ("UTC", "GMT", "UT", "AM", "PM")
+
+
+def _date_times(text: pd.Series, rows: np.ndarray) -> pd.Series:
+    """Date-time text of `rows` [bool] -> UTC timestamps (NaT where it is no date-time). Raises
+    BadValues for text ending in a zone abbreviation: EST, CST or IST name different zones in
+    different places, and the parser reads an abbreviation it does not know as UTC (or as the
+    machine's local zone when that is its name)."""
+    text = text[rows]
+    word = text.str.extract(ZONE_WORD, expand=False)
+    named = (word.notna() & ~word.str.upper().isin(UNAMBIGUOUS)).to_numpy(bool)
+    if named.any():
+        zones = ", ".join(sorted(set(word[named])))
+        raise BadValues(f"a time zone abbreviation ({zones}) that names no one zone: write the offset "
+                        "(e.g. 2026-09-01 00:00:20-05:00), or UTC", _spread(rows, named))  # fmt: skip
+    return pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
 
 
 def _unix_numbers_us(raw: pd.Series, numbers: np.ndarray, unit: str | None) -> np.ndarray:

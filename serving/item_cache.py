@@ -2,8 +2,15 @@
 
 Item features change rarely and a request carries up to 1,000 of them, so re-reading them
 from Redis on every request dominates the read path. User features are never cached.
-Items absent from the store are cached too (as unknown), so the TTL also bounds how long
-a newly materialized item stays unknown to this process.
+Items absent from the store are cached too (as unknown).
+
+Rows the live loop rewrites are dropped as soon as the loop says so: every stream worker
+appends the ids of the items it wrote to `loopfm:{project}:items-written` after writing them
+(loopfm/stream/keys.py), and each request reads the entries it has not seen yet in its one
+round trip (`written_query`), then drops those rows (`forget_written`): an ingested event's
+item counts reach the scorer with the next request, as its user's history does. The TTL
+bounds what that feed does not carry: `loopfm features apply` (a materialization), and a row
+read in the very round trip during which its item is written.
 
 The rows live in one [max_items, width] matrix and the index maps an id to its slot, so a
 request's cached rows come out with one gather, taken at lookup, before the request awaits
@@ -13,11 +20,21 @@ Redis: stacking per-item arrays on every request costs more than one gather
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+
+WRITTEN_PAGE = 1_000  # feed entries read per request; a full page drops every row (more were written)
+
+
+def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id "ms-seq" as a comparable pair."""
+    ms, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")
+    return int(ms), int(seq)
 
 
 class ItemCache:
@@ -25,6 +42,7 @@ class ItemCache:
         self.max_items, self.ttl_s = max_items, ttl_s
         self._index: OrderedDict[int | str, tuple[float, int]] = OrderedDict()  # id -> (expires, slot), LRU first
         self._matrix: np.ndarray | None = None  # [max_items, width], allocated at the first store
+        self._written_after: tuple[int, int] | None = None  # newest items-written entry seen; None: none read yet
         self.hits = self.misses = 0
 
     @property
@@ -88,6 +106,34 @@ class ItemCache:
                 slot = self._index.popitem(last=False)[1][1]
             self._matrix[slot] = row
             self._index[item] = (expires, slot)
+
+    def written_query(self, key: str) -> tuple | None:
+        """The command reading the items-written feed `key` past the newest entry seen (the
+        newest entry only, the first time); None when the cache is off."""
+        if not self.enabled:
+            return None
+        if self._written_after is None:
+            return ("XREVRANGE", key, "+", "-", "COUNT", 1)
+        ms, seq = self._written_after
+        return ("XRANGE", key, f"({ms}-{seq}", "+", "COUNT", WRITTEN_PAGE)
+
+    def forget_written(self, entries: list[tuple[Any, dict]] | None) -> None:
+        """Expire the rows of the items `entries` name (the reply of `written_query`: [(entry
+        id, {b"items": JSON list of ids})]); a full page expires every row. Called after the
+        request stored its own rows, so a row read before its item was written goes too."""
+        if entries is None:
+            return
+        first = self._written_after is None
+        newest = max((_entry_id(entry_id) for entry_id, _ in entries), default=(0, 0))
+        self._written_after = max(self._written_after or (0, 0), newest)
+        if first:
+            return
+        if len(entries) >= WRITTEN_PAGE:
+            items = list(self._index)
+        else:
+            items = [item for _, fields in entries for item in json.loads(fields[b"items"]) if item in self._index]
+        for item in items:
+            self._index[item] = (0.0, self._index[item][1])  # expired, its slot kept for the next store
 
     @property
     def hit_rate(self) -> float:

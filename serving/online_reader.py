@@ -64,15 +64,19 @@ def _decode(replies: list, requests: Sequence[Request]) -> list[EntityRows]:
 
 
 async def read_online_features(
-    client: redis.asyncio.Redis, project: str, requests: Sequence[Request]
-) -> list[EntityRows]:
-    """All HMGETs of all requests in one pipeline (one round trip); the event loop stays free
-    while Redis answers.
+    client: redis.asyncio.Redis, project: str, requests: Sequence[Request], after: tuple | None = None
+) -> tuple[list[EntityRows], Any]:
+    """All HMGETs of all requests in one pipeline (one round trip), then the command `after`
+    (its reply second; None without one); the event loop stays free while Redis answers.
 
     Returns one EntityRows per request, values in entity order. Equals what
     FeatureStore.get_online_features returns for the same keys (tests/test_online_reader.py)."""
     async with client.pipeline(transaction=False) as pipe:
         for key, fields in _commands(project, requests):
             pipe.hmget(key, fields)
+        if after is not None:
+            pipe.execute_command(*after)
         replies = await pipe.execute()
-    return _decode(replies, requests)
+    if after is None:
+        return _decode(replies, requests), None
+    return _decode(replies[:-1], requests), replies[-1]

@@ -18,6 +18,10 @@ model folder polls, and nobody hears a refusal; a signal to uvicorn's supervisor
 restarts every worker, with cold item caches, and a refused model leaves a worker that
 cannot start. A worker that is disconnected from Redis when a reload is announced misses it
 (the announcer reports it as unconfirmed); it keeps its model until the next reload.
+
+The announcement itself (subscribe, publish) has the store's per-call time-out, as every
+Redis call of a request: a paused or unreachable store makes the announcer answer at once
+that nobody else was told (`error`), never hang the admin request.
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ class ReloadBroadcast:
     """One per worker: a subscriber that reloads on others' announcements, and `announce`.
     `on_refused(name, reason)` is called when an announced model is refused here."""
 
-    def __init__(self, redis_url: str, connect_timeout_s: float, models: ModelRegistry, on_refused: Callable[[str, str], None]):
+    def __init__(self, redis_url: str, timeout_s: float, models: ModelRegistry, on_refused: Callable[[str, str], None]):
         # Its own connections: a subscriber blocks on read with no time-out, outside the
         # request pool's cap. A cluster forwards PUBLISH to every node: the startup node serves.
         url = cluster_node_url(redis_url) or redis_url
-        self._client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, client_name=CLIENT_NAME)
+        self._client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=timeout_s, client_name=CLIENT_NAME)
+        self._timeout_s = timeout_s  # bound of each announcing call (subscribe, publish)
         self._models, self._on_refused = models, on_refused
         self._projects = sorted({hosted.scorer.meta["project"] for hosted in models.models.values()})
         self._subscriber = self._client.pubsub(ignore_subscribe_messages=True)
@@ -121,14 +126,17 @@ class ReloadBroadcast:
     async def announce(self, name: str) -> dict:
         """Tell every other worker to reload `name`; return {"workers": {id: answer}, where
         an answer holds model_version (and previous_version) or refused, "unconfirmed": how
-        many that heard it did not answer within REPLY_WAIT_S, "error": why nobody was told}."""
+        many that heard it did not answer within REPLY_WAIT_S, "error": why nobody was told
+        (the store failed or did not answer a call within its time-out)}."""
         project = self._models.scorer(name).meta["project"]
         announcement = {"id": uuid.uuid4().hex, "worker": self.worker, "model": name, "project": project}
         answers: dict[str, dict] = {}
         replies = self._client.pubsub(ignore_subscribe_messages=True)
         try:
-            await replies.subscribe(channels(project)[1])  # before announcing: no answer is missed
-            heard = await self._client.publish(channels(project)[0], orjson.dumps(announcement))
+            async with asyncio.timeout(self._timeout_s):
+                await replies.subscribe(channels(project)[1])  # before announcing: no answer is missed
+            async with asyncio.timeout(self._timeout_s):
+                heard = await self._client.publish(channels(project)[0], orjson.dumps(announcement))
             expected = heard - 1 if self._subscriber.subscribed else heard  # its own subscriber heard it too
             loop = asyncio.get_running_loop()
             deadline = loop.time() + REPLY_WAIT_S
@@ -143,6 +151,9 @@ class ReloadBroadcast:
                 received += 1
                 if answer.pop("hosted", True):
                     answers[answer.pop("worker")] = answer
+        except TimeoutError:
+            return {"workers": answers, "unconfirmed": None,
+                    "error": f"announcement failed: the store did not answer within {self._timeout_s} s"}  # fmt: skip
         except (redis.RedisError, OSError) as exc:
             return {"workers": answers, "unconfirmed": None, "error": f"announcement failed: {exc}"}
         finally:

@@ -57,7 +57,11 @@ class ScoreResponse(BaseModel):
     unknown_candidates: list[int | str] = Field(
         ..., description="candidates the model does not know (no stored features, or outside its vocabulary), as sent"
     )
-    feature_age_s: dict[str, float | None] = Field(..., description="per user feature view: seconds since its event time")
+    feature_age_s: dict[str, float | None] = Field(
+        ..., description="per user feature view: seconds since its event time, never negative: 0 while that time is "
+        "ahead (the FM history's is its newest code's availability, event time + fm.logging_delay_s, which the live "
+        "loop stores before that moment)"
+    )
     corrupt_values: int = Field(0, description="stored values that could not be decoded and were read as missing")
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import onnxruntime as ort
 import redis.asyncio
 
-from loopfm.contract.names import ITEM_KEY
+from loopfm.contract.names import ITEM_KEY, items_written_key
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from loopfm.contract.version import check_format
 from serving.item_cache import ItemCache
@@ -35,7 +35,7 @@ class Scored:
     scores: list[float]
     user_known: bool
     unknown_items: list[int | str]  # as sent: no stored features, or outside the model's vocabulary
-    feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time
+    feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time, 0 when that is ahead
     corrupt_values: int  # stored values that could not be decoded (read as missing)
     read_s: float  # item cache + Redis round trip + decoding
     model_s: float  # tensorization + ONNX Runtime
@@ -86,8 +86,9 @@ class Scorer:
         started = time.perf_counter()
         cached, hit, missing = self.items.lookup(item_ids)  # gathered before the await: see ItemCache.lookup
         requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
-        *user_side, fetched = await read_online_features(
-            client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)]
+        (*user_side, fetched), written = await read_online_features(
+            client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)],
+            self.items.written_query(items_written_key(self.meta["project"])),
         )
         user = EntityRows({}, {}, 0)
         for group in user_side:  # the user's own views and the (user, this model's vertical) ones
@@ -97,10 +98,11 @@ class Scorer:
         read_done = time.perf_counter()
         fresh = candidate_tensors(fetched.values, self.spec) if missing else None
         tensors = model_inputs(user.values, [hour], self.items.complete(item_ids, cached, hit, missing, fresh), self.spec)
+        self.items.forget_written(written)
         session = self.large_session if len(item_ids) >= self.large_batch else self.session
         scores = session.run(None, {name: tensors[name] for name in self.inputs})[0]
         now = time.time()
-        ages = {view: None if ts[0] is None else now - ts[0] for view, ts in user.timestamps.items()}
+        ages = {view: None if ts[0] is None else max(0.0, now - ts[0]) for view, ts in user.timestamps.items()}
         return Scored(
             scores=scores.astype(float).tolist(),
             user_known=any(age is not None for age in ages.values()),

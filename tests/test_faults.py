@@ -25,7 +25,7 @@ DEADLINE_S = 0.5
 @pytest.fixture
 def served(private_redis, trained_run: Path, tmp_path: Path):
     model_dir = RunPaths(trained_run).vm / "loopfm_kd" / "onnx"
-    env = {"LOOPFM_REQUEST_TIMEOUT_S": str(DEADLINE_S), "LOOPFM_REDIS_TIMEOUT_S": "0.3"}
+    env = {"LOOPFM_REQUEST_TIMEOUT_S": str(DEADLINE_S), "LOOPFM_REDIS_TIMEOUT_S": "0.3", "LOOPFM_ADMIN_KEY": "admin-s3cret"}
     proc, url = start_server(model_dir, private_redis.url, tmp_path / "server.log", env=env)
     yield url
     stop_server(proc)
@@ -186,3 +186,27 @@ def test_a_slowly_sent_body_gets_408_and_the_connection_closed_at_the_request_de
             answer += chunk
         assert time.perf_counter() - started < DEADLINE_S + 2.0
     assert answer.startswith(b"HTTP/1.1 408") and b"request deadline" in answer
+
+
+def test_a_reload_while_the_store_is_paused_or_down_answers_at_once_that_not_every_worker_has_it(served, private_redis):
+    """The reload swaps this worker's model; the announcement to the others needs the store: a
+    paused one costs its time-out (not a hang), and either way the status says it did not reach them."""
+    reload = lambda: httpx.post(f"{served}/admin/models/default/reload", headers={"Authorization": "Bearer admin-s3cret"}, timeout=60)
+    started = time.perf_counter()
+    assert reload().status_code == 200  # the store answers: one worker, everyone has it
+    with_store_s = time.perf_counter() - started
+
+    store = redis.Redis.from_url(private_redis.url)
+    store.execute_command("CLIENT", "PAUSE", "5000", "ALL")
+    started = time.perf_counter()
+    paused = reload()
+    assert time.perf_counter() - started < with_store_s + 2.0  # the store's 0.3 s time-out, not the 5 s pause
+    assert paused.status_code == 503, paused.text
+    assert paused.json()["other_workers"]["error"] == "announcement failed: the store did not answer within 0.3 s"
+    assert paused.json()["detail"].startswith("reloaded here, not known to have reached every worker")
+
+    store.ping()  # answered once the pause ends
+    private_redis.stop()
+    down = reload()
+    assert down.status_code == 503 and down.json()["other_workers"]["error"].startswith("announcement failed: ")
+    assert down.json()["model_version"] == paused.json()["model_version"]  # this worker did reload

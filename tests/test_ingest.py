@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import redis
 
-from conftest import SMALL_WORLD, loopfm
+from conftest import loopfm
 from loopfm.config import RunConfig
-from loopfm.contract.names import PROJECT
+from loopfm.contract.names import PROJECT, items_written_key
 from loopfm.io import RunPaths
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
@@ -80,6 +80,8 @@ def test_an_ingested_file_is_applied_before_the_command_returns_and_a_rerun_adds
         (lambda df: df.assign(vertical="cars"), "column 'vertical', row 1: vertical not in"),
         (lambda df: df.assign(event_timestamp=[1790848800, 12345, 1790848801, 1790848802, 1790848803]),
          "column 'event_timestamp', row 2: a unix time whose unit cannot be told"),
+        (lambda df: df.assign(event_timestamp=[str(t.tz_localize(None)) + " EST" for t in df["event_timestamp"]]),
+         "column 'event_timestamp', row 1: a time zone abbreviation (EST) that names no one zone"),
         (lambda df: df.astype({"item_id": object}).assign(item_id=[801, 802, 2**63, 803, 804]),
          "column 'item_id', row 3: an integer outside"),
     ],
@@ -102,14 +104,16 @@ def test_an_unreachable_redis_is_refused_first_in_one_line(copy_of_run, tmp_path
     assert not (copy_of_run / "stream").exists()
 
 
-def test_a_run_whose_fm_log_was_imported_is_refused_naming_what_is_missing(live, tmp_path):
+def test_a_run_whose_fm_log_was_imported_is_refused_even_beside_checkpoints_of_loopfms_fm(live, tmp_path):
+    """One history, one embedding space: the run still holds loopfm's checkpoints, which made no code of the log."""
     from test_fm_import import embedding_table, write
 
     run, url = live
     imported = tmp_path / "imported"
-    loopfm("data", "synth", "--run-dir", str(imported), *SMALL_WORLD, "--set", "fm.warmup_epochs=2")
+    shutil.copytree(run, imported)
     loopfm("fm", "import-log", "--run-dir", str(imported), "--embeddings", str(write(embedding_table(imported), tmp_path / "e.parquet")))
     paths = RunPaths(imported)
+    assert list((paths.fm / "checkpoints").glob("ckpt_*.pt"))
     fresh_events(imported).to_csv(tmp_path / "events.csv", index=False)
     before = digest(paths.table("impressions"), paths.fm_log)
     result = ingest(imported, tmp_path / "events.csv", url, check=False)
@@ -122,7 +126,7 @@ def test_a_run_whose_fm_log_was_imported_is_refused_naming_what_is_missing(live,
 def test_a_run_without_an_fm_checkpoint_is_refused_naming_the_folder(live, tmp_path):
     run, url = live
     checkpoints = RunPaths(run).fm / "checkpoints"
-    shutil.rmtree(checkpoints)
+    shutil.rmtree(checkpoints.resolve())
     fresh_events(run).to_csv(tmp_path / "events.csv", index=False)
     result = ingest(run, tmp_path / "events.csv", url, check=False)
     assert result.returncode == 2 and f"no FM checkpoint in {checkpoints}" in result.stderr, result.stderr
@@ -158,3 +162,25 @@ def test_an_events_file_reads_alike_as_csv_tsv_compressed_or_parquet_with_float_
     batch.assign(user_id=float(2**53 + 2)).to_parquet(tmp_path / "rounded.parquet")
     with pytest.raises(IngestError, match=r"rounded.parquet: column 'user_id', row 1: .* beyond 2\*\*53"):
         read_event_file(tmp_path / "rounded.parquet", cfg, paths)
+
+
+def test_checkpoints_of_another_training_than_the_logs_are_refused_naming_what_to_re_run(live, tmp_path):
+    run, url = live
+    paths = RunPaths(run)
+    source = paths.fm / "log_source.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), "training_id": "an-earlier-training"}))  # as a log of it leaves
+    fresh_events(run).to_csv(tmp_path / "events.csv", index=False)
+    result = ingest(run, tmp_path / "events.csv", url, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"the FM checkpoints in {paths.fm / 'checkpoints'} are of another training than the one that wrote "
+            f"{paths.fm_log}: run `loopfm fm log`") in result.stderr  # fmt: skip
+    assert nothing_published(run, url)
+
+
+def test_the_items_an_ingest_wrote_are_announced_to_the_servers_item_caches(live, tmp_path):
+    run, url = live
+    events = fresh_events(run)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    ingest(run, tmp_path / "events.csv", url)
+    entries = redis.Redis.from_url(url).xrange(items_written_key(PROJECT))
+    assert sorted({item for _, fields in entries for item in json.loads(fields[b"items"])}) == sorted(events["item_id"].tolist())

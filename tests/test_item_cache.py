@@ -64,3 +64,78 @@ def test_a_request_with_more_new_items_than_the_bound_still_gets_every_row():
     rows, hit, missing = cache.lookup(ids)
     assert cache.complete(ids, rows, hit, missing, np.array([[20], [30], [40]])).tolist() == [[10], [20], [30], [40]]
     assert len(cache) == 2
+
+
+def test_rows_of_items_the_live_loop_wrote_are_dropped_at_the_next_request(redis_url):
+    """The stream workers' items-written feed, on a real Valkey: a request reads what it has not
+    seen in its round trip and drops those rows after storing its own."""
+    import json
+    import uuid
+
+    import redis
+
+    from loopfm.contract.names import items_written_key
+    from serving.item_cache import WRITTEN_PAGE
+
+    client, key = redis.Redis.from_url(redis_url), items_written_key(f"test-{uuid.uuid4().hex}")
+    client.xadd(key, {"items": json.dumps([1, 2, 3])})  # before this server: nothing cached to drop
+    cache = ItemCache(max_items=10, ttl_s=60)
+
+    def request(ids: list) -> list:
+        rows, hit, missing = cache.lookup(ids)
+        written = client.execute_command(*cache.written_query(key))  # in the request's one round trip
+        cache.complete(ids, rows, hit, missing, np.array([[i] for i in missing]) if missing else None)
+        cache.forget_written(written)
+        return missing
+
+    assert request([1, 2, "sku-7"]) == [1, 2, "sku-7"]
+    assert request([1, 2, "sku-7"]) == []
+    client.xadd(key, {"items": json.dumps([2, "sku-7", 99])})  # a micro-batch wrote 2, sku-7 and an uncached 99
+    assert request([1]) == []  # this request reads the entry; its own rows were gathered before
+    assert request([1, 2, "sku-7"]) == [2, "sku-7"]
+    assert request([1, 2, "sku-7"]) == []  # an entry is read once
+    client.xadd(key, {"items": json.dumps([5])})
+    with client.pipeline(transaction=False) as pipe:  # more than one read holds: every row goes
+        for _ in range(WRITTEN_PAGE):
+            pipe.xadd(key, {"items": json.dumps([6])})
+        pipe.execute()
+    request([])
+    assert request([1, 2, "sku-7"]) == [1, 2, "sku-7"]
+    assert ItemCache(max_items=0, ttl_s=60).written_query(key) is None  # the cache off: no extra command
+    client.delete(key)
+
+
+def test_the_scorer_serves_an_items_rewritten_row_at_the_next_request_and_never_a_negative_age(trained_run, private_redis):
+    """On the materialized store: an item's row is cached; the live loop rewrites it (here: it
+    is removed, so the item turns unknown) and announces it; the next request reads it afresh.
+    A user's FM history stamped ahead of now (availability = event time + logging delay) has age 0."""
+    import asyncio
+    import json
+    import time
+
+    import redis
+
+    from loopfm.contract.names import FM_HISTORY, PROJECT, items_written_key
+    from loopfm.io import RunPaths
+    from loopfm.stream.online import item_key, timestamp_value, user_key
+    from serving.feast_layout import timestamp_field
+    from serving.redis_client import async_client
+    from serving.scorer import Scorer
+
+    store = redis.Redis.from_url(private_redis.url)
+    store.hset(user_key(PROJECT, 3), timestamp_field(FM_HISTORY), timestamp_value(time.time_ns() // 1000 + 40_000_000))
+    scorer = Scorer(RunPaths(trained_run).vm / "loopfm_kd" / "onnx", item_cache=ItemCache(max_items=100, ttl_s=300))
+
+    async def unknown_after(change) -> list:
+        client = async_client(private_redis.url, 2.0)
+        try:
+            await scorer.score(client, 3, [801, 802], 9)  # caches both rows
+            change()
+            scored = await scorer.score(client, 3, [801, 802], 9)  # reads the announcement
+            assert scored.feature_age_s[FM_HISTORY] == 0.0
+            return (await scorer.score(client, 3, [801, 802], 9)).unknown_items
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(unknown_after(lambda: store.delete(item_key(PROJECT, 801)))) == []  # unannounced: cached, at most the TTL
+    assert asyncio.run(unknown_after(lambda: store.xadd(items_written_key(PROJECT), {"items": json.dumps([801])}))) == [801]

@@ -49,7 +49,7 @@ def reader_agrees_with_feast(
     async def read():
         client = make_client()
         try:
-            return await read_online_features(client, PROJECT, requests)
+            return (await read_online_features(client, PROJECT, requests))[0]
         finally:
             await client.aclose()
 

@@ -3,14 +3,21 @@ again on the same inputs they give the same offline and online state."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import re
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import redis
 
-from conftest import LOOPFM, loopfm
+from conftest import LOOPFM, SMALL_WORLD, loopfm
 from loopfm.config import RunConfig
 from loopfm.io import RunPaths, staged_dir
 
@@ -69,3 +76,56 @@ def test_materializing_the_same_window_again_gives_the_same_online_state(trained
     assert len(before) > 1000
     loopfm("features", "apply", "--run-dir", str(trained_run), "--redis-url", private_redis.url)
     assert online_state(private_redis.url) == before
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_during_features_build_is_one_line_naming_the_file_and_keeps_the_tables(copy_of_run, monkeypatch, capsys, code):
+    from loopfm.pipeline.cli import main
+
+    features = RunPaths(copy_of_run).features
+    previous, folders = folder_digest(features), sorted(copy_of_run.iterdir())
+    to_parquet = pd.DataFrame.to_parquet
+    written: list = []
+
+    def fills_up(df, path, **kwargs):  # the first table fits, then the disk is full (pyarrow's error names no file)
+        if written:
+            raise OSError(code, "Error writing bytes to file")
+        written.append(path)
+        return to_parquet(df, path, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", fills_up)
+    assert main(["features", "build", "--run-dir", str(copy_of_run)]) == 2
+    err = capsys.readouterr().err
+    staged = re.escape(str(copy_of_run)) + r"/\.features\.v[\d.]+/\w+\.parquet"
+    assert re.fullmatch(rf"loopfm: error: cannot write {staged} \({re.escape(os.strerror(code))}; it keeps its previous "
+                        r"content\): make room there, or write elsewhere, and run this again\n", err), err  # fmt: skip
+    assert folder_digest(features) == previous
+    assert sorted(copy_of_run.iterdir()) == folders and not list(copy_of_run.rglob("*.tmp"))  # no half-written folder
+
+
+def test_a_killed_fm_train_leaves_the_previous_checkpoints_whole_and_fm_log_refuses_a_stale_or_mixed_set(copy_of_run):
+    paths = RunPaths(copy_of_run)
+    checkpoints = paths.fm / "checkpoints"
+    previous = folder_digest(checkpoints)
+    copied = set(paths.fm.glob(".checkpoints.v*"))  # the copy of the built run's own version folder
+    train = subprocess.Popen([LOOPFM, "fm", "train", "--run-dir", str(copy_of_run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (staged := [d for d in set(paths.fm.glob(".checkpoints.v*")) - copied if len(list(d.glob("ckpt_*.pt"))) >= 2]):
+        assert train.poll() is None and time.monotonic() < deadline, "fm train ended before it could be killed"
+        time.sleep(0.05)  # until two new checkpoints are written
+    train.send_signal(signal.SIGKILL)
+    train.wait()
+    assert folder_digest(checkpoints) == previous  # the previous training, whole: never a mix
+    loopfm("fm", "log", "--run-dir", str(copy_of_run))
+
+    other = staged[0] / "ckpt_005.pt"  # a checkpoint of the killed training
+    shutil.copy(other, checkpoints / "ckpt_005.pt")
+    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{checkpoints / 'ckpt_005.pt'} is not of the training {checkpoints / 'training.json'} records" in r.stderr
+
+    loopfm("data", "synth", "--run-dir", str(copy_of_run), *SMALL_WORLD, "--seed", "8")  # a new world
+    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"the FM checkpoints in {checkpoints} were trained on other data than {paths.data} holds now: re-run "
+            "`loopfm fm train`, then `loopfm fm log`") in r.stderr  # fmt: skip

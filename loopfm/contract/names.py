@@ -70,3 +70,10 @@ def input_names(use_fm_history: bool) -> list[str]:
     """The exported graph's input names, in the order of ServingHead's arguments."""
     names = ["user_context", "vm_history", "candidates"]
     return names + ["fm_codes", "fm_mask"] if use_fm_history else names
+
+
+def items_written_key(project: str) -> str:
+    """Redis stream: one entry per micro-batch of the live loop that wrote items' online
+    values, {items: JSON list of their source ids}, appended after the writes; the servers'
+    item caches drop those rows (serving/item_cache.py)."""
+    return f"loopfm:{project}:items-written"

@@ -27,7 +27,8 @@ window start, as under the `frozen` checkpoint scheme. Inputs are standardised p
 dimension with the same rows' mean and standard deviation before compression.
 
 Nothing is written unless every check passes: then the log (atomically, the same file and
-columns as `loopfm fm log`) and `fm/import_summary.json`.
+columns as `loopfm fm log`), `fm/import_summary.json` and `fm/log_source.json` (the log's FM is
+an imported one: the live loop refuses such a run, whatever checkpoints `fm/` holds).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import torch
 from loopfm.config import RunConfig
 from loopfm.contract.codec import encode_codes
 from loopfm.fm.model import Compressor
-from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, unix_us, write_parquet, write_text
+from loopfm.fm.stream import write_log
+from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, unix_us, write_text
 from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
 from loopfm.training import EarlyStopping, time_split
 
@@ -245,6 +247,6 @@ def import_embedding_log(paths: RunPaths, cfg: RunConfig, embeddings_path: Path)
         "compressor": fit_summary,
         "kd_label": kd_source,
     }
-    write_parquet(log, paths.fm_log)
     write_text(paths.fm / "import_summary.json", json.dumps(summary, indent=2))
+    write_log(paths, log, {"fm": "imported", "summary": "import_summary.json"})
     return summary

@@ -24,12 +24,23 @@ through an untrained random embedding.
 
 Either way each log row records `fm_trained_until`, and tests check it against the time
 of every VM example that uses it.
+
+One training, one embedding space. `fm train` writes its checkpoints into a new folder that
+replaces `fm/checkpoints` only once every checkpoint is written (loopfm.io.staged_dir), with
+`training.json`: the training's id, which each checkpoint also carries, and a digest of the
+data it was trained on. A killed training leaves the previous set whole; `fm log` refuses a
+set trained on other data, and any checkpoint of another training. The embedding log names
+the FM that wrote it (`log_source.json`: a training id, or an imported log), so the live
+loop encodes new events only with the FM that made the history they join.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import time
+import uuid
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -48,7 +59,9 @@ from loopfm.engine import LOCAL, Engine
 from loopfm.sequences import count_before, last_n_before
 from loopfm.fm import plugin
 from loopfm.fm.model import Compressor, FMShapes
-from loopfm.io import US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, unix_us, write_parquet, write_text
+from loopfm.io import (
+    US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet, write_text,
+)  # fmt: skip
 from loopfm.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
@@ -219,8 +232,63 @@ def _known(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return inside & known[np.where(inside, ids, 0)]
 
 
+def checkpoint_dir(paths: RunPaths) -> Path:
+    return paths.fm / "checkpoints"
+
+
 def checkpoint_path(paths: RunPaths, index: int) -> Path:
-    return paths.fm / "checkpoints" / f"ckpt_{index:03d}.pt"
+    return checkpoint_dir(paths) / f"ckpt_{index:03d}.pt"
+
+
+TRAINING_FILE = "training.json"  # in the checkpoint folder: {"training_id", "data_sha256", "checkpoints"}
+LOG_SOURCE_FILE = "log_source.json"  # beside the embedding log: {"fm": "loopfm", "training_id"} or {"fm": "imported"}
+
+
+def data_digest(paths: RunPaths) -> str:
+    """sha256 over the names and bytes of the run's data/ files: the data an FM trained on."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in paths.data.iterdir() if p.is_file()):
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def training(paths: RunPaths) -> dict:
+    """The finished training whose checkpoints are in fm/checkpoints (TRAINING_FILE). Raises
+    FileNotFoundError when there is none (no `fm train`, or one of an older loopfm)."""
+    record = checkpoint_dir(paths) / TRAINING_FILE
+    if not record.exists():
+        raise FileNotFoundError(f"no finished FM training in {checkpoint_dir(paths)} ({TRAINING_FILE} not found): "
+                                "run `loopfm fm train`")  # fmt: skip
+    return json.loads(record.read_text())
+
+
+def current_training(paths: RunPaths) -> dict:
+    """`training(paths)`, refused (ValueError) when the run's data changed since it trained."""
+    trained = training(paths)
+    if trained["data_sha256"] != data_digest(paths):
+        raise ValueError(f"the FM checkpoints in {checkpoint_dir(paths)} were trained on other data than {paths.data} "
+                         "holds now: re-run `loopfm fm train`, then `loopfm fm log`")  # fmt: skip
+    return trained
+
+
+def log_source(paths: RunPaths) -> dict:
+    """Which FM wrote the embedding log (LOG_SOURCE_FILE). Raises FileNotFoundError when no
+    log says so (none written, or one interrupted or of an older loopfm)."""
+    source = paths.fm / LOG_SOURCE_FILE
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: no embedding log names the FM that wrote it; run `loopfm fm log` "
+                                "(or `loopfm fm import-log`)")  # fmt: skip
+    return json.loads(source.read_text())
+
+
+def write_log(paths: RunPaths, log: pd.DataFrame, source: dict) -> None:
+    """The embedding log, then LOG_SOURCE_FILE naming its FM; the old source goes first, so an
+    interrupted write leaves a log that names no FM rather than the wrong one."""
+    (paths.fm / LOG_SOURCE_FILE).unlink(missing_ok=True)
+    write_parquet(log, paths.fm_log)
+    write_text(paths.fm / LOG_SOURCE_FILE, json.dumps(source))
 
 
 class _Objective(torch.nn.Module):
@@ -271,14 +339,15 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
                             lr=cfg.fm.lr, weight_decay=cfg.fm.weight_decay)  # fmt: skip
     rng = np.random.default_rng(cfg.world.seed)
     known_users, known_items = np.zeros(shapes.n_users, bool), np.zeros(shapes.n_items, bool)
+    training_id, data_sha256 = uuid.uuid4().hex, data_digest(paths)  # the data as build_inputs read it
 
     def save(index: int) -> None:
         if rank != 0:
             return
-        path = checkpoint_path(paths, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = folder / checkpoint_path(paths, index).name
         state = {
             FORMAT_KEY: FORMAT_VERSION,
+            "training_id": training_id,
             "fm": fm.state_dict(),
             "compressor": compressor.state_dict(),
             "shapes": asdict(shapes),
@@ -305,7 +374,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
             if bad:
                 raise ValueError(f"fm train stopped in {where}: NaN or infinite values in {' and '.join(bad)}, so fm.model "
                                  f"{cfg.fm.model!r} gives non-finite values or weights; fix the model or lower fm.lr "
-                                 f"(checkpoints before {where} are kept)")  # fmt: skip
+                                 f"({checkpoint_dir(paths)} keeps the previous training's checkpoints, if any)")  # fmt: skip
             opt.zero_grad()
             (task + rec).backward()
             opt.step()
@@ -315,25 +384,30 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
 
     started = time.perf_counter()
     warmup = np.flatnonzero(arrays["day"] < cfg.fm.warmup_days)
-    fit_rows, val_rows = (warmup[i] for i in time_split(arrays["time_s"][warmup], cfg.fm.validation_fraction))
-    stopping = EarlyStopping(cfg.fm.patience)
-    for epoch in tqdm(range(cfg.fm.warmup_epochs), desc="fm warm-up (epochs)", disable=not progress):
-        train_on(rng.permutation(fit_rows), f"warm-up epoch {epoch + 1}")
-        if stopping.update(_validation_logloss(fm, arrays, val_rows), objective):
-            break
-    stopping.restore(objective)
-    known_users[arrays["user_id"][warmup]] = known_items[arrays["item_id"][warmup]] = True
-    save(cfg.fm.warmup_days)
-    history: list[dict] = []
-    for d in tqdm(range(cfg.fm.warmup_days, cfg.world.n_days), desc="fm stream (days)", disable=not progress):
-        day_idx = np.flatnonzero(arrays["day"] == d)
-        if day_idx.size:
-            next_day = np.flatnonzero(arrays["day"] == d + 1)
-            logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]), f"day {d}")
-            history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
-                            "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
-            known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
-        save(d + 1)
+    with staged_dir(checkpoint_dir(paths)) if rank == 0 else contextlib.nullcontext(Path()) as folder:
+        fit_rows, val_rows = (warmup[i] for i in time_split(arrays["time_s"][warmup], cfg.fm.validation_fraction))
+        stopping = EarlyStopping(cfg.fm.patience)
+        for epoch in tqdm(range(cfg.fm.warmup_epochs), desc="fm warm-up (epochs)", disable=not progress):
+            train_on(rng.permutation(fit_rows), f"warm-up epoch {epoch + 1}")
+            if stopping.update(_validation_logloss(fm, arrays, val_rows), objective):
+                break
+        stopping.restore(objective)
+        known_users[arrays["user_id"][warmup]] = known_items[arrays["item_id"][warmup]] = True
+        save(cfg.fm.warmup_days)
+        history: list[dict] = []
+        for d in tqdm(range(cfg.fm.warmup_days, cfg.world.n_days), desc="fm stream (days)", disable=not progress):
+            day_idx = np.flatnonzero(arrays["day"] == d)
+            if day_idx.size:
+                next_day = np.flatnonzero(arrays["day"] == d + 1)
+                logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]), f"day {d}")
+                history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
+                                "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
+                known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
+            save(d + 1)
+        if rank == 0:
+            record = {"training_id": training_id, "data_sha256": data_sha256,
+                      "checkpoints": sorted(p.name for p in folder.glob("ckpt_*.pt"))}  # fmt: skip
+            write_text(folder / TRAINING_FILE, json.dumps(record, indent=2))
     summary = {
         "warmup": stopping.summary(), "days": history, "seconds": time.perf_counter() - started,
         "events": int(arrays["day"].size), "world_size": world_size,
@@ -374,12 +448,16 @@ def _mean_over_ranks(values: list[float], world_size: int) -> list[float]:
 
 def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compressor, tuple[str, ...], int, np.ndarray, np.ndarray]:
     """Checkpoint `index` -> FM (the fm.model it was trained with), compressor, extracted
-    layers, trained-until (unix µs), known users and items [bool]."""
+    layers, trained-until (unix µs), known users and items [bool]. Raises ValueError for a
+    checkpoint of another training than the folder's TRAINING_FILE."""
     path = checkpoint_path(paths, index)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `loopfm fm train` first")
     state = torch.load(path, weights_only=False)
     check_format(state, path, "re-run `loopfm fm train` and the stages after it")
+    if state.get("training_id") != training(paths)["training_id"]:
+        raise ValueError(f"{path} is not of the training {checkpoint_dir(paths) / TRAINING_FILE} records: the folder mixes "
+                         "checkpoints of two trainings; re-run `loopfm fm train`, then `loopfm fm log`")  # fmt: skip
     shapes = FMShapes(**{**state["shapes"], "hidden": tuple(state["shapes"]["hidden"])})
     fm = plugin.build(state["model"], shapes)
     try:
@@ -465,7 +543,8 @@ def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True, engin
     """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
     checkpoint's code), one row per event (see module docstring). `engine` maps `log_events`
     over blocks of events (loopfm/engine.py)."""
+    trained = current_training(paths)
     arrays, imp = build_inputs(paths, cfg)
     log = engine.map_blocks(partial(log_events, paths, cfg, arrays, imp, progress=progress), np.arange(len(imp)))
-    write_parquet(log, paths.fm_log)
+    write_log(paths, log, {"fm": "loopfm", "training_id": trained["training_id"]})
     return log

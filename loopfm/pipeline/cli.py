@@ -525,7 +525,7 @@ def _stop(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopfm.io import run_dir_lock
+    from loopfm.io import NO_ROOM, run_dir_lock
 
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library deprecations are not the user's concern
@@ -538,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused a write (loopfm.io.atomic_write names the file)
+        if exc.errno not in NO_ROOM:
+            raise
+        print(f"loopfm: error: cannot write {exc.filename or 'a file'} ({os.strerror(exc.errno)}; it keeps its previous "
+              "content): make room there, or write elsewhere, and run this again", file=sys.stderr)  # fmt: skip
         return 2
     except Stopped as stop:
         print(f"loopfm: stopped by {signal.Signals(stop.args[0]).name}", file=sys.stderr)

@@ -21,7 +21,8 @@ def import_run(run_dir: Path, cfg: RunConfig, data: Path, opts: ImportOptions, e
     target = int((imported.tables["impressions"]["vertical"] == cfg.vm.target_vertical).sum())
     s = imported.span
     print(f"  {n}; vertical {opts.rule}: {target} impressions; {s.n_days} days from {s.start_date}; "
-          f"FM warm-up {cfg.fm.warmup_days} days, held-out window {cfg.vm.eval_days} days")  # fmt: skip
+          f"FM warm-up {cfg.fm.warmup_days} days, held-out window {cfg.vm.eval_days} days; {s.duplicates} repeated "
+          "rows dropped (every column equal to an earlier row's)")  # fmt: skip
     return cfg
 
 

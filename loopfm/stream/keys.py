@@ -11,6 +11,7 @@ import zlib
 from dataclasses import dataclass
 
 GROUP = "loopfm-stream"  # the consumer group of every partition
+ITEMS_WRITTEN_MAX_LEN = 10_000  # entries of contract.names.items_written_key kept, about
 
 
 def partition_of(source_id: int | str, partitions: int) -> int:

@@ -18,12 +18,15 @@ Partitions: a worker heartbeats in a sorted set of live workers and leases the p
 p with p % n_live == its rank; a lease expires `stream.lease_ms` after its owner stops
 renewing it, and the next owner claims the entries its predecessor left pending (XAUTOCLAIM)
 and applies them first. So one user's events are applied in order by one worker at a time.
-The FM checkpoint is reloaded between micro-batches when `loopfm fm train` writes a newer one.
+The FM checkpoint is checked between micro-batches (at each lease check): a new training's
+checkpoints stop the worker (`newest_checkpoint`) until `loopfm fm log` has re-logged the
+history with them, so one history never holds codes of two FMs.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import socket
@@ -41,7 +44,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from loopfm.config import RunConfig
-from loopfm.contract.names import ITEM_FEATURES, ITEM_FEATURES_VIEW, PROJECT, USER_FEATURES, USER_PROFILE
+from loopfm.contract.names import ITEM_FEATURES, ITEM_FEATURES_VIEW, PROJECT, USER_FEATURES, USER_PROFILE, items_written_key
 from loopfm.contract.redis_url import cluster_node_url
 from loopfm.contract.tensorize import activity_bucket_arrays
 from loopfm.data.dataset import Vocab
@@ -50,7 +53,7 @@ from loopfm.features.build import fm_history_members
 from loopfm.features.store import sync_client
 from loopfm.io import RunPaths, read_parquet
 from loopfm.data import streamed as offline
-from loopfm.stream.keys import GROUP, StreamKeys
+from loopfm.stream.keys import GROUP, ITEMS_WRITTEN_MAX_LEN, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
 from loopfm.stream.online import (
     ITEM_CLICKS,
@@ -89,20 +92,29 @@ def newest_checkpoint(paths: RunPaths, cfg: RunConfig) -> Path:
     """The checkpoint that encodes live events: the warm-up one under `frozen`, the newest
     written under `rolling` (fm/stream.py's scheme for events after the last trained day).
     Raises FileNotFoundError when there is none, or when the run's log was imported (`loopfm fm
-    import-log`): its codes come from another FM, which loopfm cannot run on new events."""
-    from loopfm.fm.stream import checkpoint_path
+    import-log`): its codes come from another FM, which loopfm cannot run on new events, even
+    with checkpoints of its own FM in fm/. Raises ValueError when the checkpoints are of
+    another training than the one that wrote the log: one history, one embedding space."""
+    from loopfm.fm.stream import checkpoint_dir, checkpoint_path, log_source, training
 
-    imported = paths.fm / "import_summary.json"
-    if imported.exists():
-        raise FileNotFoundError(f"this run's FM log was imported ({imported}): new events need the FM that made it, and loopfm "
-                                "has no checkpoint of it; run `loopfm fm train` and `loopfm fm log` to use loopfm's own FM")  # fmt: skip
+    source = log_source(paths)
+    if source["fm"] == "imported":
+        raise FileNotFoundError(f"this run's FM log was imported ({paths.fm / source['summary']}): new events need the FM "
+                                "that made it, and loopfm has no checkpoint of it (checkpoints in fm/ made no code of the "
+                                "log); run `loopfm fm log` to log with loopfm's own FM")  # fmt: skip
+    if not checkpoint_dir(paths).exists():
+        raise FileNotFoundError(f"no FM checkpoint in {checkpoint_dir(paths)}: run `loopfm fm train` first")
+    if training(paths)["training_id"] != source["training_id"]:
+        raise ValueError(f"the FM checkpoints in {checkpoint_dir(paths)} are of another training than the one that wrote "
+                         f"{paths.fm_log}: run `loopfm fm log`, `loopfm features build` and `loopfm features apply` so "
+                         "new events join a history of the same FM")  # fmt: skip
     if cfg.fm.checkpoint_scheme == "frozen":
         path = checkpoint_path(paths, cfg.fm.warmup_days)
         found = [path] if path.exists() else []
     else:
-        found = sorted(checkpoint_path(paths, 0).parent.glob("ckpt_*.pt"))
+        found = sorted(checkpoint_dir(paths).glob("ckpt_*.pt"))
     if not found:
-        raise FileNotFoundError(f"no FM checkpoint in {checkpoint_path(paths, 0).parent}: run `loopfm fm train` first")
+        raise FileNotFoundError(f"no FM checkpoint in {checkpoint_dir(paths)}: run `loopfm fm train` first")
     return found[-1]
 
 
@@ -369,6 +381,10 @@ class Worker:
         if events:
             self._apply_events(events, pipe, write_us)
         pipe.execute()
+        written = list(dict.fromkeys([u.item for _, _, u in upserts] + [e.item for _, _, e in events]))
+        if written:  # after the writes, never beside them: a server reading it then reads the new values
+            self.client.xadd(items_written_key(self.keys.project), {"items": json.dumps(written)},
+                             maxlen=ITEMS_WRITTEN_MAX_LEN, approximate=True)  # fmt: skip
         done_ms = time.time() * 1000
         by_partition = defaultdict(list)
         for p, entry_id, _ in entries:

@@ -13,6 +13,7 @@ the file, the column and the line.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -203,13 +204,22 @@ def convert(
     return out
 
 
+def _quoted(value: str) -> str:
+    """A value of a rule as `VerticalRule.parse` reads it back: in double quotes if it holds a
+    comma or a quote."""
+    if any(c in value for c in ',"'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
 @dataclass(frozen=True)
 class VerticalRule:
     """`column=value[,value...]`: the rows whose `column` holds one of the values form the VM's
     vertical; every other row is still seen by the FM. `column` is a column of the source or,
     when no source column has that name, a role (`category=12` reads the column mapped to the
     category). Values are compared as text; a cell holding several values separated by `|`
-    (MovieLens genres) matches if any of them does."""
+    (MovieLens genres) matches if any of them does. The values are read as one CSV record, so a
+    value holding a comma is written in double quotes: `genre="Books, Kids",Toys`."""
 
     column: str
     values: tuple[str, ...]
@@ -217,13 +227,18 @@ class VerticalRule:
     @classmethod
     def parse(cls, text: str) -> "VerticalRule":
         column, sep, values = text.partition("=")
-        parts = tuple(v.strip() for v in values.split(",") if v.strip())
+        try:
+            parts = tuple(v.strip() for v in next(csv.reader([values], skipinitialspace=True, strict=True), []) if v.strip())
+        except csv.Error as exc:
+            raise DataFormatError(f"--vertical {text!r}: {exc}; a value holding a comma goes in double quotes, "
+                                  'e.g. genre="Books, Kids"') from None  # fmt: skip
         if not sep or not column.strip() or not parts:
             raise DataFormatError(f"--vertical {text!r}: expected column=value[,value...], e.g. category=12")
         return cls(column.strip(), parts)
 
     def __str__(self) -> str:
-        return f"{self.column}={','.join(self.values)}"
+        """The rule as `--vertical` takes it (parse(str(rule)) == rule)."""
+        return f"{self.column}={','.join(_quoted(v) for v in self.values)}"
 
     def cells(self, events: pd.DataFrame) -> pd.Series:
         """The column the rule reads, as text."""
@@ -254,6 +269,7 @@ class Span:
     n_days: int
     verticals: tuple[str, ...]
     vertical_mix: tuple[float, ...]
+    duplicates: int  # rows dropped as repeats of an earlier row (`drop_repeated_rows`)
 
 
 def _times(events: pd.DataFrame, days: int) -> np.ndarray:
@@ -284,18 +300,31 @@ def _gender_codes(gender: pd.Series) -> np.ndarray:
     return gender.astype(str).map({v: i for i, v in enumerate(values)}).fillna(0).astype(np.int64).to_numpy()
 
 
+def drop_repeated_rows(events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(events without the rows equal in every column, absolute time included, to an earlier
+    row; how many were dropped). Such a row is one impression logged twice: counted twice it
+    would weigh double in the FM, the histories and the VM. Data without absolute times keeps
+    every row: two impressions of one item to one user cannot be told from one logged twice."""
+    if "_time_us" not in events or events["_time_us"].isna().any():
+        return events, 0
+    repeated = events.duplicated().to_numpy()
+    return events[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
 def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple[dict[str, pd.DataFrame], Span]:
     """Source impressions -> users, items, impressions and the id maps, plus the data's span.
 
     A row with a preset `_vertical` (e.g. Taobao's behaviour log) keeps it and is never in the
-    VM's vertical; every other row is `target` if the rule matches it, else `other`."""
-    events = events.reset_index(drop=True)
+    VM's vertical; every other row is `target` if the rule matches it, else `other`. Repeated
+    rows are dropped (`drop_repeated_rows`), counted in the span."""
+    events, duplicates = drop_repeated_rows(events.reset_index(drop=True))
     target = rule.matches(events)
     preset = events["_vertical"] if "_vertical" in events else pd.Series(None, index=events.index, dtype=object)
     target &= preset.isna().to_numpy()
     if not target.any():
-        common = rule.cells(events).value_counts().index[:8].tolist()
-        raise DataFormatError(f"--vertical {rule}: no impression matches; common values of {rule.column!r}: {common}")
+        common = rule.cells(events).value_counts().index[:8]
+        raise DataFormatError(f"--vertical {rule}: no impression matches; common values of {rule.column!r}, as "
+                              f"--vertical takes them: {', '.join(_quoted(v) for v in common)}")  # fmt: skip
     vertical = preset.where(preset.notna(), np.where(target, TARGET, OTHER))
 
     time_us = _times(events, days)
@@ -349,5 +378,6 @@ def canonical(events: pd.DataFrame, rule: VerticalRule, days: int = 10) -> tuple
         n_days=int((time_us[-1] - start.value // 1000) // US_PER_DAY) + 1,
         verticals=tuple(shares.index),
         vertical_mix=tuple(float(s) for s in shares),
+        duplicates=duplicates,
     )
     return tables, span
