@@ -18,9 +18,10 @@ Partitions: a worker heartbeats in a sorted set of live workers and leases the p
 p with p % n_live == its rank; a lease expires `stream.lease_ms` after its owner stops
 renewing it, and the next owner claims the entries its predecessor left pending (XAUTOCLAIM)
 and applies them first. So one user's events are applied in order by one worker at a time.
-The FM checkpoint is checked between micro-batches (at each lease check): a new training's
-checkpoints stop the worker (`newest_checkpoint`) until `loopfm fm log` has re-logged the
-history with them, so one history never holds codes of two FMs.
+The FM checkpoint is checked between micro-batches (at each lease check): a newer checkpoint of
+the training that logged the history is swapped in whole; a new training's checkpoints are not
+(`newest_checkpoint`): the worker keeps encoding with the FM it loaded and says so, until
+`loopfm fm log` has re-logged the history, so one history never holds codes of two FMs.
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ class Worker:
         self.replay: set[int] = set()  # leased partitions whose pending entries come first
         self.totals, self.metrics = Totals(), Metrics()
         self.stopping = False
+        self._refused = ""  # the last reason a newer checkpoint was not taken
         self.share_complete = False
         self._next_lease_check = 0.0
 
@@ -567,6 +569,18 @@ class Worker:
                     total += int(group.get("lag") or 0)
         return total
 
+    def _refresh_encoder(self) -> None:
+        """Swap in a newer checkpoint of the log's training. A new training's checkpoints are not
+        taken (newest_checkpoint refuses them): the worker keeps the FM it has loaded, the one
+        the stored history was logged with, and says so once, until the history is re-logged."""
+        try:
+            if self.encoder.refresh():
+                self.log(f"stream: now encoding with {self.encoder.name}")
+        except (ValueError, FileNotFoundError) as exc:
+            if str(exc) != self._refused:
+                self._refused = str(exc)
+                self.log(f"stream {self.name}: still encoding with {self.encoder.name}: {exc}")
+
     def stop(self, *_) -> None:
         """Finish the current micro-batch, release the partitions and return (SIGTERM, SIGINT)."""
         self.stopping = True
@@ -588,8 +602,7 @@ class Worker:
                 if time.monotonic() >= self._next_lease_check:
                     self._renew_membership()
                     self._next_lease_check = time.monotonic() + MEMBERSHIP_CHECK_S
-                    if self.encoder.refresh():
-                        self.log(f"stream: now encoding with {self.encoder.name}")
+                    self._refresh_encoder()
                 entries = self._batch()
                 if entries:
                     self.apply(entries)
