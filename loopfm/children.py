@@ -26,7 +26,7 @@ def die_with_parent(sig: int, parent: int) -> None:
     thread that started the child exits: start children from a thread that lives as long."""
     if _LIBC is None:
         return
-    if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:
         os.kill(os.getpid(), sig)

@@ -163,3 +163,15 @@ def test_an_import_into_a_finished_run_removes_the_stages_built_on_the_old_data_
     assert not [name for name in ("fm", "features", "vm", "results", "registry.db") if (finished_run / name).exists()]
     assert "run `loopfm fm log" in refused("features", "build", *args)  # not a build on the old FM's codes
     assert "run `loopfm features build" in refused("vm", "train", *args)
+
+
+def test_serve_refuses_a_model_of_another_format_version_before_starting_anything(finished_run):
+    import json
+
+    from loopfm.contract.version import FORMAT_KEY
+
+    meta_path = finished_run / "vm" / "loopfm_kd" / "onnx" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != FORMAT_KEY}))
+    message = refused("serve", "--run-dir", str(finished_run), "--port", str(free_port()))
+    assert f"{meta_path} has format version none" in message and "loopfm vm export --variant loopfm_kd" in message

@@ -153,12 +153,14 @@ def fm_import_log(args: argparse.Namespace) -> None:
 
 
 def features_apply(args: argparse.Namespace) -> None:
-    from loopfm.features.store import registry_path
+    """The feature tables, a writable registry, the Feast CLI and the Redis it writes."""
+    from loopfm.features.store import feast_executable, registry_path
 
     features_built(args.run_dir)
     registry = registry_path(args.run_dir)
     if not registry.is_relative_to(args.run_dir.resolve()):  # inside the run, the run's own check covers it
         writable(registry.parent, "LOOPFM_REGISTRY")
+    feast_executable()  # FileNotFoundError naming the install otherwise
     redis_url_given(args)
 
 
@@ -230,3 +232,11 @@ def publish(args: argparse.Namespace) -> None:
     """events publish, items upsert: the file, and the Redis it goes to."""
     existing(args.file, "FILE", "file")
     redis_url_given(args)
+
+
+def stream(args: argparse.Namespace) -> None:
+    """A worker: the Redis it reads (not for `stream compact`), a free --metrics-port."""
+    if args.action != "compact":
+        redis_url_given(args)
+    if args.metrics_port is not None:
+        port_free(args.metrics_port, "--metrics-port")

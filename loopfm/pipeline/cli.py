@@ -536,7 +536,7 @@ def preconditions(args: argparse.Namespace) -> None:
         cmd_features_build: checks.features_build,
         cmd_features_apply: checks.features_apply, cmd_vm_train: checks.vm_train, cmd_vm_export: checks.vm_export,
         cmd_serve: checks.serve, cmd_loadtest: checks.loadtest, cmd_bench_serving: checks.bench_serving,
-        cmd_ingest: checks.ingest, cmd_events_publish: checks.publish, cmd_items_upsert: checks.publish,
+        cmd_ingest: checks.ingest, cmd_events_publish: checks.publish, cmd_items_upsert: checks.publish, cmd_stream: checks.stream,
         cmd_demo: checks.demo, cmd_experiment_real: checks.experiment_real,
     }  # fmt: skip
     if args.func in needs:
