@@ -148,8 +148,8 @@ def features_build(args: argparse.Namespace) -> None:
 
 
 def fm_import_log(args: argparse.Namespace) -> None:
+    """The run's data (--embeddings is read, and named if absent, before anything is written)."""
     data_written(args.run_dir)
-    existing(args.embeddings, "--embeddings", "file")
 
 
 def features_apply(args: argparse.Namespace) -> None:
