@@ -123,6 +123,15 @@ def lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
+def unwritable(folder: Path) -> Path | None:
+    """The folder this user cannot write that stops `folder` from being written (itself, or
+    the nearest existing folder above it when it does not exist yet), or None."""
+    path = folder.resolve()
+    while not path.exists():
+        path = path.parent
+    return None if os.access(path, os.W_OK) else path
+
+
 class RunDirReadOnly(RuntimeError):
     """A writing command was given a run directory (or lock folder) this user cannot write."""
 
@@ -132,11 +141,9 @@ def require_writable(run_dir: Path, command: str, fix: str = "") -> None:
     `run_dir` (its nearest existing ancestor when it does not exist yet) and the folder of its
     lock. Checked before a writing command starts, so a read-only run (a `:ro` mount, a
     `chmod -R a-w` copy, another user's files) is refused before any work, not midway."""
-    for path in (run_dir, lock_path(run_dir).parent):
-        path = path.resolve()
-        while not path.exists():
-            path = path.parent
-        if not os.access(path, os.W_OK):
+    for folder in (run_dir, lock_path(run_dir).parent):
+        path = unwritable(folder)
+        if path is not None:
             raise RunDirReadOnly(
                 f"`{command}` writes {run_dir} and its lock {lock_path(run_dir)}, but {path} is not writable "
                 f"by this user (uid {os.getuid()}): make it writable (chown or chmod u+w), or run this on a "

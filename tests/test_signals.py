@@ -58,3 +58,75 @@ def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uv
         for pid in children:  # only what this test started, should the command have left it
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""  # gone meanwhile
+
+
+def wait_until_gone(pids: set[int], within_s: float = 5.0) -> list[int]:
+    """Poll until none of `pids` is alive or `within_s` passed; the ones still alive."""
+    deadline = time.monotonic() + within_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def test_a_serve_killed_by_sigkill_takes_its_valkey_and_uvicorn_along(trained_run, tmp_path):
+    """SIGKILL runs no clean-up: the children go because the kernel signals them when their
+    parent dies (loopfm.children), so none keeps the port."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    children: set[int] = set()
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        children = descendants(proc.pid)
+        assert len(children) >= 2, children  # Valkey and uvicorn
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until_gone(children) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vm train uses worker processes only with two cores or more")
+def test_a_vm_train_killed_by_sigkill_leaves_no_worker_writing_and_its_lock_free_once_they_are_gone(trained_run, tmp_path):
+    from loopfm.io import run_dir_lock
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    for variant in ("base", "loopfm"):
+        shutil.rmtree(run / "vm" / variant)
+    proc = subprocess.Popen([LOOPFM, "vm", "train", "--run-dir", str(run), "--variant", "base", "--variant", "loopfm"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    workers: set[int] = set()
+    try:
+        for line in proc.stdout:  # a worker's first validation line: it is training
+            if ": epoch " in line:
+                break
+        workers = {p for p in descendants(proc.pid) if "spawn_main" in command_line(p)}
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until_gone(workers) == []
+        assert not (run / "vm" / "base" / "model.pt").exists() and not (run / "vm" / "loopfm" / "model.pt").exists()
+        with run_dir_lock(run, "a second training"):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -93,17 +93,20 @@ def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Gen
     return bodies
 
 
-def _check_loopback(url: str) -> None:
+def check_loopback(url: str) -> None:
+    """ValueError naming `url` unless its host is loopback."""
     if urlparse(url).hostname not in LOOPBACK:
         raise ValueError(f"load tests target loopback only (127.0.0.1, localhost, ::1), not {url}")
 
 
-def http_request(url: str, path: str, body: bytes | None) -> bytes:
-    """The whole HTTP/1.1 request as bytes: a GET without a body, or a JSON POST."""
+def http_request(url: str, path: str, body: bytes | None, api_key: str | None = None) -> bytes:
+    """The whole HTTP/1.1 request as bytes: a GET without a body, or a JSON POST; with
+    `api_key`, an `authorization: Bearer` header (the server's LOOPFM_API_KEY)."""
     host = urlparse(url).netloc
+    auth = f"authorization: Bearer {api_key}\r\n" if api_key else ""
     if body is None:
-        return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
-    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}\r\n".encode()
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 
@@ -362,15 +365,17 @@ def machine_load(before: tuple | None, after: tuple | None) -> dict:
     return {"busy_share": (after[0] - before[0]) / total, "steal_share": (after[1] - before[1]) / total}
 
 
-def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/score") -> tuple[dict, list[tuple]]:
-    """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint). Returns the report
-    (percentiles, errors, the client's own cost) and one (offset_s, latency_s, kind) record
-    per request."""
-    _check_loopback(url)
+def run_load(
+    url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/score", api_key: str | None = None
+) -> tuple[dict, list[tuple]]:
+    """One open-loop run; `pool=None` sends GETs (e.g. a no-op endpoint); `api_key` is sent
+    with every request (never written into the report). Returns the report (percentiles,
+    errors, the client's own cost) and one (offset_s, latency_s, kind) record per request."""
+    check_loopback(url)
     rng = np.random.default_rng(spec.seed)
     offsets = schedule(spec, rng)
     bodies = request_bodies(spec, pool, len(offsets), rng) if pool is not None else [None]
-    requests = [http_request(url, path, body) for body in bodies]
+    requests = [http_request(url, path, body, api_key) for body in bodies]
     before = cpu_ticks()
     fired = _fire(url, requests, offsets, spec)
     after = cpu_ticks()
@@ -389,18 +394,29 @@ def run_load(url: str, spec: LoadSpec, pool: RequestPool | None, path: str = "/s
 
 
 def warm_up(url: str, pool: RequestPool | None, path: str = "/score", candidates: int = 100, rate: float = 50.0,
-            seconds: float = 2.0) -> None:
+            seconds: float = 2.0, api_key: str | None = None) -> dict:
     """`seconds` at the rate about to be measured, then half as long (at most 1 s) for any
-    backlog to drain."""
-    run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=99), pool, path)
+    backlog to drain; returns the warm-up's report."""
+    report, _ = run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=99), pool, path, api_key)
     time.sleep(min(1.0, seconds / 2))
+    return report
 
 
-def sweep(url: str, base: LoadSpec, pool: RequestPool, rates: list[float], p99_bound_ms: float, log=print) -> dict:
+def require_success(report: dict, what: str) -> None:
+    """RuntimeError naming the errors by kind unless a request of `report` got a 200: a load
+    test in which none succeeded measured no scoring at all."""
+    if report["ok"]:
+        return
+    hint = ": the server wants an API key; pass --api-key or set LOOPFM_API_KEY" if "http_401" in report["errors"] else ""
+    raise RuntimeError(f"{what}: none of {report['sent']} requests succeeded (errors {report['errors']}){hint}")
+
+
+def sweep(url: str, base: LoadSpec, pool: RequestPool, rates: list[float], p99_bound_ms: float, log=print,
+          api_key: str | None = None) -> dict:  # fmt: skip
     """Raise the rate until p99 exceeds the bound (or errors appear); report the highest that held."""
     runs, best = [], None
     for rate in rates:
-        report, _ = run_load(url, LoadSpec(**{**asdict(base), "rate": rate}), pool)
+        report, _ = run_load(url, LoadSpec(**{**asdict(base), "rate": rate}), pool, api_key=api_key)
         runs.append(report)
         held = report["p99_ms"] is not None and report["p99_ms"] <= p99_bound_ms and not report["errors"]
         log(f"  sweep {rate:>6.0f} req/s: p99 {format_ms(report['p99_ms'])}, "

@@ -38,6 +38,7 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
+from loopfm.children import dies_with_this_process
 from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
@@ -282,7 +283,7 @@ def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: i
         script = Path(folder) / "score.lua"
         script.write_text(WRK_SCRIPT % ", ".join(f"[[{b.decode()}]]" for b in bodies))
         command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=dies_with_this_process()).stdout
     return parse_wrk(out) | {"connections": connections, "seconds": max(1, round(seconds))}
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pandas as pd
 
-from loopfm.config import WorldConfig
+from loopfm.config import ConfigError, RunConfig, WorldConfig
 from loopfm.io import RunPaths, write_text
 
 
@@ -45,3 +46,22 @@ class Vocab:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: write the data first (`loopfm data synth` or `loopfm data import`)")
         return cls(**json.loads(path.read_text()))
+
+
+def check_vm_windows(impressions: pd.DataFrame, cfg: RunConfig, fix: str) -> None:
+    """Raise ConfigError, naming the window, its days and `fix` (the settings to change),
+    unless the VM's vertical (vm.target_vertical) has clicks and non-clicks among
+    `impressions` in its training window (days fm.warmup_days to world.n_days - vm.eval_days,
+    from world.start_date) and in its held-out window (the last vm.eval_days days): a VM
+    cannot be trained or evaluated on one class."""
+    start = pd.Timestamp(cfg.world.start_date, tz="UTC")
+    day = ((impressions["event_timestamp"] - start) // pd.Timedelta(days=1)).to_numpy()
+    target = (impressions["vertical"] == cfg.vm.target_vertical).to_numpy()
+    eval_start = cfg.world.n_days - cfg.vm.eval_days
+    windows = {"training": (cfg.fm.warmup_days, eval_start), "held-out": (eval_start, cfg.world.n_days)}
+    for name, (lo, hi) in windows.items():
+        labels = impressions["label"].to_numpy()[target & (day >= lo) & (day < hi)]
+        if len(np.unique(labels)) < 2:
+            raise ConfigError(f"the VM's vertical has {labels.size} impressions ({int(labels.sum())} clicks) in its {name} "
+                              f"window (days {lo} to {hi - 1} of {cfg.world.n_days}): it needs clicks and non-clicks there; "
+                              f"{fix}")  # fmt: skip

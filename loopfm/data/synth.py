@@ -124,7 +124,12 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
 
 
 def write_world(cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
-    tables = simulate(cfg)
+    """Simulate the world and write its tables; returns their row counts."""
+    return write_tables(simulate(cfg), cfg, paths)
+
+
+def write_tables(tables: dict[str, pd.DataFrame], cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
+    """Write the tables `simulate(cfg)` returned, their id maps and vocab.json; returns row counts."""
     users, items = tables["users"][USER_KEY], tables["items"][ITEM_KEY]  # the world's ids are their own source ids
     tables |= {"user_ids": id_map(USER_KEY, users, users), "item_ids": id_map(ITEM_KEY, items, items)}
     for name, df in tables.items():

@@ -51,16 +51,40 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _redis_url(args: argparse.Namespace) -> str:
-    url = args.redis_url or os.environ.get("REDIS_URL")
-    if not url:
-        raise ConfigError("no Redis: pass --redis-url redis://host:port or set REDIS_URL")
-    return url
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
+def rates(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers > 0, e.g. 100,200,400."""
+    return [positive_float(rate) for rate in text.split(",")]
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return value
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from loopfm.data.synth import write_world
+    from loopfm.data.dataset import check_vm_windows
+    from loopfm.data.synth import simulate, write_tables
     from loopfm.io import RunPaths
+    from loopfm.pipeline.stages import clear_built_stages
 
     cfg = RunConfig()
     overrides = {k: v for k, v in vars(args).items() if k in ("seed", "n_users", "n_days") and v is not None}
@@ -72,7 +96,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     for assignment in args.set or []:
         cfg.override(assignment)
     cfg.validate()
-    counts = write_world(cfg.world, RunPaths(args.run_dir))
+    tables = simulate(cfg.world)  # in memory: checked before anything is written or removed
+    check_vm_windows(tables["impressions"], cfg, "--set fm.warmup_days=N / vm.eval_days=N / vm.target_vertical=NAME, "
+                     "or more impressions (--users, --impressions-per-user-day, --days)")  # fmt: skip
+    clear_built_stages(args.run_dir)
+    counts = write_tables(tables, cfg.world, RunPaths(args.run_dir))
     cfg.save(args.run_dir)  # last: a refused or failed synth leaves no config behind
     print(counts)
 
@@ -119,8 +147,7 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
     if args.nproc is not None:
         from loopfm.distributed.fm_train import launch
 
-        RunConfig.load(args.run_dir)  # a missing run is named here, not by every rank
-        launch(args.run_dir, args.nproc)
+        launch(args.run_dir, args.nproc)  # a missing run or stage was named by checks.fm_train, not by every rank
         return
     summary = train_fm(RunPaths(args.run_dir), RunConfig.load(args.run_dir))
     print(f"trained on {summary['events']} events in {summary['seconds']:.1f} s")
@@ -161,9 +188,10 @@ def cmd_features_build(args: argparse.Namespace) -> None:
 
 def cmd_features_apply(args: argparse.Namespace) -> None:
     from loopfm.features.store import feast_env
+    from loopfm.pipeline.checks import redis_url
     from loopfm.pipeline.stages import materialize
 
-    url = _redis_url(args)
+    url = redis_url(args)
     materialize(args.run_dir, url)
     env = " ".join(f"{k}={v}" for k, v in feast_env(args.run_dir, url).items())
     print(f"applied and materialized. To run feast by hand: cd feature_repo && {env} feast ...")
@@ -198,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
     from loopfm.io import write_text
-    from loopfm.bench.loadtest import LoadSpec, run_load, sweep, warm_up, write_report
+    from loopfm.bench.loadtest import LoadSpec, require_success, run_load, sweep, warm_up, write_report
     from loopfm.pipeline.stages import running_server
     from loopfm.bench.serving import request_pool
 
@@ -207,39 +235,43 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     pool = request_pool(args.run_dir)
     out = args.out or args.run_dir / "results" / "loadtest"
     with running_server(args.run_dir, args.variant, args.url, os.environ.get("REDIS_URL")) as url:
-        warm_up(url, pool, candidates=args.candidates, rate=args.rate)
+        require_success(warm_up(url, pool, candidates=args.candidates, rate=args.rate, api_key=args.api_key), "warm-up")
         if args.sweep:
-            rates = args.sweep
-            result = sweep(url, spec, pool, rates, args.p99_bound_ms)
+            result = sweep(url, spec, pool, args.sweep, args.p99_bound_ms, api_key=args.api_key)
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "sweep.json", json.dumps(result, indent=2))
             print(f"highest rate with p99 <= {args.p99_bound_ms} ms: {result['best_rate']} req/s ({out / 'sweep.json'})")
             return
-        report, records = run_load(url, spec, pool)
+        report, records = run_load(url, spec, pool, api_key=args.api_key)
     write_report(report, records, out, f"{args.candidates} candidates, {args.rate:.0f} req/s {args.arrival}")
     print(json.dumps({k: v for k, v in report.items() if k != "spec"}, indent=2))
     print(f"written to {out}/loadtest.json and loadtest.png")
+    require_success(report, f"the load test ({out / 'loadtest.json'})")
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from loopfm.pipeline.checks import redis_url
     from loopfm.pipeline.ingest import ingest
 
-    ingest(args.run_dir, args.events, _redis_url(args), time_unit=args.time_unit)
+    ingest(args.run_dir, args.events, redis_url(args), time_unit=args.time_unit)
 
 
 def cmd_events_publish(args: argparse.Namespace) -> None:
+    from loopfm.pipeline.checks import redis_url
     from loopfm.stream.producer import publish_file
 
-    publish_file(args.run_dir, args.file, _redis_url(args), "events", args.time_unit)
+    publish_file(args.run_dir, args.file, redis_url(args), "events", args.time_unit)
 
 
 def cmd_items_upsert(args: argparse.Namespace) -> None:
+    from loopfm.pipeline.checks import redis_url
     from loopfm.stream.producer import publish_file
 
-    publish_file(args.run_dir, args.file, _redis_url(args), "items")
+    publish_file(args.run_dir, args.file, redis_url(args), "items")
 
 
 def cmd_stream(args: argparse.Namespace) -> None:
+    from loopfm.pipeline.checks import redis_url
     from loopfm.stream.worker import run_worker
 
     if args.action == "compact":
@@ -249,7 +281,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
         lease_s = RunConfig.load(args.run_dir).stream.lease_ms / 1000
         compact_now(RunPaths(args.run_dir), lease_s if args.older_than_s is None else args.older_than_s)
         return
-    summary = run_worker(args.run_dir, _redis_url(args), args.name, idle_exit_s=args.until_idle, max_events=args.max_events,
+    summary = run_worker(args.run_dir, redis_url(args), args.name, idle_exit_s=args.until_idle, max_events=args.max_events,
                          progress_s=args.progress_s, metrics_port=args.metrics_port)  # fmt: skip
     print(json.dumps(summary))
 
@@ -325,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="canonical tables").add_subparsers(dest="cmd", required=True)
     p = command(data, "synth", cmd_synth, "write the synthetic world")
     p.add_argument("--seed", type=int)
-    p.add_argument("--users", dest="n_users", type=int)
-    p.add_argument("--days", dest="n_days", type=int)
-    p.add_argument("--impressions-per-user-day", type=finite_float)
-    p.add_argument("--fm-signal-noise", type=finite_float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
+    p.add_argument("--users", dest="n_users", type=positive_int)
+    p.add_argument("--days", dest="n_days", type=positive_int)
+    p.add_argument("--impressions-per-user-day", type=positive_float)
+    p.add_argument("--fm-signal-noise", type=non_negative_float, help="noise on the FM-only signal (smaller = bigger FM-VM gap)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. fm.code_dim=16")
 
     def import_arguments(p: argparse.ArgumentParser) -> None:
@@ -342,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "age_level, gender optional")  # fmt: skip
         p.add_argument("--map-file", type=Path, help="csv: a JSON or YAML file of {role: column}")
         p.add_argument("--click-threshold", type=finite_float, help="label = value >= threshold (movielens default: 4)")
-        p.add_argument("--days", type=int, default=10, help="data without absolute times is spread over this many days")
+        p.add_argument("--days", type=positive_int, default=10, help="data without absolute times is spread over this many days")
         p.add_argument("--time-unit", choices=TIME_UNITS, help="csv: unit of a numeric timestamp column "
                        "(default: inferred from its size, refused when it cannot be told)")  # fmt: skip
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any config value, e.g. vm.epochs=2")
@@ -354,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fm = sub.add_parser("fm", help="foundation model").add_subparsers(dest="cmd", required=True)
     p = command(fm, "train", cmd_fm_train, "stream-train the FM day by day")
-    p.add_argument("--nproc", type=int, help="data-parallel over N local processes (torchrun, gloo)")
+    p.add_argument("--nproc", type=positive_int, help="data-parallel over N local processes (torchrun, gloo)")
     p = command(fm, "log", cmd_fm_log, "write the embedding log (codes + logits)")
     p.add_argument("--scheme", choices=("frozen", "rolling"))
     p.add_argument("--delay-s", type=int, help="logging delay: available_at = event time + delay")
@@ -377,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "serve", cmd_serve, "serve /score (starts a local Redis and materializes if no REDIS_URL)")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--redis-url")
     p.add_argument("--workers", type=positive_int, default=os.environ.get("LOOPFM_WORKERS", "1"),
                    help="worker processes sharing the port, one per core (default: $LOOPFM_WORKERS or 1)")
@@ -385,14 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
     p.add_argument("--url", help="a running server on loopback; default: start one for the run")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
-    p.add_argument("--rate", type=finite_float, default=200.0, help="offered requests per second")
-    p.add_argument("--duration", type=finite_float, default=20.0, help="seconds of sending (bounded)")
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--rate", type=positive_float, default=200.0, help="offered requests per second")
+    p.add_argument("--duration", type=positive_float, default=20.0, help="seconds of sending (bounded)")
+    p.add_argument("--candidates", type=positive_int, default=100)
     p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
-    p.add_argument("--hot-fraction", type=finite_float, default=0.8, help="share of requests for 100 hot users")
-    p.add_argument("--timeout", type=finite_float, default=2.0, help="per-request client timeout, seconds")
-    p.add_argument("--sweep", type=lambda text: [finite_float(r) for r in text.split(",")], help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
-    p.add_argument("--p99-bound-ms", type=finite_float, default=10.0)
+    p.add_argument("--hot-fraction", type=fraction, default=0.8, help="share of requests for 100 hot users")
+    p.add_argument("--timeout", type=positive_float, default=2.0, help="per-request client timeout, seconds")
+    p.add_argument("--sweep", type=rates, help="comma-separated rates: find the highest whose p99 stays under --p99-bound-ms")
+    p.add_argument("--p99-bound-ms", type=positive_float, default=10.0)
+    p.add_argument("--api-key", default=os.environ.get("LOOPFM_API_KEY"),
+                   help="sent as `Authorization: Bearer KEY` (default: $LOOPFM_API_KEY, the server's own)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: RUN/results/loadtest)")
 
     p = command(sub, "ingest", cmd_ingest, "a file of impressions into the live loop: check, publish, apply (a worker), "
@@ -424,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-idle", type=positive_float, metavar="S", help="exit after S seconds with nothing to read")
     p.add_argument("--max-events", type=positive_int, help="exit after handling this many messages")
     p.add_argument("--progress-s", type=positive_float, default=5.0, help="seconds between progress lines")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on 127.0.0.1:PORT")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "open loop, /healthz floor, capacity, wrk; 1 and 2 workers, pinned cores")
@@ -446,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-events", type=positive_int, help="the grown store's stored events (default 10,000,000)")
 
     p = command(sub, "demo", cmd_demo, "every stage end to end on the embedded defaults")
-    p.add_argument("--requests", type=int, default=300, help="requests sent to the server for the latency sample")
+    p.add_argument("--requests", type=positive_int, default=300, help="requests sent to the server for the latency sample")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a default, e.g. world.n_users=4000")
 
     from loopfm.experiments.plan import EXPERIMENTS
@@ -489,6 +523,24 @@ ELSEWHERE = {  # how a command that can also just read its run is told to write 
     cmd_features_apply: ", or set LOOPFM_REGISTRY to a writable file outside the run (Feast's registry; the run is then only read)",
     cmd_loadtest: ", or pass --out to write the report outside the run",
 }
+
+
+def preconditions(args: argparse.Namespace) -> None:
+    """What the command needs, checked before it starts anything (loopfm/pipeline/checks.py);
+    ConfigError naming the flag, file or stage otherwise."""
+    from loopfm.pipeline import checks
+
+    needs = {
+        cmd_data_import: checks.data_import, cmd_run: checks.run,
+        cmd_fm_train: checks.fm_train, cmd_fm_log: checks.fm_log, cmd_fm_import_log: checks.fm_import_log,
+        cmd_features_build: checks.features_build,
+        cmd_features_apply: checks.features_apply, cmd_vm_train: checks.vm_train, cmd_vm_export: checks.vm_export,
+        cmd_serve: checks.serve, cmd_loadtest: checks.loadtest, cmd_bench_serving: checks.bench_serving,
+        cmd_ingest: checks.ingest, cmd_events_publish: checks.publish, cmd_items_upsert: checks.publish, cmd_stream: checks.stream,
+        cmd_demo: checks.demo, cmd_experiment_real: checks.experiment_real,
+    }  # fmt: skip
+    if args.func in needs:
+        needs[args.func](args)
 
 
 def written_dir(args: argparse.Namespace) -> Path | None:
@@ -535,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = written_dir(args)
         with run_dir_lock(target, command, ELSEWHERE.get(args.func, "")) if target is not None else contextlib.nullcontext():
+            preconditions(args)  # under the lock: no other writer changes what was checked
             args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)

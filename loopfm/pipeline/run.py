@@ -9,13 +9,16 @@ from pathlib import Path
 from loopfm.config import RunConfig
 from loopfm.data.importers import ImportOptions, configure, import_data, write_imported
 from loopfm.io import RunPaths
-from loopfm.pipeline.stages import stage, train_stages
+from loopfm.pipeline.stages import clear_built_stages, stage, train_stages
 
 
 def import_run(run_dir: Path, cfg: RunConfig, data: Path, opts: ImportOptions, explicit: set[str]) -> RunConfig:
-    """Check and convert everything, then write `data/` and `config.json` (nothing on failure)."""
+    """Check and convert everything, then remove the stages built on the run's old data
+    (clear_built_stages, said on the console) and write `data/` and `config.json` (nothing
+    written or removed on failure)."""
     imported = import_data(data, opts)
     cfg = configure(cfg, imported, explicit)
+    clear_built_stages(run_dir)
     write_imported(run_dir, imported, cfg)
     n = {name: len(df) for name, df in imported.tables.items() if name in ("users", "items", "impressions")}
     target = int((imported.tables["impressions"]["vertical"] == cfg.vm.target_vertical).sum())

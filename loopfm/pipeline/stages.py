@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import shutil
+import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -14,6 +17,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from loopfm.children import die_with_parent
 from loopfm.config import VARIANTS, RunConfig, variant_named
 from loopfm.engine import LOCAL, Engine
 from loopfm.io import RunPaths
@@ -87,7 +91,10 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
         infos = {v: _train_one(run_dir, v, None, log) for v in variants}
     else:
         longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:  # spawn: no forked torch thread pools
+        # spawn: no forked torch thread pools; a worker dies with this process, even when it is
+        # killed by SIGKILL, so none writes into the run after its lock is free (loopfm.children)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
+                                 initargs=(signal.SIGKILL, os.getpid())) as pool:  # fmt: skip
             futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
             try:
                 infos = {v: futures[v].result() for v in variants}
@@ -117,6 +124,51 @@ def _train_one(run_dir: Path, variant: str, threads: int | None, log=None) -> di
     return train_variant(RunPaths(run_dir), RunConfig.load(run_dir), open_store(run_dir), variant, log=log)
 
 
+def served_model_dir(run_dir: Path, variant: str) -> Path:
+    """The folder of the run's exported `variant` (model.json, model.onnx), the server's
+    input; FileNotFoundError naming `loopfm vm export` if it is missing, FormatError if it is
+    of another format version than this loopfm serves."""
+    from loopfm.contract.version import check_format
+
+    model_dir = RunPaths(run_dir).vm / variant / "onnx"
+    export = f"loopfm vm export --variant {variant} --run-dir {run_dir}"
+    for name in ("model.json", "model.onnx"):
+        if not (model_dir / name).exists():
+            raise FileNotFoundError(f"{model_dir / name} not found: run `{export}`")
+    meta = json.loads((model_dir / "model.json").read_text())
+    check_format(meta, model_dir / "model.json", f"re-export it with `{export}` (after `loopfm vm train` for a model.pt of another version)")
+    return model_dir
+
+
+def clear_built_stages(run_dir: Path, log=print) -> list[str]:
+    """Remove what the run built on its data (the FM, the feature tables, the Feast registry,
+    the VMs, the results), before new data replaces it: every later stage would read them as
+    built on the new data. Says so through `log`; returns the names of those removed."""
+    from loopfm.features.store import registry_path
+
+    paths = RunPaths(run_dir)
+    registry = registry_path(run_dir)
+    built = [paths.fm, paths.features, paths.vm, paths.results]
+    if registry.is_relative_to(run_dir.resolve()):  # one outside the run (LOOPFM_REGISTRY) may serve others
+        built.append(registry)
+    removed = []
+    for path in built:
+        if path.is_symlink():  # a staged folder (loopfm.io.staged_dir): the link, then its version
+            version = path.resolve()
+            path.unlink()
+            shutil.rmtree(version, ignore_errors=True)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    if removed:
+        log(f"  removed {', '.join(removed)} from {run_dir}: built on the data being replaced; run those stages again")
+    return removed
+
+
 @contextlib.contextmanager
 def running_server(
     run_dir: Path, variant: str, url: str | None, redis_url: str | None, port: int | None = None, workers: int = 1
@@ -131,9 +183,7 @@ def running_server(
     from loopfm.redis_server import redis_url_or_local
     from loopfm.server_process import start_server, stop_server
 
-    model_dir = RunPaths(run_dir).vm / variant / "onnx"
-    if not (model_dir / "model.onnx").exists():
-        raise FileNotFoundError(f"{model_dir / 'model.onnx'} not found: run `loopfm vm export --variant {variant}`")
+    model_dir = served_model_dir(run_dir, variant)
     with redis_url_or_local(redis_url) as store_url:
         if not redis_url:
             print(f"started a local Redis-protocol server at {store_url}; materializing the run into it")

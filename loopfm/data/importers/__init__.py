@@ -8,11 +8,10 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from loopfm.config import ConfigError, RunConfig
-from loopfm.data.dataset import Vocab
+from loopfm.data.dataset import Vocab, check_vm_windows
 from loopfm.data.importers.bars import ROLE_MAPS, read_bars
 from loopfm.data.importers.canonical import TARGET, DataFormatError, Span, VerticalRule, canonical
 from loopfm.data.importers.mapped import read_mapped
@@ -81,24 +80,8 @@ def configure(cfg: RunConfig, imported: Imported, explicit: set[str]) -> RunConf
         cfg.vm = replace(cfg.vm, eval_days=max(1, round(span.n_days * 0.2)))
     if "fm.warmup_days" not in explicit:
         cfg.fm = replace(cfg.fm, warmup_days=max(1, min(round(span.n_days * 0.3), span.n_days - cfg.vm.eval_days - 1)))
-    _check_windows(imported, cfg.validate())
+    check_vm_windows(imported.tables["impressions"], cfg.validate(), "choose another --vertical or --set fm.warmup_days=N / vm.eval_days=N")
     return cfg
-
-
-def _check_windows(imported: Imported, cfg: RunConfig) -> None:
-    """The VM needs clicks and non-clicks of its vertical in its training and held-out windows."""
-    imp = imported.tables["impressions"]
-    start = pd.Timestamp(imported.span.start_date, tz="UTC")
-    day = ((imp["event_timestamp"] - start) // pd.Timedelta(days=1)).to_numpy()
-    target = (imp["vertical"] == TARGET).to_numpy()
-    eval_start = cfg.world.n_days - cfg.vm.eval_days
-    windows = {"training": (cfg.fm.warmup_days, eval_start), "held-out": (eval_start, cfg.world.n_days)}
-    for name, (lo, hi) in windows.items():
-        labels = imp["label"].to_numpy()[target & (day >= lo) & (day < hi)]
-        if len(np.unique(labels)) < 2:
-            raise ConfigError(f"the VM's vertical has {labels.size} impressions ({int(labels.sum())} clicks) in its {name} "
-                              f"window (days {lo} to {hi - 1} of {cfg.world.n_days}): it needs clicks and non-clicks there; "
-                              "choose another --vertical or --set fm.warmup_days=N / vm.eval_days=N")  # fmt: skip
 
 
 def write_imported(run_dir: Path, imported: Imported, cfg: RunConfig) -> None:
