@@ -639,13 +639,22 @@ def run_worker(run_dir: Path, redis_url: str, name: str | None = None, **options
 
 def start_worker_process(run_dir: Path, redis_url: str, name: str, log_path: Path, cores: list[int] | None = None,
                          options: tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
-    """`loopfm stream` in a process of its own (pinned to `cores` if given), output to `log_path`."""
+    """`loopfm stream` in a process of its own (pinned to `cores` if given), output to `log_path`;
+    it gets SIGTERM (drains and exits) if this process dies."""
+    from loopfm.children import dies_with_this_process
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "loopfm.pipeline.cli", "stream", "--run-dir", str(run_dir), "--redis-url", redis_url,
                "--name", name, *options]  # fmt: skip
+    with_parent = dies_with_this_process()
+
+    def prepare() -> None:
+        with_parent()
+        if cores:
+            os.sched_setaffinity(0, cores)
+
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)  # fmt: skip
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=prepare)
 
 
 def wait_for_leases(client, keys: StreamKeys, names: list[str], procs: list[subprocess.Popen], within_s: float = 120.0) -> None:
