@@ -24,24 +24,37 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def kill_left(proc: subprocess.Popen, pids: set[int]) -> None:
+    """Kill the command and what this test saw it start, should the command have left it."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def started_serve(trained_run: Path, tmp_path: Path, store: list[str]) -> tuple[subprocess.Popen, set[int]]:
+    """`loopfm serve` on a private copy of the run (it only reads it), once it says it serves,
+    and its children then (Valkey unless `store` names a Redis URL, and uvicorn)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port()), *store],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("serving"):
+            break
+    return proc, descendants(proc.pid)
+
+
 @pytest.mark.parametrize("sig, own_valkey", [(signal.SIGTERM, True), (signal.SIGINT, False)])
 def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uvicorn_along(
     trained_run, redis_url, tmp_path, sig, own_valkey
 ):
     """Without a Redis URL serve starts its own Valkey (and materializes into it) and uvicorn;
     with one, uvicorn only."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)  # a private copy (serve only reads it)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    store = [] if own_valkey else ["--redis-url", redis_url]
-    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port()), *store],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    children: set[int] = set()
+    proc, children = started_serve(trained_run, tmp_path, [] if own_valkey else ["--redis-url", redis_url])
     try:
-        for line in proc.stdout:
-            if line.startswith("serving"):
-                break
-        children = descendants(proc.pid)
         assert len(children) >= 1 + own_valkey, (children, proc.stderr.read() if proc.poll() is not None else "")
         proc.send_signal(sig)
         started = time.perf_counter()
@@ -53,11 +66,7 @@ def test_serve_stops_within_seconds_on_a_stop_signal_and_takes_its_valkey_and_uv
             time.sleep(0.05)
         assert not [p for p in children if alive(p)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in children:  # only what this test started, should the command have left it
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(proc, children)
 
 
 def command_line(pid: int) -> str:
@@ -78,27 +87,14 @@ def wait_until_gone(pids: set[int], within_s: float = 5.0) -> list[int]:
 def test_a_serve_killed_by_sigkill_takes_its_valkey_and_uvicorn_along(trained_run, tmp_path):
     """SIGKILL runs no clean-up: the children go because the kernel signals them when their
     parent dies (loopfm.children), so none keeps the port."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.Popen([LOOPFM, "serve", "--run-dir", str(run), "--port", str(free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    children: set[int] = set()
+    proc, children = started_serve(trained_run, tmp_path, [])
     try:
-        for line in proc.stdout:
-            if line.startswith("serving"):
-                break
-        children = descendants(proc.pid)
         assert len(children) >= 2, children  # Valkey and uvicorn
         proc.kill()
         proc.wait(timeout=10)
         assert wait_until_gone(children) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in children:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(proc, children)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vm train uses worker processes only with two cores or more")
@@ -125,8 +121,4 @@ def test_a_vm_train_killed_by_sigkill_leaves_no_worker_writing_and_its_lock_free
         with run_dir_lock(run, "a second training"):
             pass
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(proc, workers)
