@@ -171,7 +171,7 @@ def _date_times(text: pd.Series, rows: np.ndarray) -> pd.Series:
     if named.any():
         zones = ", ".join(sorted(set(word[named])))
         raise BadValues(f"a time zone abbreviation ({zones}) that names no one zone: write the offset "
-                        "(e.g. 2026-09-01 00:00:20-05:00), or UTC", _spread(rows, named))  # fmt: skip
+                        "(an offset such as -05:00 after the time), or UTC", _spread(rows, named))  # fmt: skip
     return pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
 
 

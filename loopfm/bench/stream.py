@@ -46,7 +46,7 @@ from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, item_key, user_key
-from loopfm.stream.openloop import send
+from loopfm.stream.openloop import DRAIN_TIMEOUT_S, send
 from loopfm.stream.worker import start_worker_process, wait_for_leases
 
 VARIANT = "loopfm_kd"
@@ -54,7 +54,6 @@ VARIANT = "loopfm_kd"
 # measures the loop, not model quality.
 BENCH_WORLD = ["--users", "1600", "--days", "14", "--seed", "7", "--set", "fm.warmup_days=5", "--set", "vm.eval_days=4",
                "--set", "vm.epochs=2", "--set", "fm.warmup_epochs=4", "--set", "fm.passes_per_day=1"]  # fmt: skip
-DRAIN_TIMEOUT_S = 120.0  # openloop.send's wait for the last samples, and the group's drain
 
 
 @dataclass

@@ -344,6 +344,16 @@ def cmd_experiment_real(args: argparse.Namespace) -> None:
     run_real(args.data, args.format, datasets, args.seeds, args.out, args.docs or args.out, args.set or [])
 
 
+def event_file_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """A file of impressions (`name`: "--events" or the positional "file"), the Redis URL and the time unit."""
+    p.add_argument(name, type=Path, **({"required": True} if name.startswith("--") else {}),
+                   help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): impression_id, user_id, item_id, "
+                   "vertical, event_timestamp, label (loopfm/data/event_files.py: EVENT_COLUMNS)")  # fmt: skip
+    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
+    p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
+                   "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopfm", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
@@ -431,19 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "ingest", cmd_ingest, "a file of impressions into the live loop: check, publish, apply (a worker), "
                 "return; a re-run adds nothing")  # fmt: skip
-    p.add_argument("--events", type=Path, required=True, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
-        ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
-    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
-    p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
-                   "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
-
+    event_file_arguments(p, "--events")
     events = sub.add_parser("events", help="the live loop's producers").add_subparsers(dest="cmd", required=True)
     p = command(events, "publish", cmd_events_publish, "check a file of impressions, then publish it to the event stream")
-    p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): " + ", ".join(
-        ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")))  # fmt: skip
-    p.add_argument("--redis-url", help="the online store's server (default: $REDIS_URL)")
-    p.add_argument("--time-unit", choices=TIME_UNITS, help="unit of numeric event_timestamp values "
-                   "(default: inferred from their size, refused when it cannot be told)")  # fmt: skip
+    event_file_arguments(p, "file")
     items = sub.add_parser("items", help="the item catalog").add_subparsers(dest="cmd", required=True)
     p = command(items, "upsert", cmd_items_upsert, "check a catalog file, then publish its items to the event stream")
     p.add_argument("file", type=Path, help="parquet, or CSV / TSV by name (.csv, .tsv, also .gz): item_id, category, brand, price_bucket")

@@ -27,7 +27,7 @@ from loopfm.stream.state import entry_order
 
 SAMPLES_PER_S = 200
 POLL_S = 0.001  # the producer's tick: sends what is due, polls the samples in flight
-DRAIN_TIMEOUT_S = 120.0
+DRAIN_TIMEOUT_S = 120.0  # the longest send waits for the last samples (and the bench for a drain)
 # Per key, the newest applied entry id of the user's state (loopfm/stream/state.py), without
 # shipping the whole state back: one round trip for every sample in flight.
 APPLIED_SCRIPT = """
