@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from conftest import SMALL_WORLD, loopfm
-from loopfm.config import ConfigError, RunConfig
+from loopfm.core.config import ConfigError, RunConfig
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 from loopfm.fm import plugin
 from loopfm.fm.model import FMShapes, FoundationModel
 from loopfm.fm.stream import ACTIVITY_COLUMNS
-from loopfm.io import RunPaths
+from loopfm.core.rundir import RunPaths
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TESTS = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import redis
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import (
     FM_HISTORY,
     ITEM_ACTIVITY,
@@ -34,7 +34,9 @@ from loopfm.features.build import (
     fm_history_members,
 )
 from loopfm.features.store import open_store
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.core.files import read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.producer import Producer

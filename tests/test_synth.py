@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from loopfm.config import WorldConfig
+from loopfm.core.config import WorldConfig
 from loopfm.data.synth import simulate
 
 SMALL = WorldConfig(n_users=300, n_days=30, seed=3)

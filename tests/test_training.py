@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.eval.baselines import BASELINES, baseline_predictions, rates_so_far
 from loopfm.fm.stream import checkpoint_path, log_embeddings, train_fm
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
-from loopfm.training import EarlyStopping, time_split
+from loopfm.core.files import read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
+from loopfm.core.training import EarlyStopping, time_split
 
 
 def test_validation_rows_are_the_newest_of_the_training_window_and_never_from_the_eval_window(built_run):
@@ -211,7 +213,7 @@ def test_the_vm_kept_is_the_moving_average_of_its_weights_over_the_given_number_
 
 
 def test_a_negative_weight_average_horizon_is_refused():
-    from loopfm.config import ConfigError
+    from loopfm.core.config import ConfigError
 
     cfg = RunConfig()
     cfg.vm.average_epochs = -1.0

@@ -29,7 +29,8 @@ import pandas as pd
 import psutil
 
 from loopfm.features.build import ENTITY_OFFSET
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 
 PROFILES = ("duckdb", "ray")
 

@@ -23,7 +23,7 @@ import numpy as np
 import redis
 from feast.protos.feast.types.Value_pb2 import Value
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.codec import code_bytes
 from loopfm.contract.names import (
     FM_HISTORY,
@@ -39,9 +39,10 @@ from loopfm.contract.names import (
     views,
 )
 from loopfm.fm.stream import build_inputs, log_events
-from loopfm.io import RunPaths, write_parquet
+from loopfm.core.files import write_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.pipeline.stages import materialize
-from loopfm.redis_server import local_redis, local_redis_cluster
+from loopfm.pipeline.services import local_redis, local_redis_cluster
 from serving.feast_layout import feature_field
 from serving.online_reader import read_online_features
 from loopfm.contract.redis_url import cluster_node_url

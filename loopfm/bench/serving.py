@@ -38,9 +38,10 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.children import dies_with_this_process
+from loopfm.core.children import dies_with_this_process
 from loopfm.data.ids import load_id_maps
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
@@ -116,7 +117,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
     """Both configurations; `duration_s` per open-loop point, a third of it per noop, sweep,
     wrk and feast_sdk point. Writes out_dir/benchmarks.json and out_dir/benchmarks/*.png."""
     from loopfm.pipeline.stages import materialize
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     setups = configurations(sorted(os.sched_getaffinity(0)))
     model_dir = RunPaths(run_dir).vm / variant / "onnx"
@@ -146,7 +147,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
 
 def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: Path, pool: RequestPool,
                    out_dir: Path, duration_s: float, log) -> dict:  # fmt: skip
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
 
     cores, workers, short = setup["cores"], setup["workers"], duration_s / 3
     warm = min(2.0, short)
@@ -191,7 +192,7 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
 def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: RequestPool, cores: dict,
                 seconds: float, logs: Path, log) -> dict:  # fmt: skip
     """The table of before: (a) loopfm, (b) Feast SDK, (c) in-process floor, (d) /healthz."""
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
     from serving.item_cache import ItemCache
     from serving.scorer import Scorer
 

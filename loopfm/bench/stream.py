@@ -40,10 +40,11 @@ import numpy as np
 
 from loopfm.bench.loadtest import LoadSpec, format_ms, run_load, warm_up
 from loopfm.bench.serving import pinned, request_pool
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import PROJECT
 from loopfm.data.ids import load_id_maps
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, item_key, user_key
 from loopfm.stream.openloop import DRAIN_TIMEOUT_S, send
@@ -316,7 +317,7 @@ def offered_point(url: str, run_dir: Path, workers: Workers, pool: Pool, users: 
 def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = StreamBenchSpec(), log=print) -> dict:
     """Every part (module docstring); writes out_dir/benchmarks-stream.json and the plot."""
     from loopfm.features.store import sync_client
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -390,7 +391,7 @@ def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = Strea
 def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec: StreamBenchSpec, a: int, b: int,
                    logs: Path, log) -> dict:  # fmt: skip
     """/score p50/p99 at spec.serving_rate, alone and while one worker applies spec.serving_stream_eps."""
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
 
     with pinned([a]):
         proc, server = start_server(RunPaths(run_dir).vm / VARIANT / "onnx", url, logs / "bench-stream-server.log")

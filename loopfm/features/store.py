@@ -19,7 +19,7 @@ import pandas as pd
 import redis
 import redis.cluster
 
-from loopfm.children import dies_with_this_process
+from loopfm.core.children import dies_with_this_process
 from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_KEY, PROJECT, USER_KEY, ready_marker
 from loopfm.contract.redis_url import cluster_node_url
 

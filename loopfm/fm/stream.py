@@ -26,7 +26,7 @@ Either way each log row records `fm_trained_until`, and tests check it against t
 of every VM example that uses it.
 
 One training, one embedding space. `fm train` writes its checkpoints into a new folder that
-replaces `fm/checkpoints` only once every checkpoint is written (loopfm.io.staged_dir), with
+replaces `fm/checkpoints` only once every checkpoint is written (loopfm.core.files.staged_dir), with
 `training.json`: the training's id, which each checkpoint also carries, and a digest of the
 data it was trained on. A killed training leaves the previous set whole; `fm log` refuses a
 set trained on other data, and any checkpoint of another training. The embedding log names
@@ -50,19 +50,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.codec import code_bytes, encode_codes
 from loopfm.contract.tensorize import activity_bucket_arrays
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, check_format
-from loopfm.data.dataset import Vocab
-from loopfm.engine import LOCAL, Engine
-from loopfm.sequences import count_before, last_n_before
+from loopfm.data.vocab import Vocab
+from loopfm.core.engine import LOCAL, Engine
+from loopfm.core.sequences import count_before, last_n_before
 from loopfm.fm import plugin
 from loopfm.fm.model import Compressor, FMShapes
-from loopfm.io import (
-    US_PER_DAY, RunPaths, atomic_write, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet, write_text,
-)  # fmt: skip
-from loopfm.training import EarlyStopping, time_split
+from loopfm.core.files import atomic_write, read_parquet, staged_dir, write_parquet, write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us
+from loopfm.core.training import EarlyStopping, time_split
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
 ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical", "rate_item", "count_item")
@@ -542,7 +542,7 @@ def log_events(
 def log_embeddings(paths: RunPaths, cfg: RunConfig, progress: bool = True, engine: Engine = LOCAL) -> pd.DataFrame:
     """Extraction -> compression -> stored code (int4 or fp32; the first fm.code_dim dims of the
     checkpoint's code), one row per event (see module docstring). `engine` maps `log_events`
-    over blocks of events (loopfm/engine.py)."""
+    over blocks of events (loopfm/core/engine.py)."""
     trained = current_training(paths)
     arrays, imp = build_inputs(paths, cfg)
     log = engine.map_blocks(partial(log_events, paths, cfg, arrays, imp, progress=progress), np.arange(len(imp)))

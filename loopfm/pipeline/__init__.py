@@ -1,3 +1,3 @@
 """Orchestration: the `loopfm` command line (`cli`), the stages in order (`stages`), `demo`,
-`run` (imported data) and `ingest`. The only code that picks an engine (loopfm/engine.py)
+`run` (imported data) and `ingest`. The only code that picks an engine (loopfm/core/engine.py)
 and chains stages; no stage imports it."""

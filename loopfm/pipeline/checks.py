@@ -16,8 +16,8 @@ import os
 import socket
 from pathlib import Path
 
-from loopfm.config import ConfigError, RunConfig
-from loopfm.io import RunPaths, unwritable
+from loopfm.core.config import ConfigError, RunConfig
+from loopfm.core.rundir import RunPaths, unwritable
 
 
 def need(path: Path, command: str, why: str = "") -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import ITEM_KEY
 from loopfm.data.ids import IdMap
-from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.pipeline.stages import stage
 
 SERVED_VARIANT = "loopfm_kd"
@@ -101,8 +102,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
     from loopfm.features.store import open_store
     from loopfm.pipeline.stages import train_stages
-    from loopfm.redis_server import redis_url_or_local
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import redis_url_or_local, start_server, stop_server
     from loopfm.vm.export import export_variant
 
     started = time.perf_counter()

@@ -44,15 +44,16 @@ import pyarrow as pa
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import ITEM_FEATURES, ITEM_FEATURES_VIEW, PROJECT, USER_FEATURES, USER_PROFILE, items_written_key
 from loopfm.contract.redis_url import cluster_node_url
 from loopfm.contract.tensorize import activity_bucket_arrays
-from loopfm.data.dataset import Vocab
+from loopfm.data.vocab import Vocab
 from loopfm.data.ids import load_id_maps
 from loopfm.features.build import fm_history_members
 from loopfm.features.store import sync_client
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import GROUP, ITEMS_WRITTEN_MAX_LEN, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
@@ -641,7 +642,7 @@ def start_worker_process(run_dir: Path, redis_url: str, name: str, log_path: Pat
                          options: tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
     """`loopfm stream` in a process of its own (pinned to `cores` if given), output to `log_path`;
     it gets SIGTERM (drains and exits) if this process dies."""
-    from loopfm.children import dies_with_this_process
+    from loopfm.core.children import dies_with_this_process
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "loopfm.pipeline.cli", "stream", "--run-dir", str(run_dir), "--redis-url", redis_url,

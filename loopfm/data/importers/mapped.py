@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from loopfm.data.importers.canonical import REQUIRED_ROLES, ROLES, DataFormatError, convert, read_table
-from loopfm.io import text_separator
+from loopfm.core.files import text_separator
 
 
 def read_mapped(

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from loopfm.config import ConfigError, RunConfig, WorldConfig
-from loopfm.io import RunPaths, write_text
+from loopfm.core.config import ConfigError, RunConfig, WorldConfig
+from loopfm.core.files import write_text
+from loopfm.core.rundir import RunPaths
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class RunConfig:
         return self
 
     def save(self, run_dir: Path) -> None:
-        from loopfm.io import write_text  # pandas: not for every importer of the config
+        from loopfm.core.files import write_text  # pandas: not for every importer of the config
 
         self.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
