@@ -11,7 +11,7 @@ import torch
 
 from conftest import loopfm
 from loopfm.core.config import RunConfig
-from loopfm.fm.stream import checkpoint_path, parameter_digest
+from loopfm.fm.train import checkpoint_path, parameter_digest
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
 

@@ -10,7 +10,7 @@ import pytest
 from loopfm.core.config import RunConfig
 from loopfm.features.build import ENTITY_OFFSET
 from loopfm.features.store import historical_features
-from loopfm.fm.stream import log_embeddings
+from loopfm.fm.log import log_embeddings
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import unix_us

@@ -12,7 +12,7 @@ import pytest
 from loopfm.core.config import RunConfig
 from loopfm.distributed.ray_jobs import RAY
 from loopfm.features.build import build_feature_tables
-from loopfm.fm.stream import log_embeddings
+from loopfm.fm.log import log_embeddings
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
 

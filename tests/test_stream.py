@@ -211,7 +211,8 @@ def test_a_redelivered_or_resent_event_changes_nothing(live):
 def test_the_stream_encodes_an_event_as_fm_log_does(live):
     """Same function, same inputs: the stream's code and logit of each event equal `fm log`'s
     on the impressions table extended by the same events (one partition: the batch order)."""
-    from loopfm.fm.stream import build_inputs, log_events
+    from loopfm.fm.inputs import build_inputs
+    from loopfm.fm.log import log_events
 
     run, url = live
     set_partitions(run, 1)

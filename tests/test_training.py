@@ -11,7 +11,8 @@ import torch
 
 from loopfm.core.config import RunConfig
 from loopfm.eval.baselines import BASELINES, baseline_predictions, rates_so_far
-from loopfm.fm.stream import checkpoint_path, log_embeddings, train_fm
+from loopfm.fm.log import log_embeddings
+from loopfm.fm.train import checkpoint_path, train_fm
 from loopfm.core.files import read_parquet, write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import unix_us
@@ -150,7 +151,7 @@ def test_the_fms_intent_memory_averages_only_earlier_days_with_the_given_half_li
     """fm.intent_half_lives: an event of day d sees its day's signal and, per half-life, the
     average of the user's signals of days < d weighted 2^(-age/h); a user's first day sees 0,
     and a signal of day d never reaches an event of day d or earlier through the memory."""
-    from loopfm.fm.stream import _intent
+    from loopfm.fm.inputs import _intent
 
     paths = RunPaths(tmp_path)
     signals = pd.DataFrame({"user_id": [7, 7, 7, 9], "day": [0, 1, 2, 1], "intent_0": [1.0, 2.0, 4.0, 5.0]})

@@ -38,7 +38,8 @@ from loopfm.contract.names import (
     VM_CLICK_HISTORY,
     views,
 )
-from loopfm.fm.stream import build_inputs, log_events
+from loopfm.fm.inputs import build_inputs
+from loopfm.fm.log import log_events
 from loopfm.core.files import write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.pipeline.stages import materialize

@@ -1,7 +1,7 @@
 """The loop's offline side: one parquet file per micro-batch, never rewriting what is stored.
 
 `stream/impressions/<unix µs>-<worker>.parquet` holds the applied impressions with their FM
-log columns (the embedding log's, fm/stream.py: log_events) and the source ids of new users
+log columns (the embedding log's, fm/log.py: log_events) and the source ids of new users
 and items; `stream/items/` the catalog upserts. A file is written whole (temporary file and
 rename) before the worker touches the online store or acks, so an acked event is always
 offline. A worker killed between this write and its ack applies the entries again: the

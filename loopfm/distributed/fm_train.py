@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from loopfm.core.config import RunConfig
-from loopfm.fm.stream import checkpoint_path, parameter_digest, train_fm
+from loopfm.fm.train import checkpoint_path, parameter_digest, train_fm
 from loopfm.core.files import write_text
 from loopfm.core.rundir import RunPaths
 

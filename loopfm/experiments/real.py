@@ -39,7 +39,8 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     """Every stage of one (vertical, seed) in `out/seed<k>`; returns its predictions file."""
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli, historical_features, open_store
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
     from loopfm.pipeline.run import import_run
     from loopfm.vm.train import fit_variant, tensor_spec, variant_frame
     from loopfm.data.vocab import Vocab

@@ -75,7 +75,8 @@ def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redi
     from loopfm.data.synth import write_world
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
 
     cfg = run_config(base, seed, *world.overrides)
     root, wdir = seed_dir / world.root.path, seed_dir / world.path

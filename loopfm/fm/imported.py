@@ -46,7 +46,7 @@ import torch
 from loopfm.core.config import RunConfig
 from loopfm.contract.codec import encode_codes
 from loopfm.fm.model import Compressor
-from loopfm.fm.stream import write_log
+from loopfm.fm.log import write_log
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us

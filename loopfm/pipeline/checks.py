@@ -36,7 +36,7 @@ def data_written(run_dir: Path) -> RunConfig:
 
 
 def fm_trained(run_dir: Path) -> None:
-    from loopfm.fm.stream import checkpoint_path
+    from loopfm.fm.train import checkpoint_path
 
     cfg = data_written(run_dir)
     need(checkpoint_path(RunPaths(run_dir), cfg.world.n_days), f"loopfm fm train --run-dir {run_dir}",

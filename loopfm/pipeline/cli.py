@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_train(args: argparse.Namespace) -> None:
-    from loopfm.fm.stream import train_fm
+    from loopfm.fm.train import train_fm
     from loopfm.core.rundir import RunPaths
 
     if args.nproc is not None:
@@ -154,7 +154,7 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_log(args: argparse.Namespace) -> None:
-    from loopfm.fm.stream import log_embeddings
+    from loopfm.fm.log import log_embeddings
     from loopfm.core.rundir import RunPaths
     from loopfm.pipeline.stages import engine_named
 

@@ -45,7 +45,8 @@ def train_stages(run_dir: Path, cfg: RunConfig, redis_url: str, first: int, tota
     `first`): FM, its log, structuring, Feast apply + materialize, the VM variants. Shared by
     `loopfm demo` (synthetic data) and `loopfm run` (imported data)."""
     from loopfm.features.build import build_feature_tables
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
 
     paths = RunPaths(run_dir)
     with stage(first, total, "stream-train the FM day by day"):

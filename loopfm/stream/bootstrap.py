@@ -43,7 +43,7 @@ def _counts(frame: pd.DataFrame, by: list[str]) -> dict:
 
 def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
     """{dense user id: state} for every user of the run's users table."""
-    from loopfm.fm.stream import intent_after_signals
+    from loopfm.fm.inputs import intent_after_signals
 
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)
