@@ -287,16 +287,19 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
-    from loopfm.bench.serving import markdown, run_serving_bench
+    from loopfm.bench.serving import run_serving_bench
+    from loopfm.bench.serving_report import markdown, plot_summary
     from loopfm.core.files import write_text
 
     summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration)
+    plot_summary(summary, args.out / "benchmarks" / "serving.png")
     write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
 
 
 def cmd_bench_stream(args: argparse.Namespace) -> None:
-    from loopfm.bench.stream import StreamBenchSpec, markdown, run_stream_bench
+    from loopfm.bench.stream import StreamBenchSpec, run_stream_bench
+    from loopfm.bench.stream_report import markdown, plot
     from loopfm.core.files import write_text
 
     spec = StreamBenchSpec()
@@ -309,6 +312,7 @@ def cmd_bench_stream(args: argparse.Namespace) -> None:
     if args.history_events is not None:
         spec = replace(spec, history_events=args.history_events)
     summary = run_stream_bench(args.run_dir, args.out, spec)
+    plot(summary, args.out / "benchmarks-stream" / "freshness.png")
     write_text(args.out / "benchmarks-stream.md", markdown(summary))
     print(markdown(summary))
 
