@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from conftest import loopfm
-from loopfm.core.config import RunConfig, WorldConfig
+from loopfm.core.config import RunConfig, DataConfig
 from loopfm.contract.names import ENTITY_TYPES_FILE, ITEM_INDEX
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from loopfm.data.synth import simulate
@@ -41,7 +41,7 @@ def item_source_id(dense: int) -> str:
 
 def write_log(path: Path) -> Path:
     """A small synthetic world written as one CSV of the user's own ids: users BIG + 7k, items 'sku-k'."""
-    t = simulate(WorldConfig(n_users=300, n_days=12, seed=3, n_items_per_vertical=150))
+    t = simulate(DataConfig(n_users=300, n_days=12, seed=3, n_items_per_vertical=150))
     imp = t["impressions"].merge(t["users"], on="user_id").merge(t["items"].drop(columns="vertical"), on="item_id")
     pd.DataFrame({
         "uid": [user_source_id(u) for u in imp["user_id"]], "sku": [item_source_id(i) for i in imp["item_id"]],

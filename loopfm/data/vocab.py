@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from loopfm.core.config import ConfigError, RunConfig, WorldConfig
+from loopfm.core.config import ConfigError, RunConfig, DataConfig
 from loopfm.core.files import write_text
 from loopfm.core.rundir import RunPaths
 
@@ -27,7 +27,7 @@ class Vocab:
     n_brands: int
 
     @classmethod
-    def from_world(cls, w: WorldConfig) -> "Vocab":
+    def from_world(cls, w: DataConfig) -> "Vocab":
         return cls(w.n_users, w.n_items_per_vertical * len(w.verticals), w.n_categories, w.n_brands)
 
     @classmethod
