@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from loopfm.features.build import ENTITY_OFFSET
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
+from loopfm.features.build import ENTITY_OFFSET
 
 PROFILES = ("duckdb", "ray")
 

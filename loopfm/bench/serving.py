@@ -35,11 +35,11 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.data.ids import load_id_maps
-from loopfm.core.files import read_parquet, write_text
-from loopfm.core.rundir import RunPaths
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
 from loopfm.bench.wrk import wrk_closed_loop
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.data.ids import load_id_maps
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
 NOOP_RATES = (50.0, 200.0, 500.0)
@@ -114,8 +114,8 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
     """Both configurations; `duration_s` per open-loop point, a third of it per noop, sweep,
     wrk and feast_sdk point. Writes out_dir/benchmarks.json and each open-loop point's report in
     out_dir/benchmarks/ (loopfm/bench/serving_report.py renders the summary)."""
-    from loopfm.pipeline.stages import materialize
     from loopfm.pipeline.services import redis_url_or_local
+    from loopfm.pipeline.stages import materialize
 
     setups = configurations(sorted(os.sched_getaffinity(0)))
     model_dir = RunPaths(run_dir).vm / variant / "onnx"

@@ -40,11 +40,11 @@ import numpy as np
 
 from loopfm.bench.loadtest import LoadSpec, format_ms, run_load, warm_up
 from loopfm.bench.serving import pinned, request_pool
-from loopfm.core.config import RunConfig
 from loopfm.contract.names import PROJECT
-from loopfm.data.ids import load_id_maps
+from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
+from loopfm.data.ids import load_id_maps
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, item_key, user_key
 from loopfm.stream.openloop import DRAIN_TIMEOUT_S, send

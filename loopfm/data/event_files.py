@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.core.config import RunConfig
 from loopfm.contract.names import ID_INT64, N_PRICE_BUCKETS
-from loopfm.data.vocab import Vocab
-from loopfm.data.ids import IdMap, load_id_maps
+from loopfm.core.config import RunConfig
 from loopfm.core.files import text_separator
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import from_unix_us
+from loopfm.data.ids import IdMap, load_id_maps
 from loopfm.data.parse import INT64_RANGE, BadValues, integers, text_ids, unix_times_us
+from loopfm.data.vocab import Vocab
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
 ITEM_COLUMNS = ("item_id", "category", "brand", "price_bucket")

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loopfm.contract.names import ID_INT64
-from loopfm.data.ids import IdMap, extend_id_map, load_id_maps
 from loopfm.core.files import atomic_write, read_parquet, write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import US_PER_DAY
+from loopfm.data.ids import IdMap, extend_id_map, load_id_maps
 
 TIME = pa.timestamp("us", tz="UTC")
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loopfm.core.config import DataConfig
 from loopfm.contract.names import ITEM_KEY, N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, USER_KEY
-from loopfm.data.vocab import Vocab
-from loopfm.data.ids import id_map
+from loopfm.core.config import DataConfig
 from loopfm.core.files import write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import US_PER_DAY, US_PER_HOUR
+from loopfm.data.ids import id_map
+from loopfm.data.vocab import Vocab
 
 
 

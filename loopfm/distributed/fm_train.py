@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from loopfm.core.config import RunConfig
-from loopfm.fm.train import checkpoint_path, parameter_digest, train_fm
 from loopfm.core.files import write_text
 from loopfm.core.rundir import RunPaths
+from loopfm.fm.train import checkpoint_path, parameter_digest, train_fm
 
 
 def launch(run_dir: Path, nproc: int) -> None:

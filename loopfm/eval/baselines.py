@@ -23,10 +23,10 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
-from loopfm.eval.metrics import quality
-from loopfm.core.timeunits import unix_us
 from loopfm.core.sequences import count_before
+from loopfm.core.timeunits import unix_us
 from loopfm.core.training import shrunk_rate, time_split
+from loopfm.eval.metrics import quality
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
 BASELINES = ("popularity", *LR_COLUMNS, "lr_rates")

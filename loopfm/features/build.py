@@ -29,12 +29,12 @@ from loopfm.contract.names import (
     VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
 )
-from loopfm.data.ids import IdMap, write_entity_types
 from loopfm.core.engine import LOCAL, Engine
-from loopfm.core.sequences import last_n_before
 from loopfm.core.files import read_parquet, staged_dir, write_parquet
 from loopfm.core.rundir import RunPaths
+from loopfm.core.sequences import last_n_before
 from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us
+from loopfm.data.ids import IdMap, write_entity_types
 
 ENTITY_OFFSET = pd.Timedelta(microseconds=1)  # one tick of the project's time unit
 

@@ -43,15 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from loopfm.core.config import RunConfig
 from loopfm.contract.codec import encode_codes
-from loopfm.fm.model import Compressor
-from loopfm.fm.log import write_log
+from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us
-from loopfm.data.parse import INT64_RANGE, BadValues, integers, unix_times_us
 from loopfm.core.training import EarlyStopping, time_split
+from loopfm.data.parse import INT64_RANGE, BadValues, integers, unix_times_us
+from loopfm.fm.log import write_log
+from loopfm.fm.model import Compressor
 
 REQUIRED = ("impression_id", "embedding")
 OPTIONAL = ("fm_logit", "available_at")

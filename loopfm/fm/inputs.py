@@ -145,6 +145,7 @@ def intent_after_signals(paths: RunPaths, half_lives: tuple[float, ...]) -> tupl
 
 
 def start_us(cfg: RunConfig) -> int:
+    """The run's first day (world.start_date, midnight UTC) in unix microseconds."""
     return pd.Timestamp(cfg.world.start_date, tz="UTC").value // 1000
 
 

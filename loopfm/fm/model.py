@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.contract.names import N_AGE_BUCKETS, N_COUNT_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, N_RATE_BUCKETS
+from loopfm.contract.tensorize import rate_bucket_log_odds
 
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 

@@ -81,9 +81,9 @@ def port(text: str) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from loopfm.data.vocab import check_vm_windows
-    from loopfm.data.synth import simulate, write_tables
     from loopfm.core.rundir import RunPaths
+    from loopfm.data.synth import simulate, write_tables
+    from loopfm.data.vocab import check_vm_windows
     from loopfm.pipeline.stages import clear_built_stages
 
     cfg = RunConfig()
@@ -141,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_train(args: argparse.Namespace) -> None:
-    from loopfm.fm.train import train_fm
     from loopfm.core.rundir import RunPaths
+    from loopfm.fm.train import train_fm
 
     if args.nproc is not None:
         from loopfm.distributed.fm_train import launch
@@ -154,8 +154,8 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_log(args: argparse.Namespace) -> None:
-    from loopfm.fm.log import log_embeddings
     from loopfm.core.rundir import RunPaths
+    from loopfm.fm.log import log_embeddings
     from loopfm.pipeline.stages import engine_named
 
     cfg = RunConfig.load(args.run_dir)
@@ -169,8 +169,8 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_import_log(args: argparse.Namespace) -> None:
-    from loopfm.fm.imported import import_embedding_log
     from loopfm.core.rundir import RunPaths
+    from loopfm.fm.imported import import_embedding_log
 
     summary = import_embedding_log(RunPaths(args.run_dir), RunConfig.load(args.run_dir), args.embeddings)
     print(f"imported {summary['rows']} embeddings of width {summary['width']} as {summary['code']} codes; compressor "
@@ -179,8 +179,8 @@ def cmd_fm_import_log(args: argparse.Namespace) -> None:
 
 
 def cmd_features_build(args: argparse.Namespace) -> None:
-    from loopfm.features.build import build_feature_tables
     from loopfm.core.rundir import RunPaths
+    from loopfm.features.build import build_feature_tables
     from loopfm.pipeline.stages import engine_named
 
     print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir), engine=engine_named(args.engine)))
@@ -204,8 +204,8 @@ def cmd_vm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_export(args: argparse.Namespace) -> None:
-    from loopfm.features.store import open_store
     from loopfm.core.rundir import RunPaths
+    from loopfm.features.store import open_store
     from loopfm.vm.export import export_variant
 
     meta = export_variant(RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir), args.variant)
@@ -225,10 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
-    from loopfm.core.files import write_text
     from loopfm.bench.loadtest import LoadSpec, require_success, run_load, sweep, warm_up, write_report
-    from loopfm.pipeline.stages import running_server
     from loopfm.bench.serving import request_pool
+    from loopfm.core.files import write_text
+    from loopfm.pipeline.stages import running_server
 
     spec = LoadSpec(rate=args.rate, duration_s=args.duration, candidates=args.candidates, arrival=args.arrival,
                     hot_fraction=args.hot_fraction, timeout_s=args.timeout)  # fmt: skip

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from loopfm.core.config import RunConfig
-from loopfm.data.event_files import read_event_file
 from loopfm.core.rundir import RunPaths
+from loopfm.data.event_files import read_event_file
 from loopfm.stream.keys import StreamKeys
 
 def _reachable(redis_url: str) -> None:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from loopfm.core.config import RunConfig
-from loopfm.data.importers import ImportOptions, configure, import_data, write_imported
 from loopfm.core.rundir import RunPaths
+from loopfm.data.importers import ImportOptions, configure, import_data, write_imported
 from loopfm.pipeline.stages import clear_built_stages, stage, train_stages
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 
 from loopfm.core.config import RunConfig
-from loopfm.data.ids import load_id_maps
-from loopfm.features.build import fm_history_members
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import unix_us
+from loopfm.data.ids import load_id_maps
+from loopfm.features.build import fm_history_members
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, STATE_FIELD, item_key, user_key
 from loopfm.stream.state import ALL, UserState

@@ -44,17 +44,17 @@ import pyarrow as pa
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from loopfm.core.config import RunConfig
 from loopfm.contract.names import ITEM_FEATURES, ITEM_FEATURES_VIEW, PROJECT, USER_FEATURES, USER_PROFILE, items_written_key
 from loopfm.contract.redis_url import cluster_node_url
 from loopfm.contract.tensorize import activity_bucket_arrays
-from loopfm.data.vocab import Vocab
-from loopfm.data.ids import load_id_maps
-from loopfm.features.build import fm_history_members
-from loopfm.features.store import sync_client
+from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.data import streamed as offline
+from loopfm.data.ids import load_id_maps
+from loopfm.data.vocab import Vocab
+from loopfm.features.build import fm_history_members
+from loopfm.features.store import sync_client
 from loopfm.stream.keys import GROUP, ITEMS_WRITTEN_MAX_LEN, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
 from loopfm.stream.online import (

@@ -25,8 +25,8 @@ import torch
 import numpy as np
 from torch import nn
 
-from loopfm.core.config import ENCODERS
 from loopfm.contract.tensorize import rate_bucket_log_odds
+from loopfm.core.config import ENCODERS
 from loopfm.core.training import shrunk_rate
 
 EMBEDDING_INIT_STD = 0.01  # measured: N(0, 1) embeddings left the VM below an item-id LR on MovieLens

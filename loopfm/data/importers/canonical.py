@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from loopfm.contract.names import ITEM_KEY, N_PRICE_BUCKETS, USER_KEY
-from loopfm.data.ids import id_map
 from loopfm.core.timeunits import US_PER_DAY, US_PER_HOUR
+from loopfm.data.ids import id_map
 from loopfm.data.parse import BadValues, integer_keys, source_ids, text_ids, unix_times_us
 
 TARGET, OTHER = "target", "other"
