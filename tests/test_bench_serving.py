@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loopfm.bench.serving import _histogram_summary, configurations, markdown, parse_wrk, run_serving_bench
+from loopfm.bench.serving import _histogram_summary, configurations, run_serving_bench
+from loopfm.bench.serving_report import markdown, plot_summary
+from loopfm.bench.wrk import parse_wrk
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8000
   1 threads and 1 connections
@@ -52,6 +54,7 @@ def test_server_and_client_get_separate_cores_or_the_bench_refuses():
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the bench pins server and client to two cores")
 def test_a_short_bench_writes_the_issue_schema_with_its_floor_and_plots(trained_run: Path, tmp_path: Path):
     summary = run_serving_bench(trained_run, "loopfm_kd", tmp_path, duration_s=0.6, log=lambda *_: None)
+    plot_summary(summary, tmp_path / "benchmarks" / "serving.png")  # as `loopfm bench serving` does
     written = json.loads((tmp_path / "benchmarks.json").read_text())
     assert written == json.loads(json.dumps(summary))
     point_keys = {"p50_ms", "p99_ms", "p999_ms", "achieved_rate", "errors"}

@@ -7,7 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from loopfm.bench.stream import StreamBenchSpec, markdown, run_stream_bench
+from loopfm.bench.stream import StreamBenchSpec, run_stream_bench
+from loopfm.bench.stream_report import markdown, plot
 
 
 def test_a_short_bench_applies_every_offered_event_and_writes_the_issue_schema(trained_run: Path, tmp_path: Path):
@@ -16,6 +17,7 @@ def test_a_short_bench_applies_every_offered_event_and_writes_the_issue_schema(t
     spec = StreamBenchSpec(rates=(300,), workers=(1,), duration_s=1.0, history_events=200_000, cost_rate=300,
                            cost_duration_s=1.0, serving_rate=50, serving_stream_eps=200, serving_duration_s=1.0)  # fmt: skip
     summary = run_stream_bench(run, tmp_path / "docs", spec, log=lambda *_: None)
+    plot(summary, tmp_path / "docs" / "benchmarks-stream" / "freshness.png")  # as `loopfm bench stream` does
     written = json.loads((tmp_path / "docs" / "benchmarks-stream.json").read_text())
     assert written == json.loads(json.dumps(summary))
     (point,) = written["points"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_WORLD, loopfm
-from loopfm.io import RunPaths
-from loopfm.server_process import free_port, start_server, stop_server
+from loopfm.core.rundir import RunPaths
+from loopfm.pipeline.services import free_port, start_server, stop_server
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -38,7 +38,7 @@ def finished_run(trained_run: Path, tmp_path: Path) -> Path:
 
 
 def remove(path: Path) -> None:
-    """A file, a folder, or a staged folder's link (loopfm.io.staged_dir)."""
+    """A file, a folder, or a staged folder's link (loopfm.core.files.staged_dir)."""
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 

@@ -61,7 +61,7 @@ def test_an_unknown_encoder_is_refused_before_anything_trains_naming_the_valid_o
 
 
 def test_a_negative_recency_decay_is_refused_naming_the_rule():
-    from loopfm.config import ConfigError, RunConfig
+    from loopfm.core.config import ConfigError, RunConfig
 
     cfg = RunConfig()
     cfg.override("vm.recency_decay=-0.1")  # --set refuses NaN itself
@@ -70,9 +70,9 @@ def test_a_negative_recency_decay_is_refused_naming_the_rule():
 
 
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
-    """Every writing command takes the run directory's lock (loopfm.io.run_dir_lock); the
+    """Every writing command takes the run directory's lock (loopfm.core.rundir.run_dir_lock); the
     holder here is this test, as a training or a build would be."""
-    from loopfm.io import run_dir_lock
+    from loopfm.core.rundir import run_dir_lock
 
     run = tmp_path / "run"
     with run_dir_lock(run, "loopfm vm train --variant base"):
@@ -89,7 +89,7 @@ def test_a_writer_refused_before_the_holder_names_itself_waits_for_the_name(tmp_
     waits for the name (here written 0.2 s late) instead of saying "another loopfm process"."""
     from filelock import FileLock
 
-    from loopfm.io import RunDirBusy, lock_path, run_dir_lock
+    from loopfm.core.rundir import RunDirBusy, lock_path, run_dir_lock
 
     run = tmp_path / "run"
     lock = lock_path(run)
@@ -105,7 +105,7 @@ def test_a_writer_refused_before_the_holder_names_itself_waits_for_the_name(tmp_
 def test_a_lock_released_while_a_writer_waits_for_the_name_is_taken(tmp_path):
     from filelock import FileLock
 
-    from loopfm.io import lock_path, run_dir_lock
+    from loopfm.core.rundir import lock_path, run_dir_lock
 
     run = tmp_path / "run"
     lock = FileLock(lock_path(run), thread_local=False)  # released by the timer's thread
@@ -116,7 +116,7 @@ def test_a_lock_released_while_a_writer_waits_for_the_name_is_taken(tmp_path):
 
 
 def test_atomically_written_files_get_the_umask_s_mode_not_a_private_one(tmp_path):
-    from loopfm.io import atomic_write, write_text
+    from loopfm.core.files import atomic_write, write_text
 
     old = os.umask(0o022)
     try:
@@ -142,7 +142,7 @@ def test_a_worker_count_or_bench_duration_out_of_range_is_refused_naming_the_fla
 
 
 def test_a_saved_config_carries_the_format_version_and_reads_back_equal(tmp_path):
-    from loopfm.config import RunConfig
+    from loopfm.core.config import RunConfig
 
     cfg = RunConfig()
     cfg.override("fm.extract_layer=hidden1,hidden2")

@@ -10,9 +10,10 @@ import pandas as pd
 import torch
 
 from conftest import loopfm
-from loopfm.config import RunConfig
-from loopfm.fm.stream import checkpoint_path, parameter_digest
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.config import RunConfig
+from loopfm.fm.train import checkpoint_path, parameter_digest
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 
 
 def test_two_ranks_train_identical_replicas_and_the_log_runs(copy_of_run: Path):

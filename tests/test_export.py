@@ -8,10 +8,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loopfm.config import ENCODERS
+from loopfm.core.config import ENCODERS
 from loopfm.contract.names import FM_HISTORY_FEATURE, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.features.store import historical_features
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.vm.export import OPTIMIZED_GRAPH, PARITY_TOLERANCE, onnx_bytes, optimized_graph, parity_check
 from loopfm.vm.train import frame_tensors, load_variant
 
@@ -93,7 +94,7 @@ def test_training_and_serving_build_identical_inputs_for_the_same_user_state(tra
     import pandas as pd
     import redis.asyncio
 
-    from loopfm.config import RunConfig
+    from loopfm.core.config import RunConfig
     from serving.scorer import Scorer
 
     paths, cfg = RunPaths(trained_run), RunConfig.load(trained_run)

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from loopfm.bench.serving import request_pool
-from loopfm.io import RunPaths
+from loopfm.core.rundir import RunPaths
 from loopfm.bench.loadtest import LoadSpec, run_load
-from loopfm.server_process import start_server, stop_server
+from loopfm.pipeline.services import start_server, stop_server
 from serving.reloads import CLIENT_NAME as RELOADS_CLIENT
 
 BODY = {"user_id": 3, "candidate_item_ids": [801, 802], "context": {"hour": 9}}

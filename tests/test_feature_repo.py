@@ -10,7 +10,7 @@ import pytest
 
 from loopfm.pipeline.cli import main
 from loopfm.features.store import FEATURE_REPO, feast_env, feast_executable
-from loopfm.redis_server import local_redis
+from loopfm.pipeline.services import local_redis
 from conftest import loopfm
 
 

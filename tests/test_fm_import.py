@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SMALL_WORLD, loopfm
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.fm.imported import import_embedding_log
-from loopfm.io import US_PER_DAY, RunPaths, unix_us
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import US_PER_DAY, unix_us
 from loopfm.pipeline.cli import main
 
 LOG_COLUMNS = ["impression_id", "user_id", "event_timestamp", "available_at", "fm_code", "fm_logit", "fm_trained_until"]

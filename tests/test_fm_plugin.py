@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from conftest import SMALL_WORLD, loopfm
-from loopfm.config import ConfigError, RunConfig
+from loopfm.core.config import ConfigError, RunConfig
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 from loopfm.fm import plugin
 from loopfm.fm.model import FMShapes, FoundationModel
-from loopfm.fm.stream import ACTIVITY_COLUMNS
-from loopfm.io import RunPaths
+from loopfm.fm.inputs import ACTIVITY_COLUMNS
+from loopfm.core.rundir import RunPaths
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TESTS = Path(__file__).resolve().parent
@@ -218,7 +218,7 @@ def test_fm_train_stops_when_the_extracted_layer_turns_nan_in_training_and_names
 def test_encoding_refuses_nan_activations_naming_the_layer():
     """fm log and loopfm stream share encode: a NaN layer is an error, never a constant code."""
     from loopfm.fm.model import Compressor
-    from loopfm.fm.stream import encode
+    from loopfm.fm.log import encode
 
     fm = nan_layer(SHAPES).eval()
     with pytest.raises(ValueError, match=r"fm.model _NaNLayer: NaN or infinite values in layer 'hidden1' on 5 events"):

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from loopfm.io import RunPaths
-from loopfm.server_process import start_server, stop_server
+from loopfm.core.rundir import RunPaths
+from loopfm.pipeline.services import start_server, stop_server
 from serving.app import create_app
 from serving.settings import Settings
 

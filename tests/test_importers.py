@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loopfm.config import ConfigError, RunConfig
-from loopfm.data.dataset import Vocab
+from loopfm.core.config import ConfigError, RunConfig
+from loopfm.data.vocab import Vocab
 from loopfm.data.importers import ImportOptions, configure, import_data
 from loopfm.data.importers.canonical import DataFormatError, VerticalRule
 from loopfm.data.importers.mapped import parse_map
@@ -376,7 +376,7 @@ def test_each_entitys_source_ids_are_int64_when_every_id_is_a_plain_int64_else_s
 
 
 def test_ids_read_from_a_numeric_column_are_their_exact_decimal_text_never_float_text():
-    from loopfm.parse import BadValues, text_ids
+    from loopfm.data.parse import BadValues, text_ids
 
     assert text_ids(pd.Series([13.0, 7.0, None])).tolist() == ["13", "7", pd.NA]
     assert text_ids(pd.Series([2**63 + 1], dtype="uint64")).tolist() == [str(2**63 + 1)]
@@ -386,7 +386,7 @@ def test_ids_read_from_a_numeric_column_are_their_exact_decimal_text_never_float
 
 
 def source_ids_of(keys: list[str]) -> list:
-    from loopfm.parse import source_ids
+    from loopfm.data.parse import source_ids
 
     return source_ids(pd.Series(keys, dtype="string[pyarrow]")).tolist()  # ints from an int64 column, else str
 
@@ -425,7 +425,7 @@ def test_float64_id_columns_are_read_as_exact_integers_or_refused_never_merged(t
 
 @pytest.mark.parametrize("name, sep", [("events.tsv.gz", "\t"), ("events.TSV", "\t"), ("events.csv.gz", ","), ("events.csv.bz2", ",")])
 def test_a_csv_files_separator_follows_its_name_before_the_compression_suffix(tmp_path, name, sep):
-    from loopfm.io import text_separator
+    from loopfm.core.files import text_separator
 
     assert text_separator(Path(name)) == sep
     log = pd.DataFrame({"uid": ["a", "b"], "iid": ["x", "y"], "clicked": [1, 0], "shelf": ["s", "t"]})
@@ -436,7 +436,7 @@ def test_a_csv_files_separator_follows_its_name_before_the_compression_suffix(tm
 
 
 def test_names_without_a_separator_suffix_give_none():
-    from loopfm.io import text_separator
+    from loopfm.core.files import text_separator
 
     assert [text_separator(Path(n)) for n in ("log.parquet", "u.data", "events.gz", "events")] == [None] * 4
 

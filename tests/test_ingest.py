@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from conftest import loopfm
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import PROJECT, items_written_key
-from loopfm.io import RunPaths
+from loopfm.core.rundir import RunPaths
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
 from test_stream import assert_online_equals_batch, base, events_of, live, touched  # noqa: F401  (fixtures)
@@ -27,7 +27,7 @@ USER = 3
 
 def fresh_events(run: Path, n: int = 5) -> pd.DataFrame:
     """n clicks of USER on the run's first shop items, stamped in the last minutes."""
-    from loopfm.io import read_parquet
+    from loopfm.core.files import read_parquet
 
     paths = RunPaths(run)
     shop = read_parquet(paths.table("items")).query("vertical == 'shop'")["item_id"].to_numpy()[:n]
@@ -147,7 +147,7 @@ def test_unix_times_in_an_events_file_are_read_in_their_unit_not_as_nanoseconds(
 
 def test_an_events_file_reads_alike_as_csv_tsv_compressed_or_parquet_with_float_ids(built_run, tmp_path):
     """The separator follows the name before `.gz`; a parquet file's float64 ids are read exactly."""
-    from loopfm.config import RunConfig
+    from loopfm.core.config import RunConfig
     from loopfm.data.event_files import IngestError, read_event_file
 
     paths, cfg = RunPaths(built_run), RunConfig.load(built_run)

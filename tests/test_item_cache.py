@@ -116,7 +116,7 @@ def test_the_scorer_serves_an_items_rewritten_row_at_the_next_request_and_never_
     import redis
 
     from loopfm.contract.names import FM_HISTORY, PROJECT, items_written_key
-    from loopfm.io import RunPaths
+    from loopfm.core.rundir import RunPaths
     from loopfm.stream.online import item_key, timestamp_value, user_key
     from serving.feast_layout import timestamp_field
     from serving.redis_client import async_client

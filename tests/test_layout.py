@@ -8,18 +8,30 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Lowest first; a module may import its own layer and the ones below. `eval` (metrics,
-# baselines, the results table) sits below `vm`, which validates with its metrics.
+# Lowest first; a module may import its own package and any layer below, nothing above and
+# nothing beside it. An entry names a package or a module; the longest entry that a module's
+# name starts with places it. `serving` takes only `contract` (below); the live loop's writer
+# (`stream`) reads its Feast layout. `eval` (metrics, baselines, the results table) sits below
+# `vm`, which validates with its metrics. `pipeline.services` (Valkey, uvicorn) sits below
+# `distributed`, whose torchrun launcher stops its child as a server is stopped. The pipeline's
+# stage functions sit below the experiments and the bench that run them; the command line (with
+# the checks it makes before each command) and the demo, which run all of those, are the single
+# top layer.
 LAYERS = [
     ("loopfm.contract",),
-    ("loopfm.config", "loopfm.io", "loopfm.parse", "loopfm.engine", "loopfm.training", "loopfm.sequences", "loopfm.children"),
+    ("serving",),
+    ("loopfm.core",),
     ("loopfm.data",),
     ("loopfm.fm",),
     ("loopfm.features",),
     ("loopfm.eval",),
     ("loopfm.vm",),
-    ("loopfm.distributed", "loopfm.server_process", "loopfm.redis_server"),
-    ("loopfm.experiments", "loopfm.bench", "loopfm.pipeline", "loopfm.stream", "serving"),
+    ("loopfm.stream",),
+    ("loopfm.pipeline.services",),
+    ("loopfm.distributed",),
+    ("loopfm.pipeline", "loopfm.pipeline.stages", "loopfm.pipeline.run", "loopfm.pipeline.ingest"),
+    ("loopfm.experiments", "loopfm.bench"),
+    ("loopfm.pipeline.cli", "loopfm.pipeline.checks", "loopfm.pipeline.demo"),
 ]
 
 
@@ -42,16 +54,32 @@ def imports() -> dict[str, set[str]]:
     return graph
 
 
+def entry(module: str) -> str:
+    """The longest entry of LAYERS that is `module` or a package holding it."""
+    found = [p for prefixes in LAYERS for p in prefixes if module == p or module.startswith(p + ".")]
+    assert found, f"{module} is in no layer of tests/test_layout.py: place it"
+    return max(found, key=len)
+
+
 def layer(module: str) -> int:
-    for i, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return i
-    raise AssertionError(f"{module} is in no layer of tests/test_layout.py: place it")
+    return next(i for i, prefixes in enumerate(LAYERS) if entry(module) in prefixes)
+
+
+def package(module: str) -> str:
+    """`serving`, or loopfm's package of `module` (loopfm.pipeline for loopfm.pipeline.cli)."""
+    parts = module.split(".")
+    return ".".join(parts[:2] if parts[0] == "loopfm" else parts[:1])
 
 
 def test_every_module_has_a_layer_and_imports_none_above_it():
     upward = [(m, i) for m, targets in imports().items() for i in targets if m != "loopfm" and layer(i) > layer(m)]
     assert upward == []
+
+
+def test_packages_sharing_a_layer_do_not_import_each_other():
+    sideways = [(m, i) for m, targets in imports().items() for i in targets
+                if m != "loopfm" and layer(i) == layer(m) and package(i) != package(m)]  # fmt: skip
+    assert sideways == []
 
 
 def test_no_import_circle():
@@ -84,3 +112,7 @@ def test_stages_import_neither_orchestration_nor_distributed_engines():
     above = ("loopfm.pipeline", "loopfm.distributed", "loopfm.experiments", "loopfm.bench", "serving")
     found = [(m, t) for m, targets in imports().items() if m.startswith(stages) for t in targets if t.startswith(above)]
     assert found == []
+
+
+def test_loopfm_holds_only_packages_at_its_bottom():
+    assert sorted(p.name for p in (ROOT / "loopfm").glob("*.py")) == ["__init__.py"]

@@ -19,11 +19,11 @@ import onnxruntime as ort
 
 from conftest import loopfm
 from loopfm.bench.serving import request_pool
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
-from loopfm.io import RunPaths
+from loopfm.core.rundir import RunPaths
 from loopfm.bench.loadtest import LoadSpec, run_load
-from loopfm.server_process import start_server, stop_server
+from loopfm.pipeline.services import start_server, stop_server
 from serving.feast_layout import feature_refs, user_side_refs
 
 ADMIN = {"Authorization": "Bearer admin-s3cret"}

@@ -15,7 +15,8 @@ from feast.infra.offline_stores.duckdb import DuckDBOfflineStore
 
 from loopfm.features.offline_store import AsofDuckDBOfflineStore, take_rows
 from loopfm.features.store import historical_features, open_store
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.features.build import ENTITY_OFFSET
 from loopfm.features.store import historical_features
-from loopfm.fm.stream import log_embeddings
-from loopfm.io import RunPaths, read_parquet, unix_us
+from loopfm.fm.log import log_embeddings
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 
 
 @pytest.fixture(scope="module")

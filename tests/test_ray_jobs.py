@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.distributed.ray_jobs import RAY
 from loopfm.features.build import build_feature_tables
-from loopfm.fm.stream import log_embeddings
-from loopfm.io import RunPaths, read_parquet
+from loopfm.fm.log import log_embeddings
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 
 TABLES = ("user_profile", "item_features", "vm_click_history", "fm_history", "vm_train_entities", "vm_eval_entities")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from loopfm.config import RunConfig
-from loopfm.data.dataset import Vocab
+from loopfm.core.config import RunConfig
+from loopfm.data.vocab import Vocab
 from loopfm.eval.metrics import quality
 from loopfm.features.store import feature_store_yaml, historical_features, open_store
-from loopfm.io import RunPaths, read_parquet, unix_us
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.vm.train import fit_variant, tensor_spec
 
 

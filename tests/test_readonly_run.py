@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from loopfm.contract.names import PROJECT, ready_marker
-from loopfm.server_process import free_port
+from loopfm.pipeline.services import free_port
 from tests.conftest import LOOPFM
 
 NOBODY = 65534

@@ -18,8 +18,7 @@ import redis
 from conftest import LOOPFM, loopfm
 from loopfm.contract.names import PROJECT
 from loopfm.features.store import feast_connection_string, open_store
-from loopfm.redis_server import local_redis, local_redis_cluster
-from loopfm.server_process import start_server, stop_server
+from loopfm.pipeline.services import local_redis, local_redis_cluster, start_server, stop_server
 from loopfm.stream.keys import StreamKeys
 from loopfm.contract.redis_url import cluster_node_url
 from serving.redis_client import async_client

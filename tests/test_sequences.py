@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from loopfm.sequences import count_before, last_n_before
+from loopfm.core.sequences import count_before, last_n_before
 
 
 def brute_force(seq_user, seq_time, q_user, q_time, n):

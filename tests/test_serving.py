@@ -13,8 +13,8 @@ import pytest
 
 from loopfm.contract.tensorize import one_request_inputs
 from serving.feast_layout import feature_refs, user_side_refs
-from loopfm.io import RunPaths
-from loopfm.server_process import start_server, stop_server
+from loopfm.core.rundir import RunPaths
+from loopfm.pipeline.services import start_server, stop_server
 
 def test_serving_imports_no_torch_no_fm_and_no_feast_sdk():
     code = "import sys, serving.app, serving.scorer; print([m for m in sys.modules if m.split('.')[0] in ('torch', 'feast') or m.startswith(('loopfm.fm', 'loopfm.vm'))])"

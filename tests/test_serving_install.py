@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from loopfm.io import RunPaths
-from loopfm.server_process import start_server, stop_server
+from loopfm.core.rundir import RunPaths
+from loopfm.pipeline.services import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LOOPFM
-from loopfm.server_process import descendants, free_port
+from loopfm.pipeline.services import descendants, free_port
 
 
 def alive(pid: int) -> bool:
@@ -86,7 +86,7 @@ def wait_until_gone(pids: set[int], within_s: float = 5.0) -> list[int]:
 
 def test_a_serve_killed_by_sigkill_takes_its_valkey_and_uvicorn_along(trained_run, tmp_path):
     """SIGKILL runs no clean-up: the children go because the kernel signals them when their
-    parent dies (loopfm.children), so none keeps the port."""
+    parent dies (loopfm.core.children), so none keeps the port."""
     proc, children = started_serve(trained_run, tmp_path, [])
     try:
         assert len(children) >= 2, children  # Valkey and uvicorn
@@ -99,7 +99,7 @@ def test_a_serve_killed_by_sigkill_takes_its_valkey_and_uvicorn_along(trained_ru
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vm train uses worker processes only with two cores or more")
 def test_a_vm_train_killed_by_sigkill_leaves_no_worker_writing_and_its_lock_free_once_they_are_gone(trained_run, tmp_path):
-    from loopfm.io import run_dir_lock
+    from loopfm.core.rundir import run_dir_lock
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, symlinks=True)

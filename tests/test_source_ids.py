@@ -16,13 +16,14 @@ import pytest
 import redis.asyncio
 
 from conftest import loopfm
-from loopfm.config import RunConfig, WorldConfig
+from loopfm.core.config import RunConfig, DataConfig
 from loopfm.contract.names import ENTITY_TYPES_FILE, ITEM_INDEX
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
 from loopfm.data.synth import simulate
-from loopfm.io import RunPaths, read_parquet
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.data.event_files import IngestError, read_event_file
-from loopfm.server_process import start_server, stop_server
+from loopfm.pipeline.services import start_server, stop_server
 from serving.feast_layout import feature_refs, user_side_refs
 from test_online_reader import reader_agrees_with_feast
 
@@ -40,7 +41,7 @@ def item_source_id(dense: int) -> str:
 
 def write_log(path: Path) -> Path:
     """A small synthetic world written as one CSV of the user's own ids: users BIG + 7k, items 'sku-k'."""
-    t = simulate(WorldConfig(n_users=300, n_days=12, seed=3, n_items_per_vertical=150))
+    t = simulate(DataConfig(n_users=300, n_days=12, seed=3, n_items_per_vertical=150))
     imp = t["impressions"].merge(t["users"], on="user_id").merge(t["items"].drop(columns="vertical"), on="item_id")
     pd.DataFrame({
         "uid": [user_source_id(u) for u in imp["user_id"]], "sku": [item_source_id(i) for i in imp["item_id"]],
@@ -55,7 +56,7 @@ def write_log(path: Path) -> Path:
 def run(tmp_path_factory):
     """Imported, FM-logged, structured, applied and materialized into a private Valkey, one VM
     trained and exported: every stage by its CLI command."""
-    from loopfm.redis_server import local_redis
+    from loopfm.pipeline.services import local_redis
 
     root = tmp_path_factory.mktemp("source_ids")
     run = root / "run"

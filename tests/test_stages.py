@@ -18,8 +18,9 @@ import pytest
 import redis
 
 from conftest import LOOPFM, loopfm
-from loopfm.config import RunConfig
-from loopfm.io import RunPaths, staged_dir
+from loopfm.core.config import RunConfig
+from loopfm.core.files import staged_dir
+from loopfm.core.rundir import RunPaths
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import redis
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import (
     FM_HISTORY,
     ITEM_ACTIVITY,
@@ -34,7 +34,9 @@ from loopfm.features.build import (
     fm_history_members,
 )
 from loopfm.features.store import open_store
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.core.files import read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.producer import Producer
@@ -209,7 +211,8 @@ def test_a_redelivered_or_resent_event_changes_nothing(live):
 def test_the_stream_encodes_an_event_as_fm_log_does(live):
     """Same function, same inputs: the stream's code and logit of each event equal `fm log`'s
     on the impressions table extended by the same events (one partition: the batch order)."""
-    from loopfm.fm.stream import build_inputs, log_events
+    from loopfm.fm.inputs import build_inputs
+    from loopfm.fm.log import log_events
 
     run, url = live
     set_partitions(run, 1)

@@ -15,12 +15,14 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import FM_HISTORY, ITEM_ACTIVITY, ITEM_FEATURES_VIEW, VM_CLICK_HISTORY, views
 from loopfm.data.ids import load_id_maps
 from loopfm.features.build import ENTITY_OFFSET
 from loopfm.features.store import feast_cli, historical_features, open_store
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
+from loopfm.core.files import read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.data import streamed as offline
 from loopfm.stream.producer import Producer
 from serving.feast_layout import feature_refs

@@ -3,21 +3,21 @@
 import numpy as np
 import pandas as pd
 
-from loopfm.config import WorldConfig
+from loopfm.core.config import DataConfig
 from loopfm.data.synth import simulate
 
-SMALL = WorldConfig(n_users=300, n_days=30, seed=3)
+SMALL = DataConfig(n_users=300, n_days=30, seed=3)
 
 
 def test_same_seed_gives_identical_tables_and_another_seed_does_not():
-    a, b, c = simulate(SMALL), simulate(SMALL), simulate(WorldConfig(n_users=300, n_days=30, seed=4))
+    a, b, c = simulate(SMALL), simulate(SMALL), simulate(DataConfig(n_users=300, n_days=30, seed=4))
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name])
     assert not a["impressions"]["label"].equals(c["impressions"]["label"])
 
 
 def test_default_world_has_three_verticals_thirty_days_and_item_attributes():
-    cfg = WorldConfig()
+    cfg = DataConfig()
     assert len(cfg.verticals) >= 3 and cfg.n_days >= 30
     t = simulate(SMALL)
     imp = t["impressions"]
@@ -39,7 +39,7 @@ def test_labels_follow_the_true_click_probability_kept_aside():
 
 def test_fm_only_signal_tracks_a_persistent_interest_more_tightly_with_less_noise():
     def corr(noise: float) -> float:
-        cfg = WorldConfig(n_users=300, n_days=5, fm_signal_noise=noise, seed=1)
+        cfg = DataConfig(n_users=300, n_days=5, fm_signal_noise=noise, seed=1)
         t = simulate(cfg)
         intents = t["fm_user_signals"].filter(like="intent_").to_numpy()
         # The same user's intent on consecutive days is correlated through the latent interest.

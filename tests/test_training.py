@@ -9,11 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.eval.baselines import BASELINES, baseline_predictions, rates_so_far
-from loopfm.fm.stream import checkpoint_path, log_embeddings, train_fm
-from loopfm.io import RunPaths, read_parquet, unix_us, write_parquet
-from loopfm.training import EarlyStopping, time_split
+from loopfm.fm.log import log_embeddings
+from loopfm.fm.train import checkpoint_path, train_fm
+from loopfm.core.files import read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
+from loopfm.core.training import EarlyStopping, time_split
 
 
 def test_validation_rows_are_the_newest_of_the_training_window_and_never_from_the_eval_window(built_run):
@@ -148,7 +151,7 @@ def test_the_fms_intent_memory_averages_only_earlier_days_with_the_given_half_li
     """fm.intent_half_lives: an event of day d sees its day's signal and, per half-life, the
     average of the user's signals of days < d weighted 2^(-age/h); a user's first day sees 0,
     and a signal of day d never reaches an event of day d or earlier through the memory."""
-    from loopfm.fm.stream import _intent
+    from loopfm.fm.inputs import _intent
 
     paths = RunPaths(tmp_path)
     signals = pd.DataFrame({"user_id": [7, 7, 7, 9], "day": [0, 1, 2, 1], "intent_0": [1.0, 2.0, 4.0, 5.0]})
@@ -211,7 +214,7 @@ def test_the_vm_kept_is_the_moving_average_of_its_weights_over_the_given_number_
 
 
 def test_a_negative_weight_average_horizon_is_refused():
-    from loopfm.config import ConfigError
+    from loopfm.core.config import ConfigError
 
     cfg = RunConfig()
     cfg.vm.average_epochs = -1.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopfm.config import ENCODERS
+from loopfm.core.config import ENCODERS
 from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.vm.model import VerticalModel, VMShapes, attention_scorer, masked_pool
 
@@ -159,7 +159,7 @@ def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_
 
 def test_the_training_defaults_build_a_vm_without_an_item_count_bias_and_with_the_recency_prior():
     """What `loopfm vm train` builds (vm/train.shapes_for), not a hand-made VMShapes."""
-    from loopfm.config import RunConfig
+    from loopfm.core.config import RunConfig
     from loopfm.contract.tensorize import TensorSpec
     from loopfm.vm.model import ITEM_COUNT_COLUMN
     from loopfm.vm.train import shapes_for

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import numpy as np
 import orjson
 
-from loopfm.io import write_text
+from loopfm.core.files import write_text
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

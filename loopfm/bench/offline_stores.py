@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import psutil
 
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.features.build import ENTITY_OFFSET
-from loopfm.io import RunPaths, read_parquet
 
 PROFILES = ("duckdb", "ray")
 

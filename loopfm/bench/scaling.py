@@ -23,8 +23,8 @@ import numpy as np
 import redis
 from feast.protos.feast.types.Value_pb2 import Value
 
-from loopfm.config import RunConfig
 from loopfm.contract.codec import code_bytes
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import (
     FM_HISTORY,
     FM_HISTORY_FEATURE,
@@ -38,13 +38,15 @@ from loopfm.contract.names import (
     VM_CLICK_HISTORY,
     views,
 )
-from loopfm.fm.stream import build_inputs, log_events
-from loopfm.io import RunPaths, write_parquet
+from loopfm.contract.redis_url import cluster_node_url
+from loopfm.core.files import write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.fm.inputs import build_inputs
+from loopfm.fm.log import log_events
+from loopfm.pipeline.services import local_redis, local_redis_cluster
 from loopfm.pipeline.stages import materialize
-from loopfm.redis_server import local_redis, local_redis_cluster
 from serving.feast_layout import feature_field
 from serving.online_reader import read_online_features
-from loopfm.contract.redis_url import cluster_node_url
 from serving.redis_client import async_client
 
 USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW, ITEM_ACTIVITY)

@@ -1,4 +1,5 @@
-"""`loopfm bench serving` (make bench-serving): docs/benchmarks.{json,md} and the plots.
+"""`loopfm bench serving` (make bench-serving), the running: docs/benchmarks.json and each point's
+report (loopfm/bench/serving_report.py renders docs/benchmarks.md and the p99 plot from it).
 
 Two configurations, each pinned with os.sched_setaffinity (children inherit it): 1 worker
 (server and the Valkey it reads on core 0, the load generator alone on core 1) and 2
@@ -25,10 +26,6 @@ import contextlib
 import json
 import os
 import platform
-import re
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -38,10 +35,11 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.children import dies_with_this_process
-from loopfm.data.ids import load_id_maps
-from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
+from loopfm.bench.wrk import wrk_closed_loop
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.data.ids import load_id_maps
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the issue's goals)
 NOOP_RATES = (50.0, 200.0, 500.0)
@@ -114,9 +112,10 @@ def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n:
 
 def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print) -> dict:
     """Both configurations; `duration_s` per open-loop point, a third of it per noop, sweep,
-    wrk and feast_sdk point. Writes out_dir/benchmarks.json and out_dir/benchmarks/*.png."""
+    wrk and feast_sdk point. Writes out_dir/benchmarks.json and each open-loop point's report in
+    out_dir/benchmarks/ (loopfm/bench/serving_report.py renders the summary)."""
+    from loopfm.pipeline.services import redis_url_or_local
     from loopfm.pipeline.stages import materialize
-    from loopfm.redis_server import redis_url_or_local
 
     setups = configurations(sorted(os.sched_getaffinity(0)))
     model_dir = RunPaths(run_dir).vm / variant / "onnx"
@@ -138,7 +137,6 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
         "command": "make bench-serving" if duration_s == 30.0 else f"loopfm bench serving --duration {duration_s:g}",
         "seconds": time.perf_counter() - started,
     }
-    plot_summary(summary, out_dir / "benchmarks" / "serving.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "benchmarks.json", json.dumps(summary, indent=2))
     return summary
@@ -146,7 +144,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
 
 def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: Path, pool: RequestPool,
                    out_dir: Path, duration_s: float, log) -> dict:  # fmt: skip
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
 
     cores, workers, short = setup["cores"], setup["workers"], duration_s / 3
     warm = min(2.0, short)
@@ -191,7 +189,7 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
 def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: RequestPool, cores: dict,
                 seconds: float, logs: Path, log) -> dict:  # fmt: skip
     """The table of before: (a) loopfm, (b) Feast SDK, (c) in-process floor, (d) /healthz."""
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
     from serving.item_cache import ItemCache
     from serving.scorer import Scorer
 
@@ -263,43 +261,6 @@ def _histogram_summary(after: dict[float, float], before: dict[float, float]) ->
     return {"requests": total, "share_le_ms": share, "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}
 
 
-WRK_SCRIPT = """-- bodies cycled per request; written by loopfm/bench/serving.py
-local bodies = {%s}
-local i = 0
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format("POST", "/score", {["content-type"] = "application/json"}, bodies[i])
-end
-"""
-
-
-def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: int, seconds: float) -> dict:
-    """`wrk`, one thread, `connections` connections, closed loop, cycling through 200 request
-    bodies; {"skipped": why} if wrk is not installed (Debian: apt-get install wrk)."""
-    if shutil.which("wrk") is None:
-        return {"skipped": "wrk not installed (Debian package wrk)"}
-    bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=candidates, seed=7), pool, 200, np.random.default_rng(7))
-    with tempfile.TemporaryDirectory(prefix="loopfm-wrk-") as folder:
-        script = Path(folder) / "score.lua"
-        script.write_text(WRK_SCRIPT % ", ".join(f"[[{b.decode()}]]" for b in bodies))
-        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=dies_with_this_process()).stdout
-    return parse_wrk(out) | {"connections": connections, "seconds": max(1, round(seconds))}
-
-
-_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def parse_wrk(text: str) -> dict:
-    """wrk's --latency report -> {"p50_ms", "p90_ms", "p99_ms", "rate", "errors"}."""
-    latency = {f"p{q}_ms": float(v) * _UNITS_MS[u] for q, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)}
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    return {**latency, "rate": float(rate.group(1)) if rate else None, "errors": errors}
-
-
 def _row(report: dict) -> dict:
     """The issue's per-point keys, then what the point offered and what the client cost."""
     keys = ("p50_ms", "p99_ms", "p999_ms", "achieved_rate", "errors", "offered_rate", "sent", "client", "machine")
@@ -308,10 +269,10 @@ def _row(report: dict) -> dict:
 
 def _line(row: dict) -> str:
     return (f"p50 {format_ms(row['p50_ms'])}, p99 {format_ms(row['p99_ms'])}, achieved {row['achieved_rate']:.0f} req/s, "
-            f"errors {row['errors'] or 'none'}, client CPU {row['client']['cpu_share']:.0%}, steal {_steal(row)}")  # fmt: skip
+            f"errors {row['errors'] or 'none'}, client CPU {row['client']['cpu_share']:.0%}, steal {steal(row)}")  # fmt: skip
 
 
-def _steal(row: dict) -> str:
+def steal(row: dict) -> str:
     steal = row["machine"]["steal_share"]
     return "n/a" if steal is None else f"{steal:.0%}"
 
@@ -326,98 +287,3 @@ def _cache_hit_ratio(url: str) -> float | None:
         if line.startswith("loopfm_item_cache_hit_ratio"):
             return float(line.split()[-1])
     return None
-
-
-def plot_summary(summary: dict, path: Path) -> None:
-    """p99 against offered rate at 100 candidates (capacity sweep) per configuration, with the
-    /healthz floor, and the 5 ms bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in summary["configurations"].items():
-        runs = result["capacity_runs"]
-        ax.plot([r["offered_rate"] for r in runs], [r["p99_ms"] for r in runs], marker="o", label=f"/score 100 candidates, {name}")
-        noop = result["noop"]
-        ax.plot([float(r) for r in noop], [v["p99_ms"] for v in noop.values()], ls="--", marker="x", label=f"/healthz floor, {name}")
-    ax.axhline(CAPACITY_P99_MS, color="grey", lw=0.8, label=f"{CAPACITY_P99_MS:g} ms")
-    ax.set(yscale="log", xlabel="offered rate (req/s, Poisson)", ylabel="client p99 (ms)", title="open loop: p99 against offered rate")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _ms(row: dict | None, key: str) -> str:
-    return "n/a" if row is None else format_ms(row.get(key))
-
-
-def markdown(summary: dict) -> str:
-    """docs/benchmarks.md from the summary of run_serving_bench."""
-    lines = [
-        "# Serving benchmarks",
-        "",
-        f"Reproduce: `{summary['command']}` (writes this file, `benchmarks.json` and `benchmarks/*.png`; "
-        f"{summary['seconds'] / 60:.1f} min). Machine: {summary['machine']['cores']} cores, loopback only. "
-        f"Model {summary['model']}. One run. Open loop: Poisson arrivals, {summary['duration_s']:g} s per point "
-        f"({summary['duration_s'] / 3:g} s per /healthz, sweep, wrk and four-path point), latency from the scheduled "
-        "send time, failures counted at the time they failed. Server, Valkey and client are pinned to cores "
-        "(`os.sched_setaffinity`, inherited by what the bench starts). The client is `loopfm/bench/loadtest.py`: one "
-        "epoll loop, pre-encoded requests, keep-alive connections; `client CPU` is its CPU time over the schedule, "
-        "`send lag` how late it released requests; `steal` the share of the machine's CPU time the hypervisor gave "
-        "to other guests during the point (`/proc/stat`): a noisy host shows there. The /healthz rows at the same rates are its floor: what the "
-        "client, loopback and the HTTP stack add before any scoring. `server p50 / p99 <=` are the buckets of the "
-        "server's own histogram (`loopfm_request_seconds`, ASGI middleware, every worker) that hold them.",
-        "",
-    ]
-    for name, r in summary["configurations"].items():
-        cores = r["cores"]
-        lines += [f"## {name.replace('_', ' ')}: server on cores {cores['server']}, Valkey on {cores['store']}, "
-                  f"client on {cores['client']}", "",
-                  "| load | p50 | p99 | p99.9 | achieved | errors | server p50 / p99 <= | client CPU | send lag p99 | steal |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for candidates, by_rate in r["open_loop"].items():
-            for rate, row in by_rate.items():
-                lines.append(f"| /score {candidates} candidates at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} "
-                             f"| {_ms(row, 'p999_ms')} | {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} "
-                             f"| {format_ms(row['server']['p50_le_ms'])} / {format_ms(row['server']['p99_le_ms'])} "
-                             f"| {row['client']['cpu_share']:.0%} | {format_ms(row['client']['send_lag_p99_ms'])} | {_steal(row)} |")  # fmt: skip
-        for rate, row in r["noop"].items():
-            lines.append(f"| /healthz (floor) at {rate} req/s | {_ms(row, 'p50_ms')} | {_ms(row, 'p99_ms')} | {_ms(row, 'p999_ms')} "
-                         f"| {row['achieved_rate']:.0f} req/s | {row['errors'] or 'none'} | | {row['client']['cpu_share']:.0%} "
-                         f"| {format_ms(row['client']['send_lag_p99_ms'])} | {_steal(row)} |")  # fmt: skip
-        best = r["capacity_p99_5ms"]["100"]
-        held = f"{best:g} req/s" if best else f"none of the rates tried (lowest {CAPACITY_RATES[0]} req/s)"
-        lines += ["", f"Capacity at 100 candidates with p99 <= {CAPACITY_P99_MS:g} ms: **{held}** "
-                  f"(sweep: " + ", ".join(f"{x['offered_rate']:g} -> p99 {format_ms(x['p99_ms'])}" for x in r["capacity_runs"])
-                  + f"). Item cache hit ratio: {r['item_cache_hit_ratio']}.", ""]  # fmt: skip
-        wrk = r["wrk_closed_loop"]
-        lines += ["`wrk`, closed loop (second opinion): " + "; ".join(
-            f"{c} candidates: {v['skipped']}" if "skipped" in v else
-            f"{c} candidates, {v['connections']} connection(s): p50 {format_ms(v.get('p50_ms'))} / p90 {format_ms(v.get('p90_ms'))} "
-            f"/ p99 {format_ms(v.get('p99_ms'))} at {v['rate']:.0f} req/s, errors {v['errors']}"
-            for c, v in wrk.items()) + ".", ""]  # fmt: skip
-        if r["feast_sdk"]:
-            lines += _four_paths_table(r["feast_sdk"])
-    lines += ["Plots: `benchmarks/serving.png` (p99 against offered rate), `benchmarks/<configuration>/score_<candidates>_<rate>/"
-              "loadtest.png` (latency over time and CDF per open-loop point).", ""]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _four_paths_table(table: dict) -> list[str]:
-    lines = ["### The four paths at low rates (1 worker)", "",
-             "(a) loopfm /score; (b) a FastAPI handler calling Feast's `get_online_features` for the user and every "
-             "candidate, then the same tensorization and ONNX model; (c) the Scorer in process, sequential; (d) /healthz. "
-             "Rates: " + ", ".join(f"{c} candidates at {rate:g} req/s" for c, rate in table["rates"].items())
-             + f", {table['seconds']:g} s each.", "",
-             "| candidates | (a) loopfm p50 / p99 | (b) feast_sdk p50 / p99 | (c) floor p50 / p99 | (d) noop p50 / p99 | (a)/(b) p50 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for c in map(str, CANDIDATES):
-        cells = [f"{_ms(table[p][c], 'p50_ms')} / {_ms(table[p][c], 'p99_ms')}" for p in PATHS]
-        a, b = table["loopfm"][c]["p50_ms"], table["feast_sdk"][c]["p50_ms"]
-        ratio = f"{a / b:.3f}" if a and b else "n/a"
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio} |")
-    return lines + [""]

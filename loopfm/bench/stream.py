@@ -1,6 +1,6 @@
 """`loopfm bench stream`: how fresh the live loop keeps the online store, at what rate, at
-what cost per event, and what it costs `/score` beside it. Writes benchmarks-stream.{md,json}
-and benchmarks-stream/*.png.
+what cost per event, and what it costs `/score` beside it: the running, which writes
+benchmarks-stream.json (loopfm/bench/stream_report.py renders benchmarks-stream.md and the plot).
 
 Freshness is what a reader sees, XADD to the user's hash saying the event is applied
 (loopfm/stream/openloop.py: a producer process sends open loop and samples ~200 events a second).
@@ -40,10 +40,11 @@ import numpy as np
 
 from loopfm.bench.loadtest import LoadSpec, format_ms, run_load, warm_up
 from loopfm.bench.serving import pinned, request_pool
-from loopfm.config import RunConfig
 from loopfm.contract.names import PROJECT
+from loopfm.core.config import RunConfig
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.data.ids import load_id_maps
-from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.stream.keys import GROUP, StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, item_key, user_key
 from loopfm.stream.openloop import DRAIN_TIMEOUT_S, send
@@ -314,9 +315,10 @@ def offered_point(url: str, run_dir: Path, workers: Workers, pool: Pool, users: 
 
 
 def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = StreamBenchSpec(), log=print) -> dict:
-    """Every part (module docstring); writes out_dir/benchmarks-stream.json and the plot."""
+    """Every part (module docstring); writes out_dir/benchmarks-stream.json (loopfm/bench/stream_report.py
+    renders the summary)."""
     from loopfm.features.store import sync_client
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -383,14 +385,13 @@ def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = Strea
     summary["seconds"] = round(time.perf_counter() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "benchmarks-stream.json", json.dumps(summary, indent=2))
-    plot(summary, out_dir / "benchmarks-stream" / "freshness.png")
     return summary
 
 
 def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec: StreamBenchSpec, a: int, b: int,
                    logs: Path, log) -> dict:  # fmt: skip
     """/score p50/p99 at spec.serving_rate, alone and while one worker applies spec.serving_stream_eps."""
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import start_server, stop_server
 
     with pinned([a]):
         proc, server = start_server(RunPaths(run_dir).vm / VARIANT / "onnx", url, logs / "bench-stream-server.log")
@@ -435,98 +436,3 @@ def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec:
 
 
 # ---- the report --------------------------------------------------------------------------------
-
-
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for n in sorted({p["workers"] for p in summary["points"]}):
-        rows = [p for p in summary["points"] if p["workers"] == n]
-        offered = [p["offered_eps"] for p in rows]
-        for q, style in (("p50", "o-"), ("p99", "s--")):
-            left.plot(offered, [p["freshness_ms"][q] for p in rows], style, label=f"{n} worker(s), {q}")
-        right.plot(offered, [p["achieved_eps"] for p in rows], "o-", label=f"{n} worker(s)")
-    top = max((p["offered_eps"] for p in summary["points"]), default=1)
-    right.plot([0, top], [0, top], ":", color="grey", label="achieved = offered")
-    left.axhline(1000, color="grey", linestyle=":", label="1 s")
-    left.set(xscale="log", yscale="log", xlabel="offered events/s", ylabel="freshness, ms (XADD -> visible)",
-             title="Freshness")  # fmt: skip
-    right.set(xlabel="offered events/s", ylabel="achieved events/s", title="Throughput")
-    left.legend(fontsize=7)
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def markdown(summary: dict) -> str:
-    """benchmarks-stream.md: the tables of one run, with the cores each process had."""
-    h, bs = summary["history_cost"], summary["beside_serving"]
-    lines = [
-        "# Live loop benchmark",
-        "",
-        f"`{summary['command']}` on {summary['machine']['cores']} cores ({summary['machine']['platform']}), "
-        f"{summary['seconds'] / 60:.0f} min. Method: loopfm/bench/stream.py's docstring. Freshness is XADD to the "
-        "value being visible to a reader of the user's hash (polled every ms), over about 200 sampled events a second.",
-        "",
-        "## Freshness and throughput",
-        "",
-        "| workers (cores) | offered events/s | achieved events/s | freshness p50 / p90 / p99 / max ms | lag max | drain s "
-        "| dead letters | worker µs CPU/event | Valkey µs CPU/event |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in summary["points"]:
-        f = p["freshness_ms"]
-        lines.append(f"| {p['workers']} ({p['cores']['workers']}) | {p['offered_eps']:.0f} | {p['achieved_eps']:.0f} | "
-                     f"{format_ms(f['p50'])} / {format_ms(f['p90'])} / {format_ms(f['p99'])} / {format_ms(f['max'])} | "
-                     f"{p['lag_max']} | {p['drain_s']} | {p['dead_letters']} | {p['worker_cpu_us_per_event']:.0f} | "
-                     f"{p['store_cpu_us_per_event']:.0f} |")  # fmt: skip
-    for n in sorted({p["workers"] for p in summary["points"]}):
-        held = [p["achieved_eps"] for p in summary["points"] if p["workers"] == n and p["freshness_ms"]["p99"] is not None
-                and p["freshness_ms"]["p99"] <= 1000 and p["achieved_eps"] >= 0.95 * p["offered_eps"]]  # fmt: skip
-        top = max(summary["points"], key=lambda p: p["achieved_eps"] if p["workers"] == n else -1)
-        lines.append(f"\n{n} worker(s): the highest rate held at p99 <= 1 s was {max(held, default=0):.0f} events/s; the most "
-                     f"applied in overload, {top['achieved_eps']:.0f} events/s (worker + Valkey "
-                     f"{top['worker_cpu_us_per_event'] + top['store_cpu_us_per_event']:.0f} µs CPU per event there).")  # fmt: skip
-    lines += [
-        "",
-        f"Valkey and the producer ran on core {summary['points'][0]['cores']['store'] if summary['points'] else '?'}; "
-        f"with 2 workers the second worker shares that core. {summary['spec']['duration_s']:g} s per point; events "
-        f"drawn uniformly over the grown store's users, {summary['spec']['new_entity_share']:.1%} from new users "
-        "and for new items.",
-        "",
-        "![freshness](benchmarks-stream/freshness.png)",
-        "",
-        "## Cost per event against the stored history",
-        "",
-        "| stored events | users | worker µs CPU/event | Valkey µs CPU/event | freshness p99 ms |",
-        "|---|---|---|---|---|",
-    ]
-    for i, n in enumerate(h["stored_events"]):
-        lines.append(f"| {n:,} | {h['users'][i]:,} | {h['cpu_us_per_event'][i]:.0f} | {h['store_cpu_us_per_event'][i]:.0f} | "
-                     f"{format_ms(h['freshness_ms_p99'][i])} |")  # fmt: skip
-    ratio = h["cpu_us_per_event"][1] / h["cpu_us_per_event"][0] if h["cpu_us_per_event"][0] else float("nan")
-    lines += [
-        "",
-        f"One worker, {h['offered_eps']:g} events/s for {h['duration_s']:g} s each. The grown store: {h['how']}. "
-        f"Ratio grown / world: {ratio:.2f}.",
-        "",
-        "## /score beside a worker",
-        "",
-        "| /score at | candidates | p50 ms alone | p99 ms alone | p50 ms streaming | p99 ms streaming | stream events/s | "
-        "stream freshness p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {bs['rate']:g} req/s | {bs['candidates']} | {format_ms(bs['score_p50_ms_alone'])} | {format_ms(bs['score_p99_ms_alone'])} | "
-        f"{format_ms(bs['score_p50_ms_streaming'])} | {format_ms(bs['score_p99_ms_streaming'])} | {bs['stream_eps']:g} | "
-        f"{format_ms(bs['stream_freshness_ms_p99'])} |",
-        "",
-        f"Cores: {bs['cores']}. /score p99 rose by {bs['score_p99_ms_streaming'] - bs['score_p99_ms_alone']:.2f} ms "
-        f"(p50 by {bs['score_p50_ms_streaming'] - bs['score_p50_ms_alone']:.2f} ms) with the worker running.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.config import RunConfig
 from loopfm.contract.names import ID_INT64, N_PRICE_BUCKETS
-from loopfm.data.dataset import Vocab
+from loopfm.core.config import RunConfig
+from loopfm.core.files import text_separator
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import from_unix_us
 from loopfm.data.ids import IdMap, load_id_maps
-from loopfm.io import RunPaths, from_unix_us, text_separator
-from loopfm.parse import INT64_RANGE, BadValues, integers, text_ids, unix_times_us
+from loopfm.data.parse import INT64_RANGE, BadValues, integers, text_ids, unix_times_us
+from loopfm.data.vocab import Vocab
 
 EVENT_COLUMNS = ("impression_id", "user_id", "item_id", "vertical", "event_timestamp", "label")
 ITEM_COLUMNS = ("item_id", "category", "brand", "price_bucket")
@@ -32,7 +34,7 @@ def _first_bad(path: Path, column: str, bad, what: str) -> None:
 
 
 def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
-    """`parse(raw[column])` (loopfm.parse), its BadValues named by file, column and row."""
+    """`parse(raw[column])` (loopfm.data.parse), its BadValues named by file, column and row."""
     _first_bad(path, column, raw[column].isna(), "missing value")
     try:
         return parse(raw[column])
@@ -42,7 +44,7 @@ def _parsed(path: Path, raw: pd.DataFrame, column: str, parse):
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV or TSV file, compressed or not (the separator follows the name: loopfm.io.text_separator;
+    """A CSV or TSV file, compressed or not (the separator follows the name: loopfm.core.files.text_separator;
     read as text: numbers are parsed exactly later, never through float64), or else a parquet
     file, holding `columns`. Raises IngestError naming the file."""
     if not path.exists():

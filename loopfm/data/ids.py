@@ -4,7 +4,7 @@ The FM, its log, the structured histories (packed item ids) and the VM's embeddi
 on dense indices 0..n-1. Feast's entity join keys, `POST /score` and `loopfm ingest` take the
 source ids. Each run keeps the map per entity as `data/user_ids.parquet` and
 `data/item_ids.parquet`: the dense index (`user_id` / `item_id`) and `source_id`, an int64
-column or a string column (an importer decides per entity with loopfm.parse.source_ids; the
+column or a string column (an importer decides per entity with loopfm.data.parse.source_ids; the
 synthetic world's ids are their own source ids). `features build` writes the Feast sources keyed
 by the source ids, records each entity's type in `features/entity_types.json` for the Feast
 definitions, and stores each item's dense index as the `item_index` feature, so the server reads
@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from loopfm.contract.names import ENTITY_TYPES_FILE, ID_INT64, ID_STRING, ITEM_KEY, USER_KEY
-from loopfm.io import RunPaths, read_parquet, write_parquet, write_text
+from loopfm.core.files import read_parquet, write_parquet, write_text
+from loopfm.core.rundir import RunPaths
 
 SOURCE_ID = "source_id"
 

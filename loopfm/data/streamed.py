@@ -1,7 +1,7 @@
 """The loop's offline side: one parquet file per micro-batch, never rewriting what is stored.
 
 `stream/impressions/<unix µs>-<worker>.parquet` holds the applied impressions with their FM
-log columns (the embedding log's, fm/stream.py: log_events) and the source ids of new users
+log columns (the embedding log's, fm/log.py: log_events) and the source ids of new users
 and items; `stream/items/` the catalog upserts. A file is written whole (temporary file and
 rename) before the worker touches the online store or acks, so an acked event is always
 offline. A worker killed between this write and its ack applies the entries again: the
@@ -25,8 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loopfm.contract.names import ID_INT64
+from loopfm.core.files import atomic_write, read_parquet, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import US_PER_DAY
 from loopfm.data.ids import IdMap, extend_id_map, load_id_maps
-from loopfm.io import US_PER_DAY, RunPaths, atomic_write, read_parquet, write_parquet
 
 TIME = pa.timestamp("us", tz="UTC")
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loopfm.config import WorldConfig
 from loopfm.contract.names import ITEM_KEY, N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, USER_KEY
-from loopfm.data.dataset import Vocab
+from loopfm.core.config import DataConfig
+from loopfm.core.files import write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import US_PER_DAY, US_PER_HOUR
 from loopfm.data.ids import id_map
-from loopfm.io import US_PER_DAY, US_PER_HOUR, RunPaths, write_parquet
+from loopfm.data.vocab import Vocab
 
 
 
-def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
+def simulate(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """Return the canonical tables: users, items, impressions, fm_user_signals, truth."""
     rng = np.random.default_rng(cfg.seed)
     k, n_users, n_days = cfg.latent_dim, cfg.n_users, cfg.n_days
@@ -123,12 +125,12 @@ def simulate(cfg: WorldConfig) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_world(cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
+def write_world(cfg: DataConfig, paths: RunPaths) -> dict[str, int]:
     """Simulate the world and write its tables; returns their row counts."""
     return write_tables(simulate(cfg), cfg, paths)
 
 
-def write_tables(tables: dict[str, pd.DataFrame], cfg: WorldConfig, paths: RunPaths) -> dict[str, int]:
+def write_tables(tables: dict[str, pd.DataFrame], cfg: DataConfig, paths: RunPaths) -> dict[str, int]:
     """Write the tables `simulate(cfg)` returned, their id maps and vocab.json; returns row counts."""
     users, items = tables["users"][USER_KEY], tables["items"][ITEM_KEY]  # the world's ids are their own source ids
     tables |= {"user_ids": id_map(USER_KEY, users, users), "item_ids": id_map(ITEM_KEY, items, items)}

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loopfm.config import RunConfig
-from loopfm.fm.stream import checkpoint_path, parameter_digest, train_fm
-from loopfm.io import RunPaths, write_text
+from loopfm.core.config import RunConfig
+from loopfm.core.files import write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.fm.train import checkpoint_path, parameter_digest, train_fm
 
 
 def launch(run_dir: Path, nproc: int) -> None:
@@ -34,8 +35,8 @@ def launch(run_dir: Path, nproc: int) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "loopfm.distributed.fm_train", "--run-dir", str(run_dir),
     ]  # fmt: skip
-    from loopfm.children import dies_with_this_process
-    from loopfm.server_process import stop_server
+    from loopfm.core.children import dies_with_this_process
+    from loopfm.pipeline.services import stop_server
 
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=dies_with_this_process())
     try:

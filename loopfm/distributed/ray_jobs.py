@@ -1,4 +1,4 @@
-"""The Ray engine (loopfm/engine.py): FM logging and structuring as Ray Data jobs, on the
+"""The Ray engine (loopfm/core/engine.py): FM logging and structuring as Ray Data jobs, on the
 very work functions the local engine runs.
 
 - map_blocks (FM logging): events are independent once their inputs are built, so the work
@@ -18,8 +18,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from loopfm.config import ConfigError
-from loopfm.engine import BlockWork, Engine, UserWork
+from loopfm.core.config import ConfigError
+from loopfm.core.engine import BlockWork, Engine, UserWork
 
 BLOCKS = 8  # tasks per job: enough to keep every local core busy, few enough to start fast
 

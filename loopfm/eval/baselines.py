@@ -23,10 +23,10 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
+from loopfm.core.sequences import count_before
+from loopfm.core.timeunits import unix_us
+from loopfm.core.training import shrunk_rate, time_split
 from loopfm.eval.metrics import quality
-from loopfm.io import unix_us
-from loopfm.sequences import count_before
-from loopfm.training import shrunk_rate, time_split
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
 BASELINES = ("popularity", *LR_COLUMNS, "lr_rates")
@@ -60,7 +60,7 @@ def logistic_regression(train: pd.DataFrame, rows: pd.DataFrame, columns: tuple[
 def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
     """Per impression (indexed by impression_id): `user_rate`, `item_rate`, the log-odds of
     (clicks + 1) / (impressions + 2) of its user in its vertical and of its item, counted over
-    the impressions strictly before it (loopfm/sequences.count_before: the histories' rule)."""
+    the impressions strictly before it (loopfm/core/sequences.count_before: the histories' rule)."""
     t = unix_us(impressions["event_timestamp"]).to_numpy()
     clicks = impressions["label"].to_numpy() == 1
     out = {}

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loopfm.config import VARIANTS  # noqa: E402
+from loopfm.core.config import VARIANTS  # noqa: E402
 
 
 def plot_quality(rows: dict[str, dict], path: Path, title: str = "Held-out window, target vertical") -> None:

@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pandas as pd
 
-from loopfm.config import VARIANTS, RunConfig
+from loopfm.core.config import VARIANTS, RunConfig
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.eval.baselines import baseline_predictions
 from loopfm.eval.metrics import comparison_table, markdown_table
-from loopfm.io import RunPaths, read_parquet, write_text
 
 
 def reference_predictions(

@@ -12,7 +12,7 @@ from loopfm.experiments.plan import BENCH, EXPERIMENTS, ON_BENCH, Overrides, bui
 from loopfm.experiments.report import build_results
 from loopfm.experiments.render import render
 from loopfm.experiments.runner import Progress, run_config, run_plan
-from loopfm.io import write_text
+from loopfm.core.files import write_text
 
 NOTES = {
     "goals": (

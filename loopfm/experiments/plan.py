@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from loopfm.config import VARIANTS, FMConfig, VMConfig
+from loopfm.core.config import VARIANTS, FMConfig, VMConfig
 
 Overrides = tuple[tuple[str, object], ...]
 

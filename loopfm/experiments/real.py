@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from loopfm.config import VARIANTS, RunConfig, variant_named
+from loopfm.core.config import VARIANTS, RunConfig, variant_named
 from loopfm.data.importers import ImportOptions, VerticalRule
 from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import quality
 from loopfm.eval.results import reference_predictions
 from loopfm.experiments.render import ROW_NAMES
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, summary
-from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
+from loopfm.core.files import atomic_write, read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 
 MODELS = ("fm", *VARIANTS)
 # (A, B): A beats B; base vs lr_rates says whether the VM's loss to the strongest baseline is more than noise
@@ -38,10 +39,11 @@ def run_seed(out: Path, data: Path, opts: ImportOptions, seed: int, overrides: l
     """Every stage of one (vertical, seed) in `out/seed<k>`; returns its predictions file."""
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli, historical_features, open_store
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
     from loopfm.pipeline.run import import_run
     from loopfm.vm.train import fit_variant, tensor_spec, variant_frame
-    from loopfm.data.dataset import Vocab
+    from loopfm.data.vocab import Vocab
 
     run = out / f"seed{seed}"
     done = run / "predictions.npz"
@@ -149,7 +151,7 @@ def plot(summary_: dict, folder: Path) -> None:
 
 def run_real(data: Path, fmt: str, datasets: dict[str, str], seeds: int, out: Path, docs: Path, overrides: list[str], log=print) -> dict:
     """All (dataset, seed) runs, then docs/results-real.md|json and docs/results-real/*.png."""
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     started = time.perf_counter()
     results: dict[str, list[dict[str, np.ndarray]]] = {}

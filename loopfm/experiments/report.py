@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.config import VARIANTS
+from loopfm.core.config import VARIANTS
 from loopfm.eval.baselines import BASELINES
 from loopfm.eval.metrics import gains, quality
 from loopfm.experiments.plan import MAIN, Cell, Experiment, World, cells_of

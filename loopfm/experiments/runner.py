@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.children import die_with_parent
-from loopfm.config import RunConfig, variant_named
+from loopfm.core.children import die_with_parent
+from loopfm.core.config import RunConfig, variant_named
 from loopfm.eval.results import reference_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
-from loopfm.io import RunPaths, read_parquet, write_parquet, write_text
+from loopfm.core.files import read_parquet, write_parquet, write_text
+from loopfm.core.rundir import RunPaths
 
 CANDIDATES = (100, 1000)
 
@@ -74,7 +75,8 @@ def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redi
     from loopfm.data.synth import write_world
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
 
     cfg = run_config(base, seed, *world.overrides)
     root, wdir = seed_dir / world.root.path, seed_dir / world.path
@@ -132,7 +134,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
     """Train one VM on the world's frames; write its eval predictions, then result.json last."""
     import torch
 
-    from loopfm.data.dataset import Vocab
+    from loopfm.data.vocab import Vocab
     from loopfm.eval.metrics import quality
     from loopfm.vm.export import onnx_bytes
     from loopfm.vm.train import fit_variant, frame_tensors, tensor_spec, variant_frame
@@ -218,7 +220,7 @@ def measure_latency(seed_dir: Path, cell: Cell, repeats: int = 200) -> dict:
 
 def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: int, log: Progress) -> None:
     """All worlds and cells of `experiments` for seeds 0..seeds-1, then the latency of timed cells."""
-    from loopfm.redis_server import local_redis
+    from loopfm.pipeline.services import local_redis
 
     cells = cells_of(experiments)
     worlds = list(dict.fromkeys(c.world for c in cells))

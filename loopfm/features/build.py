@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import (
     FM_HISTORY_FEATURE,
     ITEM_ACTIVITY,
@@ -29,10 +29,12 @@ from loopfm.contract.names import (
     VM_COUNT_FEATURES,
     VM_HISTORY_FEATURE,
 )
+from loopfm.core.engine import LOCAL, Engine
+from loopfm.core.files import read_parquet, staged_dir, write_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.sequences import last_n_before
+from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us
 from loopfm.data.ids import IdMap, write_entity_types
-from loopfm.engine import LOCAL, Engine
-from loopfm.sequences import last_n_before
-from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, staged_dir, unix_us, write_parquet
 
 ENTITY_OFFSET = pd.Timedelta(microseconds=1)  # one tick of the project's time unit
 
@@ -160,7 +162,7 @@ def build_feature_tables(
 ) -> dict[str, int]:
     """Write the Feast sources and the VM's train/eval entity frames, all or none (a staged
     folder swapped in at the end); return their row counts. `engine` maps the two history
-    builders over shards of users (loopfm/engine.py).
+    builders over shards of users (loopfm/core/engine.py).
 
     The events are the run's impressions and the live loop's streamed ones, with their codes
     as logged and available (loopfm/data/streamed.py: run_tables); the id maps first grow by

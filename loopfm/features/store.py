@@ -19,9 +19,9 @@ import pandas as pd
 import redis
 import redis.cluster
 
-from loopfm.children import dies_with_this_process
 from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_KEY, PROJECT, USER_KEY, ready_marker
 from loopfm.contract.redis_url import cluster_node_url
+from loopfm.core.children import dies_with_this_process
 
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 OFFLINE_ONLY = "redis://127.0.0.1:6379"  # placeholder: offline retrieval never contacts Redis

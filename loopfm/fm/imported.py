@@ -13,7 +13,7 @@ The input is a parquet file with one row per impression of the run:
   logistic regression on the standardised embedding (scikit-learn), fitted like the
   compressor on the rows available before the VM's training window.
 - `available_at` (optional): when the embedding was logged, as timestamps or unix numbers
-  (unit inferred, loopfm/parse.py); default event time + `fm.logging_delay_s`. Never before
+  (unit inferred, loopfm/data/parse.py); default event time + `fm.logging_delay_s`. Never before
   the event.
 
 The embeddings are the user's FM's: that each was computed only from data before its
@@ -22,7 +22,7 @@ kept causal by construction: the compressor (loopfm/fm/model.py Compressor: auto
 tanh code, Matryoshka prefixes `fm.matryoshka_dims`, stored as `fm.code_format` with
 `fm.code_dim` dims) and the KD probe learn only from rows available strictly before the
 VM's training window (day `fm.warmup_days`), validated on the newest `fm.validation_fraction`
-of them and early-stopped (loopfm/training.py); every row's `fm_trained_until` is that
+of them and early-stopped (loopfm/core/training.py); every row's `fm_trained_until` is that
 window start, as under the `frozen` checkpoint scheme. Inputs are standardised per
 dimension with the same rows' mean and standard deviation before compression.
 
@@ -43,13 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from loopfm.config import RunConfig
 from loopfm.contract.codec import encode_codes
+from loopfm.core.config import RunConfig
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import US_PER_DAY, from_unix_us, unix_us
+from loopfm.core.training import EarlyStopping, time_split
+from loopfm.data.parse import INT64_RANGE, BadValues, integers, unix_times_us
+from loopfm.fm.log import write_log
 from loopfm.fm.model import Compressor
-from loopfm.fm.stream import write_log
-from loopfm.io import US_PER_DAY, RunPaths, from_unix_us, read_parquet, unix_us, write_text
-from loopfm.parse import INT64_RANGE, BadValues, integers, unix_times_us
-from loopfm.training import EarlyStopping, time_split
 
 REQUIRED = ("impression_id", "embedding")
 OPTIONAL = ("fm_logit", "available_at")

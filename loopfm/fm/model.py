@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.contract.names import N_AGE_BUCKETS, N_COUNT_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, N_RATE_BUCKETS
+from loopfm.contract.tensorize import rate_bucket_log_odds
 
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 
@@ -64,11 +64,11 @@ class FoundationModel(nn.Module):
         self.gender = nn.Embedding(N_GENDERS, 2)
         self.price = nn.Embedding(N_PRICE_BUCKETS, 4)
         # The user's click rate and impression count so far, over all verticals and in the event's
-        # own (fm/stream.py: _activity): a propensity even for users the checkpoint never saw.
+        # own (fm/inputs.py: _activity): a propensity even for users the checkpoint never saw.
         self.rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
         self.count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
         activity = 4 * 4
-        # The item's click rate and impression count so far, by every user (fm/stream.py: _activity).
+        # The item's click rate and impression count so far, by every user (fm/inputs.py: _activity).
         self.item_rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
         self.item_count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
         item_activity = 2 * 4

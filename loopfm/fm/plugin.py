@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loopfm.config import DEFAULT_FM_MODEL, ConfigError
+from loopfm.core.config import DEFAULT_FM_MODEL, ConfigError
 
 
 def resolve(spec: str) -> Callable[..., nn.Module]:

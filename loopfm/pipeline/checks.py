@@ -16,8 +16,8 @@ import os
 import socket
 from pathlib import Path
 
-from loopfm.config import ConfigError, RunConfig
-from loopfm.io import RunPaths, unwritable
+from loopfm.core.config import ConfigError, RunConfig
+from loopfm.core.rundir import RunPaths, unwritable
 
 
 def need(path: Path, command: str, why: str = "") -> None:
@@ -36,7 +36,7 @@ def data_written(run_dir: Path) -> RunConfig:
 
 
 def fm_trained(run_dir: Path) -> None:
-    from loopfm.fm.stream import checkpoint_path
+    from loopfm.fm.train import checkpoint_path
 
     cfg = data_written(run_dir)
     need(checkpoint_path(RunPaths(run_dir), cfg.world.n_days), f"loopfm fm train --run-dir {run_dir}",

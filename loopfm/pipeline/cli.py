@@ -19,10 +19,10 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from loopfm.config import VARIANTS, ConfigError, RunConfig, setting_value
+from loopfm.core.config import VARIANTS, ConfigError, RunConfig, setting_value
 
 DEFAULT_RUN_DIR = Path("runs/demo")
-TIME_UNITS = ("s", "ms", "us", "ns")  # loopfm.parse.TIME_UNITS, without importing pandas for every command
+TIME_UNITS = ("s", "ms", "us", "ns")  # loopfm.data.parse.TIME_UNITS, without importing pandas for every command
 ENGINES = ("local", "ray")
 ENGINE_HELP = "ray: the same functions as Ray Data jobs (local Ray, or the cluster at RAY_ADDRESS)"
 
@@ -81,9 +81,9 @@ def port(text: str) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from loopfm.data.dataset import check_vm_windows
+    from loopfm.core.rundir import RunPaths
     from loopfm.data.synth import simulate, write_tables
-    from loopfm.io import RunPaths
+    from loopfm.data.vocab import check_vm_windows
     from loopfm.pipeline.stages import clear_built_stages
 
     cfg = RunConfig()
@@ -141,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_train(args: argparse.Namespace) -> None:
-    from loopfm.fm.stream import train_fm
-    from loopfm.io import RunPaths
+    from loopfm.core.rundir import RunPaths
+    from loopfm.fm.train import train_fm
 
     if args.nproc is not None:
         from loopfm.distributed.fm_train import launch
@@ -154,8 +154,8 @@ def cmd_fm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_log(args: argparse.Namespace) -> None:
-    from loopfm.fm.stream import log_embeddings
-    from loopfm.io import RunPaths
+    from loopfm.core.rundir import RunPaths
+    from loopfm.fm.log import log_embeddings
     from loopfm.pipeline.stages import engine_named
 
     cfg = RunConfig.load(args.run_dir)
@@ -169,8 +169,8 @@ def cmd_fm_log(args: argparse.Namespace) -> None:
 
 
 def cmd_fm_import_log(args: argparse.Namespace) -> None:
+    from loopfm.core.rundir import RunPaths
     from loopfm.fm.imported import import_embedding_log
-    from loopfm.io import RunPaths
 
     summary = import_embedding_log(RunPaths(args.run_dir), RunConfig.load(args.run_dir), args.embeddings)
     print(f"imported {summary['rows']} embeddings of width {summary['width']} as {summary['code']} codes; compressor "
@@ -179,8 +179,8 @@ def cmd_fm_import_log(args: argparse.Namespace) -> None:
 
 
 def cmd_features_build(args: argparse.Namespace) -> None:
+    from loopfm.core.rundir import RunPaths
     from loopfm.features.build import build_feature_tables
-    from loopfm.io import RunPaths
     from loopfm.pipeline.stages import engine_named
 
     print(build_feature_tables(RunPaths(args.run_dir), RunConfig.load(args.run_dir), engine=engine_named(args.engine)))
@@ -204,8 +204,8 @@ def cmd_vm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_export(args: argparse.Namespace) -> None:
+    from loopfm.core.rundir import RunPaths
     from loopfm.features.store import open_store
-    from loopfm.io import RunPaths
     from loopfm.vm.export import export_variant
 
     meta = export_variant(RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir), args.variant)
@@ -225,10 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
-    from loopfm.io import write_text
     from loopfm.bench.loadtest import LoadSpec, require_success, run_load, sweep, warm_up, write_report
-    from loopfm.pipeline.stages import running_server
     from loopfm.bench.serving import request_pool
+    from loopfm.core.files import write_text
+    from loopfm.pipeline.stages import running_server
 
     spec = LoadSpec(rate=args.rate, duration_s=args.duration, candidates=args.candidates, arrival=args.arrival,
                     hot_fraction=args.hot_fraction, timeout_s=args.timeout)  # fmt: skip
@@ -275,7 +275,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
     from loopfm.stream.worker import run_worker
 
     if args.action == "compact":
-        from loopfm.io import RunPaths
+        from loopfm.core.rundir import RunPaths
         from loopfm.data.streamed import compact_now
 
         lease_s = RunConfig.load(args.run_dir).stream.lease_ms / 1000
@@ -287,17 +287,20 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> None:
-    from loopfm.bench.serving import markdown, run_serving_bench
-    from loopfm.io import write_text
+    from loopfm.bench.serving import run_serving_bench
+    from loopfm.bench.serving_report import markdown, plot_summary
+    from loopfm.core.files import write_text
 
     summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration)
+    plot_summary(summary, args.out / "benchmarks" / "serving.png")
     write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
 
 
 def cmd_bench_stream(args: argparse.Namespace) -> None:
-    from loopfm.bench.stream import StreamBenchSpec, markdown, run_stream_bench
-    from loopfm.io import write_text
+    from loopfm.bench.stream import StreamBenchSpec, run_stream_bench
+    from loopfm.bench.stream_report import markdown, plot
+    from loopfm.core.files import write_text
 
     spec = StreamBenchSpec()
     if args.duration is not None:
@@ -309,6 +312,7 @@ def cmd_bench_stream(args: argparse.Namespace) -> None:
     if args.history_events is not None:
         spec = replace(spec, history_events=args.history_events)
     summary = run_stream_bench(args.run_dir, args.out, spec)
+    plot(summary, args.out / "benchmarks-stream" / "freshness.png")
     write_text(args.out / "benchmarks-stream.md", markdown(summary))
     print(markdown(summary))
 
@@ -513,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that write their run directory: one at a time per directory (loopfm.io.run_dir_lock),
+# Commands that write their run directory: one at a time per directory (loopfm.core.rundir.run_dir_lock),
 # refused before any work on a directory this user cannot write. serve only reads its run;
 # features apply and loadtest write it unless told to write elsewhere (written_dir). ingest and
 # stream only append new files under stream/ (loopfm/data/streamed.py), beside each other;
@@ -566,7 +570,7 @@ def _stop(signum: int, frame) -> None:
     worker killed by a signal cannot stop its own children) and unwind the main thread, whose
     `finally` blocks stop the servers. Later signals are ignored, so they cannot interrupt
     that clean-up."""
-    from loopfm.server_process import descendants
+    from loopfm.pipeline.services import descendants
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -578,7 +582,8 @@ def _stop(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopfm.io import NO_ROOM, run_dir_lock
+    from loopfm.core.files import NO_ROOM
+    from loopfm.core.rundir import run_dir_lock
 
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library deprecations are not the user's concern
@@ -593,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"loopfm: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the file system refused a write (loopfm.io.atomic_write names the file)
+    except OSError as exc:  # the file system refused a write (loopfm.core.files.atomic_write names the file)
         if exc.errno not in NO_ROOM:
             raise
         print(f"loopfm: error: cannot write {exc.filename or 'a file'} ({os.strerror(exc.errno)}; it keeps its previous "

@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loopfm.config import RunConfig
 from loopfm.contract.names import ITEM_KEY
+from loopfm.core.config import RunConfig
+from loopfm.core.files import read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.data.ids import IdMap
-from loopfm.io import RunPaths, read_parquet, write_text
 from loopfm.pipeline.stages import stage
 
 SERVED_VARIANT = "loopfm_kd"
@@ -62,10 +63,10 @@ def live_burst(paths: RunPaths, cfg: RunConfig, redis_url: str, base_url: str, e
     vertical; then /score answers for that user from the fresh history."""
     from loopfm.contract.names import PROJECT
     from loopfm.data.ids import load_id_maps
+    from loopfm.features.store import sync_client
     from loopfm.stream.keys import StreamKeys
     from loopfm.stream.openloop import send
     from loopfm.stream.worker import start_worker_process, wait_for_leases
-    from loopfm.features.store import sync_client
 
     rng = np.random.default_rng(1)
     users, items = load_id_maps(paths)
@@ -100,9 +101,8 @@ def live_burst(paths: RunPaths, cfg: RunConfig, redis_url: str, base_url: str, e
 def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     from loopfm.data.synth import write_world
     from loopfm.features.store import open_store
+    from loopfm.pipeline.services import redis_url_or_local, start_server, stop_server
     from loopfm.pipeline.stages import train_stages
-    from loopfm.redis_server import redis_url_or_local
-    from loopfm.server_process import start_server, stop_server
     from loopfm.vm.export import export_variant
 
     started = time.perf_counter()

@@ -21,9 +21,9 @@ import os
 import time
 from pathlib import Path
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
+from loopfm.core.rundir import RunPaths
 from loopfm.data.event_files import read_event_file
-from loopfm.io import RunPaths
 from loopfm.stream.keys import StreamKeys
 
 def _reachable(redis_url: str) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
+from loopfm.core.rundir import RunPaths
 from loopfm.data.importers import ImportOptions, configure, import_data, write_imported
-from loopfm.io import RunPaths
 from loopfm.pipeline.stages import clear_built_stages, stage, train_stages
 
 
@@ -30,7 +30,7 @@ def import_run(run_dir: Path, cfg: RunConfig, data: Path, opts: ImportOptions, e
 
 
 def run_on_data(run_dir: Path, cfg: RunConfig, data: Path, opts: ImportOptions, explicit: set[str]) -> dict:
-    from loopfm.redis_server import redis_url_or_local
+    from loopfm.pipeline.services import redis_url_or_local
 
     started, total = time.perf_counter(), 6
     with stage(1, total, f"import {data} ({opts.fmt})"):

@@ -17,10 +17,10 @@ from typing import Iterator
 
 import pandas as pd
 
-from loopfm.children import die_with_parent
-from loopfm.config import VARIANTS, RunConfig, variant_named
-from loopfm.engine import LOCAL, Engine
-from loopfm.io import RunPaths
+from loopfm.core.children import die_with_parent
+from loopfm.core.config import VARIANTS, RunConfig, variant_named
+from loopfm.core.engine import LOCAL, Engine
+from loopfm.core.rundir import RunPaths
 
 
 @contextlib.contextmanager
@@ -45,7 +45,8 @@ def train_stages(run_dir: Path, cfg: RunConfig, redis_url: str, first: int, tota
     `first`): FM, its log, structuring, Feast apply + materialize, the VM variants. Shared by
     `loopfm demo` (synthetic data) and `loopfm run` (imported data)."""
     from loopfm.features.build import build_feature_tables
-    from loopfm.fm.stream import log_embeddings, train_fm
+    from loopfm.fm.log import log_embeddings
+    from loopfm.fm.train import train_fm
 
     paths = RunPaths(run_dir)
     with stage(first, total, "stream-train the FM day by day"):
@@ -92,7 +93,7 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
     else:
         longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
         # spawn: no forked torch thread pools; a worker dies with this process, even when it is
-        # killed by SIGKILL, so none writes into the run after its lock is free (loopfm.children)
+        # killed by SIGKILL, so none writes into the run after its lock is free (loopfm.core.children)
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
                                  initargs=(signal.SIGKILL, os.getpid())) as pool:  # fmt: skip
             futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
@@ -153,7 +154,7 @@ def clear_built_stages(run_dir: Path, log=print) -> list[str]:
         built.append(registry)
     removed = []
     for path in built:
-        if path.is_symlink():  # a staged folder (loopfm.io.staged_dir): the link, then its version
+        if path.is_symlink():  # a staged folder (loopfm.core.files.staged_dir): the link, then its version
             version = path.resolve()
             path.unlink()
             shutil.rmtree(version, ignore_errors=True)
@@ -180,8 +181,7 @@ def running_server(
     if url:
         yield url
         return
-    from loopfm.redis_server import redis_url_or_local
-    from loopfm.server_process import start_server, stop_server
+    from loopfm.pipeline.services import redis_url_or_local, start_server, stop_server
 
     model_dir = served_model_dir(run_dir, variant)
     with redis_url_or_local(redis_url) as store_url:

@@ -14,10 +14,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from loopfm.config import RunConfig
+from loopfm.core.config import RunConfig
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.data.ids import load_id_maps
 from loopfm.features.build import fm_history_members
-from loopfm.io import RunPaths, read_parquet, unix_us
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.online import ITEM_CLICKS, ITEM_IMPRESSIONS, STATE_FIELD, item_key, user_key
 from loopfm.stream.state import ALL, UserState
@@ -41,7 +43,7 @@ def _counts(frame: pd.DataFrame, by: list[str]) -> dict:
 
 def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
     """{dense user id: state} for every user of the run's users table."""
-    from loopfm.fm.stream import intent_after_signals
+    from loopfm.fm.inputs import intent_after_signals
 
     imp = read_parquet(paths.table("impressions"))
     log = read_parquet(paths.fm_log)

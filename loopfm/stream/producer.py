@@ -23,10 +23,11 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from loopfm.config import RunConfig, StreamConfig
 from loopfm.contract.names import PROJECT
+from loopfm.core.config import RunConfig, StreamConfig
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
 from loopfm.data.event_files import read_event_file, read_item_file
-from loopfm.io import RunPaths, unix_us
 from loopfm.stream.keys import StreamKeys, partition_of
 from loopfm.stream.messages import IMPRESSION_FIELDS
 

@@ -1,7 +1,7 @@
 """One user's running state: what the FM needs to encode the user's next event, and the VM
 histories the online store serves, updated in O(1) per event.
 
-The same point-in-time rule as the batch FM inputs (fm/stream.py: build_inputs): an event's
+The same point-in-time rule as the batch FM inputs (fm/inputs.py: build_inputs): an event's
 inputs see the user's events with an *earlier* timestamp only. The state keeps what lies
 strictly before the newest applied time (`*_before`) apart from what happened at that time
 (`*_at`); a newer event first folds the second into the first. An event older than the
@@ -46,7 +46,7 @@ class UserState:
     fm_codes: list[str] = field(default_factory=list)  # last L FM codes, hex (fm_history)
     fm_newest_available_us: int = 0
     fm_trained_until_us: int = 0
-    # The FM-only signal filter (fm/stream.py: _intent; synthetic worlds, else empty) on day
+    # The FM-only signal filter (fm/inputs.py: _intent; synthetic worlds, else empty) on day
     # `intent_day`, the first after the signals table: per half-life a decayed sum and weight.
     intent_day: int = 0
     intent_total: list[list[float]] = field(default_factory=list)

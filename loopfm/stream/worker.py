@@ -8,9 +8,9 @@ One micro-batch, at a cost that does not depend on the stored history:
      refuse bad ones to the dead-letter stream with the reason;
   2. one pipelined round trip: each user's running state and profile, each item's counts and
      catalog features; new source ids get dense indices (a second round trip, only for them);
-  3. per event, in stream order: the FM's inputs from its user's state (fm/stream.py's point-
+  3. per event, in stream order: the FM's inputs from its user's state (fm/inputs.py's point-
      in-time rule), then its counts and clicks into the state;
-  4. FM-encode the batch with the current checkpoint (fm/stream.py: encode, as `fm log`);
+  4. FM-encode the batch with the current checkpoint (fm/log.py: encode, as `fm log`);
   5. append the rows to the offline side (a new file), then write the online values in one
      pipelined round trip (idempotent: loopfm/stream/online.py), then XACK.
 
@@ -44,16 +44,17 @@ import pyarrow as pa
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from loopfm.config import RunConfig
 from loopfm.contract.names import ITEM_FEATURES, ITEM_FEATURES_VIEW, PROJECT, USER_FEATURES, USER_PROFILE, items_written_key
 from loopfm.contract.redis_url import cluster_node_url
 from loopfm.contract.tensorize import activity_bucket_arrays
-from loopfm.data.dataset import Vocab
+from loopfm.core.config import RunConfig
+from loopfm.core.files import read_parquet
+from loopfm.core.rundir import RunPaths
+from loopfm.data import streamed as offline
 from loopfm.data.ids import load_id_maps
+from loopfm.data.vocab import Vocab
 from loopfm.features.build import fm_history_members
 from loopfm.features.store import sync_client
-from loopfm.io import RunPaths, read_parquet
-from loopfm.data import streamed as offline
 from loopfm.stream.keys import GROUP, ITEMS_WRITTEN_MAX_LEN, StreamKeys
 from loopfm.stream.messages import BadMessage, Impression, ItemUpsert, Schema, parse
 from loopfm.stream.online import (
@@ -91,12 +92,13 @@ def stream_schema(paths: RunPaths, cfg: RunConfig) -> Schema:
 
 def newest_checkpoint(paths: RunPaths, cfg: RunConfig) -> Path:
     """The checkpoint that encodes live events: the warm-up one under `frozen`, the newest
-    written under `rolling` (fm/stream.py's scheme for events after the last trained day).
+    written under `rolling` (fm/log.py's scheme for events after the last trained day).
     Raises FileNotFoundError when there is none, or when the run's log was imported (`loopfm fm
     import-log`): its codes come from another FM, which loopfm cannot run on new events, even
     with checkpoints of its own FM in fm/. Raises ValueError when the checkpoints are of
     another training than the one that wrote the log: one history, one embedding space."""
-    from loopfm.fm.stream import checkpoint_dir, checkpoint_path, log_source, training
+    from loopfm.fm.log import log_source
+    from loopfm.fm.train import checkpoint_dir, checkpoint_path, training
 
     source = log_source(paths)
     if source["fm"] == "imported":
@@ -131,7 +133,7 @@ class FMEncoder:
         """Load the scheme's checkpoint if it changed on disk since the last load; True if so."""
         import torch
 
-        from loopfm.fm.stream import load_checkpoint
+        from loopfm.fm.train import load_checkpoint
 
         torch.set_num_threads(1)  # micro-batches are small, and a worker runs per core (docs/stream.md)
 
@@ -149,10 +151,11 @@ class FMEncoder:
         return True
 
     def encode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """FM inputs of n events (fm/stream.py's names and shapes) -> logits [n], codes [n, bytes]."""
-        from loopfm.fm.stream import _batch, encode
+        """FM inputs of n events (fm/inputs.py's names and shapes) -> logits [n], codes [n, bytes]."""
+        from loopfm.fm.inputs import input_batch
+        from loopfm.fm.log import encode
 
-        batch = _batch(arrays, np.arange(len(arrays["user_id"])), self.known_users, self.known_items)
+        batch = input_batch(arrays, np.arange(len(arrays["user_id"])), self.known_users, self.known_items)
         return encode(self.fm, self.compressor, self.layers, batch, self.cfg)
 
 
@@ -517,7 +520,7 @@ class Worker:
         return UserState(dense, intent_total=[[0.0] * self.signal_dim for _ in range(h)], intent_weight=[0.0] * h)
 
     def _inputs(self, inputs: dict, state: UserState, profile: list, info: list, e: Impression) -> None:
-        """Append one event's FM inputs (fm/stream.py: build_inputs, from the running state)."""
+        """Append one event's FM inputs (fm/inputs.py: build_inputs, from the running state)."""
         raw = self.cfg.fm.raw_history_length
         history = [i + 1 for i in state.clicks_before[-raw:]] if raw else []
         inputs["raw_history"].append([0] * (raw - len(history)) + history)
@@ -641,7 +644,7 @@ def start_worker_process(run_dir: Path, redis_url: str, name: str, log_path: Pat
                          options: tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
     """`loopfm stream` in a process of its own (pinned to `cores` if given), output to `log_path`;
     it gets SIGTERM (drains and exits) if this process dies."""
-    from loopfm.children import dies_with_this_process
+    from loopfm.core.children import dies_with_this_process
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "loopfm.pipeline.cli", "stream", "--run-dir", str(run_dir), "--redis-url", redis_url,

@@ -21,11 +21,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from loopfm.config import RunConfig, variant_named
 from loopfm.contract.names import PROJECT, USER_SIDE_INPUTS, VERTICAL_KEY, input_names
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
+from loopfm.core.config import RunConfig, variant_named
+from loopfm.core.files import atomic_write, read_parquet, write_text
+from loopfm.core.rundir import RunPaths
 from loopfm.features.store import entity_types, historical_features
-from loopfm.io import RunPaths, atomic_write, read_parquet, write_text
 from loopfm.vm.model import ServingHead, VerticalModel
 from loopfm.vm.train import frame_tensors, load_variant
 

@@ -25,9 +25,9 @@ import torch
 import numpy as np
 from torch import nn
 
-from loopfm.config import ENCODERS
 from loopfm.contract.tensorize import rate_bucket_log_odds
-from loopfm.training import shrunk_rate
+from loopfm.core.config import ENCODERS
+from loopfm.core.training import shrunk_rate
 
 EMBEDDING_INIT_STD = 0.01  # measured: N(0, 1) embeddings left the VM below an item-id LR on MovieLens
 USER_RATE_COLUMN, ITEM_RATE_COLUMN = 3, 4  # of user_context and candidates: the click-rate buckets

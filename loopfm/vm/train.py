@@ -16,15 +16,17 @@ import pandas as pd
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from loopfm.config import RunConfig, Variant, variant_named
-from loopfm.data.dataset import Vocab
-from loopfm.eval.metrics import quality
-from loopfm.features.store import historical_features
 from loopfm.contract.names import CANDIDATE_FEATURES, FM_HISTORY_FEATURE, ITEM_FEATURES, USER_FEATURES, VM_COUNT_FEATURES, VM_HISTORY_FEATURE
 from loopfm.contract.tensorize import TensorSpec, candidate_tensors, model_inputs
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION, check_format
-from loopfm.io import RunPaths, atomic_write, read_parquet, unix_us, write_parquet, write_text
-from loopfm.training import EarlyStopping, time_split
+from loopfm.core.config import RunConfig, Variant, variant_named
+from loopfm.core.files import atomic_write, read_parquet, write_parquet, write_text
+from loopfm.core.rundir import RunPaths
+from loopfm.core.timeunits import unix_us
+from loopfm.core.training import EarlyStopping, time_split
+from loopfm.data.vocab import Vocab
+from loopfm.eval.metrics import quality
+from loopfm.features.store import historical_features
 from loopfm.vm.model import WIDE_PARAMETER_PREFIXES, VerticalModel, VMShapes
 
 

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from loopfm.config import ConfigError, RunConfig
-from loopfm.data.dataset import Vocab, check_vm_windows
+from loopfm.core.config import ConfigError, RunConfig
+from loopfm.core.files import write_parquet
+from loopfm.core.rundir import RunPaths
 from loopfm.data.importers.bars import ROLE_MAPS, read_bars
 from loopfm.data.importers.canonical import TARGET, DataFormatError, Span, VerticalRule, canonical
 from loopfm.data.importers.mapped import read_mapped
 from loopfm.data.importers.movielens import read_movielens
 from loopfm.data.importers.taobao import read_taobao
-from loopfm.io import RunPaths, write_parquet
+from loopfm.data.vocab import Vocab, check_vm_windows
 
 FORMATS = ("taobao", *ROLE_MAPS, "movielens", "csv")
 MIN_DAYS = 3  # FM warm-up, VM training and a held-out window need a day each at least

@@ -22,15 +22,15 @@ import numpy as np
 import pandas as pd
 
 from loopfm.contract.names import ITEM_KEY, N_PRICE_BUCKETS, USER_KEY
+from loopfm.core.timeunits import US_PER_DAY, US_PER_HOUR
 from loopfm.data.ids import id_map
-from loopfm.io import US_PER_DAY, US_PER_HOUR
-from loopfm.parse import BadValues, integer_keys, source_ids, text_ids, unix_times_us
+from loopfm.data.parse import BadValues, integer_keys, source_ids, text_ids, unix_times_us
 
 TARGET, OTHER = "target", "other"
 # Age groups of MovieLens-1M (<18, 18-24, 25-34, 35-44, 45-55, 56+): the models' six age buckets.
 AGE_EDGES = (18, 25, 35, 45, 56)
 NO_TIME_START_US = pd.Timestamp(year=2000, month=1, day=1, tz="UTC").value // 1000  # for data without absolute times
-# role (what a column means) -> its canonical column. timestamp: unix time (loopfm.parse) or date-time text;
+# role (what a column means) -> its canonical column. timestamp: unix time (loopfm.data.parse) or date-time text;
 # order: sortable numbers without absolute time; age: years; age_level: a bucket 0-5 (higher: 5).
 COLUMNS = {
     "user_id": "_user", "item_id": "_item", "label": "_label", "timestamp": "_time_us", "order": "_order",
@@ -53,7 +53,7 @@ def read_table(
     """A CSV (header row unless `names` is given) or parquet file, every value as text, with
     `_line`: where each row is in the file. Fails unless every one of `columns` is there.
     `id_columns` of a parquet file's numeric type become the exact decimal of each id
-    (loopfm.parse.text_ids: "13", never "13.0"; a float that is no integer or beyond 2**53 is
+    (loopfm.data.parse.text_ids: "13", never "13.0"; a float that is no integer or beyond 2**53 is
     refused naming the column and row)."""
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
@@ -144,7 +144,7 @@ def _label(df: pd.DataFrame, column: str, click_threshold: float | None) -> pd.S
 
 
 def _absolute_time_us(df: pd.DataFrame, column: str, unit: str | None) -> pd.Series:
-    """Unix times in `unit` (inferred when None) or date-time text -> int64 microseconds (loopfm.parse)."""
+    """Unix times in `unit` (inferred when None) or date-time text -> int64 microseconds (loopfm.data.parse)."""
     return pd.Series(_parsed(df, column, lambda values: unix_times_us(values, unit)), index=df.index)
 
 

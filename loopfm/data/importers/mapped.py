@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 import pandas as pd
 import yaml
 
+from loopfm.core.files import text_separator
 from loopfm.data.importers.canonical import REQUIRED_ROLES, ROLES, DataFormatError, convert, read_table
-from loopfm.io import text_separator
 
 
 def read_mapped(

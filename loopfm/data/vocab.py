@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from loopfm.config import ConfigError, RunConfig, WorldConfig
-from loopfm.io import RunPaths, write_text
+from loopfm.core.config import ConfigError, RunConfig, DataConfig
+from loopfm.core.files import write_text
+from loopfm.core.rundir import RunPaths
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Vocab:
     n_brands: int
 
     @classmethod
-    def from_world(cls, w: WorldConfig) -> "Vocab":
+    def from_world(cls, w: DataConfig) -> "Vocab":
         return cls(w.n_users, w.n_items_per_vertical * len(w.verticals), w.n_categories, w.n_brands)
 
     @classmethod

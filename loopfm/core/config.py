@@ -47,21 +47,25 @@ def variant_named(name: str) -> Variant:
 
 
 @dataclass
-class WorldConfig:
-    """Size and physics of the synthetic multi-vertical world (see loopfm/data/synth.py)."""
+class DataConfig:
+    """The run's data, the `world` section of config.json (`--set world.KEY=...`): its span
+    (start_date, n_days), verticals and sizes, which every stage reads. `loopfm data synth`
+    draws a synthetic multi-vertical world of these sizes with the physics below
+    (loopfm/data/synth.py); an import sets span, verticals and sizes from the data
+    (loopfm/data/importers: configure) and leaves the physics unused (latent_dim 0)."""
 
-    seed: int = 0
+    seed: int = 0  # the synthetic draw; also seeds FM and compressor training
     n_users: int = 5000
-    n_items_per_vertical: int = 400
+    n_items_per_vertical: int = 400  # synthetic only
     n_categories: int = 24
     n_brands: int = 60
     n_days: int = 30
-    impressions_per_user_day: float = 4.0
+    impressions_per_user_day: float = 4.0  # synthetic only
     verticals: tuple[str, ...] = ("feed", "video", "shop")
     vertical_mix: tuple[float, ...] = (0.5, 0.3, 0.2)
-    latent_dim: int = 8
-    interest_drift: float = 0.2  # share of the daily interest vector that is renewed
-    fm_signal_noise: float = 0.7  # noise on the FM-only intent signal: the feature-gap knob
+    latent_dim: int = 8  # synthetic only: the interest vectors' size
+    interest_drift: float = 0.2  # synthetic only: share of the daily interest vector that is renewed
+    fm_signal_noise: float = 0.7  # synthetic only: noise on the FM-only intent signal, the feature-gap knob
     start_date: str = "2026-09-01"
 
 
@@ -74,7 +78,7 @@ class FMConfig:
     hidden: tuple[int, ...] = (128, 64)
     dot_logit: bool = True  # add the user and item towers' inner product to the logit (fm/model.py); docs/training.md ("Earlier intents")
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
-    intent_half_lives: tuple[float, ...] = (1.0, 4.0)  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/stream.py: _intent); docs/training.md ("Earlier intents")
+    intent_half_lives: tuple[float, ...] = (1.0, 4.0)  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/inputs.py: _intent); docs/training.md ("Earlier intents")
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored
     matryoshka_dims: tuple[int, ...] = ()  # nested prefixes the compressor must also reconstruct from
@@ -149,7 +153,7 @@ class StreamConfig:
 
 @dataclass
 class RunConfig:
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: DataConfig = field(default_factory=DataConfig)
     fm: FMConfig = field(default_factory=FMConfig)
     vm: VMConfig = field(default_factory=VMConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -194,7 +198,7 @@ class RunConfig:
         return self
 
     def save(self, run_dir: Path) -> None:
-        from loopfm.io import write_text  # pandas: not for every importer of the config
+        from loopfm.core.files import write_text  # pandas: not for every importer of the config
 
         self.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +257,7 @@ class ConfigError(ValueError):
     """A config file or flag is wrong; the message names the file and key."""
 
 
-_SECTIONS = {"WorldConfig": WorldConfig, "FMConfig": FMConfig, "VMConfig": VMConfig, "StreamConfig": StreamConfig}
+_SECTIONS = {"DataConfig": DataConfig, "FMConfig": FMConfig, "VMConfig": VMConfig, "StreamConfig": StreamConfig}
 
 
 def _section(type_name: str, values: dict, path: Path):
