@@ -142,13 +142,15 @@ def served_model_dir(run_dir: Path, variant: str) -> Path:
 
 def clear_built_stages(run_dir: Path, log=print) -> list[str]:
     """Remove what the run built on its data (the FM, the feature tables, the Feast registry,
-    the VMs, the results), before new data replaces it: every later stage would read them as
-    built on the new data. Says so through `log`; returns the names of those removed."""
+    the VMs, the results) and the live loop's rows of it (stream/: events of the old data set,
+    under its ids), before new data replaces it: every later stage would read them as built
+    on the new data. Says so through `log`; returns the names of those removed."""
+    from loopfm.data import streamed
     from loopfm.features.store import registry_path
 
     paths = RunPaths(run_dir)
     registry = registry_path(run_dir)
-    built = [paths.fm, paths.features, paths.vm, paths.results]
+    built = [paths.fm, paths.features, paths.vm, paths.results, streamed.root(paths)]
     if registry.is_relative_to(run_dir.resolve()):  # one outside the run (LOOPFM_REGISTRY) may serve others
         built.append(registry)
     removed = []
@@ -165,7 +167,8 @@ def clear_built_stages(run_dir: Path, log=print) -> list[str]:
             continue
         removed.append(path.name)
     if removed:
-        log(f"  removed {', '.join(removed)} from {run_dir}: built on the data being replaced; run those stages again")
+        log(f"  removed {', '.join(removed)} from {run_dir}: built on (or streamed into) the data being replaced; run "
+            "those stages again")  # fmt: skip
     return removed
 
 
