@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from loopfm.children import die_with_parent
+from loopfm.children import worker_pool_start
 from loopfm.config import VARIANTS, RunConfig, variant_named
 from loopfm.engine import LOCAL, Engine
 from loopfm.io import RunPaths
@@ -92,9 +91,8 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
     else:
         longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
         # spawn: no forked torch thread pools; a worker dies with this process, even when it is
-        # killed by SIGKILL, so none writes into the run after its lock is free (loopfm.children)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                                 initargs=(signal.SIGKILL, os.getpid())) as pool:  # fmt: skip
+        # killed by SIGKILL, and holds the run's lock until it exits (loopfm.children)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), **worker_pool_start()) as pool:
             futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
             try:
                 infos = {v: futures[v].result() for v in variants}
