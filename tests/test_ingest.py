@@ -236,7 +236,7 @@ def test_an_ingest_killed_mid_way_is_refused_by_features_build_by_name_until_run
     refused = loopfm("features", "build", "--run-dir", str(run), check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert f"an ingest into {run} did not finish: `loopfm ingest --events {events}`" in refused.stderr
-    assert f"run `loopfm ingest --run-dir {run} --events {events} --redis-url {url}` again" in refused.stderr
+    assert f"run `loopfm ingest --run-dir {run} --events {events}` again (with the Redis it published to)" in refused.stderr
     assert paths.features.resolve() == features and len(offline.read_impressions(paths)) == streamed  # nothing written
 
     again = ingest(run, events, url).stdout

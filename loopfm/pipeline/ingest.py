@@ -49,9 +49,14 @@ def unfinished(paths: RunPaths) -> str | None:
     path, record = found[0]
     return (f"an ingest into {paths.root} did not finish: `loopfm ingest --events {record['events']}` (pid {record['pid']}, "
             f"started {record['started']}) was stopped or is still running, so its events are only partly applied "
-            f"({path}); run `loopfm ingest --run-dir {paths.root} --events {record['events']} --redis-url "
-            f"{record['redis_url']}` again to apply the rest (what was applied is skipped), or remove {path} to use "
-            "only what was applied")  # fmt: skip
+            f"({path}); run `loopfm ingest --run-dir {paths.root} --events {record['events']}` again (with the Redis it "
+            f"published to): it applies the rest, skipping what was applied; or remove {path} to use only what was "
+            "applied")  # fmt: skip
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 def _reachable(redis_url: str) -> None:
     """Raise RuntimeError (one line) unless the server at `redis_url` answers PING."""
@@ -99,10 +104,10 @@ def ingest(run_dir: Path, events_path: Path, redis_url: str, log=print, time_uni
     _reachable(redis_url)
     newest_checkpoint(paths, cfg)
     messages = event_messages(read_event_file(events_path, cfg, paths, time_unit))
-    digest = hashlib.sha256(events_path.read_bytes()).hexdigest()
-    earlier = [(p, r) for p, r in _records(paths) if (r["sha256"], r["redis_url"]) == (digest, redis_url)]
+    digests = {"sha256": _digest(events_path.read_bytes()), "redis": _digest(redis_url.encode())}  # no credentials in the run
+    earlier = [(p, r) for p, r in _records(paths) if digests.items() <= r.items()]
     record_path = offline.folder(paths, "ingests") / f"{os.getpid()}.json"
-    record = {"pid": os.getpid(), "events": str(events_path), "sha256": digest, "redis_url": redis_url,
+    record = {"pid": os.getpid(), "events": str(events_path), **digests,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "published": False}  # fmt: skip
     write_text(record_path, json.dumps(record))
     if any(r["published"] for _, r in earlier):  # every entry is in the streams: apply what is left, publish nothing
