@@ -7,13 +7,34 @@ FM and the VM size their embedding tables from the data they will read, whatever
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from loopfm.config import ConfigError, RunConfig, WorldConfig
-from loopfm.io import RunPaths, write_text
+from loopfm.io import RunPaths, write_parquet, write_text
+
+
+def replace_data(run_dir: Path, tables: dict[str, pd.DataFrame], vocab: "Vocab") -> None:
+    """Write `tables` and vocab.json into a fresh folder, then swap it for the run's `data/`: a
+    writer that fails or is killed leaves the old tables whole, never some of the new ones
+    beside some of the old."""
+    paths = RunPaths(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = RunPaths(Path(tempfile.mkdtemp(prefix=".data.", dir=run_dir)))  # a unique name per writer
+    try:
+        for name, df in tables.items():
+            write_parquet(df, staging.table(name))
+        vocab.save(staging)
+        if paths.data.exists():
+            paths.data.rename(staging.root / "data.old")
+        staging.data.rename(paths.data)
+    finally:
+        shutil.rmtree(staging.root, ignore_errors=True)
 
 
 @dataclass(frozen=True)
