@@ -38,7 +38,8 @@ def launch(run_dir: Path, nproc: int) -> None:
     from loopfm.server_process import stop_server
 
     # torchrun dies with this process and holds the run's lock until it has stopped its ranks
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=dies_with_this_process(), pass_fds=held_fds())
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=dies_with_this_process(),
+                            pass_fds=held_fds())  # fmt: skip
     try:
         code = proc.wait()
     except BaseException:  # a stop signal: SIGTERM to torchrun, which stops its ranks (a SIGKILL would orphan them)
