@@ -76,3 +76,28 @@ def test_a_short_bench_writes_the_issue_schema_with_its_floor_and_plots(trained_
     assert (tmp_path / "benchmarks" / "serving.png").stat().st_size > 0
     assert (tmp_path / "benchmarks" / "1_worker" / "score_100_200" / "loadtest.png").stat().st_size > 0
     assert "## 2 workers" in markdown(written) and "/healthz (floor)" in markdown(written)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the bench pins server and client to two cores")
+def test_with_an_api_key_the_bench_servers_require_it_and_every_request_and_scrape_carries_it(
+    trained_run: Path, redis_url: str, tmp_path: Path, monkeypatch
+):
+    """The environment's LOOPFM_API_KEY (which the servers would inherit) is not the bench's:
+    a server started with it, or a request without the bench's key, gets 401s and stops the bench."""
+    import loopfm.pipeline.services
+    from loopfm.bench.serving import _configuration, request_pool
+
+    monkeypatch.setenv("LOOPFM_API_KEY", "the-environments-key")
+    started_with = []
+    start = loopfm.pipeline.services.start_server
+    monkeypatch.setattr(loopfm.pipeline.services, "start_server", lambda *a, **kw: started_with.append(kw["env"]) or start(*a, **kw))
+    setup = configurations(sorted(os.sched_getaffinity(0)))["2_workers"]
+    model_dir = trained_run / "vm" / "loopfm_kd" / "onnx"
+    result = _configuration("2_workers", setup, model_dir, redis_url, trained_run, request_pool(trained_run), tmp_path, 0.3,
+                            lambda *_: None, api_key="the-benchs-key")  # fmt: skip
+    assert started_with == [{"LOOPFM_API_KEY": "the-benchs-key"}]
+    points = [p for rates in result["open_loop"].values() for p in rates.values()] + result["capacity_runs"]
+    assert points and all(p["sent"] > 0 and "http_401" not in p["errors"] for p in points), points
+    assert all(p["server"]["requests"] >= p["sent"] * 0.9 for rates in result["open_loop"].values() for p in rates.values())
+    assert result["item_cache_hit_ratio"] is not None  # /metrics scraped with the key
+    assert all(r.get("skipped") or r["errors"] == 0 for r in result["wrk_closed_loop"].values())

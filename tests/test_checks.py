@@ -154,13 +154,22 @@ def test_an_import_spread_over_no_days_or_negative_ones_is_refused(tmp_path, day
 
 
 def test_an_import_into_a_finished_run_removes_the_stages_built_on_the_old_data_and_says_so(finished_run, tmp_path):
+    """Also the live loop's rows (stream/): events of the old data set, under its ids, which the
+    next `features build` would otherwise join to the new data."""
+    import pyarrow as pa
+
+    from loopfm.data import streamed
+    from loopfm.core.files import read_parquet
     from test_importers import taobao_world
 
+    paths = RunPaths(finished_run)
+    old_rows = pa.Table.from_pandas(read_parquet(paths.table("impressions")).head(5), preserve_index=False)
+    assert streamed.append(paths, streamed.IMPRESSIONS, old_rows, 1, "worker").exists()  # as a worker writes them
     args = ("--run-dir", str(finished_run))
     r = loopfm("data", "import", *args, "--data", str(taobao_world(tmp_path / "taobao")), "--format", "taobao",
                "--vertical", "pid=430548_1007")  # fmt: skip
-    assert "removed fm, features, vm, results, registry.db" in r.stdout
-    assert not [name for name in ("fm", "features", "vm", "results", "registry.db") if (finished_run / name).exists()]
+    assert "removed fm, features, vm, results, stream, registry.db" in r.stdout
+    assert not [name for name in ("fm", "features", "vm", "results", "stream", "registry.db") if (finished_run / name).exists()]
     assert "run `loopfm fm log" in refused("features", "build", *args)  # not a build on the old FM's codes
     assert "run `loopfm features build" in refused("vm", "train", *args)
 

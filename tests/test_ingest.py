@@ -184,3 +184,66 @@ def test_the_items_an_ingest_wrote_are_announced_to_the_servers_item_caches(live
     ingest(run, tmp_path / "events.csv", url)
     entries = redis.Redis.from_url(url).xrange(items_written_key(PROJECT))
     assert sorted({item for _, fields in entries for item in json.loads(fields[b"items"])}) == sorted(events["item_id"].tolist())
+
+
+def killed_ingest(run: Path, events: Path, url: str, when) -> None:
+    """`loopfm ingest` killed by SIGKILL as soon as `when(record)` holds for its record in
+    stream/ingests/ (None until it is written) and the offline rows streamed so far."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import LOOPFM
+
+    proc = subprocess.Popen([LOOPFM, "ingest", "--run-dir", str(run), "--events", str(events), "--redis-url", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    paths, deadline = RunPaths(run), time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            records = [json.loads(p.read_text()) for p in (run / "stream" / "ingests").glob("*.json")]
+            if when(records[0] if records else None, len(offline.read(paths, offline.IMPRESSIONS))):
+                break
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    "point, when",
+    [
+        ("published, nothing applied yet", lambda record, streamed: record is not None and record["published"] and streamed == 0),
+        ("part applied", lambda record, streamed: 100 <= streamed),
+    ],
+)
+def test_an_ingest_killed_mid_way_is_refused_by_features_build_by_name_until_run_again_which_completes_it(
+    live, tmp_path, point, when
+):
+    """Case 23: the rows of a half-applied ingest never reach a training set as if they were
+    the whole file; running the ingest again applies what is left, each event once."""
+    run, url = live
+    raw = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(raw | {"stream": {"batch_size": 20, "lease_ms": 2000}}))  # many micro-batches
+    messages = events_of(run, 3000, seed=12)
+    events = tmp_path / "events.csv"
+    pd.DataFrame(messages).to_csv(events, index=False)
+    paths = RunPaths(run)
+    killed_ingest(run, events, url, when)
+    streamed = len(offline.read_impressions(paths))
+    assert streamed < 3000, f"the kill must land before the ingest finished ({point})"
+    features = paths.features.resolve()
+
+    refused = loopfm("features", "build", "--run-dir", str(run), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"an ingest into {run} did not finish: `loopfm ingest --events {events}`" in refused.stderr
+    assert f"run `loopfm ingest --run-dir {run} --events {events}` again (with the Redis it published to)" in refused.stderr
+    assert paths.features.resolve() == features and len(offline.read_impressions(paths)) == streamed  # nothing written
+
+    again = ingest(run, events, url).stdout
+    assert f"{events} was published whole by an ingest that did not finish; applying what it left" in again
+    assert json.loads(again.strip().splitlines()[-1])["published"] == 0
+    assert sorted(offline.read_impressions(paths)["impression_id"]) == sorted(m["impression_id"] for m in messages)
+    assert_online_equals_batch(run, url, *touched(messages))  # each event counted once
+    assert not list((run / "stream" / "ingests").glob("*.json"))
+    loopfm("features", "build", "--run-dir", str(run))
+    assert paths.features.resolve() != features

@@ -114,11 +114,66 @@ def test_a_vm_train_killed_by_sigkill_leaves_no_worker_writing_and_its_lock_free
                 break
         workers = {p for p in descendants(proc.pid) if "spawn_main" in command_line(p)}
         assert len(workers) == 2, workers
+        assert all(holds_lock(p, run) for p in workers)  # so the kernel frees it only once the last of them exits
         proc.kill()
         proc.wait(timeout=10)
-        assert wait_until_gone(workers) == []
+        assert locked_until_gone(run, workers) is not None
         assert not (run / "vm" / "base" / "model.pt").exists() and not (run / "vm" / "loopfm" / "model.pt").exists()
         with run_dir_lock(run, "a second training"):
             pass
     finally:
         kill_left(proc, workers)
+
+
+def holds_lock(pid: int, run: Path) -> bool:
+    """Whether process `pid` has the run's lock file open (and with it the lock's flock)."""
+    from loopfm.core.rundir import lock_path
+
+    folder = Path(f"/proc/{pid}/fd")
+    return str(lock_path(run)) in {os.readlink(folder / fd) for fd in os.listdir(folder)}
+
+
+def locked_until_gone(run: Path, pids: set[int], within_s: float = 60.0) -> list[str] | None:
+    """Try to lock `run` until it succeeds (within `within_s`): the refusals met on the way,
+    or None if the lock was taken while one of `pids` still lived (or never)."""
+    from loopfm.core.rundir import RunDirBusy, run_dir_lock
+
+    refusals, deadline = [], time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        living = [p for p in pids if alive(p)]
+        try:
+            with run_dir_lock(run, "a second training"):
+                return None if living else refusals
+        except RunDirBusy as busy:
+            refusals.append(str(busy))
+            time.sleep(0.02)
+    return None
+
+
+def test_an_fm_train_on_two_ranks_killed_by_sigkill_keeps_its_run_locked_until_its_ranks_are_gone(copy_of_run):
+    """torchrun gets SIGTERM when `loopfm fm train --nproc 2` dies, stops its ranks, and holds
+    the run's lock until then: no second training starts beside ranks still writing."""
+    run = copy_of_run
+    shutil.rmtree(run / "fm")
+    proc = subprocess.Popen([LOOPFM, "fm", "train", "--run-dir", str(run), "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks := {p for p in descendants(proc.pid) if "loopfm.distributed.fm_train" in command_line(p)}) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "torchrun and two ranks did not start"
+            time.sleep(0.1)
+        started = set(descendants(proc.pid))
+        torchrun = {p for p in ranks if "torch.distributed.run" in command_line(p)}
+        assert len(torchrun) == 1 and holds_lock(next(iter(torchrun)), run)
+        time.sleep(2.0)  # the ranks have begun to train
+        proc.kill()
+        proc.wait(timeout=10)
+        refusals = locked_until_gone(run, started)
+        assert refusals is not None
+        assert all("which has ended; the processes it started hold the run until they exit" in r for r in refusals), refusals
+        written = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+        time.sleep(1.0)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()) == written  # no rank writes on
+    finally:
+        kill_left(proc, started)

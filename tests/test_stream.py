@@ -36,7 +36,6 @@ from loopfm.features.build import (
 from loopfm.features.store import open_store
 from loopfm.core.files import read_parquet, write_parquet
 from loopfm.core.rundir import RunPaths
-from loopfm.core.timeunits import unix_us
 from loopfm.data import streamed as offline
 from loopfm.stream.keys import StreamKeys
 from loopfm.stream.producer import Producer

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from loopfm.core.config import DataConfig
 from loopfm.data.synth import simulate
@@ -47,3 +48,33 @@ def test_fm_only_signal_tracks_a_persistent_interest_more_tightly_with_less_nois
         return float(np.corrcoef(per_user[:, 0].ravel(), per_user[:, 1].ravel())[0, 1])
 
     assert corr(0.1) > corr(2.0) > 0
+
+
+def test_new_tables_that_fail_half_written_leave_the_previous_data_whole(tmp_path, monkeypatch):
+    """A synth (or import) stopped while writing never leaves some new tables beside some old
+    ones: the tables go to a fresh folder that replaces data/ only once all are written."""
+    import hashlib
+
+    import loopfm.data.run_data
+    from loopfm.data.synth import write_tables
+    from loopfm.core.rundir import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    write_tables(simulate(SMALL), SMALL, paths)
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in paths.data.iterdir()}
+    write = loopfm.data.run_data.write_parquet
+    written = []
+
+    def fails_at_the_third(df, path):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        write(df, path)
+        written.append(path)
+
+    monkeypatch.setattr(loopfm.data.run_data, "write_parquet", fails_at_the_third)
+    other = DataConfig(n_users=300, n_days=30, seed=4)
+    with pytest.raises(OSError):
+        write_tables(simulate(other), other, paths)
+    assert len(written) == 2
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in paths.data.iterdir()} == before
+    assert sorted(p.name for p in paths.root.iterdir()) == ["data"]  # no staging folder left

@@ -99,11 +99,16 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"load tests target loopback only (127.0.0.1, localhost, ::1), not {url}")
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header that carries `api_key` (serving/guards.py): for raw requests, httpx and wrk."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def http_request(url: str, path: str, body: bytes | None, api_key: str | None = None) -> bytes:
     """The whole HTTP/1.1 request as bytes: a GET without a body, or a JSON POST; with
     `api_key`, an `authorization: Bearer` header (the server's LOOPFM_API_KEY)."""
     host = urlparse(url).netloc
-    auth = f"authorization: Bearer {api_key}\r\n" if api_key else ""
+    auth = "".join(f"{name}: {value}\r\n" for name, value in auth_headers(api_key).items())
     if body is None:
         return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}\r\n".encode()
     head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"

@@ -17,6 +17,9 @@ a worker). In each:
 - feast_sdk (1 worker only: it compares designs per request, not cores): the four paths of
   before at low rates: (a) loopfm, (b) a handler calling Feast's get_online_features,
   (c) the Scorer in process, (d) /healthz.
+
+With an API key (`--api-key`, default $LOOPFM_API_KEY) the bench's servers require it, as a
+production server would, and every request and scrape carries it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
+from loopfm.bench.loadtest import (LoadSpec, RequestPool, auth_headers, format_ms, request_bodies, require_success, run_load, sweep,
+                                   warm_up, write_report)
 from loopfm.bench.wrk import wrk_closed_loop
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
@@ -110,10 +114,12 @@ def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n:
             "rate": 1000 * n / float(np.sum(samples_ms)), "n": n}  # fmt: skip
 
 
-def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print) -> dict:
+def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: float = 30.0, log=print,
+                      api_key: str | None = None) -> dict:  # fmt: skip
     """Both configurations; `duration_s` per open-loop point, a third of it per noop, sweep,
-    wrk and feast_sdk point. Writes out_dir/benchmarks.json and each open-loop point's report in
-    out_dir/benchmarks/ (loopfm/bench/serving_report.py renders the summary)."""
+    wrk and feast_sdk point; servers requiring `api_key` if given (module docstring). Writes
+    out_dir/benchmarks.json and each open-loop point's report in out_dir/benchmarks/
+    (loopfm/bench/serving_report.py renders the summary)."""
     from loopfm.pipeline.services import redis_url_or_local
     from loopfm.pipeline.stages import materialize
 
@@ -127,7 +133,7 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
         materialize(run_dir, url)
         for name, setup in setups.items():
             log(f"configuration {name}: {setup}")
-            results[name] = _configuration(name, setup, model_dir, url, run_dir, pool, out_dir, duration_s, log)
+            results[name] = _configuration(name, setup, model_dir, url, run_dir, pool, out_dir, duration_s, log, api_key)
     summary = {
         "configurations": results,
         "duration_s": duration_s,
@@ -143,27 +149,29 @@ def run_serving_bench(run_dir: Path, variant: str, out_dir: Path, duration_s: fl
 
 
 def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: Path, pool: RequestPool,
-                   out_dir: Path, duration_s: float, log) -> dict:  # fmt: skip
+                   out_dir: Path, duration_s: float, log, api_key: str | None = None) -> dict:  # fmt: skip
     from loopfm.pipeline.services import start_server, stop_server
 
     cores, workers, short = setup["cores"], setup["workers"], duration_s / 3
     warm = min(2.0, short)
     logs = RunPaths(run_dir).root / "bench_logs"
     with pinned(cores["server"]):
-        proc, server = start_server(model_dir, url, logs / f"loopfm-{name}.log", workers=workers)
+        proc, server = start_server(model_dir, url, logs / f"loopfm-{name}.log", workers=workers, env=_key_env(api_key))
     try:
         _wait_for_workers(server, workers)
         result: dict = {"cores": cores, "workers": workers}
         with pinned(cores["client"]):
-            result["feast_sdk"] = (_four_paths(model_dir, url, server, run_dir, pool, cores, short, logs, log)
+            result["feast_sdk"] = (_four_paths(model_dir, url, server, run_dir, pool, cores, short, logs, log, api_key)
                                    if workers == 1 else None)  # fmt: skip
             result["open_loop"] = {}
             for candidates, rates in OPEN_LOOP.items():
                 for rate in rates:
-                    warm_up(server, pool, candidates=candidates, rate=rate, seconds=warm)
-                    before = server_histogram(server, workers)
-                    report, records = run_load(server, LoadSpec(rate=rate, duration_s=duration_s, candidates=candidates), pool)
-                    row = _row(report) | {"server": _histogram_summary(server_histogram(server, workers), before)}
+                    require_success(warm_up(server, pool, candidates=candidates, rate=rate, seconds=warm, api_key=api_key),
+                                    f"{name}: the warm-up at {rate:g} req/s")  # fmt: skip
+                    before = server_histogram(server, workers, api_key=api_key)
+                    spec = LoadSpec(rate=rate, duration_s=duration_s, candidates=candidates)
+                    report, records = run_load(server, spec, pool, api_key=api_key)
+                    row = _row(report) | {"server": _histogram_summary(server_histogram(server, workers, api_key=api_key), before)}
                     result["open_loop"].setdefault(str(candidates), {})[f"{rate:g}"] = row
                     plot_title = f"{name}: /score, {candidates} candidates, {rate:g} req/s open loop"
                     write_report(report, records, out_dir / "benchmarks" / name / f"score_{candidates}_{rate:g}", plot_title)
@@ -174,20 +182,21 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
                 report, _ = run_load(server, LoadSpec(rate=rate, duration_s=short), None, "/healthz")
                 result["noop"][f"{rate:g}"] = _row(report)
                 log(f"  noop /healthz at {rate:g} req/s: {_line(result['noop'][f'{rate:g}'])}")
-            warm_up(server, pool, candidates=100, rate=CAPACITY_RATES[0], seconds=warm)
-            found = sweep(server, LoadSpec(rate=1, duration_s=short, candidates=100), pool, CAPACITY_RATES, CAPACITY_P99_MS, log)
+            warm_up(server, pool, candidates=100, rate=CAPACITY_RATES[0], seconds=warm, api_key=api_key)
+            found = sweep(server, LoadSpec(rate=1, duration_s=short, candidates=100), pool, CAPACITY_RATES, CAPACITY_P99_MS, log,
+                          api_key=api_key)  # fmt: skip
             result["capacity_p99_5ms"] = {"100": found["best_rate"]}
             result["capacity_runs"] = [_row(r) for r in found["runs"]]
-            result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short) for c in OPEN_LOOP}
+            result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short, api_key) for c in OPEN_LOOP}
             log(f"  capacity (p99 <= {CAPACITY_P99_MS:g} ms): {found['best_rate']} req/s; wrk: {result['wrk_closed_loop']}")
-            result["item_cache_hit_ratio"] = _cache_hit_ratio(server)
+            result["item_cache_hit_ratio"] = _cache_hit_ratio(server, api_key)
     finally:
         stop_server(proc)
     return result
 
 
 def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: RequestPool, cores: dict,
-                seconds: float, logs: Path, log) -> dict:  # fmt: skip
+                seconds: float, logs: Path, log, api_key: str | None = None) -> dict:  # fmt: skip
     """The table of before: (a) loopfm, (b) Feast SDK, (c) in-process floor, (d) /healthz."""
     from loopfm.pipeline.services import start_server, stop_server
     from serving.item_cache import ItemCache
@@ -203,8 +212,8 @@ def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: Req
             spec = LoadSpec(rate=TABLE_RATE[c], duration_s=seconds, candidates=c)
             for path_name, base, body_pool, path in (("loopfm", server, pool, "/score"), ("feast_sdk", sdk, pool, "/score"),
                                                      ("noop", server, None, "/healthz")):  # fmt: skip
-                warm_up(base, body_pool, path, candidates=c, rate=spec.rate, seconds=min(2.0, seconds))
-                rows[path_name][str(c)] = _row(run_load(base, spec, body_pool, path)[0])
+                warm_up(base, body_pool, path, candidates=c, rate=spec.rate, seconds=min(2.0, seconds), api_key=api_key)
+                rows[path_name][str(c)] = _row(run_load(base, spec, body_pool, path, api_key)[0])
             with pinned(cores["server"]):
                 scorer = Scorer(model_dir, threads=1, item_cache=ItemCache(100_000, 300))
                 rows["floor"][str(c)] = floor_latency(scorer, url, pool, c, n=300)
@@ -212,6 +221,12 @@ def _four_paths(model_dir: Path, url: str, server: str, run_dir: Path, pool: Req
     finally:
         stop_server(sdk_proc)
     return {"rates": {str(c): r for c, r in TABLE_RATE.items()}, "seconds": seconds, **rows}
+
+
+def _key_env(api_key: str | None) -> dict[str, str]:
+    """The server's LOOPFM_API_KEY: `api_key`, or none (empty), whatever this process's environment holds."""
+    return {"LOOPFM_API_KEY": api_key or ""}
+
 
 
 def _wait_for_workers(url: str, workers: int, within_s: float = 60.0) -> None:
@@ -226,7 +241,8 @@ def _wait_for_workers(url: str, workers: int, within_s: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def server_histogram(url: str, workers: int, path: str = "/score", within_s: float = 10.0) -> dict[float, float]:
+def server_histogram(url: str, workers: int, path: str = "/score", within_s: float = 10.0,
+                     api_key: str | None = None) -> dict[float, float]:  # fmt: skip
     """{upper bound in seconds: requests <= it} of `loopfm_request_seconds` for `path`, summed
     over every worker: each scrape opens a new connection, which one worker accepts, until
     all `workers` have answered (serving/metrics.py: one registry per worker)."""
@@ -236,7 +252,8 @@ def server_histogram(url: str, workers: int, path: str = "/score", within_s: flo
     deadline = time.monotonic() + within_s
     while len(per_worker) < workers and time.monotonic() < deadline:
         worker, buckets = None, {}
-        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text):
+        scrape = httpx.get(f"{url}/metrics", headers=auth_headers(api_key), timeout=SCRAPE_TIMEOUT_S)
+        for family in text_string_to_metric_families(scrape.raise_for_status().text):
             for sample in family.samples:
                 if sample.name == "loopfm_worker_info":
                     worker = sample.labels["worker"]
@@ -282,8 +299,8 @@ def _model_description(model_dir: Path) -> str:
     return f"{meta['model_version']}, L = {meta['spec']['history_length']}, code dim {meta['spec']['code_dim']}"
 
 
-def _cache_hit_ratio(url: str) -> float | None:
-    for line in httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S).text.splitlines():
+def _cache_hit_ratio(url: str, api_key: str | None = None) -> float | None:
+    for line in httpx.get(f"{url}/metrics", headers=auth_headers(api_key), timeout=SCRAPE_TIMEOUT_S).raise_for_status().text.splitlines():
         if line.startswith("loopfm_item_cache_hit_ratio"):
             return float(line.split()[-1])
     return None

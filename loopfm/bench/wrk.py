@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopfm.bench.loadtest import LoadSpec, RequestPool, request_bodies
+from loopfm.bench.loadtest import LoadSpec, RequestPool, auth_headers, request_bodies
 from loopfm.core.children import dies_with_this_process
 
 
@@ -25,7 +25,8 @@ end
 """
 
 
-def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: int, seconds: float) -> dict:
+def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: int, seconds: float,
+                    api_key: str | None = None) -> dict:  # fmt: skip
     """`wrk`, one thread, `connections` connections, closed loop, cycling through 200 request
     bodies; {"skipped": why} if wrk is not installed (Debian: apt-get install wrk)."""
     if shutil.which("wrk") is None:
@@ -34,7 +35,8 @@ def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: i
     with tempfile.TemporaryDirectory(prefix="loopfm-wrk-") as folder:
         script = Path(folder) / "score.lua"
         script.write_text(WRK_SCRIPT % ", ".join(f"[[{b.decode()}]]" for b in bodies))
-        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+        headers = [a for name, value in auth_headers(api_key).items() for a in ("-H", f"{name}: {value}")]
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", *headers, "-s", str(script), url]
         out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=dies_with_this_process()).stdout
     return parse_wrk(out) | {"connections": connections, "seconds": max(1, round(seconds))}
 

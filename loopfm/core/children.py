@@ -3,7 +3,9 @@ SIGKILL and runs no clean-up (Linux: prctl(PR_SET_PDEATHSIG); elsewhere nothing 
 
 A server, a Feast call or a training worker left running after `loopfm` was killed keeps a
 port, writes into a run directory whose lock is already free, and outlives the command the
-user sees as ended."""
+user sees as ended. The workers that write a run also hold its lock (held_by_workers): the
+kernel frees an flock when the last process holding it exits, so a killed command's run
+stays locked until its last worker is gone, not only until the command is."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_HELD: set[int] = set()  # descriptors the writing workers of this process inherit (held_by_workers)
 
 
 def die_with_parent(sig: int, parent: int) -> None:
@@ -54,3 +57,49 @@ def started_children_die_with_this_process() -> Iterator[None]:
         yield
     finally:
         subprocess.Popen = original
+
+
+@contextlib.contextmanager
+def held_by_workers(fd: int) -> Iterator[None]:
+    """Within the block, the workers started through worker_pool_start and with held_fds get
+    a copy of `fd` (the same open file description: a run lock's flock), kept until they exit.
+    They get a duplicate: filelock closes its own descriptor in a forked child, which a
+    subprocess with a preexec_fn is until it execs."""
+    held = os.dup(fd)
+    _HELD.add(held)
+    try:
+        yield
+    finally:
+        _HELD.discard(held)
+        os.close(held)
+
+
+def held_fds() -> tuple[int, ...]:
+    """`pass_fds` for a subprocess that writes the run (held_by_workers)."""
+    return tuple(sorted(_HELD))
+
+
+class _Inherited:
+    """Pickled into a spawned multiprocessing worker, `fd` arrives there open."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Callable, tuple]:
+        from multiprocessing.reduction import DupFd  # valid only while a process is being spawned
+
+        return _arrived, (DupFd(self.fd),)
+
+
+def _arrived(dup: Any) -> int:
+    return dup.detach()  # open in the worker until it exits
+
+
+def _start_worker(sig: int, parent: int, held: list[int]) -> None:
+    die_with_parent(sig, parent)
+
+
+def worker_pool_start() -> dict[str, Any]:
+    """`initializer` and `initargs` of a spawn pool (ProcessPoolExecutor) whose workers write the
+    run: each gets SIGKILL when this process dies and holds what it holds (held_by_workers)."""
+    return {"initializer": _start_worker, "initargs": (signal.SIGKILL, os.getpid(), [_Inherited(fd) for fd in held_fds()])}

@@ -101,6 +101,8 @@ def run_dir_lock(run_dir: Path, command: str, fix: str = "") -> Iterator[None]:
     seconds for it (taking the lock instead if it is released meanwhile)."""
     from filelock import FileLock, Timeout
 
+    from loopfm.core.children import held_by_workers
+
     require_writable(run_dir, command, fix)
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +119,15 @@ def run_dir_lock(run_dir: Path, command: str, fix: str = "") -> Iterator[None]:
         except OSError:  # the holder has the lock but has not written its name yet, or is releasing it
             who = ""
         if who or time.monotonic() >= deadline:
-            raise RunDirBusy(f"{run_dir} is being written by {who.strip() or 'another loopfm process'}; "
+            ended = who.startswith("pid ") and Path("/proc/self").exists() and not Path(f"/proc/{who.split()[1]}").exists()
+            raise RunDirBusy(f"{run_dir} is being written by {who.strip() or 'another loopfm process'}"
+                             f"{', which has ended; the processes it started hold the run until they exit' if ended else ''}; "
                              "wait for it to finish or stop it, then run this again")  # fmt: skip
         time.sleep(0.02)
     try:
         write_text(holder, f"pid {os.getpid()} (`{command}`, since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
-        yield
+        with held_by_workers(lock._context.lock_file_fd):  # a killed holder's workers keep it until they exit
+            yield
     finally:
         holder.unlink(missing_ok=True)
         lock.release()

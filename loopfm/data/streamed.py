@@ -36,8 +36,13 @@ IMPRESSIONS, ITEMS = "impressions", "items"
 COMPACTED = "compacted"  # the middle part of a merged file's name: <first µs>-compacted-<last µs>.parquet
 
 
+def root(paths: RunPaths) -> Path:
+    """The live loop's folder in a run: its offline rows, and the records of unfinished ingests."""
+    return paths.root / "stream"
+
+
 def folder(paths: RunPaths, kind: str) -> Path:
-    return paths.root / "stream" / kind
+    return root(paths) / kind
 
 
 def append(paths: RunPaths, kind: str, rows: pa.Table, write_us: int, worker: str) -> Path | None:

@@ -22,10 +22,10 @@ import pandas as pd
 
 from loopfm.contract.names import ITEM_KEY, N_AGE_BUCKETS, N_GENDERS, N_HOURS, N_PRICE_BUCKETS, USER_KEY
 from loopfm.core.config import DataConfig
-from loopfm.core.files import write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import US_PER_DAY, US_PER_HOUR
 from loopfm.data.ids import id_map
+from loopfm.data.run_data import replace_data
 from loopfm.data.vocab import Vocab
 
 
@@ -131,10 +131,9 @@ def write_world(cfg: DataConfig, paths: RunPaths) -> dict[str, int]:
 
 
 def write_tables(tables: dict[str, pd.DataFrame], cfg: DataConfig, paths: RunPaths) -> dict[str, int]:
-    """Write the tables `simulate(cfg)` returned, their id maps and vocab.json; returns row counts."""
+    """Write the tables `simulate(cfg)` returned, their id maps and vocab.json, all or none
+    (replace_data); returns row counts."""
     users, items = tables["users"][USER_KEY], tables["items"][ITEM_KEY]  # the world's ids are their own source ids
     tables |= {"user_ids": id_map(USER_KEY, users, users), "item_ids": id_map(ITEM_KEY, items, items)}
-    for name, df in tables.items():
-        write_parquet(df, paths.table(name))
-    Vocab.from_world(cfg).save(paths)
+    replace_data(paths.root, tables, Vocab.from_world(cfg))
     return {name: len(df) for name, df in tables.items()}

@@ -35,10 +35,12 @@ def launch(run_dir: Path, nproc: int) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "loopfm.distributed.fm_train", "--run-dir", str(run_dir),
     ]  # fmt: skip
-    from loopfm.core.children import dies_with_this_process
+    from loopfm.core.children import dies_with_this_process, held_fds
     from loopfm.pipeline.services import stop_server
 
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=dies_with_this_process())
+    # torchrun dies with this process and holds the run's lock until it has stopped its ranks
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=dies_with_this_process(),
+                            pass_fds=held_fds())  # fmt: skip
     try:
         code = proc.wait()
     except BaseException:  # a stop signal: SIGTERM to torchrun, which stops its ranks (a SIGKILL would orphan them)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loopfm.core.children import die_with_parent
+from loopfm.core.children import worker_pool_start
 from loopfm.core.config import RunConfig, variant_named
 from loopfm.eval.results import reference_predictions
 from loopfm.experiments.plan import Cell, Overrides, World, cells_of
@@ -238,8 +237,7 @@ def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: in
             for a in args:
                 run_job(*a)
         else:
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                                     initargs=(signal.SIGKILL, os.getpid())) as pool:  # none outlives this process
+            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), **worker_pool_start()) as pool:  # none outlives this process
                 for future in [pool.submit(run_job, *a) for a in args]:
                     future.result()
     timed = [c for c in cells if c.latency]

@@ -170,8 +170,8 @@ def build_feature_tables(
     its profile as unknown (index 0), online and offline alike."""
     from loopfm.data import streamed as offline
 
-    if not (read_parquet(paths.fm_log, columns=["impression_id"])["impression_id"].to_numpy()
-            == read_parquet(paths.table("impressions"), columns=["impression_id"])["impression_id"].to_numpy()).all():  # fmt: skip
+    if not np.array_equal(read_parquet(paths.fm_log, columns=["impression_id"])["impression_id"].to_numpy(),
+                          read_parquet(paths.table("impressions"), columns=["impression_id"])["impression_id"].to_numpy()):  # fmt: skip
         raise ValueError(f"{paths.fm_log} does not match impressions: re-run `loopfm fm log`")
     imp, log = offline.run_tables(paths)
     start = pd.Timestamp(cfg.world.start_date, tz="UTC")

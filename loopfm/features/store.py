@@ -21,7 +21,7 @@ import redis.cluster
 
 from loopfm.contract.names import ID_INT64, ID_STRING, ITEM_KEY, PROJECT, USER_KEY, ready_marker
 from loopfm.contract.redis_url import cluster_node_url
-from loopfm.core.children import dies_with_this_process
+from loopfm.core.children import dies_with_this_process, held_fds
 
 FEATURE_REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 OFFLINE_ONLY = "redis://127.0.0.1:6379"  # placeholder: offline retrieval never contacts Redis
@@ -92,7 +92,8 @@ def feast_cli(args: list[str], run_dir: Path, redis_url: str, registry: Path | N
         env={**os.environ, **feast_env(run_dir, redis_url, registry)},
         capture_output=True,
         text=True,
-        preexec_fn=dies_with_this_process(),  # a killed loopfm leaves no feast writing its registry or store
+        preexec_fn=dies_with_this_process(),  # a killed loopfm leaves no feast writing its registry or store,
+        pass_fds=held_fds(),  # and the run locked until feast has exited
     )
     if result.returncode != 0:
         raise RuntimeError(f"`feast {' '.join(args)}` failed:\n{result.stdout}\n{result.stderr}")

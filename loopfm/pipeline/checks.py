@@ -144,7 +144,13 @@ def fm_log(args: argparse.Namespace) -> None:
 
 
 def features_build(args: argparse.Namespace) -> None:
+    """The embedding log, and no ingest half applied (its rows would train as if whole)."""
+    from loopfm.pipeline.ingest import unfinished
+
     fm_logged(args.run_dir)
+    why = unfinished(RunPaths(args.run_dir))
+    if why is not None:
+        raise ConfigError(why)
 
 
 def fm_import_log(args: argparse.Namespace) -> None:

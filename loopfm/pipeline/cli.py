@@ -291,7 +291,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> None:
     from loopfm.bench.serving_report import markdown, plot_summary
     from loopfm.core.files import write_text
 
-    summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration)
+    summary = run_serving_bench(args.run_dir, args.variant, args.out, args.duration, api_key=args.api_key)
     plot_summary(summary, args.out / "benchmarks" / "serving.png")
     write_text(args.out / "benchmarks.md", markdown(summary))
     print(markdown(summary))
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
     p.add_argument("--duration", type=positive_float, default=30.0,
                    help="seconds per open-loop point (a third of it per /healthz, sweep, wrk and four-path point); ~10 min at 30")
+    p.add_argument("--api-key", default=os.environ.get("LOOPFM_API_KEY"),
+                   help="the bench's servers require it and every request carries it (default: $LOOPFM_API_KEY)")  # fmt: skip
 
     p = bench.add_parser("stream", help="the live loop: freshness and throughput open loop (1 and 2 workers), CPU per "
                          "event against the stored history, /score beside a worker; pinned cores")  # fmt: skip

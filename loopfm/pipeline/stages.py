@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from loopfm.core.children import die_with_parent
+from loopfm.core.children import worker_pool_start
 from loopfm.core.config import VARIANTS, RunConfig, variant_named
 from loopfm.core.engine import LOCAL, Engine
 from loopfm.core.rundir import RunPaths
@@ -93,9 +92,8 @@ def train_variants(run_dir: Path, variants: list[str], log=print, jobs: int | No
     else:
         longest_first = sorted(variants, key=lambda v: (not variant_named(v).fm_history, not variant_named(v).kd))
         # spawn: no forked torch thread pools; a worker dies with this process, even when it is
-        # killed by SIGKILL, so none writes into the run after its lock is free (loopfm.core.children)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
-                                 initargs=(signal.SIGKILL, os.getpid())) as pool:  # fmt: skip
+        # killed by SIGKILL, and holds the run's lock until it exits (loopfm.core.children)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), **worker_pool_start()) as pool:
             futures = {v: pool.submit(_train_one, run_dir, v, 1) for v in longest_first}
             try:
                 infos = {v: futures[v].result() for v in variants}
@@ -143,13 +141,15 @@ def served_model_dir(run_dir: Path, variant: str) -> Path:
 
 def clear_built_stages(run_dir: Path, log=print) -> list[str]:
     """Remove what the run built on its data (the FM, the feature tables, the Feast registry,
-    the VMs, the results), before new data replaces it: every later stage would read them as
-    built on the new data. Says so through `log`; returns the names of those removed."""
+    the VMs, the results) and the live loop's rows of it (stream/: events of the old data set,
+    under its ids), before new data replaces it: every later stage would read them as built
+    on the new data. Says so through `log`; returns the names of those removed."""
+    from loopfm.data import streamed
     from loopfm.features.store import registry_path
 
     paths = RunPaths(run_dir)
     registry = registry_path(run_dir)
-    built = [paths.fm, paths.features, paths.vm, paths.results]
+    built = [paths.fm, paths.features, paths.vm, paths.results, streamed.root(paths)]
     if registry.is_relative_to(run_dir.resolve()):  # one outside the run (LOOPFM_REGISTRY) may serve others
         built.append(registry)
     removed = []
@@ -166,7 +166,8 @@ def clear_built_stages(run_dir: Path, log=print) -> list[str]:
             continue
         removed.append(path.name)
     if removed:
-        log(f"  removed {', '.join(removed)} from {run_dir}: built on the data being replaced; run those stages again")
+        log(f"  removed {', '.join(removed)} from {run_dir}: built on (or streamed into) the data being replaced; run "
+            "those stages again")  # fmt: skip
     return removed
 
 

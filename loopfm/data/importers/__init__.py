@@ -3,21 +3,18 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from loopfm.core.config import ConfigError, RunConfig
-from loopfm.core.files import write_parquet
-from loopfm.core.rundir import RunPaths
 from loopfm.data.importers.bars import ROLE_MAPS, read_bars
 from loopfm.data.importers.canonical import TARGET, DataFormatError, Span, VerticalRule, canonical
 from loopfm.data.importers.mapped import read_mapped
 from loopfm.data.importers.movielens import read_movielens
 from loopfm.data.importers.taobao import read_taobao
+from loopfm.data.run_data import replace_data
 from loopfm.data.vocab import Vocab, check_vm_windows
 
 FORMATS = ("taobao", *ROLE_MAPS, "movielens", "csv")
@@ -88,17 +85,5 @@ def configure(cfg: RunConfig, imported: Imported, explicit: set[str]) -> RunConf
 def write_imported(run_dir: Path, imported: Imported, cfg: RunConfig) -> None:
     """Write the tables and vocab.json into a fresh folder, then swap it for `data/` and save
     the config: an import that fails leaves the run directory as it was."""
-    paths = RunPaths(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staging = RunPaths(Path(tempfile.mkdtemp(prefix=".import.", dir=run_dir)))  # a unique name per import
-    try:
-        for name, df in imported.tables.items():
-            write_parquet(df, staging.table(name))
-        imported.vocab.save(staging)
-        old = staging.root / "data.old"
-        if paths.data.exists():
-            paths.data.rename(old)
-        staging.data.rename(paths.data)
-    finally:
-        shutil.rmtree(staging.root, ignore_errors=True)
+    replace_data(run_dir, imported.tables, imported.vocab)
     cfg.save(run_dir)
