@@ -41,6 +41,7 @@ import uvloop
 from loopfm.children import dies_with_this_process
 from loopfm.data.ids import load_id_maps
 from loopfm.io import RunPaths, read_parquet, write_text
+from loopfm.bench.decompose import decomposition, markdown as decomposition_markdown
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, request_bodies, run_load, sweep, warm_up, write_report
 
 OPEN_LOOP = {100: (200.0, 500.0), 1000: (50.0,)}  # candidates: offered rates (the goals)
@@ -183,6 +184,8 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
             result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short) for c in OPEN_LOOP}
             log(f"  capacity (p99 <= {CAPACITY_P99_MS:g} ms): {found['best_rate']} req/s; wrk: {result['wrk_closed_loop']}")
             result["item_cache_hit_ratio"] = _cache_hit_ratio(server)
+            result["decomposition"] = (decomposition(server, proc.pid, model_dir, url, pool, cores, short, log)
+                                       if workers == 1 else None)  # fmt: skip
     finally:
         stop_server(proc)
     return result
@@ -402,6 +405,8 @@ def markdown(summary: dict) -> str:
             for c, v in wrk.items()) + ".", ""]  # fmt: skip
         if r["feast_sdk"]:
             lines += _four_paths_table(r["feast_sdk"])
+        if r.get("decomposition"):
+            lines += decomposition_markdown(r["decomposition"])
     lines += ["Plots: `benchmarks/serving.png` (p99 against offered rate), `benchmarks/<configuration>/score_<candidates>_<rate>/"
               "loadtest.png` (latency over time and CDF per open-loop point).", ""]  # fmt: skip
     return "\n".join(lines)

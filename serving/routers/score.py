@@ -20,7 +20,7 @@ from serving.metrics import Metrics
 from serving.redis_client import AsyncClient
 from serving.responses import json_response
 from serving.schemas import ScoreRequest, ScoreResponse, id_type_error
-from serving.scorer import Scorer
+from serving.scorer import Scored, Scorer
 from serving.settings import Settings
 
 router = APIRouter(dependencies=[Depends(api_key)])
@@ -49,11 +49,15 @@ async def score_with(scorer: Scorer, body: ScoreRequest, client: AsyncClient, se
         metrics.errors.labels("deadline").inc()
         raise HTTPException(504, f"no answer within the {settings.request_timeout_s} s request deadline") from exc
     metrics.observe(result, len(body.candidate_item_ids))
-    # Built by hand (not validated again by FastAPI): ScoreResponse documents the shape.
+    return scored_response(result, scorer.version)
+
+
+def scored_response(result: Scored, version: str) -> Response:
+    """The 200 body: built by hand, not validated again by FastAPI (ScoreResponse documents the shape)."""
     return json_response(
         {
             "scores": result.scores,
-            "model_version": scorer.version,
+            "model_version": version,
             "user_known": result.user_known,
             "unknown_candidates": result.unknown_items,
             "feature_age_s": result.feature_age_s,
