@@ -73,6 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    for router in (probes.router, admin.router, score.router):
+    for router in (score.router, probes.router, admin.router):  # score first: the router tries routes in order
         app.include_router(router)
     return app
