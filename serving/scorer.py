@@ -33,7 +33,7 @@ def _session(onnx_path: Path, threads: int) -> ort.InferenceSession:
 
 @dataclass
 class Scored:
-    scores: list[float]
+    scores: np.ndarray  # [C] float64: JSON from the array (serving.responses.json_response), no list of floats
     user_known: bool
     unknown_items: list[int | str]  # as sent: no stored features, or outside the model's vocabulary
     feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time, 0 when that is ahead
@@ -123,9 +123,9 @@ class Scorer:
         now = time.time()
         ages = {view: None if ts[0] is None else max(0.0, now - ts[0]) for view, ts in user.timestamps.items()}
         return Scored(
-            scores=scores.astype(float).tolist(),
+            scores=scores.astype(np.float64),
             user_known=any(age is not None for age in ages.values()),
-            unknown_items=[i for i, index in zip(item_ids, tensors["candidates"][:, 0]) if index == 0],
+            unknown_items=[item_ids[i] for i in np.flatnonzero(tensors["candidates"][:, 0] == 0)],  # dense index 0: unknown
             feature_age_s=ages,
             corrupt_values=user.corrupt + fetched.corrupt,
             read_s=read_done - started,
