@@ -32,6 +32,9 @@ from serving.scorer import Scorer
 from serving.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
+# FastAPI's native OpenTelemetry off: the server's metrics are Prometheus (/metrics), and with
+# it on FastAPI looks up three global OTel providers on every request.
+NO_OTEL = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.reloads.stop()
         await app.state.redis.aclose()
 
-    app = FastAPI(title="loopfm", lifespan=lifespan)
+    app = FastAPI(title="loopfm", lifespan=lifespan, telemetry=NO_OTEL)
     app.state.settings, app.state.metrics = settings, Metrics(item_caches)
     app.state.models = app.state.redis = app.state.reloads = None  # until start-up
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
