@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
@@ -28,6 +29,10 @@ import redis.asyncio
 import uvloop
 
 from loopfm.bench.loadtest import LoadSpec, RequestPool, format_ms, http_request, request_body, request_bodies, run_load, warm_up
+
+if TYPE_CHECKING:  # serving is imported when the bench runs (the serving install has no bench)
+    from serving.schemas import ScoreRequest
+    from serving.scorer import Scorer
 
 CANDIDATES = (10, 100, 1000)
 REQUESTS = {10: 400, 100: 400, 1000: 150}  # distinct bodies per count, each step timed once per body
@@ -47,14 +52,14 @@ LABELS = {
 }
 
 
-def parse_body(raw: bytes):
+def parse_body(raw: bytes) -> ScoreRequest:
     """What FastAPI does with a /score body before the handler: JSON, then the model's validation."""
     from serving.schemas import ScoreRequest
 
     return ScoreRequest.model_validate(json.loads(raw))
 
 
-def worker_scorer(model_dir: Path):
+def worker_scorer(model_dir: Path) -> Scorer:
     """A Scorer as a worker builds it with the default settings, on the cores this process has."""
     from serving.item_cache import ItemCache
     from serving.scorer import Scorer
@@ -71,9 +76,9 @@ def catalogue(pool: RequestPool) -> list[bytes]:
     return [request_body(user, pool.items[i : i + 1000].tolist(), 0) for i in range(0, len(pool.items), 1000)]
 
 
-def in_process(scorer, redis_url: str, bodies: list[bytes]) -> dict[str, list[float]]:
+def in_process(scorer: Scorer, redis_url: str, bodies: list[bytes]) -> dict[str, list[float]]:
     """{step: seconds per body} after WARMUP bodies, and "scorer_cpu": the Scorer's CPU
-    seconds per call."""
+    seconds per call; `scorer` as worker_scorer builds it, its cache filled (`catalogue`)."""
     from serving.routers.score import scored_response
 
     clock = time.perf_counter
