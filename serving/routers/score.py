@@ -14,7 +14,6 @@ import redis
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
-
 from starlette.datastructures import State
 
 from serving.dependencies import ScoringDep, hosting
