@@ -32,6 +32,9 @@ from serving.scorer import Scorer
 from serving.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
+# FastAPI's native OpenTelemetry off: the server's metrics are Prometheus (/metrics), and with
+# it on FastAPI looks up three global OTel providers on every request.
+NO_OTEL = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,12 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.reloads.stop()
         await app.state.redis.aclose()
 
-    app = FastAPI(title="loopfm", lifespan=lifespan)
+    app = FastAPI(title="loopfm", lifespan=lifespan, telemetry=NO_OTEL)
     app.state.settings, app.state.metrics = settings, Metrics(item_caches)
     app.state.models = app.state.redis = app.state.reloads = None  # until start-up
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    for router in (probes.router, admin.router, score.router):
+    for router in (score.router, probes.router, admin.router):  # score first: the router tries routes in order
         app.include_router(router)
     return app

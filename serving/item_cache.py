@@ -12,17 +12,22 @@ item counts reach the scorer with the next request, as its user's history does. 
 bounds what that feed does not carry: `loopfm features apply` (a materialization), and a row
 read in the very round trip during which its item is written.
 
-The rows live in one [max_items, width] matrix and the index maps an id to its slot, so a
+The rows live in one [max_items, width] matrix and a dict maps an id to its slot, so a
 request's cached rows come out with one gather, taken at lookup, before the request awaits
 Redis: stacking per-item arrays on every request costs more than one gather
-(docs/serving.md, "Where the time goes").
+(docs/serving.md, "Where the time goes"). Each slot's expiry and last use are arrays too: a
+lookup is one dict probe per id (`map`, in C) and array operations, no Python statement
+per item; the least recently used rows are found by `argpartition` when a store needs
+slots. Measured A/B against per-item OrderedDict entries (in process, one core, warm cache,
+lookup + complete, medians of 1,500, two runs alike): 1,000 candidates 202 -> 66 µs, 100: 28 -> 15
+µs, 10: 10 -> 9.4 µs.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
+from itertools import repeat
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,8 +45,11 @@ def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
 class ItemCache:
     def __init__(self, max_items: int, ttl_s: float):
         self.max_items, self.ttl_s = max_items, ttl_s
-        self._index: OrderedDict[int | str, tuple[float, int]] = OrderedDict()  # id -> (expires, slot), LRU first
+        self._slot: dict[int | str, int] = {}  # id -> its row's slot; slots [0, len) are taken
         self._matrix: np.ndarray | None = None  # [max_items, width], allocated at the first store
+        self._owner: list[int | str | None] = []  # slot -> id, to evict
+        self._expires = self._used = np.zeros(0)  # per slot: monotonic expiry (s), last use (a tick)
+        self._tick = 0  # counts uses: a higher tick is more recent
         self._written_after: tuple[int, int] | None = None  # newest items-written entry seen; None: none read yet
         self.hits = self.misses = 0
 
@@ -49,26 +57,30 @@ class ItemCache:
     def enabled(self) -> bool:
         return self.max_items > 0 and self.ttl_s > 0
 
+    def _slots(self, item_ids: Sequence[int | str]) -> np.ndarray:
+        """[C] the slot of each id, -1 for an id without one (one dict lookup each, in C)."""
+        return np.fromiter(map(self._slot.get, item_ids, repeat(-1, len(item_ids))), np.int64, len(item_ids))
+
+    def _touch(self, slots: np.ndarray) -> None:
+        """Mark `slots` used now, later positions more recently (as `move_to_end` in order)."""
+        self._used[slots] = self._tick + np.arange(1, len(slots) + 1)
+        self._tick += len(slots)
+
     def lookup(self, item_ids: Sequence[int | str]) -> tuple[np.ndarray | None, np.ndarray, list[int | str]]:
         """The cached rows gathered now, in request order ([C, W], rows of missing ids left for
         `complete`; None before the first store), which ids were hit ([C] bool), and the
         missing ids, each once, in first-seen order. Gathered here, not after the Redis read:
         a request that stores meanwhile may give an evicted row's slot to another item."""
-        now = time.monotonic()
-        slots = np.full(len(item_ids), -1, dtype=np.int64)
-        missing: dict[int | str, None] = {}
-        for position, item in enumerate(item_ids):
-            entry = self._index.get(item)
-            if entry is not None and entry[0] > now:
-                self._index.move_to_end(item)
-                slots[position] = entry[1]
-            else:
-                missing[item] = None
+        slots = self._slots(item_ids)
         hit = slots >= 0
-        self.hits += int(hit.sum())
-        self.misses += len(item_ids) - int(hit.sum())
+        hit[hit] = self._expires[slots[hit]] > time.monotonic()
+        self._touch(slots[hit])
+        n_hit = int(np.count_nonzero(hit))
+        self.hits += n_hit
+        self.misses += len(item_ids) - n_hit
+        missing = [] if n_hit == len(item_ids) else list(dict.fromkeys(item_ids[i] for i in np.flatnonzero(~hit)))
         rows = None if self._matrix is None else self._matrix[np.where(hit, slots, 0)]
-        return rows, hit, list(missing)
+        return rows, hit, missing
 
     def complete(self, item_ids: Sequence[int | str], rows: np.ndarray | None, hit: np.ndarray,
                  missing: Sequence[int | str], fresh: np.ndarray | None) -> np.ndarray:  # fmt: skip
@@ -94,18 +106,28 @@ class ItemCache:
         if not self.enabled:
             return
         if self._matrix is None or self._matrix.shape[1:] != rows.shape[1:] or self._matrix.dtype != rows.dtype:
-            self._matrix, self._index = np.zeros((self.max_items, *rows.shape[1:]), dtype=rows.dtype), OrderedDict()
-        expires = time.monotonic() + self.ttl_s
-        for item, row in zip(item_ids, rows):
-            entry = self._index.pop(item, None)
-            if entry is not None:
-                slot = entry[1]
-            elif len(self._index) < self.max_items:
-                slot = len(self._index)
-            else:  # full: the least recently used row gives up its slot
-                slot = self._index.popitem(last=False)[1][1]
-            self._matrix[slot] = row
-            self._index[item] = (expires, slot)
+            self._matrix = np.zeros((self.max_items, *rows.shape[1:]), dtype=rows.dtype)
+            self._slot, self._owner = {}, [None] * self.max_items
+            self._expires, self._used = np.zeros(self.max_items), np.zeros(self.max_items, dtype=np.int64)
+        item_ids, rows = list(item_ids)[-self.max_items :], rows[-self.max_items :]  # the earlier ones would be evicted
+        slots = self._slots(item_ids)
+        self._touch(slots[slots >= 0])  # rows stored again are no eviction candidates
+        new = np.flatnonzero(slots < 0)
+        taken = len(self._slot)
+        free = np.arange(taken, min(taken + len(new), self.max_items))
+        evict = len(new) - len(free)
+        if evict > 0:  # full: the least recently used rows give up their slots
+            victims = np.argpartition(self._used[:taken], evict - 1)[:evict]
+            for victim in victims.tolist():
+                del self._slot[self._owner[victim]]
+            free = np.concatenate([free, victims])
+        slots[new] = free
+        for position, slot in zip(new.tolist(), free.tolist()):
+            self._slot[item_ids[position]] = slot
+            self._owner[slot] = item_ids[position]
+        self._matrix[slots] = rows
+        self._expires[slots] = time.monotonic() + self.ttl_s
+        self._touch(slots)
 
     def written_query(self, key: str) -> tuple | None:
         """The command reading the items-written feed `key` past the newest entry seen (the
@@ -129,11 +151,10 @@ class ItemCache:
         if first:
             return
         if len(entries) >= WRITTEN_PAGE:
-            items = list(self._index)
-        else:
-            items = [item for _, fields in entries for item in json.loads(fields[b"items"]) if item in self._index]
-        for item in items:
-            self._index[item] = (0.0, self._index[item][1])  # expired, its slot kept for the next store
+            self._expires[:] = 0.0
+            return
+        slots = self._slots([item for _, fields in entries for item in json.loads(fields[b"items"])])
+        self._expires[slots[slots >= 0]] = 0.0  # expired, the slot kept for the next store
 
     @property
     def hit_rate(self) -> float:
@@ -141,4 +162,4 @@ class ItemCache:
         return self.hits / total if total else 0.0
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._slot)

@@ -77,6 +77,8 @@ def id_type_error(body: ScoreRequest, entity_types: Mapping[str, str]) -> dict |
     fields = ((USER_KEY, "user_id", [body.user_id]), (ITEM_KEY, "candidate_item_ids", body.candidate_item_ids))
     for key, field, values in fields:
         want_int = entity_types[key] == ID_INT64
+        if set(map(type, values)) == {int if want_int else str}:  # the usual case, in C: 1,000 ids in ~10 µs
+            continue
         for i, value in enumerate(values):
             if isinstance(value, int) != want_int:
                 loc = ("body", field) if field == "user_id" else ("body", field, i)

@@ -6,8 +6,9 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import onnxruntime as ort
 import redis.asyncio
 
@@ -32,7 +33,7 @@ def _session(onnx_path: Path, threads: int) -> ort.InferenceSession:
 
 @dataclass
 class Scored:
-    scores: list[float]
+    scores: np.ndarray  # [C] float64: JSON from the array (serving.responses.json_response), no list of floats
     user_known: bool
     unknown_items: list[int | str]  # as sent: no stored features, or outside the model's vocabulary
     feature_age_s: dict[str, float | None]  # per user feature view: now - Feast event time, 0 when that is ahead
@@ -77,14 +78,10 @@ class Scorer:
     def version(self) -> str:
         return self.meta["model_version"]
 
-    async def score(
-        self, client: redis.asyncio.Redis, user_id: int | str, item_ids: Sequence[int | str], hour: int
-    ) -> Scored:
-        """One pipelined Redis round trip (the user + items not in the cache), then ONNX. Ids are
-        source ids of the model's entity types (serving.schemas.id_type_error checks them);
-        each item's dense index comes with its features (ITEM_INDEX)."""
-        started = time.perf_counter()
-        cached, hit, missing = self.items.lookup(item_ids)  # gathered before the await: see ItemCache.lookup
+    async def read(self, client: redis.asyncio.Redis, user_id: int | str,
+                   missing: Sequence[int | str]) -> tuple[EntityRows, EntityRows, Any]:  # fmt: skip
+        """One pipelined Redis round trip: the user's rows (every user view, merged), the rows
+        of the `missing` items, and the reply of the items-written feed's query."""
         requests = [(keys, [user_entity(keys, user_id, self.meta)], views) for keys, views in self.user_groups]
         (*user_side, fetched), written = await read_online_features(
             client, self.meta["project"], [*requests, ((ITEM_KEY,), [(i,) for i in missing], self.item_views)],
@@ -95,18 +92,40 @@ class Scorer:
             user.values.update(group.values)
             user.timestamps.update(group.timestamps)
             user.corrupt += group.corrupt
-        read_done = time.perf_counter()
+        return user, fetched, written
+
+    def tensorize(self, user: EntityRows, fetched: EntityRows, item_ids: Sequence[int | str], looked_up: tuple,
+               hour: int) -> dict[str, np.ndarray]:  # fmt: skip
+        """The model's inputs: the item rows `looked_up` (ItemCache.lookup) completed with the
+        `fetched` ones (then cached), and the user's tensors."""
+        cached, hit, missing = looked_up
         fresh = candidate_tensors(fetched.values, self.spec) if missing else None
-        tensors = model_inputs(user.values, [hour], self.items.complete(item_ids, cached, hit, missing, fresh), self.spec)
+        return model_inputs(user.values, [hour], self.items.complete(item_ids, cached, hit, missing, fresh), self.spec)
+
+    def run(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """ONNX Runtime: [C] scores, on the large-batch session from `large_batch` candidates."""
+        session = self.large_session if len(tensors["candidates"]) >= self.large_batch else self.session
+        return session.run(None, {name: tensors[name] for name in self.inputs})[0]
+
+    async def score(
+        self, client: redis.asyncio.Redis, user_id: int | str, item_ids: Sequence[int | str], hour: int
+    ) -> Scored:
+        """One pipelined Redis round trip (the user + items not in the cache), then ONNX. Ids are
+        source ids of the model's entity types (serving.schemas.id_type_error checks them);
+        each item's dense index comes with its features (ITEM_INDEX)."""
+        started = time.perf_counter()
+        looked_up = self.items.lookup(item_ids)  # gathered before the await: see ItemCache.lookup
+        user, fetched, written = await self.read(client, user_id, looked_up[2])
+        read_done = time.perf_counter()
+        tensors = self.tensorize(user, fetched, item_ids, looked_up, hour)
         self.items.forget_written(written)
-        session = self.large_session if len(item_ids) >= self.large_batch else self.session
-        scores = session.run(None, {name: tensors[name] for name in self.inputs})[0]
+        scores = self.run(tensors)
         now = time.time()
         ages = {view: None if ts[0] is None else max(0.0, now - ts[0]) for view, ts in user.timestamps.items()}
         return Scored(
-            scores=scores.astype(float).tolist(),
+            scores=scores.astype(np.float64),
             user_known=any(age is not None for age in ages.values()),
-            unknown_items=[i for i, index in zip(item_ids, tensors["candidates"][:, 0]) if index == 0],
+            unknown_items=[item_ids[i] for i in np.flatnonzero(tensors["candidates"][:, 0] == 0)],  # dense index 0: unknown
             feature_age_s=ages,
             corrupt_values=user.corrupt + fetched.corrupt,
             read_s=read_done - started,

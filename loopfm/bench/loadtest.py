@@ -19,6 +19,7 @@ the same generator against /healthz at the same rates (the floor).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -91,6 +93,17 @@ def request_bodies(spec: LoadSpec, pool: RequestPool, n: int, rng: np.random.Gen
         items = rng.choice(pool.items, spec.candidates, replace=spec.candidates > len(pool.items))
         bodies.append(request_body(user.item() if isinstance(user, np.generic) else user, items.tolist(), int(rng.integers(24))))
     return bodies
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int]) -> Iterator[None]:
+    """Run this process (and what it starts meanwhile) on `cores`, then restore."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def check_loopback(url: str) -> None:

@@ -25,21 +25,20 @@ production server would, and every request and scrape carries it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 import redis.asyncio
 import uvloop
 
-from loopfm.bench.loadtest import (LoadSpec, RequestPool, auth_headers, format_ms, request_bodies, require_success, run_load, sweep,
-                                   warm_up, write_report)
+from loopfm.bench.decompose import decomposition
+from loopfm.bench.loadtest import (LoadSpec, RequestPool, auth_headers, format_ms, pinned, request_bodies, require_success, run_load,
+                                   sweep, warm_up, write_report)
 from loopfm.bench.wrk import wrk_closed_loop
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
@@ -75,17 +74,6 @@ def configurations(cores: list[int]) -> dict[str, dict]:
     a, b = cores[:2]
     return {"1_worker": {"workers": 1, "cores": {"server": [a], "store": [a], "client": [b]}},
             "2_workers": {"workers": 2, "cores": {"server": [a, b], "store": [a], "client": [b]}}}  # fmt: skip
-
-
-@contextlib.contextmanager
-def pinned(cores: list[int]) -> Iterator[None]:
-    """Run this process (and what it starts meanwhile) on `cores`, then restore."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def floor_latency(scorer, redis_url: str, pool: RequestPool, candidates: int, n: int, warmup: int = 20) -> dict:
@@ -190,6 +178,8 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
             result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short, api_key) for c in OPEN_LOOP}
             log(f"  capacity (p99 <= {CAPACITY_P99_MS:g} ms): {found['best_rate']} req/s; wrk: {result['wrk_closed_loop']}")
             result["item_cache_hit_ratio"] = _cache_hit_ratio(server, api_key)
+            result["decomposition"] = (decomposition(server, proc.pid, model_dir, url, pool, cores, short, log, api_key)
+                                       if workers == 1 else None)  # fmt: skip
     finally:
         stop_server(proc)
     return result

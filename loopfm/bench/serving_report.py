@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loopfm.bench.decompose import markdown as decomposition_markdown
 from loopfm.bench.loadtest import format_ms
 from loopfm.bench.serving import CANDIDATES, CAPACITY_P99_MS, CAPACITY_RATES, PATHS, steal
 
@@ -83,6 +84,8 @@ def markdown(summary: dict) -> str:
             for c, v in wrk.items()) + ".", ""]  # fmt: skip
         if r["feast_sdk"]:
             lines += _four_paths_table(r["feast_sdk"])
+        if r.get("decomposition"):
+            lines += decomposition_markdown(r["decomposition"])
     lines += ["Plots: `benchmarks/serving.png` (p99 against offered rate), `benchmarks/<configuration>/score_<candidates>_<rate>/"
               "loadtest.png` (latency over time and CDF per open-loop point).", ""]  # fmt: skip
     return "\n".join(lines)

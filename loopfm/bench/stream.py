@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from loopfm.bench.loadtest import LoadSpec, format_ms, run_load, warm_up
-from loopfm.bench.serving import pinned, request_pool
+from loopfm.bench.loadtest import pinned
+from loopfm.bench.serving import request_pool
 from loopfm.contract.names import PROJECT
 from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet, write_text
