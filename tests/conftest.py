@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +37,27 @@ def loopfm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"loopfm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def refusal(*args: str) -> subprocess.CompletedProcess:
+    """`loopfm ARGS` run by this process's `loopfm.pipeline.cli.main`, the command's own code
+    without the start-up of a new interpreter (two seconds or more each): for commands that are
+    refused or end before any real work. Its exit code (argparse's included) and its output as
+    a subprocess would have them; an exception that would be the command's traceback is raised
+    here. The signal handlers main() installs are put back."""
+    from loopfm.pipeline.cli import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as exc:  # argparse: usage errors exit 2
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["loopfm", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
