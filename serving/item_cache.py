@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,8 +38,8 @@ def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
 
 
 class ItemCache:
-    def __init__(self, max_items: int, ttl_s: float):
-        self.max_items, self.ttl_s = max_items, ttl_s
+    def __init__(self, max_items: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_items, self.ttl_s, self._clock = max_items, ttl_s, clock  # clock: seconds, for the TTL
         self._index: OrderedDict[int | str, tuple[float, int]] = OrderedDict()  # id -> (expires, slot), LRU first
         self._matrix: np.ndarray | None = None  # [max_items, width], allocated at the first store
         self._written_after: tuple[int, int] | None = None  # newest items-written entry seen; None: none read yet
@@ -54,7 +54,7 @@ class ItemCache:
         `complete`; None before the first store), which ids were hit ([C] bool), and the
         missing ids, each once, in first-seen order. Gathered here, not after the Redis read:
         a request that stores meanwhile may give an evicted row's slot to another item."""
-        now = time.monotonic()
+        now = self._clock()
         slots = np.full(len(item_ids), -1, dtype=np.int64)
         missing: dict[int | str, None] = {}
         for position, item in enumerate(item_ids):
@@ -95,7 +95,7 @@ class ItemCache:
             return
         if self._matrix is None or self._matrix.shape[1:] != rows.shape[1:] or self._matrix.dtype != rows.dtype:
             self._matrix, self._index = np.zeros((self.max_items, *rows.shape[1:]), dtype=rows.dtype), OrderedDict()
-        expires = time.monotonic() + self.ttl_s
+        expires = self._clock() + self.ttl_s
         for item, row in zip(item_ids, rows):
             entry = self._index.pop(item, None)
             if entry is not None:
