@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from conftest import loopfm
+from conftest import loopfm, refusal
 from loopfm.config import RunConfig
 from loopfm.fm.stream import checkpoint_path, parameter_digest
 from loopfm.io import RunPaths, read_parquet
@@ -42,5 +42,5 @@ def test_two_ranks_train_identical_replicas_and_the_log_runs(copy_of_run: Path):
 
 
 def test_nproc_below_two_is_refused_by_name(built_run: Path):
-    result = loopfm("fm", "train", "--run-dir", str(built_run), "--nproc", "1", check=False)
+    result = refusal("fm", "train", "--run-dir", str(built_run), "--nproc", "1")
     assert result.returncode != 0 and "--nproc" in result.stderr and "Traceback" not in result.stderr
