@@ -41,7 +41,7 @@ from loopfm.stream.producer import Producer
 from loopfm.stream.worker import Worker
 from serving.feast_layout import feature_refs
 
-from conftest import LOOPFM, PrivateRedis, loopfm, refusal
+from conftest import LOOPFM, PrivateRedis, copy_keys, loopfm, refusal
 
 START_US = (time.time_ns() // 1000 // 86_400_000_000 - 2) * 86_400_000_000  # two days ago: after every test world, never in the future
 
@@ -67,9 +67,7 @@ def live(base, tmp_path: Path):
     shutil.copytree(run, copy)
     target = PrivateRedis(tmp_path / "valkey")
     target.start()
-    source, dest = redis.Redis.from_url(server.url), redis.Redis.from_url(target.url)
-    for key in source.scan_iter(count=1000):
-        dest.restore(key, 0, source.dump(key), replace=True)
+    copy_keys(redis.Redis.from_url(server.url), redis.Redis.from_url(target.url))
     yield copy, target.url
     target.stop()
 
