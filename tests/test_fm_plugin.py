@@ -174,12 +174,13 @@ def plug_ins_on_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def plug_in_world(tmp_path_factory) -> Path:
-    """A small synthetic world whose config names examples/tiny_fm.py, two of its layers extracted."""
+    """A small synthetic world whose config names examples/tiny_fm.py, two of its layers
+    extracted; ten days and two warm-up epochs: the interface is the subject, not the FM."""
     run = tmp_path_factory.mktemp("plug_in") / "run"
     with pytest.MonkeyPatch.context() as monkeypatch:
         plug_ins_on_the_path(monkeypatch)
-        loopfm("data", "synth", "--run-dir", str(run), *SMALL_WORLD, "--set", "fm.model=tiny_fm:build",
-               "--set", "fm.extract_layer=user_tower,item_tower", "--set", "fm.warmup_epochs=3")  # fmt: skip
+        loopfm("data", "synth", "--run-dir", str(run), *SMALL_WORLD, "--days", "10", "--set", "fm.model=tiny_fm:build",
+               "--set", "fm.extract_layer=user_tower,item_tower", "--set", "fm.warmup_epochs=2")  # fmt: skip
     return run
 
 
