@@ -21,6 +21,7 @@ from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_me
 TINY = (
     ("world.n_users", 250), ("world.n_days", 10), ("fm.warmup_days", 3), ("vm.eval_days", 3),
     ("vm.epochs", 1), ("vm.history_length", 8), ("fm.passes_per_day", 1),
+    ("fm.warmup_epochs", 4),  # a quick FM (early stopping ran 12 of 20): the machinery is the subject
 )  # fmt: skip
 
 
