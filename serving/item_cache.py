@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from itertools import repeat
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -43,8 +43,8 @@ def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
 
 
 class ItemCache:
-    def __init__(self, max_items: int, ttl_s: float):
-        self.max_items, self.ttl_s = max_items, ttl_s
+    def __init__(self, max_items: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_items, self.ttl_s, self._clock = max_items, ttl_s, clock  # clock: seconds, for the TTL
         self._slot: dict[int | str, int] = {}  # id -> its row's slot; slots [0, len) are taken
         self._matrix: np.ndarray | None = None  # [max_items, width], allocated at the first store
         self._owner: list[int | str | None] = []  # slot -> id, to evict
@@ -73,7 +73,7 @@ class ItemCache:
         a request that stores meanwhile may give an evicted row's slot to another item."""
         slots = self._slots(item_ids)
         hit = slots >= 0
-        hit[hit] = self._expires[slots[hit]] > time.monotonic()
+        hit[hit] = self._expires[slots[hit]] > self._clock()
         self._touch(slots[hit])
         n_hit = int(np.count_nonzero(hit))
         self.hits += n_hit
@@ -126,7 +126,7 @@ class ItemCache:
             self._slot[item_ids[position]] = slot
             self._owner[slot] = item_ids[position]
         self._matrix[slots] = rows
-        self._expires[slots] = time.monotonic() + self.ttl_s
+        self._expires[slots] = self._clock() + self.ttl_s
         self._touch(slots)
 
     def written_query(self, key: str) -> tuple | None:

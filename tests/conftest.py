@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import redis
@@ -34,6 +38,42 @@ def loopfm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"loopfm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def refusal(*args: str) -> subprocess.CompletedProcess:
+    """`loopfm ARGS` run by this process's `loopfm.pipeline.cli.main`, the command's own code
+    without the start-up of a new interpreter (two seconds or more each): for commands that are
+    refused or end before any real work. Its exit code (argparse's included) and its output as
+    a subprocess would have them; an exception that would be the command's traceback is raised
+    here. The signal handlers main() installs are put back."""
+    from loopfm.pipeline.cli import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as exc:  # argparse: usage errors exit 2
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["loopfm", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def app_client(**settings) -> Iterator:
+    """The scoring app built from `settings` (serving.settings.Settings) in this process,
+    behind FastAPI's TestClient, its start-up and shut-down included: for what the app answers,
+    where the HTTP server is not the subject (uvicorn processes are for signals, workers,
+    slow clients and load)."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    with TestClient(create_app(Settings(**settings))) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +134,21 @@ def copy_of_run(built_run: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def copy_keys(source: redis.Redis, target: redis.Redis, batch: int = 1000) -> None:
+    """Every key of `source` into `target`, the same bytes (DUMP/RESTORE), `batch` keys a round trip."""
+    keys = list(source.scan_iter(count=batch))
+    for start in range(0, len(keys), batch):
+        chunk = keys[start : start + batch]
+        with source.pipeline(transaction=False) as pipe:
+            for key in chunk:
+                pipe.dump(key)
+            dumps = pipe.execute()
+        with target.pipeline(transaction=False) as pipe:
+            for key, dump in zip(chunk, dumps):
+                pipe.restore(key, 0, dump, replace=True)
+            pipe.execute()
+
+
 class PrivateRedis:
     """A Valkey process this test may kill and restart on the same port and data folder
     (RDB snapshot on disk, as a production Redis with persistence would have)."""
@@ -137,7 +192,5 @@ def private_redis(stopped_private_redis: PrivateRedis, redis_url: str, trained_r
     for tests that stop it or write to it."""
     store = stopped_private_redis
     store.start()
-    source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
-    for key in source.scan_iter(count=1000):
-        target.restore(key, 0, source.dump(key), replace=True)
+    copy_keys(redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url))
     return store

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_WORLD, loopfm
+from conftest import SMALL_WORLD, loopfm, refusal
 from loopfm.core.rundir import RunPaths
 from loopfm.pipeline.services import free_port, start_server, stop_server
 
@@ -21,8 +21,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def refused(*args: str) -> str:
-    """Run a command that must be refused; its stderr."""
-    r = loopfm(*args, check=False)
+    """Run a command that must be refused (in this process: conftest.refusal); its stderr."""
+    r = refusal(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "error: " in r.stderr, r.stderr
     assert "started a local" not in r.stdout  # no Valkey, no server

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import loopfm
+from conftest import loopfm, refusal
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 
 
@@ -19,42 +19,42 @@ def test_a_stage_run_before_its_inputs_exist_names_the_missing_file(tmp_path):
 
 
 def test_unknown_config_keys_are_named(tmp_path):
-    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.cod_dim=8", check=False)
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.cod_dim=8")
     assert r.returncode == 2 and "fm.cod_dim" in r.stderr and "fm.code_dim" in r.stderr
     assert "Traceback" not in r.stderr
     (tmp_path / "config.json").write_text(json.dumps({FORMAT_KEY: FORMAT_VERSION, "world": {"n_userz": 3}}))
-    r = loopfm("fm", "train", "--run-dir", str(tmp_path), check=False)
+    r = refusal("fm", "train", "--run-dir", str(tmp_path))
     assert r.returncode == 2 and "n_userz" in r.stderr and "config.json" in r.stderr
 
 
 def test_a_config_of_another_format_version_is_refused_naming_what_to_re_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"world": {"n_users": 3}}))  # no format_version: an older loopfm
-    r = loopfm("fm", "train", "--run-dir", str(tmp_path), check=False)
+    r = refusal("fm", "train", "--run-dir", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"reads version {FORMAT_VERSION}" in r.stderr and "loopfm data synth|import" in r.stderr
 
 
 def test_wrongly_typed_values_and_unknown_variants_are_refused(tmp_path):
-    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=big", check=False)
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=big")
     assert r.returncode == 2 and "fm.code_dim must be of type int" in r.stderr
-    r = loopfm("vm", "train", "--run-dir", str(tmp_path), "--variant", "huge", check=False)
+    r = refusal("vm", "train", "--run-dir", str(tmp_path), "--variant", "huge")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert not (tmp_path / "config.json").exists()  # nothing half-written by a refused command
 
 
 def test_a_synth_refused_for_an_inconsistent_world_leaves_nothing_behind(tmp_path):
-    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "world.vertical_mix=[1.0]", check=False)
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "world.vertical_mix=[1.0]")
     assert r.returncode == 2 and "vertical_mix" in r.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_an_odd_code_dim_is_refused_naming_the_rule(tmp_path):
-    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=7", check=False)
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.code_dim=7")
     assert r.returncode == 2 and "fm.code_dim must be a positive even number" in r.stderr
 
 
 def test_an_unknown_encoder_is_refused_before_anything_trains_naming_the_valid_ones(tmp_path):
-    r = loopfm("data", "synth", "--run-dir", str(tmp_path), "--set", "vm.encoder=transformer", check=False)
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "vm.encoder=transformer")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "vm.encoder must be one of" in r.stderr and "dot_mlp" in r.stderr
     assert not any(tmp_path.iterdir())
@@ -71,16 +71,19 @@ def test_a_negative_recency_decay_is_refused_naming_the_rule():
 
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     """Every writing command takes the run directory's lock (loopfm.core.rundir.run_dir_lock); the
-    holder here is this test, as a training or a build would be."""
+    holder here is this test, as a training or a build would be. The first writer is another
+    process; the others run in this one, where the lock (flock on a file descriptor of its
+    own) refuses them alike."""
     from loopfm.core.rundir import run_dir_lock
 
     run = tmp_path / "run"
     with run_dir_lock(run, "loopfm vm train --variant base"):
-        for args in (("features", "build"), ("fm", "log"), ("data", "synth"), ("vm", "export")):
-            r = loopfm(*args, "--run-dir", str(run), check=False)
+        writers = [lambda *a: loopfm(*a, check=False), refusal, refusal, refusal]
+        for writer, args in zip(writers, (("features", "build"), ("fm", "log"), ("data", "synth"), ("vm", "export"))):
+            r = writer(*args, "--run-dir", str(run))
             assert r.returncode == 2 and "Traceback" not in r.stderr
             assert f"{run} is being written by pid {os.getpid()} (`loopfm vm train --variant base`" in r.stderr
-    r = loopfm("fm", "log", "--run-dir", str(run), check=False)  # released: now the usual message
+    r = refusal("fm", "log", "--run-dir", str(run))  # released: now the usual message
     assert r.returncode == 2 and "config.json" in r.stderr
 
 
@@ -137,7 +140,7 @@ def test_atomically_written_files_get_the_umask_s_mode_not_a_private_one(tmp_pat
     ],
 )
 def test_a_worker_count_or_bench_duration_out_of_range_is_refused_naming_the_flag(tmp_path, args, flag):
-    r = loopfm(*args, "--run-dir", str(tmp_path), check=False)
+    r = refusal(*args, "--run-dir", str(tmp_path))
     assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr
 
 

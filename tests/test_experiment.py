@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +21,7 @@ from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_me
 TINY = (
     ("world.n_users", 250), ("world.n_days", 10), ("fm.warmup_days", 3), ("vm.eval_days", 3),
     ("vm.epochs", 1), ("vm.history_length", 8), ("fm.passes_per_day", 1),
+    ("fm.warmup_epochs", 4),  # a quick FM (early stopping ran 12 of 20): the machinery is the subject
 )  # fmt: skip
 
 
@@ -70,11 +73,27 @@ def test_fp32_and_int4_codes_round_trip_through_histories():
         assert mask.tolist() == [[1, 1, 1], [0, 0, 0]]
 
 
-def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
+@pytest.fixture(scope="module")
+def main_experiment(tmp_path_factory) -> tuple[Path, dict]:
+    """The main experiment on the tiny world, two seeds, trained once: (its folder, with runs/
+    and docs/, and the results)."""
     from loopfm.experiments.main import run_experiments
 
-    out, docs = tmp_path / "runs", tmp_path / "docs"
-    results = run_experiments(out, docs, seeds=2, jobs=1, names=("main",), overrides=TINY, command="test")
+    folder = tmp_path_factory.mktemp("main_experiment")
+    return folder, run_experiments(folder / "runs", folder / "docs", seeds=2, jobs=1, names=("main",), overrides=TINY, command="test")
+
+
+def copy_of(main_experiment: tuple[Path, dict], tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the finished main experiment: (runs, docs)."""
+    shutil.copytree(main_experiment[0], tmp_path, dirs_exist_ok=True)
+    return tmp_path / "runs", tmp_path / "docs"
+
+
+def test_experiment_on_a_tiny_world_two_seeds_and_cache(main_experiment, tmp_path):
+    from loopfm.experiments.main import run_experiments
+
+    out, docs = copy_of(main_experiment, tmp_path)
+    results = main_experiment[1]
     saved = json.loads((docs / "results.json").read_text())
     assert saved["seeds"] == 2 and saved["impressions"] > 0
     assert set(saved["main"]) == {"base", "kd", "loopfm", "loopfm_kd", "fm"}
@@ -111,12 +130,13 @@ def test_experiment_on_a_tiny_world_two_seeds_and_cache(tmp_path):
     assert "; then `test again`" in (docs / "results.md").read_text()  # the header names every invocation
 
 
-def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(tmp_path):
+def test_sweeps_run_on_a_smaller_world_read_against_its_own_base_vm_and_fm(main_experiment, tmp_path):
+    """Added to a finished main experiment (its cells reused), as a later invocation would."""
     from loopfm.eval.metrics import quality
     from loopfm.experiments.main import run_experiments
     from loopfm.experiments.plan import World, sweep_scale
 
-    out, docs = tmp_path / "runs", tmp_path / "docs"
+    out, docs = copy_of(main_experiment, tmp_path)
     results = run_experiments(out, docs, seeds=2, jobs=1, names=("main", "vm_size"), overrides=TINY, command="test")
     home = World(scale=sweep_scale(dict(TINY)["world.n_users"]))
     assert home.path == "n_users=125/fm-default"

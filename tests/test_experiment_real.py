@@ -3,7 +3,7 @@ predictions it is given, and its flags are checked before any work."""
 
 import numpy as np
 
-from conftest import loopfm
+from conftest import refusal
 from loopfm.experiments.real import report
 
 
@@ -31,6 +31,6 @@ def test_the_report_has_main_baselines_and_claims_per_dataset_and_says_which_goa
 
 
 def test_a_malformed_dataset_flag_is_refused_by_name_without_a_trace(tmp_path):
-    result = loopfm("experiment-real", "--data", str(tmp_path), "--format", "movielens", "--dataset", "comedy",
-                    "--out", str(tmp_path / "out"), check=False)  # fmt: skip
+    result = refusal("experiment-real", "--data", str(tmp_path), "--format", "movielens", "--dataset", "comedy",
+                    "--out", str(tmp_path / "out"))  # fmt: skip
     assert result.returncode == 2 and "--dataset 'comedy'" in result.stderr and "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis
 
+from conftest import copy_keys
 from loopfm.bench.serving import request_pool
 from loopfm.core.rundir import RunPaths
 from loopfm.bench.loadtest import LoadSpec, run_load
@@ -48,9 +49,7 @@ def test_redis_down_at_start_gives_a_live_unready_server_and_quick_503s_then_it_
         assert ready.status_code == 503 and ready.json()["redis"] is True
         assert "holds no features of Feast project(s) ['loopfm']" in ready.json()["missing"]
         assert "not ready: online store at" in (tmp_path / "s.log").read_text()  # said at start-up too
-        source, target = redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url)
-        for key in source.scan_iter(count=1000):  # what `loopfm features apply` wrote, marker included
-            target.restore(key, 0, source.dump(key), replace=True)
+        copy_keys(redis.Redis.from_url(redis_url), redis.Redis.from_url(store.url))  # what `loopfm features apply` wrote, marker included
         assert httpx.get(f"{url}/readyz").status_code == 200  # no restart of the server needed
         assert httpx.post(f"{url}/score", json=BODY).status_code == 200
     finally:

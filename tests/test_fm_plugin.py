@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMALL_WORLD, loopfm
+from conftest import SMALL_WORLD, loopfm, refusal
 from loopfm.core.config import ConfigError, RunConfig
 from loopfm.contract.version import FORMAT_KEY, FORMAT_VERSION
 from loopfm.fm import plugin
@@ -166,14 +167,28 @@ def test_a_layer_the_fm_does_not_return_is_named_with_the_layers_it_has():
         plugin.activation_width(fm, events(), "loopfm.fm.model:FoundationModel", ("hidden1", "hidden7"))
 
 
-@pytest.fixture
-def plug_in_run(tmp_path: Path, monkeypatch) -> Path:
-    """A small synthetic world whose config names examples/tiny_fm.py, two of its layers extracted."""
+def plug_ins_on_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/ (tiny_fm) and tests/ (this module's factories) on the commands' PYTHONPATH."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(EXAMPLES), str(TESTS), os.environ.get("PYTHONPATH")))))
-    run = tmp_path / "run"
-    loopfm("data", "synth", "--run-dir", str(run), *SMALL_WORLD, "--set", "fm.model=tiny_fm:build",
-           "--set", "fm.extract_layer=user_tower,item_tower", "--set", "fm.warmup_epochs=3")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plug_in_world(tmp_path_factory) -> Path:
+    """A small synthetic world whose config names examples/tiny_fm.py, two of its layers
+    extracted; ten days and two warm-up epochs: the interface is the subject, not the FM."""
+    run = tmp_path_factory.mktemp("plug_in") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        plug_ins_on_the_path(monkeypatch)
+        loopfm("data", "synth", "--run-dir", str(run), *SMALL_WORLD, "--days", "10", "--set", "fm.model=tiny_fm:build",
+               "--set", "fm.extract_layer=user_tower,item_tower", "--set", "fm.warmup_epochs=2")  # fmt: skip
     return run
+
+
+@pytest.fixture
+def plug_in_run(plug_in_world: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A private copy of that world, for a test that trains or edits it."""
+    plug_ins_on_the_path(monkeypatch)
+    return Path(shutil.copytree(plug_in_world, tmp_path / "run"))
 
 
 def test_a_plug_in_fm_trains_and_logs_through_the_same_commands(plug_in_run: Path):
@@ -195,11 +210,11 @@ def test_a_plug_in_fm_trains_and_logs_through_the_same_commands(plug_in_run: Pat
 def test_fm_train_with_a_broken_factory_stops_before_training_and_writes_no_checkpoint(plug_in_run: Path):
     config = plug_in_run / "config.json"
     config.write_text(config.read_text().replace("tiny_fm:build", "test_fm_plugin:wrong_logit"))
-    r = loopfm("fm", "train", "--run-dir", str(plug_in_run), check=False)
+    r = refusal("fm", "train", "--run-dir", str(plug_in_run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "fm.model 'test_fm_plugin:wrong_logit': the logit must be a float tensor of shape [B]" in r.stderr
     assert not (RunPaths(plug_in_run).fm / "checkpoints").exists()
-    r = loopfm("data", "synth", "--run-dir", str(plug_in_run.parent / "other"), "--set", "fm.model=tiny_fm", check=False)
+    r = refusal("data", "synth", "--run-dir", str(plug_in_run.parent / "other"), "--set", "fm.model=tiny_fm")
     assert r.returncode == 2 and "fm.model must be package.module:factory" in r.stderr
 
 
@@ -209,7 +224,7 @@ def test_fm_train_stops_when_the_extracted_layer_turns_nan_in_training_and_names
     settings = json.loads(config.read_text())
     settings["fm"].update(model="test_fm_plugin:nan_in_training", extract_layer=["hidden1"])
     config.write_text(json.dumps(settings))
-    r = loopfm("fm", "train", "--run-dir", str(plug_in_run), check=False)
+    r = refusal("fm", "train", "--run-dir", str(plug_in_run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "fm train stopped in warm-up epoch 1: NaN or infinite values in the reconstruction loss (layers hidden1)" in r.stderr
     assert not (RunPaths(plug_in_run).fm / "checkpoints").exists()
@@ -233,7 +248,7 @@ def test_fm_log_refuses_a_checkpoint_with_nan_weights_and_keeps_the_old_log(copy
     state["fm"][name] = state["fm"][name].float().fill_(float("nan"))
     torch.save(state, ckpt)
     before = paths.fm_log.read_bytes()
-    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    r = refusal("fm", "log", "--run-dir", str(copy_of_run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{ckpt}: NaN or infinite values in parameters {name}" in r.stderr
     assert paths.fm_log.read_bytes() == before

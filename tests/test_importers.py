@@ -16,7 +16,7 @@ from loopfm.data.vocab import Vocab
 from loopfm.data.importers import ImportOptions, configure, import_data
 from loopfm.data.importers.canonical import DataFormatError, VerticalRule
 from loopfm.data.importers.mapped import parse_map
-from conftest import loopfm
+from conftest import loopfm, refusal
 
 DAY = 86_400
 T0 = 1494032110  # 2017-05-06 00:55:10 UTC, TaobaoAd's first day (its README's example time)
@@ -296,12 +296,12 @@ def test_the_cli_reports_a_bad_file_without_a_trace_and_keeps_the_old_run(tmp_pa
     bad = taobao_world(tmp_path / "bad", users=10)
     lines = (bad / "ad_feature.csv").read_text().splitlines()
     write(bad / "ad_feature.csv", [*lines, "81,1,1,1,1,cheap"])  # line 82: a header and 80 ads before it
-    r = loopfm(*args, "--data", str(bad), check=False)
+    r = refusal(*args, "--data", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "ad_feature.csv: line 82, column 'price': not a number, got 'cheap'" in r.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(run / "data" / "impressions.parquet"), before)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "data"]  # no staging left behind
-    r = loopfm(*args, "--data", str(bad), "--map", "user_id=u", check=False)
+    r = refusal(*args, "--data", str(bad), "--map", "user_id=u")
     assert r.returncode == 2 and "--map and --map-file apply to --format csv only" in r.stderr
 
 

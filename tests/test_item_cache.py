@@ -2,8 +2,6 @@
 rows in request order whether they were cached or fresh, even when another request stores
 (and evicts) while this one awaits Redis."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,8 @@ from serving.item_cache import ItemCache
 
 
 def test_lookups_hit_after_store_and_miss_after_the_ttl():
-    cache = ItemCache(max_items=10, ttl_s=0.05)
+    now = [100.0]
+    cache = ItemCache(max_items=10, ttl_s=0.05, clock=lambda: now[0])
     rows, hit, missing = cache.lookup([1, 2])
     assert rows is None and hit.tolist() == [False, False] and missing == [1, 2]
     cache.store([1, 2], np.array([[1, 0], [2, 0]]))
@@ -19,7 +18,9 @@ def test_lookups_hit_after_store_and_miss_after_the_ttl():
     assert missing == [3] and hit.tolist() == [True, False, True]
     assert cache.complete([2, 3, 1], rows, hit, missing, np.array([[3, 0]])).tolist() == [[2, 0], [3, 0], [1, 0]]
     assert cache.hit_rate == 2 / 5
-    time.sleep(0.06)
+    now[0] += 0.049
+    assert cache.lookup([1])[2] == []  # still within the TTL
+    now[0] += 0.002
     assert cache.lookup([1])[2] == [1]
 
 

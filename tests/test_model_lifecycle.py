@@ -1,5 +1,6 @@
-"""Model lifecycle on a real uvicorn process: hot swap under load with no failed request,
-refusal of a model that does not fit, several models hosted by name, admin access."""
+"""Model lifecycle: hot swap under load with no failed request, on one worker and on two
+(real uvicorn processes); refusal of a model that does not fit, several models hosted by
+name and admin access (the app in this process, FastAPI's TestClient, a real Valkey)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from onnx import helper, numpy_helper
 
 import onnxruntime as ort
 
-from conftest import loopfm
+from conftest import app_client, loopfm
 from loopfm.bench.serving import request_pool
 from loopfm.core.config import RunConfig
 from loopfm.contract.tensorize import TensorSpec, one_request_inputs
@@ -101,6 +102,13 @@ def server(versions, video_vm, redis_url, tmp_path):
     stop_server(proc)
 
 
+@pytest.fixture
+def app(versions, video_vm, redis_url):
+    """The same models and admin key as `server`, the app in this process."""
+    with app_client(models={"shop": versions["current"], "video": video_vm}, redis_url=redis_url, admin_key="admin-s3cret") as client:
+        yield client
+
+
 def swap_under_load(url: str, model: str, versions: dict[str, Path], run: Path) -> tuple[httpx.Response, dict]:
     """Point `model`'s link at v2 and reload it 1.5 s into 4 s of open-loop load at 80 req/s;
     return the reload's response and the load's report."""
@@ -137,26 +145,24 @@ def test_a_new_model_swaps_in_under_load_with_no_failed_request(server, versions
         ("garbage", "cannot load"),
     ],
 )
-def test_a_model_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(server, versions, target, reason):
-    serving = httpx.post(f"{server}/score", json=BODY).json()
+def test_a_model_that_does_not_fit_is_refused_and_the_old_one_keeps_serving(app, versions, target, reason):
+    serving = app.post("/score", json=BODY).json()
     point(versions["current"], versions[target])
-    refused = httpx.post(f"{server}/admin/models/shop/reload", headers=ADMIN, timeout=30)
+    refused = app.post("/admin/models/shop/reload", headers=ADMIN)
     assert refused.status_code == 409 and reason in refused.json()["detail"], refused.text
     assert serving["model_version"] in refused.json()["detail"]
-    still = httpx.post(f"{server}/score", json=BODY).json()
+    still = app.post("/score", json=BODY).json()
     assert still["model_version"] == serving["model_version"] and still["scores"] == serving["scores"]
 
 
-def test_one_server_hosts_a_vm_per_vertical_each_reading_its_own_rows_and_the_shared_fm_view(
-    server, versions, video_vm, store
-):
-    listed = httpx.get(f"{server}/models").json()
+def test_one_server_hosts_a_vm_per_vertical_each_reading_its_own_rows_and_the_shared_fm_view(app, video_vm, store):
+    listed = app.get("/models").json()
     assert list(listed) == ["shop", "video"] and listed["shop"]["default"]
     assert listed["shop"]["feature_service"] == "vm_loopfm_kd" and listed["video"]["feature_service"] == "vm_base"
-    default = httpx.post(f"{server}/score", json=BODY).json()
-    shop = httpx.post(f"{server}/models/shop/score", json=BODY).json()
+    default = app.post("/score", json=BODY).json()
+    shop = app.post("/models/shop/score", json=BODY).json()
     video_items = [401, 402, 450]
-    video = httpx.post(f"{server}/models/video/score", json={**BODY, "candidate_item_ids": video_items}).json()
+    video = app.post("/models/video/score", json={**BODY, "candidate_item_ids": video_items}).json()
     assert default["scores"] == shop["scores"] and default["model_version"] == shop["model_version"]
     assert shop["model_version"].startswith("loopfm_kd-") and video["model_version"].startswith("base-")
 
@@ -172,9 +178,9 @@ def test_one_server_hosts_a_vm_per_vertical_each_reading_its_own_rows_and_the_sh
     expected = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})[0]
     np.testing.assert_allclose(video["scores"], expected, rtol=1e-6)
 
-    missing = httpx.post(f"{server}/models/cars/score", json=BODY)
+    missing = app.post("/models/cars/score", json=BODY)
     assert missing.status_code == 404 and "video" in missing.json()["detail"]
-    assert httpx.get(f"{server}/readyz").json()["models"] == {n: m["model_version"] for n, m in listed.items()}
+    assert app.get("/readyz").json()["models"] == {n: m["model_version"] for n, m in listed.items()}
 
 
 def test_admin_endpoints_need_the_admin_key_and_are_closed_without_one(server, trained_run, redis_url, tmp_path):
@@ -182,12 +188,9 @@ def test_admin_endpoints_need_the_admin_key_and_are_closed_without_one(server, t
     wrong = httpx.post(f"{server}/admin/models/shop/reload", headers={"X-API-Key": "guess"})
     assert wrong.status_code == 401
     assert httpx.post(f"{server}/admin/models/nope/reload", headers=ADMIN).status_code == 404
-    proc, open_url = start_server(RunPaths(trained_run).vm / "base" / "onnx", redis_url, tmp_path / "no_admin.log")
-    try:
-        closed = httpx.post(f"{open_url}/admin/models/default/reload")
+    with app_client(models={"default": RunPaths(trained_run).vm / "base" / "onnx"}, redis_url=redis_url) as no_admin:
+        closed = no_admin.post("/admin/models/default/reload")
         assert closed.status_code == 403 and "LOOPFM_ADMIN_KEY" in closed.json()["detail"]
-    finally:
-        stop_server(proc)
     assert "admin-s3cret" not in (tmp_path / "server.log").read_text()
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import LOOPFM, loopfm
+from conftest import LOOPFM, copy_keys, loopfm
 from loopfm.contract.names import PROJECT
 from loopfm.features.store import feast_connection_string, open_store
 from loopfm.pipeline.services import local_redis, local_redis_cluster, start_server, stop_server
@@ -59,9 +59,7 @@ def _copy_to_one_node(cluster_url: str, single_url: str) -> int:
     """DUMP/RESTORE every key of every master into one server: the same bytes, one node."""
     cluster, target = redis.RedisCluster.from_url(cluster_node_url(cluster_url)), redis.Redis.from_url(single_url)
     for node in cluster.get_primaries():
-        source = cluster.get_redis_connection(node)
-        for key in source.scan_iter(count=1000):
-            target.restore(key, 0, source.dump(key), replace=True)
+        copy_keys(cluster.get_redis_connection(node), target)
     return target.dbsize()
 
 

@@ -177,17 +177,18 @@ def test_metrics_count_latency_feature_reads_model_time_candidates_and_cache_hit
     assert 0 < _metric(after, "loopfm_item_cache_hit_ratio") < 1
 
 
-def test_the_feast_sdk_baseline_of_the_benchmark_scores_exactly_like_loopfm(server, trained_run, redis_url, tmp_path):
+def test_the_feast_sdk_baseline_of_the_benchmark_scores_exactly_like_loopfm(server, trained_run, redis_url, monkeypatch):
+    """The baseline app (what the benchmark serves with uvicorn) in this process: its scores are the subject."""
+    from fastapi.testclient import TestClient
+
+    from loopfm.bench.feast_sdk_app import create_app
+
     url, model_dir = server
-    proc, sdk_url = start_server(
-        model_dir, redis_url, tmp_path / "sdk.log", app="loopfm.bench.feast_sdk_app:create_app",
-        env={"LOOPFM_RUN_DIR": str(trained_run)},
-    )  # fmt: skip
-    try:
-        body = {"user_id": 4, "candidate_item_ids": [801, 5, 10**9, 1100], "context": {"hour": 7}}
-        ours, theirs = _score(url, **body).json(), _score(sdk_url, **body).json()
-    finally:
-        stop_server(proc)
+    for name, value in (("LOOPFM_MODEL_DIR", model_dir), ("LOOPFM_RUN_DIR", trained_run), ("REDIS_URL", redis_url)):
+        monkeypatch.setenv(name, str(value))
+    body = {"user_id": 4, "candidate_item_ids": [801, 5, 10**9, 1100], "context": {"hour": 7}}
+    with TestClient(create_app()) as sdk:
+        ours, theirs = _score(url, **body).json(), sdk.post("/score", json=body).json()
     np.testing.assert_allclose(ours["scores"], theirs["scores"], rtol=1e-6)
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import redis
 
-from conftest import LOOPFM, loopfm
+from conftest import LOOPFM, loopfm, refusal
 from loopfm.core.config import RunConfig
 from loopfm.core.files import staged_dir
 from loopfm.core.rundir import RunPaths
@@ -122,7 +122,7 @@ def test_a_killed_fm_train_leaves_the_previous_checkpoints_whole_and_fm_log_refu
     other = staged[0] / "ckpt_005.pt"  # a checkpoint of the killed training
     own = (checkpoints / "ckpt_005.pt").read_bytes()
     shutil.copy(other, checkpoints / "ckpt_005.pt")
-    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    r = refusal("fm", "log", "--run-dir", str(copy_of_run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{checkpoints / 'ckpt_005.pt'} is not of the training {checkpoints / 'training.json'} records" in r.stderr
     (checkpoints / "ckpt_005.pt").write_bytes(own)
@@ -131,7 +131,7 @@ def test_a_killed_fm_train_leaves_the_previous_checkpoints_whole_and_fm_log_refu
     # stages built on the old data; a hand-edited table does not).
     table = paths.table("impressions")
     pd.read_parquet(table).iloc[1:].to_parquet(table)
-    r = loopfm("fm", "log", "--run-dir", str(copy_of_run), check=False)
+    r = refusal("fm", "log", "--run-dir", str(copy_of_run))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (f"the FM checkpoints in {checkpoints} were trained on other data than {paths.data} holds now: re-run "
             "`loopfm fm train`, then `loopfm fm log`") in r.stderr  # fmt: skip

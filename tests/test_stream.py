@@ -42,7 +42,7 @@ from loopfm.stream.producer import Producer
 from loopfm.stream.worker import Worker
 from serving.feast_layout import feature_refs
 
-from conftest import LOOPFM, PrivateRedis, loopfm
+from conftest import LOOPFM, PrivateRedis, copy_keys, loopfm, refusal
 
 START_US = (time.time_ns() // 1000 // 86_400_000_000 - 2) * 86_400_000_000  # two days ago: after every test world, never in the future
 
@@ -68,9 +68,7 @@ def live(base, tmp_path: Path):
     shutil.copytree(run, copy)
     target = PrivateRedis(tmp_path / "valkey")
     target.start()
-    source, dest = redis.Redis.from_url(server.url), redis.Redis.from_url(target.url)
-    for key in source.scan_iter(count=1000):
-        dest.restore(key, 0, source.dump(key), replace=True)
+    copy_keys(redis.Redis.from_url(server.url), redis.Redis.from_url(target.url))
     yield copy, target.url
     target.stop()
 
@@ -354,7 +352,7 @@ def test_the_publish_and_upsert_commands_check_the_whole_file_then_publish_every
     pd.DataFrame([{"item_id": 555, "category": 1, "brand": 1, "price_bucket": 1}]).to_csv(tmp_path / "items.csv", index=False)
     bad = pd.DataFrame(messages).assign(label=[0] * 19 + [3])
     bad.to_csv(tmp_path / "bad.csv", index=False)
-    refused = loopfm("events", "publish", "--run-dir", str(run), "--redis-url", url, str(tmp_path / "bad.csv"), check=False)
+    refused = refusal("events", "publish", "--run-dir", str(run), "--redis-url", url, str(tmp_path / "bad.csv"))
     assert refused.returncode == 2 and "bad.csv: column 'label', row 20: labels must be 0 or 1" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert all(redis.Redis.from_url(url).xlen(k) == 0 for k in StreamKeys(PROJECT, 8).all_events())

@@ -97,6 +97,7 @@ def test_a_late_user_is_unknown_to_the_frozen_checkpoint_and_known_to_the_rollin
     arrival = cfg.fm.warmup_days + 2
     late = np.arange(20)  # these users arrive two days after the warm-up: drop their earlier events
     write_parquet(imp[~(imp["user_id"].isin(late) & (day < arrival))].reset_index(drop=True), paths.table("impressions"))
+    cfg.fm.warmup_epochs = 1  # which users a checkpoint knows follows the days it trained on, not the epochs
     train_fm(paths, cfg, progress=False)
 
     def known(index: int) -> np.ndarray:
