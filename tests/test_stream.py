@@ -283,8 +283,10 @@ def test_a_worker_killed_mid_stream_and_restarted_applies_every_event_exactly_on
     worker.wait()
     applied_before = len(offline.read(paths, offline.IMPRESSIONS))
     assert 0 < applied_before < 3000, "the kill must land mid-stream"
-    # the lease of the killed worker expires; a worker with another name takes over
-    summary = Worker(run, url, name="b", log=lambda *_: None).run(idle_exit_s=2.0)
+    # the lease of the killed worker expires; a worker with another name takes over. Until the
+    # dead worker's membership expires (lease_ms after its last heartbeat) b's share is half the
+    # partitions: its idle exit must wait past that, or it would end with half of them applied.
+    summary = Worker(run, url, name="b", log=lambda *_: None).run(idle_exit_s=3 * 2.0)
     users, items = touched(messages)
     assert_online_equals_batch(run, url, users, items)
     assert sorted(offline.read_impressions(paths)["impression_id"]) == sorted(m["impression_id"] for m in messages)
