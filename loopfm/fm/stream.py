@@ -1,5 +1,4 @@
-"""Stream training of the FM, period by period (a day, or the days holding one batch), and the
-embedding log it writes.
+"""Stream training of the FM, day by day, and the embedding log it writes.
 
 The FM is whatever module `fm.model` names (loopfm/fm/plugin.py; default loopfm's own
 FoundationModel); the compressor learns from the concatenation of its `fm.extract_layer`
@@ -19,9 +18,9 @@ Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so 
   drifts between days.
 
 Checkpoints exist for W..n_days only: W is fit by epochs on the warm-up days with early
-stopping, later ones stream one period at a time (stream_periods: a day, or on data with
-fewer than `fm.batch_size` events a day the days that hold one batch), one checkpoint at the
-end of each period. A checkpoint reads users and items it never
+stopping, later ones stream one day at a time, with a checkpoint at the end of each
+stream period (stream_periods: a day, or on data with fewer than `fm.batch_size` events a day
+the days that hold one batch). A checkpoint reads users and items it never
 trained on as unknown (a zero embedding the FM learned to use through id dropout), never
 through an untrained random embedding.
 
@@ -318,9 +317,9 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
 
     Warm-up: checkpoint `fm.warmup_days` (W) is fit on days [0, W) by epochs, validated on the
     newest `fm.validation_fraction` of them, stopped `fm.patience` epochs after the best
-    validation log loss and restored to it. Stream: every later period [a, b) of days
-    (stream_periods) is then seen `passes_per_day` shuffled times, in order, and checkpoint b
-    saved. Each checkpoint
+    validation log loss and restored to it. Stream: every later day d is then seen
+    `passes_per_day` shuffled times, in day order, and checkpoint d + 1 saved when d ends a
+    stream period (stream_periods). Each checkpoint
     records the users and items it trained on; logging reads every other id as unknown.
 
     Data-parallel when world_size > 1 (torch.distributed already initialised, see
@@ -399,16 +398,17 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         known_users[arrays["user_id"][warmup]] = known_items[arrays["item_id"][warmup]] = True
         save(cfg.fm.warmup_days)
         history: list[dict] = []
-        periods = stream_periods(arrays["day"], cfg.fm.warmup_days, cfg.world.n_days, cfg.fm.batch_size)
-        for a, b in tqdm(periods, desc="fm stream (periods)", disable=not progress):
-            rows = np.flatnonzero((arrays["day"] >= a) & (arrays["day"] < b))
-            if rows.size:
-                next_day = np.flatnonzero(arrays["day"] == b)
-                logloss, recon_mse = train_on(np.concatenate([rng.permutation(rows) for _ in range(cfg.fm.passes_per_day)]), f"days {a} to {b - 1}")
-                history.append({"day": a, "days": b - a, "logloss": logloss, "recon_mse": recon_mse,
+        ends = {b for _, b in stream_periods(arrays["day"], cfg.fm.warmup_days, cfg.world.n_days, cfg.fm.batch_size)}
+        for d in tqdm(range(cfg.fm.warmup_days, cfg.world.n_days), desc="fm stream (days)", disable=not progress):
+            day_idx = np.flatnonzero(arrays["day"] == d)
+            if day_idx.size:
+                next_day = np.flatnonzero(arrays["day"] == d + 1)
+                logloss, recon_mse = train_on(np.concatenate([rng.permutation(day_idx) for _ in range(cfg.fm.passes_per_day)]), f"day {d}")
+                history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
                                 "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
-                known_users[arrays["user_id"][rows]] = known_items[arrays["item_id"][rows]] = True
-            save(b)
+                known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
+            if d + 1 in ends:
+                save(d + 1)
         if rank == 0:
             record = {"training_id": training_id, "data_sha256": data_sha256,
                       "checkpoints": sorted(p.name for p in folder.glob("ckpt_*.pt"))}  # fmt: skip
@@ -502,9 +502,9 @@ def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...],
 def stream_periods(days: np.ndarray, start: int, end: int, min_events: int) -> list[tuple[int, int]]:
     """The stream's steps after the warm-up: consecutive day ranges [a, b) covering [start, end),
     each closed at the end of the first day at which it holds >= `min_events` events (the last
-    one at `end`). `days` [events] is each event's day. Busy data steps day by day; data with a
-    few events a day (day-resolution reviews over years) steps in periods of about one batch,
-    so the FM takes full batches and saves a checkpoint per period instead of per day."""
+    one at `end`). `days` [events] is each event's day. The FM saves a checkpoint at the end of
+    each: every day on busy data; on data with a few events a day (day-resolution reviews over
+    years) every period of about one batch, instead of a checkpoint the size of the FM per day."""
     counts = np.bincount(days[(days >= start) & (days < end)] - start, minlength=end - start)
     periods, a, held = [], start, 0
     for d, n in enumerate(counts, start):
