@@ -16,6 +16,14 @@ from loopfm.experiments.render import render, render_real
 from loopfm.experiments.runner import Progress, run_config, run_plan
 from loopfm.io import write_text
 
+def check_counts(seeds: int, jobs: int) -> None:
+    """ValueError naming --jobs or --seeds unless jobs >= 1 and seeds >= 2."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if seeds < 2:
+        raise ValueError(f"--seeds must be at least 2 (a standard deviation and the paired tests need two), got {seeds}")
+
+
 def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[str, ...], overrides: Overrides,
                     command: str) -> dict:  # fmt: skip
     """Run (or resume) every cell, then write results.json / results.md / plots into `docs`."""
@@ -24,10 +32,7 @@ def run_experiments(out: Path, docs: Path, seeds: int, jobs: int, names: tuple[s
         raise ValueError(f"--experiments: unknown {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     if "main" not in names:
         raise ValueError("--experiments must include main: every other table is read against its base VM")
-    if jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    if seeds < 2:
-        raise ValueError(f"--seeds must be at least 2 (a standard deviation needs two), got {seeds}")
+    check_counts(seeds, jobs)
     base = (*bench_overrides(DEFAULT), *overrides)
     cfg = run_config(base, 0)  # validates the overrides before anything runs
     started = time.time()
@@ -98,10 +103,7 @@ def run_real(sources: dict[str, Source], seeds: int, out: Path, docs: Path, over
     """The main experiment's cells on every named source (plan.real_experiment) for seeds
     0..seeds-1, through the same runner as the synthetic experiments, then
     docs/results-real.{json,md} and docs/results-real/*.png. Resumable as `run_experiments`."""
-    if jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    if seeds < 2:
-        raise ValueError(f"--seeds must be at least 2 (the claims are paired tests over seeds), got {seeds}")
+    check_counts(seeds, jobs)
     run_config(overrides, 0)  # validates the overrides before anything runs
     started = time.time()
     log = Progress(started)

@@ -15,7 +15,7 @@ from loopfm.experiments.plan import Experiment  # noqa: E402
 ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
              "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id",
              "lr_rates": "LR on user and item click rates so far",
-             "gbdt": "GBDT on click rates so far (user in vertical, item, user overall)"}  # fmt: skip
+             "gbdt": "GBDT on click rates so far (+ user overall)"}  # fmt: skip
 SWEEP_MARK = "*On the sweep world* (the header says its size; its own base VM and FM)."
 COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
 
@@ -40,15 +40,18 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_main(results: dict, path: Path) -> None:
-    names = list(results["main"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    """AUC and NE of the main table's models and (grey) the baselines, mean ± std over seeds."""
+    rows = {**results["main"], **results.get("baselines", {})}
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, metric in zip(axes, ("auc", "ne")):
-        means = [results["main"][n][metric]["mean"] for n in names]
-        stds = [results["main"][n][metric]["std"] for n in names]
-        ax.bar([ROW_NAMES[n] for n in names], means, yerr=stds, capsize=3, color=[COLORS[n] for n in names])
+        means = [rows[n][metric]["mean"] for n in names]
+        stds = [rows[n][metric]["std"] for n in names]
+        ax.bar([ROW_NAMES[n] for n in names], means, yerr=stds, capsize=3, color=[COLORS.get(n, "#bbb") for n in names])
         ax.set_ylim(min(means) * 0.98, max(means) * 1.01)
         ax.set_title(f"{metric.upper()} (mean ± std over {results['seeds']} seeds)")
-        ax.tick_params(axis="x", rotation=25)
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+        plt.setp(ax.get_xticklabels(), ha="right")
     _save(fig, path)
 
 
@@ -191,7 +194,9 @@ def render_real(summary_: dict, docs: Path, command: str) -> str:
     from loopfm.eval.plots import plot_quality
 
     datasets = summary_["datasets"]
-    md = [f"# Results on data on disk\n\nMade by `{command}`: {summary_['seeds']} seeds, every number mean ± std over "
+    run = summary_.get("run", {})
+    wall = f" ({run['wall_time_s'] / 60:.1f} min wall time with {run['jobs']} jobs on {run['machine']} shared with other work)" if run else ""
+    md = [f"# Results on data on disk\n\nMade by `{command}`{wall}: {summary_['seeds']} seeds, every number mean ± std over "
           "seeds on the held-out window of the source's vertical; baselines fitted on the VM's training rows. Best "
           "baseline = the baseline with the highest mean AUC (GBDT included). p = paired t-test over seeds / paired "
           "bootstrap over held-out impressions.\n", "## Summary (AUC)\n",
