@@ -163,4 +163,5 @@ def test_experiments_write_their_tables_into_their_out_folder_unless_given_docs(
     assert parser.parse_args(["experiment", "--out", "runs/x"]).docs is None
     assert parser.parse_args(["experiment-real", "--data", "d", "--format", "movielens", "--dataset", "a=b=c"]).docs is None
     make = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert parser.parse_args(["experiment-real", "--suite", "results-real"]).docs is None
     assert "--out runs/results --docs docs" in make and "--seeds 5 --docs docs" in make  # make results / results-real

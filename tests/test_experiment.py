@@ -161,10 +161,11 @@ def _step(label: str, auc: float, p_t: float, p_boot: float) -> dict:
 
 
 def test_the_l_goal_fails_only_when_a_longer_history_is_significantly_worse_on_both_tests():
-    from loopfm.experiments.plan import build_experiments
+    from loopfm.experiments.plan import DEFAULT, bench_overrides, build_experiments
     from loopfm.experiments.report import length_goal
+    from loopfm.experiments.runner import run_config
 
-    (length,) = build_experiments(("length",), base_length=50, bench_users=7600)
+    (length,) = build_experiments(("length",), run_config(bench_overrides(DEFAULT), 0))
     steps = [c for c in length.claims if c.worse.variant == "loopfm_kd"]
     # one claim per step to the next longer L, each between two VM + LoopFM + KD cells
     assert [c.label for c in steps] == [f"L={b} vs L={a} (LoopFM+KD)" for a, b in zip((5, 10, 25, 50), (10, 25, 50, 100))]
@@ -206,3 +207,29 @@ def test_a_cell_cached_by_an_untimed_run_is_trained_again_when_a_timed_experimen
     assert _cell_done(tmp_path, Cell(MAIN, "kd")) and not _cell_done(tmp_path, Cell(MAIN, "kd", latency=True))
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     assert _cell_done(tmp_path, Cell(MAIN, "kd", latency=True))
+
+
+def test_experiments_are_named_configurations_whose_default_overrides_fall_back_to_the_home_world():
+    """A point's override equal to the bench config is no override (the cell is the default
+    world's); a VM history longer than the world stores is logged by a world of its own; a
+    claim naming no `point/cell` is refused naming the experiment."""
+    from loopfm.core.config import ConfigError
+    from loopfm.experiments.plan import DEFAULT, World, build_experiments
+    from loopfm.experiments.runner import run_config
+
+    cfg = run_config((), 0)
+    config = {**DEFAULT, "experiments": {"probe": {
+        "title": "probe", "cells": ["kd", "loopfm_kd"], "vary": ["loopfm_kd"], "gains": True,
+        "points": [{"label": "same", "log": {"fm.code_format": cfg.fm.code_format}},
+                   {"label": "longer", "vm": {"vm.history_length": cfg.vm.history_length * 2}},
+                   {"label": "delay", "log": {"fm.logging_delay_s": 0}, "vary": ["kd", "loopfm_kd"]}],
+        "claims": [["longer vs same", "longer/loopfm_kd", "same/loopfm_kd"]]}}}  # fmt: skip
+    (probe,) = build_experiments(("probe",), cfg, config)
+    same, longer, delay = (p.cells for p in probe.points)
+    assert same["loopfm_kd"].world == World() and same["kd"] == longer["kd"]  # kd does not vary
+    assert longer["loopfm_kd"].world == World(log=(("vm.history_length", cfg.vm.history_length * 2),)) and longer["loopfm_kd"].vm == ()
+    assert delay["kd"].world == delay["loopfm_kd"].world == World(log=(("fm.logging_delay_s", 0),))
+    assert [c.label for c in probe.claims] == ["same: LoopFM+KD vs KD", "longer: LoopFM+KD vs KD", "delay: LoopFM+KD vs KD", "longer vs same"]
+    config["experiments"]["probe"]["claims"] = [["x", "longer/fm", "same/kd"]]
+    with pytest.raises(ConfigError, match="probe: claim names 'longer/fm'"):
+        build_experiments(("probe",), cfg, config)

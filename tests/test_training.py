@@ -11,8 +11,8 @@ import torch
 
 from loopfm.core.config import RunConfig
 from loopfm.eval.baselines import BASELINES, baseline_predictions, rates_so_far
-from loopfm.fm.log import log_embeddings
-from loopfm.fm.train import checkpoint_path, train_fm
+from loopfm.fm.log import checkpoint_index, log_embeddings
+from loopfm.fm.train import checkpoint_path, stream_periods, train_fm
 from loopfm.core.files import read_parquet, write_parquet
 from loopfm.core.rundir import RunPaths
 from loopfm.core.timeunits import unix_us
@@ -69,7 +69,29 @@ def test_baselines_are_fitted_on_training_rows_only_and_learn_item_quality():
     assert set(predictions) == set(BASELINES)
     for p in predictions.values():
         assert np.corrcoef(p, quality[rows["item_id"]])[0, 1] > 0.9
-    assert set(baseline_predictions(train, rows, 0.1)) == set(BASELINES) - {"lr_rates"}  # it needs the impressions
+    assert set(baseline_predictions(train, rows, 0.1)) == set(BASELINES) - {"lr_rates", "gbdt"}  # they need the impressions
+
+
+def test_the_gbdt_baseline_reads_the_users_rate_in_every_vertical_and_the_regression_does_not():
+    """A user's propensity shows in the busy vertical "b" and decides clicks in the sparse "a"
+    (a user's first or second event there): only the trees see the rate over every vertical."""
+    from sklearn.metrics import roc_auc_score
+
+    from loopfm.eval.baselines import gradient_boosting, rate_regression
+
+    rng = np.random.default_rng(1)
+    users, n = 2000, 40000
+    propensity = rng.uniform(0.05, 0.95, users)
+    user = rng.integers(0, users, n)
+    frame = pd.DataFrame({"impression_id": np.arange(n), "user_id": user, "item_id": rng.integers(0, 50, n),
+                          "vertical": np.where(rng.random(n) < 0.05, "a", "b"), "label": (rng.random(n) < propensity[user]).astype(int),
+                          "event_timestamp": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(n), unit="s")})  # fmt: skip
+    target = frame[frame["vertical"] == "a"]
+    train, rows = target.iloc[: len(target) // 2], target.iloc[len(target) // 2 :]
+    rates = rates_so_far(frame)
+    auc = {name: roc_auc_score(rows["label"], p) for name, p in (("lr_rates", rate_regression(train, rows, rates)),
+                                                                   ("gbdt", gradient_boosting(train, rows, rates, 0.2)))}  # fmt: skip
+    assert auc["gbdt"] > auc["lr_rates"] + 0.05, auc
 
 
 def test_the_rates_so_far_count_only_impressions_strictly_before_per_user_vertical_and_per_item():
@@ -82,6 +104,8 @@ def test_the_rates_so_far_count_only_impressions_strictly_before_per_user_vertic
     np.testing.assert_allclose(rates.loc[[10, 11, 13, 14], "user_rate"], [odds(0, 0), odds(1, 1), odds(1, 2), odds(0, 0)])
     # item 7 by every user: 11 and 12 share a time, so neither counts the other
     np.testing.assert_allclose(rates.loc[[10, 11, 12, 14], "item_rate"], [odds(0, 0), odds(1, 1), odds(1, 1), odds(2, 3)])
+    # user 1 over every vertical: 14 ("b") counts 10, 11 and 13 of "a"
+    np.testing.assert_allclose(rates.loc[[10, 13, 14], "user_all_rate"], [odds(0, 0), odds(1, 2), odds(2, 3)])
 
 
 def test_the_quality_table_carries_the_baselines(trained_run):
@@ -221,3 +245,16 @@ def test_a_negative_weight_average_horizon_is_refused():
     cfg.vm.average_epochs = -1.0
     with pytest.raises(ConfigError, match="vm.average_epochs"):
         cfg.validate()
+
+
+def test_the_fm_streams_busy_days_one_by_one_and_sparse_days_in_periods_of_one_batch():
+    days = np.repeat([3, 4, 5, 6, 7, 9], [600, 100, 300, 200, 50, 10])  # day 8 has nothing
+    # from day 3 on, batch 512: day 3 alone, then 4-6 (600 events), then the rest up to the end (day 10 excluded)
+    assert stream_periods(days, 3, 10, 512) == [(3, 4), (4, 7), (7, 10)]
+    assert stream_periods(days, 3, 10, 1) == [(3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 10)]  # an empty day joins the next
+    cfg = RunConfig()
+    cfg.fm.warmup_days, cfg.world.n_days = 3, 10
+    saved = np.array([3, 4, 7, 10])  # the checkpoints of the periods above: each trained on the days before its index
+    assert [checkpoint_index(cfg, d, saved) for d in range(0, 12)] == [3, 3, 3, 3, 4, 4, 4, 7, 7, 7, 10, 10]
+    cfg.fm.checkpoint_scheme = "frozen"
+    assert {checkpoint_index(cfg, d, saved) for d in range(12)} == {3}

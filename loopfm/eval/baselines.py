@@ -11,7 +11,11 @@
   any CTR system, and on MovieLens stronger than the id regressions (docs/training.md,
   "Click rates so far"). It counts by event time; the VM's Feast rows count an event ingested
   late (`loopfm ingest`) only from its ingest time, so on a run with late ingests the
-  baseline has seen a little more than the VM.
+  baseline has seen a little more than the VM;
+- `gbdt` (when the impressions are given): scikit-learn's HistGradientBoostingClassifier on
+  the same rates plus the user's rate so far over every vertical (`user_all_rate`), the
+  number of trees chosen by validation log loss on the VM's validation split, then refitted
+  on all training rows with that number (as the regressions choose C).
 
 A VM that loses to these is a defect, not a result (docs/architecture.md).
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.preprocessing import OneHotEncoder
 
 from loopfm.core.sequences import count_before
@@ -29,8 +35,10 @@ from loopfm.core.training import shrunk_rate, time_split
 from loopfm.eval.metrics import quality
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
-BASELINES = ("popularity", *LR_COLUMNS, "lr_rates")
+BASELINES = ("popularity", *LR_COLUMNS, "lr_rates", "gbdt")
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+LR_RATES = ("user_rate", "item_rate")  # what lr_rates reads of rates_so_far; gbdt reads every column
+GBDT_MAX_TREES = 300  # boosting iterations at most; the validation split picks how many of them
 
 
 def popularity(train: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
@@ -58,14 +66,16 @@ def logistic_regression(train: pd.DataFrame, rows: pd.DataFrame, columns: tuple[
 
 
 def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
-    """Per impression (indexed by impression_id): `user_rate`, `item_rate`, the log-odds of
-    (clicks + 1) / (impressions + 2) of its user in its vertical and of its item, counted over
-    the impressions strictly before it (loopfm/core/sequences.count_before: the histories' rule)."""
+    """Per impression (indexed by impression_id): `user_rate`, `item_rate`, `user_all_rate`,
+    the log-odds of (clicks + 1) / (impressions + 2) of its user in its vertical, of its item
+    and of its user over every vertical, counted over the impressions strictly before it
+    (loopfm/core/sequences.count_before: the histories' rule)."""
     t = unix_us(impressions["event_timestamp"]).to_numpy()
     clicks = impressions["label"].to_numpy() == 1
     out = {}
     for name, key in (("user_rate", pd.factorize(pd.MultiIndex.from_frame(impressions[["user_id", "vertical"]]))[0]),
-                      ("item_rate", pd.factorize(impressions["item_id"])[0])):  # fmt: skip
+                      ("item_rate", pd.factorize(impressions["item_id"])[0]),
+                      ("user_all_rate", pd.factorize(impressions["user_id"])[0])):  # fmt: skip
         n, k = count_before(key, t, key, t), count_before(key[clicks], t[clicks], key, t)
         out[name] = np.log(k + 1.0) - np.log(n - k + 1.0)
     return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())
@@ -74,8 +84,25 @@ def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
 def rate_regression(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame) -> np.ndarray:
     """P(click) of `rows` [n] by a logistic regression on `rates_so_far` fitted on `train`
     (both frames need impression_id; train label)."""
-    x = rates.loc[train["impression_id"]].to_numpy()
+    x = rates.loc[train["impression_id"], list(LR_RATES)].to_numpy()
     model = LogisticRegression(max_iter=1000).fit(x, train["label"].to_numpy())
+    return model.predict_proba(rates.loc[rows["impression_id"], list(LR_RATES)].to_numpy())[:, 1]
+
+
+def _gbdt(trees: int) -> HistGradientBoostingClassifier:
+    return HistGradientBoostingClassifier(max_iter=trees, early_stopping=False, random_state=0)
+
+
+def gradient_boosting(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame, validation_fraction: float) -> np.ndarray:
+    """P(click) of `rows` [n] by gradient-boosted trees on every column of `rates_so_far`: the
+    number of trees (1..GBDT_MAX_TREES) is the one with the lowest log loss on the newest
+    `validation_fraction` of `train` (the VM's validation split) for a model fitted on the
+    rest; then refitted on all of `train` with that number."""
+    fit, val = time_split(unix_us(train["event_timestamp"]).to_numpy(), validation_fraction)
+    x, y = rates.loc[train["impression_id"]].to_numpy(), train["label"].to_numpy()
+    staged = _gbdt(GBDT_MAX_TREES).fit(x[fit], y[fit]).staged_predict_proba(x[val])
+    losses = [log_loss(y[val], p[:, 1], labels=[0, 1]) for p in staged]
+    model = _gbdt(int(np.argmin(losses)) + 1).fit(x, y)
     return model.predict_proba(rates.loc[rows["impression_id"]].to_numpy())[:, 1]
 
 
@@ -83,10 +110,12 @@ def baseline_predictions(
     train: pd.DataFrame, rows: pd.DataFrame, validation_fraction: float, impressions: pd.DataFrame | None = None
 ) -> dict[str, np.ndarray]:
     """Every baseline's P(click) for `rows`; both frames need user_id, item_id, event_timestamp
-    and (train) label; `lr_rates` also their impression_id and the run's `impressions` table."""
+    and (train) label; `lr_rates` and `gbdt` also their impression_id and the run's `impressions` table."""
     out = {"popularity": popularity(train, rows)}
     for name, columns in LR_COLUMNS.items():
         out[name] = logistic_regression(train, rows, columns, validation_fraction)
     if impressions is not None:
-        out["lr_rates"] = rate_regression(train, rows, rates_so_far(impressions))
+        rates = rates_so_far(impressions)
+        out["lr_rates"] = rate_regression(train, rows, rates)
+        out["gbdt"] = gradient_boosting(train, rows, rates, validation_fraction)
     return out

@@ -1,19 +1,15 @@
-"""What `loopfm experiment` runs: worlds, VM cells, and the comparisons each experiment reports.
+"""What `loopfm experiment` and `loopfm experiment-real` run: worlds, VM cells, and the
+comparisons each experiment reports, read from the named configurations of experiments.yaml.
 
-A *world* is one run directory whose single Feast retrieval many VM cells share. Its `scale`
-overrides set the population (the number of users): worlds of one scale share their
-impressions and labels, so their cells pair, and each scale has its own base VM and FM (its
-*home* world). Its `fm` overrides need an FM of their own (a new world or FM config); its
-`log` overrides only re-log and re-structure from that FM's checkpoints (checkpoint scheme,
-logging delay, code format or prefix, stored history length). A *cell* is one VM trained in
-a world, with `vm` overrides applied at training time only (encoder, size, a history length
-up to the world's). Every experiment point is a set of cells, one per seed.
-
-The main table and the length sweep (the goals) run on the bench world (>= 1M impressions);
-the other sweeps on a smaller *sweep world* (SWEEP_SHARE of the bench users), where each
-point costs about half as much. Half is the smallest share at which VM + LoopFM + KD still
-trains past its first epochs and separates from VM + KD; on much smaller worlds early
-stopping keeps an epoch where the two score alike (docs/experiments.md, "The two worlds").
+A *world* is one run directory whose single Feast retrieval many VM cells share. Its `data`
+names imported data on disk ("" = the synthetic world). Its `scale` overrides set the
+population (the number of users): worlds of one data and scale share their impressions and
+labels, so their cells pair, and each has its own base VM and FM (its *home* world). Its `fm`
+overrides need an FM of their own; its `log` overrides only re-log and re-structure from that
+FM's checkpoints. A *cell* is one VM trained in a world, with `vm` overrides applied at training
+time only. Every experiment point is a set of cells, one per seed. The synthetic main table and
+the length sweep run on the bench world; the other sweeps on the smaller sweep world
+(docs/experiments.md, "The two worlds").
 """
 
 from __future__ import annotations
@@ -21,24 +17,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from loopfm.core.config import VARIANTS, FMConfig, VMConfig
+import yaml
+
+from loopfm.core.config import ConfigError, RunConfig
 
 Overrides = tuple[tuple[str, object], ...]
-
-# The sweeps are cut to what shows each effect, so that 5 seeds of all of them take about an hour on 2 cores.
-EXPERIMENTS = ("main", "gap", "length", "encoder", "compression", "freshness", "layer", "vm_size")
-BENCH: Overrides = (("world.n_users", 7600), ("fm.matryoshka_dims", (8, 16)))  # >= 1M impressions
-ON_BENCH = ("main", "length")  # the others run on the sweep world
-SWEEP_SHARE = 0.5  # sweep world users / bench world users (see the module doc)
-GAP_NOISE = (0.2, 0.7, 8.0)  # fm_signal_noise: small = the FM knows much more than the VM
-LENGTHS = (5, 10, 25, 50, 100)
-CODES = (("fp32", 32), ("int4", 32), ("int4", 8))  # (format, logged dims)
-DELAYS_S = (0, 60, 86400)
-SCHEMES = ("frozen", "rolling")  # fm.checkpoint_scheme
-LAYERS = ("embedding", "hidden1")
-ENCODER_SWEEP = ("sum", "mean", "dot_mlp", "din")  # of ENCODERS: dot is dot_mlp without its two small MLPs
-VM_SIZES = (("small", 4, (16,)), ("default", 8, (64, 32)), ("large", 16, (256, 128)))
+CONFIG = Path(__file__).with_name("experiments.yaml")
 
 
 def slug(overrides: Overrides) -> str:
@@ -52,29 +38,34 @@ class World:
     fm: Overrides = ()
     log: Overrides = ()
     scale: Overrides = ()  # world.n_users: () = the bench world's
+    data: str = ""  # a named data set on disk (Source); "" = the synthetic world
 
     @property
     def path(self) -> str:
         """Relative to the seed directory: derived worlds live inside their FM's root world,
-        root worlds of another scale inside a folder of their own."""
+        root worlds of another scale or data inside a folder of their own."""
         root = f"fm-{slug(self.fm)}"
         root = f"{slug(self.scale)}/{root}" if self.scale else root
+        root = f"{self.data}/{root}" if self.data else root
         return f"{root}/log-{slug(self.log)}" if self.log else root
 
     @property
     def root(self) -> "World":
         """The world that trains this world's FM."""
-        return World(self.fm, scale=self.scale)
+        return World(self.fm, scale=self.scale, data=self.data)
 
     @property
     def home(self) -> "World":
-        """The world of this scale with the default FM and log: the eval rows, base VM and
-        Bayes ceiling every world of the scale is read against."""
-        return World(scale=self.scale)
+        """The world of this data and scale with the default FM and log: the eval rows, base VM
+        and (synthetic) Bayes ceiling every world of it is read against."""
+        return World(scale=self.scale, data=self.data)
 
     @property
     def overrides(self) -> tuple[Overrides, ...]:
         return (self.scale, self.fm, self.log)
+
+
+MAIN = World()
 
 
 @dataclass(frozen=True)
@@ -113,93 +104,128 @@ class Experiment:
     title: str
     points: list[Point] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    on_sweep_world: bool = False
+    goals: tuple[str, ...] = ()  # report.GOALS keys
+    columns: str = ""  # render.COLUMNS key: what the table shows beside the cells
+    plot: object = ()  # render: metrics of a sweep plot, or a render.PLOTS key
+    note: str = ""
 
 
-MAIN = World()
+@dataclass(frozen=True)
+class Source:
+    """A named vertical of data on disk: what `loopfm run` takes (loopfm/data/importers)."""
+
+    data: Path
+    format: str
+    vertical: str
+    map: tuple[tuple[str, str], ...] = ()
+    click_threshold: float | None = None
+    time_unit: str | None = None
+
+    def options(self):
+        from loopfm.data.importers import ImportOptions
+        from loopfm.data.importers.canonical import VerticalRule
+
+        return ImportOptions(self.format, VerticalRule.parse(self.vertical), dict(self.map), self.click_threshold,
+                             time_unit=self.time_unit)  # fmt: skip
 
 
-def _kd_pair(world: World, vm: Overrides = (), latency: bool = False) -> dict[str, Cell]:
-    return {"kd": Cell(world, "kd", vm, latency), "loopfm_kd": Cell(world, "loopfm_kd", vm, latency)}
+def load_config(path: Path = CONFIG) -> dict:
+    """experiments.yaml (or a file of the same shape); ConfigError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the experiments file: {exc}") from None
+    if not isinstance(raw, dict) or not {"bench", "sweep_share", "experiments", "real"} <= set(raw):
+        raise ConfigError(f"{path}: expected the keys bench, sweep_share, experiments and real (as loopfm/experiments/experiments.yaml)")
+    return raw
 
 
-def _gain_claims(points: list[Point]) -> list[Claim]:
-    return [Claim(f"{p.label}: LoopFM+KD vs KD", p.cells["loopfm_kd"], p.cells["kd"]) for p in points]
+def bench_overrides(config: dict) -> Overrides:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config["bench"].items())
 
 
-def sweep_scale(bench_users: int) -> Overrides:
-    """The sweep world's scale: SWEEP_SHARE of the bench world's users (at least 1)."""
-    return (("world.n_users", max(1, round(bench_users * SWEEP_SHARE))),)
+DEFAULT = load_config()
+EXPERIMENTS = tuple(DEFAULT["experiments"])
 
 
-def build_experiments(names: tuple[str, ...], base_length: int, bench_users: int) -> list[Experiment]:
-    """The experiments to run; `base_length` is the worlds' default history length L and
-    `bench_users` the bench world's number of users (the sweep world takes SWEEP_SHARE of them)."""
+def sweep_scale(bench_users: int, share: float = DEFAULT["sweep_share"]) -> Overrides:
+    """The sweep world's scale: `share` of the bench world's users (at least 1)."""
+    return (("world.n_users", max(1, round(bench_users * share))),)
+
+
+def _differing(cfg: RunConfig, overrides: dict | None) -> Overrides:
+    """The overrides (SECTION.KEY: value) whose value is not `cfg`'s already, in their order."""
     out = []
-    main = {v: Cell(MAIN, v) for v in VARIANTS}
-    scale = sweep_scale(bench_users)
-    home = World(scale=scale)
-    sweep = {v: Cell(home, v) for v in ("kd", "loopfm_kd")}  # the sweeps' defaults, on the sweep world
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not hasattr(getattr(cfg, section, None), name):
+            raise ConfigError(f"experiments.yaml: {key!r} is no config key (section.key, as --set takes)")
+        current = getattr(getattr(cfg, section), name)
+        if (list(current) if isinstance(current, tuple) else current) != value:
+            out.append((key, tuple(value) if isinstance(value, list) else value))
+    return tuple(out)
 
-    def world(fm: Overrides = (), log: Overrides = ()) -> World:
-        return World(fm, log, scale)
 
-    if "main" in names:
-        out.append(Experiment("main", "Main table", [Point("main", None, main)], [
-            Claim("LoopFM+KD vs KD (the goal)", main["loopfm_kd"], main["kd"]),
-            Claim("KD vs base", main["kd"], main["base"]),
-            Claim("LoopFM vs base", main["loopfm"], main["base"]),
-            Claim("LoopFM+KD vs LoopFM", main["loopfm_kd"], main["loopfm"]),
-        ]))  # fmt: skip
-    if "gap" in names:
-        pts = [Point(f"noise {n}", n, _kd_pair(home if n == 0.7 else world((("world.fm_signal_noise", n),)))) for n in GAP_NOISE]
-        out.append(Experiment("gap", "Feature gap (world.fm_signal_noise; smaller = FM knows more)", pts, _gain_claims(pts)))
-    if "length" in names:
-        longest = World(log=(("vm.history_length", max(LENGTHS)),)) if max(LENGTHS) > base_length else MAIN
-        pts = [
-            Point(f"L={n}", n, _kd_pair(MAIN if n == base_length else longest if n > base_length else MAIN,
-                                        () if n in (base_length, max(LENGTHS)) else (("vm.history_length", n),)))
-            for n in LENGTHS
-        ]  # fmt: skip
-        steps = [Claim(f"{b.label} vs {a.label} (LoopFM+KD)", b.cells["loopfm_kd"], a.cells["loopfm_kd"]) for a, b in zip(pts, pts[1:])]
-        out.append(Experiment("length", "Sequence length L (own and FM history)", pts, _gain_claims(pts) + steps))
-    if "encoder" in names:
-        default = VMConfig().encoder  # its cells are the sweep world's defaults
-        pts = [Point(e, e, _kd_pair(home, () if e == default else (("vm.encoder", e),), latency=True)) for e in ENCODER_SWEEP]
-        out.append(Experiment("encoder", "Sequence encoder: quality and ONNX latency", pts, _gain_claims(pts)))
-    if "compression" in names:
-        pts = []
-        for fmt, dims in CODES:
-            log = tuple(kv for kv in (("fm.code_format", fmt), ("fm.code_dim", dims)) if kv not in (("fm.code_format", "int4"), ("fm.code_dim", 32)))
-            pts.append(Point(f"{fmt} x {dims}", dims, {"kd": sweep["kd"], "loopfm_kd": Cell(world(log=log), "loopfm_kd")}))
-        claims = [Claim(f"{p.label} vs fp32 x 32", p.cells["loopfm_kd"], pts[0].cells["loopfm_kd"]) for p in pts[1:]]
-        out.append(Experiment("compression", "Compression: code format and Matryoshka prefix vs bytes per user", pts,
-                              claims + _gain_claims(pts)))  # fmt: skip
-    if "freshness" in names:
-        pts = [Point(f"delay {d} s", d, {"kd": sweep["kd"], "loopfm_kd": Cell(home if d == 60 else world(log=(("fm.logging_delay_s", d),)), "loopfm_kd")})
-               for d in DELAYS_S]  # fmt: skip
-        scheme = {s: home if s == FMConfig().checkpoint_scheme else world(log=(("fm.checkpoint_scheme", s),)) for s in SCHEMES}
-        pts += [Point(f"{s} checkpoint", s, _kd_pair(scheme[s])) for s in SCHEMES]
-        claims = [Claim(f"delay 0 s vs {p.label}", pts[0].cells["loopfm_kd"], p.cells["loopfm_kd"]) for p in pts[1:len(DELAYS_S)]]
-        claims.append(Claim("rolling vs frozen (LoopFM+KD)", pts[-1].cells["loopfm_kd"], pts[-2].cells["loopfm_kd"]))
-        out.append(Experiment("freshness", "Freshness: logging delay and checkpoint scheme", pts, claims))
-    if "layer" in names:
-        default = FMConfig().extract_layer
-        pts = [Point(layer, layer, {"kd": sweep["kd"], "loopfm_kd": Cell(home if layer == default else world((("fm.extract_layer", layer),)), "loopfm_kd")})
-               for layer in LAYERS]  # fmt: skip
-        home_point = next(p for p in pts if p.x == default)
-        claims = [Claim(f"{p.label} vs {default}", p.cells["loopfm_kd"], home_point.cells["loopfm_kd"]) for p in pts if p.x != default]
-        out.append(Experiment("layer", "Which FM layer is extracted", pts, claims + _gain_claims(pts)))
-    if "vm_size" in names:
-        pts = [Point(name, e, _kd_pair(home, () if name == "default" else (("vm.embedding_dim", e), ("vm.hidden", h))))
-               for name, e, h in VM_SIZES]  # fmt: skip
-        out.append(Experiment("vm_size", "VM size", pts, _gain_claims(pts)))
+def _cell(cfg: RunConfig, home: World, variant: str, spec: dict, latency: bool) -> Cell:
+    """A cell of `variant` with a point's fm/log/vm overrides (those equal to `cfg` dropped); a VM
+    history longer than the world stores moves to the log overrides (the world must store it)."""
+    fm, log, vm = (_differing(cfg, spec.get(kind)) for kind in ("fm", "log", "vm"))
+    longer = tuple((k, v) for k, v in vm if k == "vm.history_length" and v > cfg.vm.history_length)
+    vm = tuple(kv for kv in vm if kv not in longer)
+    return Cell(World(fm, log + longer, home.scale, home.data), variant, vm, latency)
+
+
+def build_experiments(names: tuple[str, ...], cfg: RunConfig, config: dict | None = None) -> list[Experiment]:
+    """The named experiments of `config` (experiments.yaml) on the world `cfg` configures
+    (the bench world; sweeps on SWEEP_SHARE of its users), in the file's order."""
+    config = config or DEFAULT
+    declared = config["experiments"]
+    sweep = World(scale=sweep_scale(cfg.world.n_users, config["sweep_share"]))
+    out = []
+    for name in (n for n in declared if n in names):
+        spec = declared[name]
+        home = sweep if spec.get("world") == "sweep" else MAIN
+        points = []
+        for p in spec["points"]:
+            vary = p.get("vary", spec.get("vary", spec["cells"]))
+            cells = {v: _cell(cfg, home, v, p if v in vary else {}, bool(spec.get("latency"))) for v in spec["cells"]}
+            points.append(Point(str(p["label"]), p.get("x"), cells))
+        by_label = {p.label: p for p in points}
+
+        def named(ref: str) -> Cell:
+            label, _, variant = ref.rpartition("/")
+            if label not in by_label or variant not in by_label[label].cells:
+                raise ConfigError(f"experiments.yaml: {name}: claim names {ref!r}, not a `point label/cell` of it")
+            return by_label[label].cells[variant]
+
+        claims = [Claim(f"{p.label}: LoopFM+KD vs KD", p.cells["loopfm_kd"], p.cells["kd"]) for p in points] if spec.get("gains") else []
+        claims += [Claim(label, named(a), named(b)) for label, a, b in spec.get("claims", [])]
+        out.append(Experiment(name, spec["title"], points, claims, home != MAIN, tuple(spec.get("goals", ())),
+                              spec.get("columns", ""), spec.get("plot", ()), spec.get("note", "")))  # fmt: skip
     return out
 
 
+def real_sources(suite: str, config: dict | None = None) -> dict[str, Source]:
+    """The named verticals of a suite of experiments.yaml's `real` section; ConfigError naming
+    --suite when it has no such suite."""
+    suites = (config or DEFAULT)["real"]["suites"]
+    if suite not in suites:
+        raise ConfigError(f"--suite {suite!r}: not in experiments.yaml; choose from {', '.join(suites)}")
+    return {name: Source(Path(s["data"]), s["format"], s["vertical"], tuple((s.get("map") or {}).items()),
+                         s.get("click_threshold"), s.get("time_unit")) for name, s in suites[suite].items()}  # fmt: skip
+
+
+def real_experiment(sources: dict[str, Source], config: dict | None = None) -> list[Experiment]:
+    """The main experiment's cells on every named source: one experiment per source, named by it."""
+    main = (config or DEFAULT)["experiments"]["main"]
+    return [Experiment(name, name, [Point(name, None, {v: Cell(World(data=name), v) for v in main["cells"]})]) for name in sources]
+
+
 def cells_of(experiments: list[Experiment]) -> list[Cell]:
-    """Every distinct cell, in a stable order; the base VM of every scale is included (every
-    TR of that scale needs it)."""
-    seen: dict[str, Cell] = {Cell(MAIN, "base").path: Cell(MAIN, "base")}
+    """Every distinct cell, in a stable order; the base VM of every home world is included
+    (every TR of that world needs it)."""
+    seen: dict[str, Cell] = {}
     for e in experiments:
         for p in e.points:
             for c in p.cells.values():

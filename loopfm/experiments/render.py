@@ -1,4 +1,5 @@
-"""docs/results.md and its PNG plots, from the results dict that report.build_results makes."""
+"""docs/results.md, docs/results-real.md and their PNG plots, from the results dicts that
+report.build_results and report.real_report make."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from loopfm.experiments.plan import Experiment  # noqa: E402
+
 ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
              "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id",
-             "lr_rates": "LR on user and item click rates so far"}  # fmt: skip
+             "lr_rates": "LR on user and item click rates so far",
+             "gbdt": "GBDT on click rates so far (+ user overall)"}  # fmt: skip
+SWEEP_MARK = "*On the sweep world* (the header says its size; its own base VM and FM)."
 COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
 
 
@@ -35,15 +40,18 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_main(results: dict, path: Path) -> None:
-    names = list(results["main"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    """AUC and NE of the main table's models and (grey) the baselines, mean ± std over seeds."""
+    rows = {**results["main"], **results.get("baselines", {})}
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, metric in zip(axes, ("auc", "ne")):
-        means = [results["main"][n][metric]["mean"] for n in names]
-        stds = [results["main"][n][metric]["std"] for n in names]
-        ax.bar([ROW_NAMES[n] for n in names], means, yerr=stds, capsize=3, color=[COLORS[n] for n in names])
+        means = [rows[n][metric]["mean"] for n in names]
+        stds = [rows[n][metric]["std"] for n in names]
+        ax.bar([ROW_NAMES[n] for n in names], means, yerr=stds, capsize=3, color=[COLORS.get(n, "#bbb") for n in names])
         ax.set_ylim(min(means) * 0.98, max(means) * 1.01)
         ax.set_title(f"{metric.upper()} (mean ± std over {results['seeds']} seeds)")
-        ax.tick_params(axis="x", rotation=25)
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+        plt.setp(ax.get_xticklabels(), ha="right")
     _save(fig, path)
 
 
@@ -113,29 +121,32 @@ def _claims_table(claims: list[dict]) -> list[str]:
     return lines
 
 
-SWEEP_PLOTS = {"gap": ("tr", "auc"), "length": ("auc", "ne"), "freshness": ("auc", "ne"), "layer": ("auc", "tr"), "vm_size": ("auc", "ne")}
+def _fm_columns(p: dict | None) -> list[str]:
+    return ["FM AUC", "FM NE"] if p is None else [ms(p["fm"]["auc"]), ms(p["fm"]["ne"])]
 
 
-def _extra(name: str):
-    """Per-experiment extra columns: (header when p is None, else the values)."""
-    def extra(p):
-        if name == "gap":
-            return ["FM AUC", "FM NE"] if p is None else [ms(p["fm"]["auc"]), ms(p["fm"]["ne"])]
-        if name == "compression":
-            if p is None:
-                return ["bytes per code", "bytes/user at full L", "stored bytes/user, mean (max)"]
-            b = p["fm_history_bytes_per_user"]
-            return [str(b["code_bytes"]), str(b["full_history"]), f"{b['mean_stored']['mean']:.0f} ({b['max_stored']['mean']:.0f})"]
-        if name == "encoder":
-            if p is None:
-                return [f"{ROW_NAMES[v]} p50 ms @{n}" for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
-            return [ms(p["cells"][v]["latency_ms"][n]["p50_ms"], 2) for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
-        return []
-    return extra
+def _bytes_columns(p: dict | None) -> list[str]:
+    if p is None:
+        return ["bytes per code", "bytes/user at full L", "stored bytes/user, mean (max)"]
+    b = p["fm_history_bytes_per_user"]
+    return [str(b["code_bytes"]), str(b["full_history"]), f"{b['mean_stored']['mean']:.0f} ({b['max_stored']['mean']:.0f})"]
 
 
-def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str:
-    """Write the plots under docs/results/ and return the markdown of docs/results.md."""
+def _latency_columns(p: dict | None) -> list[str]:
+    if p is None:
+        return [f"{ROW_NAMES[v]} p50 ms @{n}" for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
+    return [ms(p["cells"][v]["latency_ms"][n]["p50_ms"], 2) for v in ("kd", "loopfm_kd") for n in ("100", "1000")]
+
+
+# experiments.yaml `columns`: extra columns of a table (the header when given None, else a point's values)
+COLUMNS = {"": lambda p: [], "fm": _fm_columns, "bytes": _bytes_columns, "latency": _latency_columns}
+# experiments.yaml `plot`: a named plot, else a list of metrics plotted per point
+PLOTS = {"latency": plot_encoder, "bytes": plot_compression}
+
+
+def render(results: dict, docs: Path, experiments: list[Experiment], header: str) -> str:
+    """Write the plots under docs/results/ and return the markdown of docs/results.md: the
+    goals, the main table, then every other experiment with its note, table, claims and plot."""
     plots = docs / "results"
     md = [header, "", "## Goals (issue 15: VM + LoopFM + KD vs VM + KD, the FM, the L sweep; bench world)", "",
           "| goal | measured (mean ± std over seeds) | p (t-test) | p (bootstrap) | met |", "|---|---|---|---|---|"]  # fmt: skip
@@ -153,7 +164,7 @@ def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str
         md.append(f"| gain non-decreasing in L | worst step {w['label']}: AUC {pct(w['auc']['relative'])}, NE {pct(w['ne']['relative'])} "
                   f"| {pval(w['auc']['p_ttest'])} / {pval(w['ne']['p_ttest'])} | {pval(w['auc']['p_bootstrap'])} / {pval(w['ne']['p_bootstrap'])} "
                   f"| {'yes' if step['met'] else 'no'} |")  # fmt: skip
-    md += ["", notes.get("goals", ""), "", "## Main table", "",
+    md += ["", next(e.note for e in experiments if e.name == "main"), "", "## Main table", "",
            "| model | AUC | LogLoss | NE | TR | Bayes gap closed |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in results["main"].items():
         gap = pct(row["bayes_gap_closed"]).replace("+", "") if "bayes_gap_closed" in row else "n/a"
@@ -165,16 +176,46 @@ def render(results: dict, docs: Path, notes: dict[str, str], header: str) -> str
         md.append(f"| Bayes (true p) | {ms(b['auc'])} | {ms(b['logloss'])} | {ms(b['ne'])} | | 100% |")
     plot_main(results, plots / "main.png")
     md += ["", *_claims_table(results["main_claims"]), "", "![main](results/main.png)", ""]
-    for name in ("gap", "length", "encoder", "compression", "freshness", "layer", "vm_size"):
-        if name not in results:
-            continue
-        entry = results[name]
-        md += [f"## {entry['title']}", "", notes.get(name, ""), "", *_cells_table(entry, _extra(name)), "", *_claims_table(entry["claims"]), ""]
-        if name == "encoder":
-            plot_encoder(entry, plots / f"{name}.png")
-        elif name == "compression":
-            plot_compression(entry, plots / f"{name}.png")
+    for e in (e for e in experiments if e.name != "main"):
+        entry = results[e.name]
+        note = f"{SWEEP_MARK} {e.note}" if e.on_sweep_world else e.note
+        md += [f"## {entry['title']}", "", note, "", *_cells_table(entry, COLUMNS[e.columns]), "", *_claims_table(entry["claims"]), ""]
+        if isinstance(e.plot, str):
+            PLOTS[e.plot](entry, plots / f"{e.name}.png")
         else:
-            plot_sweep(entry, SWEEP_PLOTS[name], plots / f"{name}.png")
-        md += [f"![{name}](results/{name}.png)", ""]
+            plot_sweep(entry, tuple(e.plot), plots / f"{e.name}.png")
+        md += [f"![{e.name}](results/{e.name}.png)", ""]
+    return "\n".join(md) + "\n"
+
+
+def render_real(summary_: dict, docs: Path, command: str) -> str:
+    """Write docs/results-real/<source>.png and return the markdown of docs/results-real.md:
+    a summary over the sources, then per source its models, claims and goals."""
+    from loopfm.eval.plots import plot_quality
+
+    datasets = summary_["datasets"]
+    run = summary_.get("run", {})
+    wall = f" ({run['wall_time_s'] / 60:.1f} min wall time with {run['jobs']} jobs on {run['machine']} shared with other work)" if run else ""
+    md = [f"# Results on data on disk\n\nMade by `{command}`{wall}: {summary_['seeds']} seeds, every number mean ± std over "
+          "seeds on the held-out window of the source's vertical; baselines fitted on the VM's training rows. Best "
+          "baseline = the baseline with the highest mean AUC (GBDT included). p = paired t-test over seeds / paired "
+          "bootstrap over held-out impressions.\n", "## Summary (AUC)\n",
+          "| source | FM | best baseline | base VM | VM + KD | VM + LoopFM | VM + LoopFM + KD | LoopFM+KD vs KD (p) |",
+          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, d in datasets.items():
+        m, best, gain = d["main"], d["best_baseline"], d["claims"]["loopfm_kd_vs_kd"]["auc"]
+        md.append(f"| {name} | {ms(m['fm']['auc'])} | {ROW_NAMES[best]}: {ms(d['baselines'][best]['auc'])} | "
+                  + " | ".join(ms(m[v]["auc"]) for v in ("base", "kd", "loopfm", "loopfm_kd"))
+                  + f" | {pct(gain['relative'])} ({pval(gain['p_ttest'])} / {pval(gain['p_bootstrap'])}) |")  # fmt: skip
+    goals = list(next(iter(datasets.values()))["goals"])
+    md += ["", "## Goals (issue 38)", "", "| goal | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    md += [f"| {g} | " + " | ".join("met" if d["goals"][g] else "**not met**" for d in datasets.values()) + " |" for g in goals]
+    for name, d in datasets.items():
+        md += ["", f"## {name} ({d['eval_rows']} held-out impressions)", "", "| model | AUC | NE |", "|---|---|---|"]
+        rows = {**d["baselines"], **d["main"]}
+        md += [f"| {ROW_NAMES[k]} | {ms(r['auc'])} | {ms(r['ne'])} |" for k, r in rows.items()]
+        claims = [{"label": c.replace("_vs_", " vs "), **v} for c, v in d["claims"].items()]
+        md += ["", *_claims_table(claims), "", f"![{name}](results-real/{name}.png)"]
+        plot_quality({k: {"auc": r["auc"]["mean"], "ne": r["ne"]["mean"]} for k, r in rows.items()}, docs / "results-real" / f"{name}.png",
+                     title=f"{name}: held-out window, mean of {summary_['seeds']} seeds")  # fmt: skip
     return "\n".join(md) + "\n"

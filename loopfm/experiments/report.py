@@ -1,4 +1,4 @@
-"""Per-seed predictions -> docs/results.json, docs/results.md and PNG plots.
+"""Per-seed predictions -> the results of docs/results.json and docs/results-real.json.
 
 Every number is computed here from what the runner wrote (eval labels, each cell's eval
 predictions, each world's FM predictions, measured sizes and latencies): nothing is typed in.
@@ -81,18 +81,15 @@ def _summaries(rows: list[dict]) -> dict[str, dict]:
     return {k: summary([r[k] for r in rows]) for k in rows[0]}
 
 
-def claim_stats(seeds: list[Seed], better: Cell, worse: Cell, reps: int) -> dict:
-    """Per-seed improvement of `better` over `worse` (AUC up, NE down), relative to `worse`,
-    with a paired t-test over seeds and a paired bootstrap over eval impressions. Both cells
-    must be of one scale (the same eval rows); ValueError otherwise."""
-    if better.world.home != worse.world.home:
-        raise ValueError(f"cannot pair {better.path} with {worse.path}: worlds of different scales")
-    ys = [s.labels(better.world) for s in seeds]
-    out = {"better": better.path, "worse": worse.path}
+def paired_claim(ys: list[np.ndarray], better: tuple[list[dict], list[np.ndarray]], worse: tuple[list[dict], list[np.ndarray]],
+                 reps: int) -> dict:  # fmt: skip
+    """Improvement of `better` over `worse` (AUC up, NE down), absolute and relative to `worse`,
+    with a paired t-test over seeds and a paired bootstrap over eval impressions. Each side is
+    (per-seed quality dicts, per-seed predictions); `ys` the per-seed labels."""
+    out = {}
     for metric, sign in (("auc", 1), ("ne", -1)):
-        a = [s.q[better.path][metric] for s in seeds]
-        b = [s.q[worse.path][metric] for s in seeds]
-        boot = paired_bootstrap(ys, [(sign, [s.pred[better.path] for s in seeds]), (-sign, [s.pred[worse.path] for s in seeds])], metric, reps)
+        a, b = [q[metric] for q in better[0]], [q[metric] for q in worse[0]]
+        boot = paired_bootstrap(ys, [(sign, better[1]), (-sign, worse[1])], metric, reps)
         out[metric] = {
             "improvement": summary([sign * (x - z) for x, z in zip(a, b)]),
             "relative": summary([sign * (x - z) / z for x, z in zip(a, b)]),
@@ -101,6 +98,14 @@ def claim_stats(seeds: list[Seed], better: Cell, worse: Cell, reps: int) -> dict
             "bootstrap_ci95": boot["ci95"],
         }
     return out
+
+
+def claim_stats(seeds: list[Seed], better: Cell, worse: Cell, reps: int) -> dict:
+    """paired_claim of two cells of one data and scale (the same eval rows); ValueError otherwise."""
+    if better.world.home != worse.world.home:
+        raise ValueError(f"cannot pair {better.path} with {worse.path}: worlds of different scales")
+    side = lambda c: ([s.q[c.path] for s in seeds], [s.pred[c.path] for s in seeds])  # noqa: E731
+    return {"better": better.path, "worse": worse.path, **paired_claim([s.labels(better.world) for s in seeds], side(better), side(worse), reps)}
 
 
 def tr_goal(seeds: list[Seed], reps: int) -> dict:
@@ -119,19 +124,19 @@ def tr_goal(seeds: list[Seed], reps: int) -> dict:
             "met": bool(excess["mean"] > 0 and max(p_t, boot["p"]) < ALPHA)}  # fmt: skip
 
 
-def goals(main_claim: dict, tr: dict) -> dict:
+def transfer_goals(e: Experiment, entry: dict, seeds: list[Seed], results: dict) -> dict:
+    """The main table's goals: its first claim (VM + LoopFM + KD vs VM + KD) by >= GOAL_REL in
+    AUC and NE with p < ALPHA on both tests, TR >= GOAL_TR_RATIO x TR(KD), and the FM closing
+    GOAL_FM_GAP of the base-to-Bayes NE gap (on the mean)."""
     out = {}
     for metric in ("auc", "ne"):
-        c = main_claim[metric]
+        c = entry["claims"][0][metric]
         met = c["relative"]["mean"] >= GOAL_REL and c["improvement"]["mean"] > 0 and max(c["p_ttest"], c["p_bootstrap"]) < ALPHA
         out[f"relative_{metric}_ge_1pct"] = {"relative": c["relative"], "p_ttest": c["p_ttest"], "p_bootstrap": c["p_bootstrap"], "met": bool(met)}
-    out["tr_ge_2x_kd"] = tr
+    out["tr_ge_2x_kd"] = tr_goal(seeds, 1000)
+    closed = results["main"]["fm"]["bayes_gap_closed"]
+    out["fm_closes_half_bayes_gap"] = {"closed": closed, "met": bool(closed["mean"] >= GOAL_FM_GAP)}
     return out
-
-
-def fm_gap_goal(fm: dict) -> dict:
-    """The FM (a main-table row) closes at least GOAL_FM_GAP of the base-to-Bayes NE gap, on the mean."""
-    return {"closed": fm["bayes_gap_closed"], "met": bool(fm["bayes_gap_closed"]["mean"] >= GOAL_FM_GAP)}
 
 
 def length_goal(e: Experiment, entry: dict) -> dict:
@@ -146,6 +151,13 @@ def length_goal(e: Experiment, entry: dict) -> dict:
 
     worst = min(steps, key=lambda c: c["auc"]["relative"]["mean"])
     return {"worst_step": worst, "met": not any(hurts(c, m) for c in steps for m in ("auc", "ne"))}
+
+
+# experiments.yaml `goals`: name -> the goals an experiment's entry is checked against
+GOALS = {
+    "transfer": transfer_goals,
+    "non_decreasing": lambda e, entry, seeds, results: {"gain_non_decreasing_in_l": length_goal(e, entry)},
+}
 
 
 def experiment_entry(e: Experiment, seeds: list[Seed], reps: int) -> dict:
@@ -204,14 +216,71 @@ def build_results(out: Path, experiments: list[Experiment], seeds: int) -> dict:
         results["bayes_ceiling"] = _summaries([quality(d.labels(MAIN), d.world_eval[MAIN.path]["bayes"].to_numpy()) for d in data])
     homes = [w for w in dict.fromkeys(c.world.home for c in cells) if w != MAIN]
     results["sweep_worlds"] = [sweep_world_entry(w, data) for w in homes]
+    results["goals"] = {}
     for e in experiments:
         entry = experiment_entry(e, data, reps=1000 if e.name == "main" else 200)
         if e.name == "main":
             results["main_claims"] = entry["claims"]
-            results["goals"] = goals(entry["claims"][0], tr_goal(data, 1000))
-            results["goals"]["fm_closes_half_bayes_gap"] = fm_gap_goal(results["main"]["fm"])
         else:
             results[e.name] = entry
-        if e.name == "length" and "goals" in results:
-            results["goals"]["gain_non_decreasing_in_l"] = length_goal(e, entry)
+        for goal in e.goals:
+            results["goals"].update(GOALS[goal](e, entry, data, results))
     return results
+
+
+# Issue 38's goals on data on disk (docs/experiments.md, "Real data")
+GOAL_FM_OVER_BASELINES = 1.01  # the FM's AUC >= the best baseline's x this
+GOAL_LOOPFM_KD_OVER_KD = 1.005  # VM + LoopFM + KD's AUC >= VM + KD's x this, paired t-test p < ALPHA_REAL
+ALPHA_REAL = 0.05
+ID_REGRESSIONS = ("lr_item", "lr_user_item")
+
+
+def load_real(out: Path, experiments: list[Experiment], seeds: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per source, per seed: the eval labels and every model's eval predictions (the FM and the
+    baselines from the world's eval.parquet, the VMs from their cells)."""
+    results = {}
+    for e in experiments:
+        cells = e.points[0].cells
+        home = next(iter(cells.values())).world.home
+        results[e.name] = []
+        for seed in range(seeds):
+            seed_dir = out / f"seed{seed}"
+            frame = pd.read_parquet(seed_dir / home.path / "eval.parquet")
+            results[e.name].append({**{c: frame[c].to_numpy() for c in frame.columns if c != "impression_id"},
+                                    **{v: np.load(seed_dir / c.path / "pred.npy").astype(np.float64) for v, c in cells.items()}})  # fmt: skip
+    return results
+
+
+def real_report(results: dict[str, list[dict[str, np.ndarray]]], claims: list[list[str]], reps: int = 1000) -> dict:
+    """Per source: every model's AUC / NE (mean, std over seeds), the baselines, the claims
+    `[A, B]` (A beats B: paired_claim) and issue 38's goals. A baseline's predictions are the
+    same for every seed (the data is fixed), so its t-test pairs seed-varying scores against a
+    constant."""
+    out: dict = {"datasets": {}, "seeds": min(len(v) for v in results.values())}
+    for name, seeds in results.items():
+        ys = [s["label"] for s in seeds]
+        models = ("fm", *VARIANTS, *BASELINES)
+        q = {m: [quality(s["label"], s[m]) for s in seeds] for m in models}
+        table = {m: {k: summary([r[k] for r in rows]) for k in ("auc", "ne")} for m, rows in q.items()}
+        side = lambda m: (q[m], [s[m] for s in seeds])  # noqa: E731
+        found = {f"{a}_vs_{b}": paired_claim(ys, side(a), side(b), reps) for a, b in claims}
+        auc = {m: table[m]["auc"]["mean"] for m in models}
+        best = max(BASELINES, key=auc.get)
+        gain = found["loopfm_kd_vs_kd"]["auc"]
+        out["datasets"][name] = {
+            "main": {m: table[m] for m in ("fm", *VARIANTS)},
+            "baselines": {m: table[m] for m in BASELINES},
+            "best_baseline": best,
+            "claims": found,
+            "goals": {
+                f"fm_auc_ge_best_baseline_x{GOAL_FM_OVER_BASELINES}": bool(auc["fm"] >= auc[best] * GOAL_FM_OVER_BASELINES),
+                "base_auc_ge_every_id_regression": bool(all(auc["base"] >= auc[m] for m in ID_REGRESSIONS)),
+                "every_vm_ne_lt_1": bool(all(table[v]["ne"]["mean"] < 1 for v in VARIANTS)),
+                "loopfm_auc_ge_base": bool(auc["loopfm"] >= auc["base"]),
+                f"loopfm_kd_auc_ge_kd_x{GOAL_LOOPFM_KD_OVER_KD}_p{ALPHA_REAL}": bool(
+                    auc["loopfm_kd"] >= auc["kd"] * GOAL_LOOPFM_KD_OVER_KD and gain["p_ttest"] < ALPHA_REAL),
+                "loopfm_kd_auc_ge_loopfm": bool(auc["loopfm_kd"] >= auc["loopfm"]),
+            },  # fmt: skip
+            "eval_rows": int(len(ys[0])),
+        }
+    return out

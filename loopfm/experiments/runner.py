@@ -1,5 +1,7 @@
-"""Run an experiment plan: worlds (synth -> FM -> log -> structure -> feast apply), then VM
-cells trained on one Feast retrieval per world, then ONNX latency of the timed cells.
+"""Run an experiment plan: worlds (synth or import -> FM -> log -> structure -> feast apply),
+then VM cells trained on one Feast retrieval per world, then ONNX latency of the timed cells.
+The same runner serves the synthetic experiments and data on disk (a world's `data` names a
+`plan.Source`).
 
 Resumable: every stage leaves a marker or its output file in its own directory under
 `out/seed<N>/`, and a finished stage or cell is never redone. Work is split into jobs, one
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -22,7 +25,7 @@ import pandas as pd
 from loopfm.core.children import worker_pool_start
 from loopfm.core.config import RunConfig, variant_named
 from loopfm.eval.results import reference_predictions
-from loopfm.experiments.plan import Cell, Overrides, World, cells_of
+from loopfm.experiments.plan import Cell, Overrides, Source, World, cells_of
 from loopfm.core.files import read_parquet, write_parquet, write_text
 from loopfm.core.rundir import RunPaths
 
@@ -39,13 +42,18 @@ class Progress:
         print(f"[{time.time() - self.started:7.1f} s] {message}", flush=True)
 
 
-def run_config(base: Overrides, seed: int, *overrides: Overrides) -> RunConfig:
-    """Defaults <- the plan's base overrides <- world/cell overrides; the seed drives world,
-    FM and VM alike, so seeds differ in everything that is random."""
-    cfg = RunConfig()
-    for key, value in (*base, *(kv for o in overrides for kv in o), ("world.seed", seed), ("vm.seed", seed)):
+def with_overrides(cfg: RunConfig, *overrides: Overrides) -> RunConfig:
+    """`cfg` with every (SECTION.KEY, value) of `overrides` applied in order, validated."""
+    for key, value in (kv for o in overrides for kv in o):
         cfg.override(f"{key}={json.dumps(value)}")
     return cfg.validate()
+
+
+def run_config(base: Overrides, seed: int, *overrides: Overrides) -> RunConfig:
+    """Defaults <- the plan's base overrides <- world/cell overrides; the seed drives world,
+    FM and VM alike, so seeds differ in everything that is random (on data on disk: the FM
+    and the VM)."""
+    return with_overrides(RunConfig(), base, *overrides, (("world.seed", seed), ("vm.seed", seed)))
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -69,33 +77,56 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redis_url: str, log: Progress) -> None:
-    """Synth and train the FM (root worlds only), then log, structure and `feast apply`."""
+def write_data(root: Path, world: World, base: Overrides, seed: int, sources: dict[str, Source]) -> None:
+    """A root world's data and config.json: the synthetic world simulated, or a source imported
+    (its span and sizes then configure the world, as `loopfm run` does; `base` keys stay as set)."""
     from loopfm.data.synth import write_world
+    from loopfm.pipeline.run import import_run
+
+    cfg = run_config(base, seed, *world.overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    if world.data:
+        source = sources[world.data]
+        import_run(root, cfg, source.data, source.options(), {key for key, _ in base})
+    else:
+        write_world(cfg.world, RunPaths(root))
+        cfg.save(root)
+
+
+def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redis_url: str, log: Progress,
+                  sources: dict[str, Source]) -> None:  # fmt: skip
+    """Write the data and train the FM (root worlds only), then log, structure and `feast apply`."""
     from loopfm.features.build import build_feature_tables
     from loopfm.features.store import feast_cli
     from loopfm.fm.log import log_embeddings
     from loopfm.fm.train import train_fm
 
-    cfg = run_config(base, seed, *world.overrides)
     root, wdir = seed_dir / world.root.path, seed_dir / world.path
     what = f"seed {seed} {world.path}"
-    root_cfg = run_config(base, seed, *world.root.overrides)
-    _stage(root, "synth", log, what, lambda: (root.mkdir(parents=True, exist_ok=True), write_world(root_cfg.world, RunPaths(root))))
-    _stage(root, "fm", log, what, lambda: train_fm(RunPaths(root), root_cfg, progress=False))
+    if not (wdir / ".world.done").exists() and not (root / "fm" / "checkpoints").exists():
+        (root / ".fm.done").unlink(missing_ok=True)  # its checkpoints were dropped (drop_checkpoints): train again
+    _stage(root, "data", log, what, lambda: write_data(root, world.root, base, seed, sources))
+    _stage(root, "fm", log, what, lambda: train_fm(RunPaths(root), RunConfig.load(root), progress=False))
     if world.log:
         _link(root / "data", wdir / "data")
         _link(root / "fm" / "checkpoints", wdir / "fm" / "checkpoints")
     paths = RunPaths(wdir)
 
     def structure() -> None:
+        cfg = with_overrides(RunConfig.load(root), world.log)
         cfg.save(wdir)
         log_embeddings(paths, cfg, progress=False)
-        build_feature_tables(paths, cfg)
+        build_feature_tables(paths, cfg, progress=lambda _: None)
         feast_cli(["apply"], wdir, redis_url)
         _write_world_summary(paths, cfg)
 
     _stage(wdir, "world", log, what, structure)
+
+
+def drop_checkpoints(root: Path) -> None:
+    """Remove a root world's FM checkpoints once every world of its job is logged: one per
+    streamed day, each the size of the FM (a long data set's would fill the disk)."""
+    shutil.rmtree(root / "fm" / "checkpoints", ignore_errors=True)
 
 
 def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
@@ -161,7 +192,7 @@ def train_cell(seed_dir: Path, cell: Cell, cfg: RunConfig, frames: tuple[pd.Data
 
 
 def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: Overrides, redis_url: str,
-            started: float, threads: int) -> None:  # fmt: skip
+            started: float, threads: int, sources: dict[str, Source]) -> None:  # fmt: skip
     """Everything that shares one (seed, FM): its worlds in order, each world's cells on one
     Feast retrieval (service vm_loopfm_kd, a superset of every variant's features)."""
     import torch
@@ -172,7 +203,7 @@ def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: O
     log = Progress(started)
     seed_dir = Path(out) / f"seed{seed}"
     for world in worlds:
-        prepare_world(seed_dir, world, base, seed, redis_url, log)
+        prepare_world(seed_dir, world, base, seed, redis_url, log, sources)
         todo = [c for c in cells if c.world == world and not _cell_done(seed_dir / c.path, c)]
         if not todo:
             continue
@@ -185,7 +216,8 @@ def run_job(out: str, seed: int, worlds: list[World], cells: list[Cell], base: O
         )
         log(f"seed {seed} {world.path}: Feast get_historical_features in {time.perf_counter() - t0:.1f} s")
         for cell in todo:
-            train_cell(seed_dir, cell, run_config(base, seed, *world.overrides, cell.vm), frames, log)
+            train_cell(seed_dir, cell, with_overrides(RunConfig.load(paths.root), cell.vm), frames, log)
+    drop_checkpoints(seed_dir / worlds[0].root.path)  # every world of a job shares one FM
 
 
 def measure_latency(seed_dir: Path, cell: Cell, repeats: int = 200) -> dict:
@@ -217,8 +249,10 @@ def measure_latency(seed_dir: Path, cell: Cell, repeats: int = 200) -> dict:
     return result
 
 
-def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: int, log: Progress) -> None:
-    """All worlds and cells of `experiments` for seeds 0..seeds-1, then the latency of timed cells."""
+def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: int, log: Progress,
+             sources: dict[str, Source] | None = None) -> None:  # fmt: skip
+    """All worlds and cells of `experiments` for seeds 0..seeds-1 (worlds of data on disk read
+    `sources`), then the latency of timed cells."""
     from loopfm.pipeline.services import local_redis
 
     cells = cells_of(experiments)
@@ -227,12 +261,14 @@ def run_plan(out: Path, experiments: list, seeds: int, base: Overrides, jobs: in
     for w in sorted(worlds, key=lambda w: len(w.log)):  # a root world before its derived worlds
         by_fm.setdefault(w.root, []).append(w)
     units = [(seed, ws) for ws in by_fm.values() for seed in range(seeds)]
-    units.sort(key=lambda u: (bool(u[1][0].scale), -len(u[1])))  # the longest jobs first: bench world, then most worlds
+    # seed by seed (a report over the first seeds can be made while later ones run), in each the
+    # longest jobs first: bench world, then most worlds
+    units.sort(key=lambda u: (u[0], bool(u[1][0].scale), -len(u[1])))
     log(f"{len(cells)} cells in {len(worlds)} worlds x {seeds} seeds; {len(units)} jobs on {jobs} process(es)")
     threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
     # feast apply talks to the online store; a private Valkey keeps any other Redis untouched.
     with local_redis() as redis_url:
-        args = [(str(out), s, ws, cells, base, redis_url, log.started, threads) for s, ws in units]
+        args = [(str(out), s, ws, cells, base, redis_url, log.started, threads, sources or {}) for s, ws in units]
         if jobs == 1:
             for a in args:
                 run_job(*a)

@@ -8,10 +8,10 @@ Causality scheme. Checkpoint i is the FM after training on days [0, i) only, so 
   space, which the LoopFM paper found matters more than freshness. VM examples start at
   day `warmup_days`, so every code and KD label they see comes from a checkpoint that
   trained only on data older than the example.
-- `rolling` (default): checkpoint max(d, W), i.e. the FM as it stood when the event happened
-  (trained on everything before that day; warm-up days take checkpoint W, which no VM example
-  precedes). Fresher, and it knows users who arrived after the warm-up, but the code space
-  drifts between days.
+- `rolling` (default): the newest checkpoint at or before max(d, W), i.e. the FM as it stood
+  when the event happened (trained on everything before that day's stream period; warm-up
+  days take checkpoint W, which no VM example precedes). Fresher, and it knows users who
+  arrived after the warm-up, but the code space drifts between days.
 
 Either way each log row records `fm_trained_until`, and tests check it against the time
 of every VM example that uses it.
@@ -36,7 +36,7 @@ from loopfm.core.timeunits import from_unix_us
 from loopfm.fm import plugin
 from loopfm.fm.inputs import build_inputs, input_batch
 from loopfm.fm.model import Compressor
-from loopfm.fm.train import current_training, load_checkpoint
+from loopfm.fm.train import current_training, load_checkpoint, saved_indices
 
 
 LOG_SOURCE_FILE = "log_source.json"  # beside the embedding log: {"fm": "loopfm", "training_id"} or {"fm": "imported"}
@@ -78,12 +78,15 @@ def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...],
     return logit.numpy(), encode_codes(z, cfg.fm.code_format)
 
 
-def checkpoint_index(cfg: RunConfig, day: int) -> int:
+def checkpoint_index(cfg: RunConfig, day: int, saved: np.ndarray) -> int:
     """The checkpoint that encodes an event of day `day` (module docstring): the warm-up one
-    under `frozen`; under `rolling` the FM as it stood that day, the newest for later days."""
+    under `frozen`; under `rolling` the newest of the `saved` indices at or before that day
+    (trained on earlier days only: a stream period's days take the checkpoint saved before it),
+    the newest for later days."""
     if cfg.fm.checkpoint_scheme == "frozen":
         return cfg.fm.warmup_days
-    return int(np.clip(day, cfg.fm.warmup_days, cfg.world.n_days))
+    day = int(np.clip(day, cfg.fm.warmup_days, cfg.world.n_days))
+    return int(saved[np.searchsorted(saved, day, side="right") - 1])
 
 
 def log_events(
@@ -99,8 +102,9 @@ def log_events(
     trained_until = np.zeros(n, dtype=np.int64)
     days = arrays["day"][rows]
     loaded: dict[int, tuple] = {}
+    saved = saved_indices(paths)
     for d in tqdm(np.unique(days), desc="fm log (days)", disable=not progress):
-        index = checkpoint_index(cfg, int(d))
+        index = checkpoint_index(cfg, int(d), saved)
         if index not in loaded:
             loaded = {index: load_checkpoint(paths, index)}
         fm, compressor, layers, until, known_users, known_items = loaded[index]

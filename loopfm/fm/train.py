@@ -7,7 +7,9 @@ layers. Checkpoints record the `fm.model` and layers they were trained with, so 
 rebuilds the same module.
 
 Checkpoints exist for W..n_days only: W is fit by epochs on the warm-up days with early
-stopping, later ones stream one day at a time. A checkpoint reads users and items it never
+stopping, later ones stream one day at a time, with a checkpoint at the end of each stream
+period (stream_periods: a day, or on data with fewer than `fm.batch_size` events a day the
+days that hold one batch). A checkpoint reads users and items it never
 trained on as unknown (a zero embedding the FM learned to use through id dropout), never
 through an untrained random embedding.
 
@@ -128,7 +130,8 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     Warm-up: checkpoint `fm.warmup_days` (W) is fit on days [0, W) by epochs, validated on the
     newest `fm.validation_fraction` of them, stopped `fm.patience` epochs after the best
     validation log loss and restored to it. Stream: every later day d is then seen
-    `passes_per_day` shuffled times, in day order, and checkpoint d + 1 saved. Each checkpoint
+    `passes_per_day` shuffled times, in day order, and checkpoint d + 1 saved when d ends a
+    stream period (stream_periods). Each checkpoint
     records the users and items it trained on; logging reads every other id as unknown.
 
     Data-parallel when world_size > 1 (torch.distributed already initialised, see
@@ -207,6 +210,7 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
         known_users[arrays["user_id"][warmup]] = known_items[arrays["item_id"][warmup]] = True
         save(cfg.fm.warmup_days)
         history: list[dict] = []
+        ends = {b for _, b in stream_periods(arrays["day"], cfg.fm.warmup_days, cfg.world.n_days, cfg.fm.batch_size)}
         for d in tqdm(range(cfg.fm.warmup_days, cfg.world.n_days), desc="fm stream (days)", disable=not progress):
             day_idx = np.flatnonzero(arrays["day"] == d)
             if day_idx.size:
@@ -215,7 +219,8 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
                 history.append({"day": d, "logloss": logloss, "recon_mse": recon_mse,
                                 "next_day_logloss": _validation_logloss(fm, arrays, next_day) if next_day.size else None})  # fmt: skip
                 known_users[arrays["user_id"][day_idx]] = known_items[arrays["item_id"][day_idx]] = True
-            save(d + 1)
+            if d + 1 in ends:
+                save(d + 1)
         if rank == 0:
             record = {"training_id": training_id, "data_sha256": data_sha256,
                       "checkpoints": sorted(p.name for p in folder.glob("ckpt_*.pt"))}  # fmt: skip
@@ -228,6 +233,27 @@ def train_fm(paths: RunPaths, cfg: RunConfig, progress: bool = True, rank: int =
     if rank == 0:
         write_text(paths.fm / "train_history.json", pd.Series(summary).to_json(indent=2))
     return summary
+
+
+def stream_periods(days: np.ndarray, start: int, end: int, min_events: int) -> list[tuple[int, int]]:
+    """The stream's steps after the warm-up: consecutive day ranges [a, b) covering [start, end),
+    each closed at the end of the first day at which it holds >= `min_events` events (the last
+    one at `end`). `days` [events] is each event's day. The FM saves a checkpoint at the end of
+    each: every day on busy data; on data with a few events a day (day-resolution reviews over
+    years) every period of about one batch, instead of a checkpoint the size of the FM per day."""
+    counts = np.bincount(days[(days >= start) & (days < end)] - start, minlength=end - start)
+    periods, a, held = [], start, 0
+    for d, n in enumerate(counts, start):
+        held += n
+        if held >= min_events:
+            periods.append((a, d + 1))
+            a, held = d + 1, 0
+    return periods + [(a, end)] if a < end else periods
+
+
+def saved_indices(paths: RunPaths) -> np.ndarray:
+    """The indices of the finished training's checkpoints (TRAINING_FILE), ascending."""
+    return np.array(sorted(int(name[len("ckpt_") : -len(".pt")]) for name in training(paths)["checkpoints"]))
 
 
 def _validation_logloss(fm: torch.nn.Module, arrays: dict[str, np.ndarray], rows: np.ndarray) -> float:

@@ -225,8 +225,30 @@ def demo(args: argparse.Namespace) -> None:
     env_redis_answers()
 
 
+def experiment_sources(args: argparse.Namespace) -> dict:
+    """experiment-real's named sources (plan.Source): a --suite of experiments.yaml, or --data
+    and --format with one --dataset NAME=COLUMN=VALUE per vertical; ConfigError naming the flag."""
+    from loopfm.experiments.plan import Source, real_sources
+
+    if args.suite:
+        if args.data or args.format or args.dataset:
+            raise ConfigError(f"--suite {args.suite} names its data: drop --data, --format and --dataset")
+        return real_sources(args.suite)
+    if not (args.data and args.format and args.dataset):
+        raise ConfigError("experiment-real needs --suite NAME, or --data, --format and at least one --dataset")
+    sources = {}
+    for entry in args.dataset:
+        name, sep, rule = entry.partition("=")
+        if not sep or not name or "=" not in rule:
+            raise ConfigError(f"--dataset {entry!r}: expected NAME=COLUMN=VALUE, e.g. comedy=genre=Comedy")
+        sources[name] = Source(args.data, args.format, rule)
+    return sources
+
+
 def experiment_real(args: argparse.Namespace) -> None:
-    existing(args.data, "--data")
+    """Every source's data is on disk (a suite's file named with its source)."""
+    for name, source in experiment_sources(args).items():
+        existing(source.data, f"--suite {args.suite}: source {name}:" if args.suite else "--data")
 
 
 def ingest(args: argparse.Namespace) -> None:

@@ -329,23 +329,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     from loopfm.experiments.main import run_experiments
 
-    overrides = [(assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or []]
+    overrides = tuple((assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or [])
     names = tuple(n.strip() for n in args.experiments.split(",") if n.strip())
-    run_experiments(args.out, args.docs or args.out, args.seeds, args.jobs, names, tuple(overrides), " ".join(["loopfm", *sys.argv[1:]]))
+    run_experiments(args.out, args.docs or args.out, args.seeds, args.jobs, names, overrides, " ".join(["loopfm", *sys.argv[1:]]))
 
 
 def cmd_experiment_real(args: argparse.Namespace) -> None:
-    from loopfm.experiments.real import run_real
+    from loopfm.experiments.main import run_real
+    from loopfm.pipeline.checks import experiment_sources
 
-    datasets = {}
-    for entry in args.dataset:
-        name, sep, rule = entry.partition("=")
-        if not sep or not name or "=" not in rule:
-            raise ConfigError(f"--dataset {entry!r}: expected NAME=COLUMN=VALUE, e.g. comedy=genre=Comedy")
-        datasets[name] = rule
     if args.seeds < 2:
         raise ConfigError("--seeds must be at least 2 (the claims are paired tests over seeds)")
-    run_real(args.data, args.format, datasets, args.seeds, args.out, args.docs or args.out, args.set or [])
+    overrides = tuple((assignment.partition("=")[0], setting_value(assignment)) for assignment in args.set or [])
+    run_real(experiment_sources(args), args.seeds, args.out, args.docs or args.out, overrides, args.jobs,
+             " ".join(["loopfm", *sys.argv[1:]]))  # fmt: skip
 
 
 def event_file_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -504,14 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override the bench config (7,600 users, Matryoshka dims 8,16), e.g. world.n_users=2000")  # fmt: skip
 
-    p = sub.add_parser("experiment-real", help="the main table with baselines on a dataset on disk, several seeds "
+    from loopfm.experiments.plan import DEFAULT
+
+    p = sub.add_parser("experiment-real", help="the main table with baselines on data on disk, several seeds "
                        "-> results-real.md/json (resumable)")  # fmt: skip
     p.set_defaults(func=cmd_experiment_real)
-    p.add_argument("--data", type=Path, required=True, help="the dataset's folder or file, as for `loopfm run`")
-    p.add_argument("--format", required=True, help="as for `loopfm run`")
-    p.add_argument("--dataset", action="append", required=True, metavar="NAME=COLUMN=VALUE",
+    p.add_argument("--suite", choices=list(DEFAULT["real"]["suites"]),
+                   help="a named set of sources of loopfm/experiments/experiments.yaml (instead of --data, --format, --dataset)")  # fmt: skip
+    p.add_argument("--data", type=Path, help="the dataset's folder or file, as for `loopfm run`")
+    p.add_argument("--format", help="as for `loopfm run`")
+    p.add_argument("--dataset", action="append", metavar="NAME=COLUMN=VALUE",
                    help="a named vertical rule (repeatable), e.g. comedy=genre=Comedy")  # fmt: skip
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, one (seed, source) at a time each (each torch "
+                   "thread-limited to 1 when more than one)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("runs/results-real"), help="run directories; an existing one is resumed")
     p.add_argument("--docs", type=Path, help="writes results-real.md, results-real.json, results-real/*.png "
                    "(default: the --out folder; make results-real passes docs)")  # fmt: skip
