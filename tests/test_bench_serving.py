@@ -98,6 +98,8 @@ def test_with_an_api_key_the_bench_servers_require_it_and_every_request_and_scra
     assert started_with == [{"LOOPFM_API_KEY": "the-benchs-key"}]
     points = [p for rates in result["open_loop"].values() for p in rates.values()] + result["capacity_runs"]
     assert points and all(p["sent"] > 0 and "http_401" not in p["errors"] for p in points), points
-    assert all(p["server"]["requests"] >= p["sent"] * 0.9 for rates in result["open_loop"].values() for p in rates.values())
+    # the server counted what it answered (a request the client gave up on under load may be unanswered)
+    answered = [(p["sent"] - sum(p["errors"].values()), p["server"]["requests"]) for rates in result["open_loop"].values() for p in rates.values()]
+    assert all(ok > 0 and counted >= ok * 0.9 for ok, counted in answered), answered
     assert result["item_cache_hit_ratio"] is not None  # /metrics scraped with the key
     assert all(r.get("skipped") or r["errors"] == 0 for r in result["wrk_closed_loop"].values())
