@@ -102,5 +102,4 @@ def test_with_an_api_key_the_bench_servers_require_it_and_every_request_and_scra
     answered = [(p["sent"] - sum(p["errors"].values()), p["server"]["requests"]) for rates in result["open_loop"].values() for p in rates.values()]
     assert all(ok > 0 and counted >= ok * 0.9 for ok, counted in answered), answered
     assert result["item_cache_hit_ratio"] is not None  # /metrics scraped with the key
-    # wrk's requests carried the key: without it every answer is a 401 (non-2xx); under load a few may be 503s or time out
-    assert all(r.get("skipped") or r["errors"] < 0.5 * r["rate"] * r["seconds"] for r in result["wrk_closed_loop"].values())
+    assert all(r.get("skipped") or r["errors"] == 0 for r in result["wrk_closed_loop"].values())
