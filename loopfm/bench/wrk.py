@@ -15,12 +15,15 @@ from loopfm.bench.loadtest import LoadSpec, RequestPool, auth_headers, request_b
 from loopfm.core.children import dies_with_this_process
 
 
+# wrk.format's headers default to wrk.headers, which also holds the command line's -H headers
+# (the API key): a headers table of the script's own would replace them.
 WRK_SCRIPT = """-- bodies cycled per request; written by loopfm/bench/wrk.py
 local bodies = {%s}
 local i = 0
+wrk.headers["content-type"] = "application/json"
 request = function()
   i = i %% #bodies + 1
-  return wrk.format("POST", "/score", {["content-type"] = "application/json"}, bodies[i])
+  return wrk.format("POST", "/score", nil, bodies[i])
 end
 """
 
