@@ -6,9 +6,9 @@ request has a deadline: a slow Redis gives 504s, not a pile-up.
 
 A well-formed request takes a short way to the endpoint (`ScoreRoute`): FastAPI's general
 request handling (content-type parsing through `email.message`, dependency solving, per-route
-telemetry hooks) was about a seventh of the server's CPU per /score (docs/serving.md, "Where
-the time goes"). Every other request, and any error the short way cannot reproduce exactly,
-goes FastAPI's way, so error bodies and their order are FastAPI's."""
+telemetry hooks) is a large share of the server's CPU per /score (docs/serving.md, "Where the
+server's CPU per /score goes over HTTP"). Every other request, and any error the short way
+cannot reproduce exactly, goes FastAPI's way, so error bodies and their order are FastAPI's."""
 
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ async def plain_call(request: Request, named: bool) -> dict[str, Any] | None:
     64 bits, lone surrogates, malformed JSON) FastAPI parses it again with `json.loads`."""
     if request.app.dependency_overrides or request.headers.get("content-type") != "application/json":
         return None
-    raw = await request.body()  # cached on the request: FastAPI's way reads it again for free
+    try:
+        raw = await request.body()  # cached on the request: FastAPI's way reads it again for free
+    except HTTPException:  # the guards' 413 and 408, which FastAPI's way raises as they are
+        raise
+    except Exception:  # a client gone mid-body: FastAPI's way answers it (400)
+        return None
     if not raw:
         return None
     try:
