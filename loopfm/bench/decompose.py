@@ -10,7 +10,10 @@ section of `loopfm bench serving` (1 worker), written into docs/benchmarks.md.
   GET /healthz (the no-op) and POST /score, with the same bodies.
 - CPU: the uvicorn process's (and its workers') CPU time per /score over an open-loop run
   at a fixed rate (`/proc/<pid>/stat`, utime + stime), against the Scorer's own CPU time per
-  call in process (`time.process_time`, ONNX Runtime's threads included).
+  call in process (`time.process_time`, ONNX Runtime's threads included), back to back and
+  paced like the open loop (the same rate, Poisson gaps: on this machine a call that follows
+  an idle gap costs more CPU than one that follows another, docs/serving.md), and the
+  server's CPU per GET /healthz at the same rate (what the HTTP stack costs with no handler).
 """
 
 from __future__ import annotations
@@ -77,9 +80,11 @@ def catalogue(pool: RequestPool) -> list[bytes]:
     return [request_body(user, pool.items[i : i + 1000].tolist(), 0) for i in range(0, len(pool.items), 1000)]
 
 
-def in_process(scorer: Scorer, redis_url: str, bodies: list[bytes]) -> dict[str, list[float]]:
+def in_process(scorer: Scorer, redis_url: str, bodies: list[bytes], rate: float | None = None) -> dict[str, list[float]]:
     """{step: seconds per body} after WARMUP bodies, and "scorer_cpu": the Scorer's CPU
-    seconds per call; `scorer` as worker_scorer builds it, its cache filled (`catalogue`)."""
+    seconds per call; with `rate`, also "scorer_cpu_paced": its CPU seconds per call when the
+    calls are spaced as an open loop at `rate` spaces requests (Poisson gaps, the loop idle in
+    between); `scorer` as worker_scorer builds it, its cache filled (`catalogue`)."""
     from serving.routers.score import scored_response
 
     clock = time.perf_counter
@@ -111,7 +116,19 @@ def in_process(scorer: Scorer, redis_url: str, bodies: list[bytes]) -> dict[str,
                     out[step].append(seconds)
                 scorer_cpu += cpu
         out["scorer_cpu"] = [scorer_cpu / max(1, len(bodies) - WARMUP)]
+        if rate is not None:
+            out["scorer_cpu_paced"] = [await paced_cpu(client, [parse_body(raw) for raw in bodies[WARMUP:]])]
         return out
+
+    async def paced_cpu(client, bodies: list[ScoreRequest]) -> float:
+        gaps = np.random.default_rng(5).exponential(1 / rate, len(bodies))
+        used = 0.0
+        for body, gap in zip(bodies, gaps):
+            await asyncio.sleep(gap)
+            cpu = time.process_time()
+            await scorer.score(client, body.user_id, body.candidate_item_ids, body.context.hour)
+            used += time.process_time() - cpu
+        return used / max(1, len(bodies))
 
     async def with_client() -> dict[str, list[float]]:
         client = redis.asyncio.Redis.from_url(redis_url)
@@ -161,16 +178,17 @@ def cpu_seconds(pids: set[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu_per_request(url: str, server_pid: int, pool: RequestPool, candidates: int, seconds: float,
-                           api_key: str | None = None) -> dict:  # fmt: skip
-    """The server's CPU µs per /score over an open-loop run at CPU_RATE, and what the run saw."""
+def server_cpu_per_request(url: str, server_pid: int, pool: RequestPool | None, candidates: int, seconds: float,
+                           api_key: str | None = None, path: str = "/score") -> dict:  # fmt: skip
+    """The server's CPU µs per request to `path` (a GET without `pool`) over an open-loop run
+    at CPU_RATE[candidates], and what the run saw."""
     from loopfm.pipeline.services import descendants
 
     pids = {server_pid} | descendants(server_pid)
     rate = CPU_RATE[candidates]
-    warm_up(url, pool, candidates=candidates, rate=rate, seconds=min(2.0, seconds), api_key=api_key)
+    warm_up(url, pool, path, candidates=candidates, rate=rate, seconds=min(2.0, seconds), api_key=api_key)
     before = cpu_seconds(pids)
-    report, _ = run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=3), pool, api_key=api_key)
+    report, _ = run_load(url, LoadSpec(rate=rate, duration_s=seconds, candidates=candidates, seed=3), pool, path, api_key)
     used = cpu_seconds(pids) - before
     return {"rate": rate, "seconds": seconds, "ok": report["ok"], "errors": report["errors"], "p50_ms": report["p50_ms"],
             "p99_ms": report["p99_ms"], "cpu_us": 1e6 * used / max(1, report["ok"])}  # fmt: skip
@@ -193,16 +211,19 @@ def decomposition(url: str, server_pid: int, model_dir: Path, redis_url: str, po
         bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=c, seed=11), pool, REQUESTS[c],
                                 np.random.default_rng(11))  # fmt: skip
         with pinned(cores["server"]):
-            steps = in_process(scorer, redis_url, bodies)
+            steps = in_process(scorer, redis_url, bodies, CPU_RATE[c])
         with pinned(cores["client"]):
             steps["noop"] = over_http(url, [http_request(url, "/healthz", None, api_key)] * len(bodies))
             steps["score"] = over_http(url, [http_request(url, "/score", b, api_key) for b in bodies])
             cpu = server_cpu_per_request(url, server_pid, pool, c, seconds, api_key)
-        row = {step: _percentiles(samples) for step, samples in steps.items() if step != "scorer_cpu"}
-        row["cpu"] = cpu | {"scorer_cpu_us": 1e6 * steps["scorer_cpu"][0]}
+            noop_cpu = server_cpu_per_request(url, server_pid, None, c, seconds, api_key, "/healthz")
+        row = {step: _percentiles(samples) for step, samples in steps.items() if not step.startswith("scorer_cpu")}
+        row["cpu"] = cpu | {"scorer_cpu_us": 1e6 * steps["scorer_cpu"][0], "scorer_cpu_paced_us": 1e6 * steps["scorer_cpu_paced"][0],
+                            "noop_cpu_us": noop_cpu["cpu_us"]}  # fmt: skip
         out[str(c)] = row
         log(f"  decomposition, {c} candidates: " + ", ".join(f"{s} {row[s]['p50_us']:.0f} µs" for s in LABELS)
-            + f"; server CPU {cpu['cpu_us']:.0f} µs per /score, Scorer {row['cpu']['scorer_cpu_us']:.0f} µs")  # fmt: skip
+            + f"; server CPU {cpu['cpu_us']:.0f} µs per /score, {noop_cpu['cpu_us']:.0f} per /healthz; Scorer "
+              f"{row['cpu']['scorer_cpu_us']:.0f} µs back to back, {row['cpu']['scorer_cpu_paced_us']:.0f} paced")  # fmt: skip
     return out
 
 
@@ -232,6 +253,13 @@ def markdown(table: dict) -> list[str]:
     lines.append("| Scorer CPU per call in process, µs | " + " | ".join(f"{table[c]['cpu']['scorer_cpu_us']:.0f}" for c in cs) + " |")
     lines.append("| server CPU ÷ Scorer CPU (goal at 100: ≤ 1.5) | "
                  + " | ".join(f"{table[c]['cpu']['cpu_us'] / table[c]['cpu']['scorer_cpu_us']:.2f}" for c in cs) + " |")  # fmt: skip
+    if all("scorer_cpu_paced_us" in table[c]["cpu"] for c in cs):  # tables written before these rows lack them
+        lines.append("| Scorer CPU per call in process, paced as the open loop (same rate, Poisson gaps), µs | "
+                     + " | ".join(f"{table[c]['cpu']['scorer_cpu_paced_us']:.0f}" for c in cs) + " |")  # fmt: skip
+        lines.append("| server CPU ÷ paced Scorer CPU | "
+                     + " | ".join(f"{table[c]['cpu']['cpu_us'] / table[c]['cpu']['scorer_cpu_paced_us']:.2f}" for c in cs) + " |")  # fmt: skip
+        lines.append("| server CPU per GET /healthz at the same rate, µs | "
+                     + " | ".join(f"{table[c]['cpu']['noop_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
     lines.append("| open-loop p50 / p99 during the CPU run | "
                  + " | ".join(f"{format_ms(table[c]['cpu']['p50_ms'])} / {format_ms(table[c]['cpu']['p99_ms'])}" for c in cs) + " |")  # fmt: skip
     return lines + [""]
