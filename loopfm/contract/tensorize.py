@@ -79,9 +79,10 @@ def _as_int(v: Any) -> int:
 def _id_matrix(columns: Sequence[Sequence[Any]], vocab: Sequence[int],
                counts: tuple[Sequence[Any], Sequence[Any]] | None = None) -> np.ndarray:  # fmt: skip
     """Categorical columns of U values each -> [U, len(columns)] int64 indices, shifted by one
-    (missing, malformed or outside the column's vocabulary in `vocab` -> 0); with `counts` (impressions, clicks), then their two activity bucket
-    columns -> [U, len(columns) + 2]. One array and one range check for every column, not one
-    per column and a stack: a request has one user, and a NumPy call costs more than its values."""
+    (missing, malformed or outside the column's vocabulary in `vocab` -> 0); with `counts`
+    (impressions, clicks), then their two activity bucket columns -> [U, len(columns) + 2].
+    One array and one range check for every column, not one per column and a stack: a request
+    has one user, and a NumPy call costs more than its few values."""
     ids = np.array([[_as_int(v) for v in column] for column in columns], dtype=np.int64).T + 1
     ids[(ids < 0) | (ids >= np.asarray(vocab))] = 0
     if counts is None:
@@ -110,7 +111,8 @@ def activity_bucket_arrays(n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np
     """`activity_buckets` of int64 arrays [U] of impressions `n` and clicks `k` (-1: missing)."""
     valid = (n >= 0) & (k >= 0) & (k <= n)
     log_odds = np.log(np.maximum(k, 0) + 1.0) - np.log(np.maximum(n - k, 0) + 1.0)
-    rate_bucket = np.minimum(np.maximum(np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN), 0), N_RATE_BUCKETS - 1).astype(np.int64) + 1  # np.clip, without its Python wrapper
+    rate = np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN)
+    rate_bucket = np.minimum(np.maximum(rate, 0), N_RATE_BUCKETS - 1).astype(np.int64) + 1  # np.clip without its Python wrapper
     count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
     return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)
 
@@ -155,7 +157,10 @@ def decode_fm_history(
     """Code sequences -> codes [U, length, code_dim] float32 and mask [U, length] float32."""
     packed, mask = _unpack_sequences(blobs, length, code_bytes(code_dim, code_format))
     mask = mask.astype(np.float32)
-    codes = _INT4_CODES[packed].reshape(*packed.shape[:-1], code_dim) if code_format == "int4" else decode_codes(packed, code_format)
+    if code_format == "int4":
+        codes = _INT4_CODES[packed].reshape(*packed.shape[:-1], code_dim)
+    else:
+        codes = decode_codes(packed, code_format)
     return codes * mask[:, :, None], mask
 
 
