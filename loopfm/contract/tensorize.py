@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from loopfm.contract.codec import code_bytes, decode_codes
+from loopfm.contract.codec import code_bytes, decode_codes, unpack_int4
 from loopfm.contract.names import (
     FM_HISTORY_FEATURE,
     ITEM_COUNT_FEATURES,
@@ -76,10 +76,20 @@ def _as_int(v: Any) -> int:
         return -1
 
 
-def _index(values: Sequence[Any], vocab: int) -> np.ndarray:
-    """Categorical values -> int64 indices, shifted by one; missing, malformed or out of range -> 0."""
-    out = np.array([_as_int(v) for v in values], dtype=np.int64) + 1
-    out[(out < 0) | (out >= vocab)] = 0
+def _id_matrix(columns: Sequence[Sequence[Any]], vocab: Sequence[int],
+               counts: tuple[Sequence[Any], Sequence[Any]] | None = None) -> np.ndarray:  # fmt: skip
+    """Categorical columns of U values each -> [U, len(columns)] int64 indices, shifted by one
+    (missing, malformed or outside the column's vocabulary in `vocab` -> 0); with `counts`
+    (impressions, clicks), then their two activity bucket columns -> [U, len(columns) + 2].
+    One array and one range check for every column, not one per column and a stack: a request
+    has one user, and a NumPy call costs more than its few values."""
+    ids = np.array([[_as_int(v) for v in column] for column in columns], dtype=np.int64).T + 1
+    ids[(ids < 0) | (ids >= np.asarray(vocab))] = 0
+    if counts is None:
+        return np.ascontiguousarray(ids)
+    out = np.empty((len(ids), len(columns) + 2), dtype=np.int64)
+    out[:, : len(columns)] = ids
+    out[:, len(columns)], out[:, len(columns) + 1] = activity_buckets(*counts)
     return out
 
 
@@ -101,7 +111,8 @@ def activity_bucket_arrays(n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np
     """`activity_buckets` of int64 arrays [U] of impressions `n` and clicks `k` (-1: missing)."""
     valid = (n >= 0) & (k >= 0) & (k <= n)
     log_odds = np.log(np.maximum(k, 0) + 1.0) - np.log(np.maximum(n - k, 0) + 1.0)
-    rate_bucket = np.clip(np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN), 0, N_RATE_BUCKETS - 1).astype(np.int64) + 1
+    rate = np.floor((log_odds - RATE_LOGIT_LOW) / RATE_LOGIT_BIN)
+    rate_bucket = np.minimum(np.maximum(rate, 0), N_RATE_BUCKETS - 1).astype(np.int64) + 1  # np.clip without its Python wrapper
     count_bucket = np.minimum(np.log2(np.maximum(n, 0) + 1).astype(np.int64), N_COUNT_BUCKETS - 1) + 1
     return np.where(valid, rate_bucket, 0), np.where(valid, count_bucket, 0)
 
@@ -146,7 +157,16 @@ def decode_fm_history(
     """Code sequences -> codes [U, length, code_dim] float32 and mask [U, length] float32."""
     packed, mask = _unpack_sequences(blobs, length, code_bytes(code_dim, code_format))
     mask = mask.astype(np.float32)
-    return decode_codes(packed, code_format) * mask[:, :, None], mask
+    if code_format == "int4":
+        codes = _INT4_CODES[packed].reshape(*packed.shape[:-1], code_dim)
+    else:
+        codes = decode_codes(packed, code_format)
+    return codes * mask[:, :, None], mask
+
+
+# [256, 2] float32: the two codes of every int4 byte (codec.unpack_int4), so decoding a history is
+# one gather instead of unpack_int4's shifts, stack and casts.
+_INT4_CODES = unpack_int4(np.arange(256, dtype=np.uint8)[:, None])
 
 
 def request_tensors(
@@ -156,14 +176,8 @@ def request_tensors(
     history, FM code history."""
     age_vocab, gender_vocab, hour_vocab, _, _ = spec.user_context_vocab
     age, gender = USER_FEATURES
-    user_context = np.stack(
-        [
-            _index(users[age], age_vocab),
-            _index(users[gender], gender_vocab),
-            _index(hours, hour_vocab),
-            *activity_buckets(*(users[f] for f in VM_COUNT_FEATURES)),
-        ],
-        axis=1,
+    user_context = _id_matrix(
+        [users[age], users[gender], hours], (age_vocab, gender_vocab, hour_vocab), tuple(users[f] for f in VM_COUNT_FEATURES)
     )
     tensors = {
         "user_context": user_context,
@@ -203,7 +217,5 @@ def candidate_tensors(items: Mapping[str, Sequence[Any]], spec: TensorSpec) -> n
     bucket (each +1; 0 = unknown, e.g. an item without stored features); with
     `spec.item_activity`, then the item's click-rate and count buckets from its counts
     so far (ITEM_COUNT_FEATURES, as `activity_buckets`; 0 where they are missing)."""
-    columns = [_index(items[f], vocab) for f, vocab in zip(ITEM_FEATURES, spec.candidate_vocab)]
-    if spec.item_activity:
-        columns += activity_buckets(*(items[f] for f in ITEM_COUNT_FEATURES))
-    return np.stack(columns, axis=1)
+    counts = tuple(items[f] for f in ITEM_COUNT_FEATURES) if spec.item_activity else None
+    return _id_matrix([items[f] for f in ITEM_FEATURES], spec.candidate_vocab[: len(ITEM_FEATURES)], counts)
