@@ -3,6 +3,7 @@ through request bodies, and its --latency report parsed."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,12 +16,14 @@ from loopfm.bench.loadtest import LoadSpec, RequestPool, auth_headers, request_b
 from loopfm.core.children import dies_with_this_process
 
 
+# The script names every header: wrk.format given a headers table sends only those, not -H's.
 WRK_SCRIPT = """-- bodies cycled per request; written by loopfm/bench/wrk.py
 local bodies = {%s}
+local headers = {%s}
 local i = 0
 request = function()
   i = i %% #bodies + 1
-  return wrk.format("POST", "/score", {["content-type"] = "application/json"}, bodies[i])
+  return wrk.format("POST", "/score", headers, bodies[i])
 end
 """
 
@@ -34,9 +37,10 @@ def wrk_closed_loop(url: str, pool: RequestPool, candidates: int, connections: i
     bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=candidates, seed=7), pool, 200, np.random.default_rng(7))
     with tempfile.TemporaryDirectory(prefix="loopfm-wrk-") as folder:
         script = Path(folder) / "score.lua"
-        script.write_text(WRK_SCRIPT % ", ".join(f"[[{b.decode()}]]" for b in bodies))
-        headers = [a for name, value in auth_headers(api_key).items() for a in ("-H", f"{name}: {value}")]
-        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", *headers, "-s", str(script), url]
+        headers = {"content-type": "application/json", **auth_headers(api_key)}
+        script.write_text(WRK_SCRIPT % (", ".join(f"[[{b.decode()}]]" for b in bodies),
+                                        ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items())))  # fmt: skip
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
         out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=dies_with_this_process()).stdout
     return parse_wrk(out) | {"connections": connections, "seconds": max(1, round(seconds))}
 
