@@ -8,10 +8,15 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# uv installs the extras (pip stays in the venv, for users). uv reads no pip.conf, so the local
+# wheels folder it names (WHEELS: torch's CPU build, which wins over PyPI's CUDA one) is passed on.
+UV := 'uv>=0.13,<0.14'
+WHEELS ?= /opt/wheels
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[train,dev,ray]'
+	$(BIN)/python -m pip install -q $(UV)
+	$(BIN)/uv pip install -q --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e '.[train,dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

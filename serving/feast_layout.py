@@ -5,7 +5,8 @@ Layout written by `feast materialize` / push (feast/infra/online_stores/redis.py
 - key: serialize_entity_key(EntityKey, version 3) + project name;
 - one hash field per feature: murmur3_32("view:feature"), 4 bytes little endian;
 - value: a serialized feast.types.Value protobuf; plus `_ts:<view>`, a protobuf Timestamp.
-tests/test_online_reader.py keeps this equal to FeatureStore.get_online_features.
+tests/test_online_reader.py keeps this equal to FeatureStore.get_online_features, and the
+encoders the live loop writes with equal to Feast's protobuf.
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, pos
         shift += 7
+
+
+def _varint_bytes(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_int64(v: int) -> bytes:
+    """feast.types.Value(int64_val=v) serialized, byte for byte (field 4, a varint of the
+    two's complement): what the live loop writes without importing the Feast SDK."""
+    return b"\x20" + _varint_bytes(int(v) & ((1 << 64) - 1))
+
+
+def encode_bytes(v: bytes) -> bytes:
+    """feast.types.Value(bytes_val=v) serialized, byte for byte (field 1, length-delimited)."""
+    return b"\x0a" + _varint_bytes(len(v)) + bytes(v)
 
 
 def _signed(v: int, bits: int) -> int:

@@ -15,7 +15,7 @@ def test_a_short_bench_applies_every_offered_event_and_writes_the_issue_schema(t
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     spec = StreamBenchSpec(rates=(300,), workers=(1,), duration_s=1.0, history_events=200_000, cost_rate=300,
-                           cost_duration_s=1.0, serving_rate=50, serving_stream_eps=200, serving_duration_s=1.0)  # fmt: skip
+                           cost_duration_s=1.0, serving_rate=50, serving_stream_eps=200, serving_duration_s=1.0, warmup_s=0.5)  # fmt: skip
     summary = run_stream_bench(run, tmp_path / "docs", spec, log=lambda *_: None)
     plot(summary, tmp_path / "docs" / "benchmarks-stream" / "freshness.png")  # as `loopfm bench stream` does
     written = json.loads((tmp_path / "docs" / "benchmarks-stream.json").read_text())

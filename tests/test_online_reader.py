@@ -8,7 +8,7 @@ import redis.asyncio
 from feast.protos.feast.types.Value_pb2 import Value
 
 from loopfm.contract.names import FM_HISTORY, ITEM_ACTIVITY, ITEM_FEATURES_VIEW, PROJECT, USER_PROFILE, VM_CLICK_HISTORY, views
-from serving.feast_layout import CorruptValue, decode_value, feature_refs
+from serving.feast_layout import CorruptValue, decode_value, encode_bytes, encode_int64, feature_refs
 from serving.online_reader import read_online_features
 
 USER_VIEWS, CLICK_VIEWS, ITEM_VIEWS = views(USER_PROFILE, FM_HISTORY), views(VM_CLICK_HISTORY), views(ITEM_FEATURES_VIEW, ITEM_ACTIVITY)
@@ -24,6 +24,13 @@ def test_decoder_agrees_with_feast_protobuf(value):
     expected = None if kind is None else getattr(value, kind)
     got = decode_value(value.SerializeToString())
     assert got == (pytest.approx(expected) if kind == "float_val" else expected)
+
+
+def test_the_live_loops_encoders_write_feasts_protobuf_byte_for_byte():
+    for v in (0, 1, -1, 127, 128, 300, 2**31, -(2**31) - 1, 2**53 + 1, 2**63 - 1, -(2**63)):
+        assert encode_int64(v) == Value(int64_val=v).SerializeToString(), v
+    for b in (b"", b"\x00", b"\x00\xff" * 64, bytes(range(256)) * 3):
+        assert encode_bytes(b) == Value(bytes_val=b).SerializeToString(), len(b)
 
 
 @pytest.mark.parametrize("blob", [b"\x0a\x05ab", b"\x20\xff", b"\x2d\x00\x00", b"\x12\x02\xff\xfe", b"\xa2\x01\x00"])

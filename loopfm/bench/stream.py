@@ -70,6 +70,7 @@ class StreamBenchSpec:
     serving_stream_eps: float = 1000.0
     serving_duration_s: float = 30.0
     new_entity_share: float = 0.001  # events from a user (and for an item) the run has never seen
+    warmup_s: float = 3.0  # each warm-up at 500 events/s (and of /score), and the stream's lead before /score is measured
 
 
 # ---- the world ---------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = Strea
         log(f"history cost: 1 worker on core {a}, {spec.cost_rate:g} events/s for {spec.cost_duration_s:g} s")
         workers = Workers(run_dir, url, [[a]], logs)
         workers.wait_for_leases(client)
-        offered_point(url, run_dir, workers, pool, pool.users, 500, 3.0, [b], 0, 0.0)  # warm-up
+        offered_point(url, run_dir, workers, pool, pool.users, 500, spec.warmup_s, [b], 0, 0.0)  # warm-up
         cost = []
         for label, users in (("world", pool.users), ("grown", None)):
             if users is None:
@@ -366,7 +367,7 @@ def run_stream_bench(run_dir: Path, out_dir: Path, spec: StreamBenchSpec = Strea
             log(f"freshness, {n_workers} worker(s) on cores {worker_cores}; Valkey and the producer on core {b}")
             workers = Workers(run_dir, url, worker_cores, logs)
             workers.wait_for_leases(client)
-            offered_point(url, run_dir, workers, pool, grown_users, 500, 3.0, [b], 2, spec.new_entity_share)  # warm-up
+            offered_point(url, run_dir, workers, pool, grown_users, 500, spec.warmup_s, [b], 2, spec.new_entity_share)  # warm-up
             for i, rate in enumerate(spec.rates):
                 point = offered_point(url, run_dir, workers, pool, grown_users, rate, spec.duration_s, [b], 10 + i,
                                       spec.new_entity_share)  # fmt: skip
@@ -400,7 +401,7 @@ def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec:
     out = {"rate": spec.serving_rate, "candidates": 100, "stream_eps": spec.serving_stream_eps,
            "cores": {"server": [a], "client": [b], "store": [b], "worker": [b], "producer": [b]}}  # fmt: skip
     try:
-        warm_up(server, requests, rate=spec.serving_rate, seconds=3.0)
+        warm_up(server, requests, rate=spec.serving_rate, seconds=spec.warmup_s)
         load = LoadSpec(rate=spec.serving_rate, duration_s=spec.serving_duration_s)
         alone, _ = run_load(server, load, requests)
         workers = Workers(run_dir, url, [[b]], logs)
@@ -408,7 +409,7 @@ def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec:
 
         client = sync_client(url)
         workers.wait_for_leases(client)
-        n = int(spec.serving_stream_eps * (spec.serving_duration_s + 6))
+        n = int(spec.serving_stream_eps * (spec.serving_duration_s + 2 * spec.warmup_s))
         first = pool.first_impression_id
         pool.first_impression_id += n
         messages = _messages(pool, users, n, first, 99, spec.new_entity_share)
@@ -417,7 +418,7 @@ def beside_serving(run_dir: Path, url: str, pool: Pool, users: np.ndarray, spec:
         producer = multiprocessing.get_context("spawn").Process(target=produce, args=(url, cfg.stream.partitions, cfg.stream.max_len,
                                                                                       messages, spec.serving_stream_eps, [b], results))  # fmt: skip
         producer.start()
-        time.sleep(3.0)  # the stream at its rate before the load starts
+        time.sleep(spec.warmup_s)  # the stream at its rate before the load starts
         streaming, _ = run_load(server, load, requests)
         report = results.get(timeout=spec.serving_duration_s + 60)  # the end of the schedule
         report = results.get(timeout=DRAIN_TIMEOUT_S + 10)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loopfm.contract.names import (
@@ -39,7 +38,7 @@ from loopfm.contract.names import (
     VM_HISTORY_FEATURE,
 )
 from loopfm.stream.state import UserState
-from serving.feast_layout import entity_key, feature_field, timestamp_field
+from serving.feast_layout import encode_bytes, encode_int64, entity_key, feature_field, timestamp_field
 
 STATE_FIELD = b"_loopfm:state"
 ITEM_IMPRESSIONS, ITEM_CLICKS = b"_loopfm:n", b"_loopfm:k"  # an item's counts as plain integers
@@ -90,14 +89,6 @@ return d
 """
 
 
-def int64_value(v: int) -> bytes:
-    return Value(int64_val=int(v)).SerializeToString()
-
-
-def bytes_value(v: bytes) -> bytes:
-    return Value(bytes_val=v).SerializeToString()
-
-
 def timestamp_value(unix_us: int) -> bytes:
     """A Feast `_ts:<view>` value: a protobuf Timestamp."""
     ts = Timestamp(seconds=unix_us // 1_000_000, nanos=(unix_us % 1_000_000) * 1000)
@@ -121,9 +112,9 @@ def user_fields(state: UserState, write_us: int) -> dict[bytes, bytes]:
     codes, newest, until = FM_HISTORY_FEATURES
     return {
         STATE_FIELD: state.to_bytes(),
-        feature_field(FM_HISTORY, codes): bytes_value(b"".join(bytes.fromhex(c) for c in state.fm_codes)),
-        feature_field(FM_HISTORY, newest): int64_value(state.fm_newest_available_us),
-        feature_field(FM_HISTORY, until): int64_value(state.fm_trained_until_us),
+        feature_field(FM_HISTORY, codes): encode_bytes(b"".join(bytes.fromhex(c) for c in state.fm_codes)),
+        feature_field(FM_HISTORY, newest): encode_int64(state.fm_newest_available_us),
+        feature_field(FM_HISTORY, until): encode_int64(state.fm_trained_until_us),
         timestamp_field(FM_HISTORY): timestamp_value(write_us),
     }
 
@@ -134,9 +125,9 @@ def vm_history_fields(state: UserState, vertical: str, write_us: int) -> dict[by
     items = np.asarray(state.vm_clicks.get(vertical, []), dtype="<i4").tobytes()
     n_field, k_field = VM_COUNT_FEATURES
     return {
-        feature_field(VM_CLICK_HISTORY, VM_HISTORY_FEATURE): bytes_value(items),
-        feature_field(VM_CLICK_HISTORY, n_field): int64_value(impressions),
-        feature_field(VM_CLICK_HISTORY, k_field): int64_value(clicks),
+        feature_field(VM_CLICK_HISTORY, VM_HISTORY_FEATURE): encode_bytes(items),
+        feature_field(VM_CLICK_HISTORY, n_field): encode_int64(impressions),
+        feature_field(VM_CLICK_HISTORY, k_field): encode_int64(clicks),
         timestamp_field(VM_CLICK_HISTORY): timestamp_value(write_us),
     }
 
@@ -155,6 +146,6 @@ def item_count_args(partition: int, entries: Sequence[tuple[str, int]], write_us
 def item_feature_fields(dense: int, category: int, brand: int, price_bucket: int, write_us: int) -> dict[bytes, bytes]:
     """A catalog upsert's `item_features`: the item's dense index and attributes."""
     values = dict(zip(ITEM_FEATURES, (dense, category, brand, price_bucket)))
-    return {**{feature_field(ITEM_FEATURES_VIEW, f): int64_value(v) for f, v in values.items()},
+    return {**{feature_field(ITEM_FEATURES_VIEW, f): encode_int64(v) for f, v in values.items()},
             timestamp_field(ITEM_FEATURES_VIEW): timestamp_value(write_us)}  # fmt: skip
 
