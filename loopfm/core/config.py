@@ -66,7 +66,7 @@ class DataConfig:
     latent_dim: int = 8  # synthetic only: the interest vectors' size
     interest_drift: float = 0.2  # synthetic only: share of the daily interest vector that is renewed
     fm_signal_noise: float = 0.7  # synthetic only: noise on the FM-only intent signal, the feature-gap knob
-    start_date: str = "2026-09-01"
+    start_date: str = "2026-09-01"  # the synthetic world's first day (a value of the data, not history); an import sets its own
 
 
 @dataclass
