@@ -10,20 +10,26 @@ venv: $(STAMP)
 
 # uv installs the extras (pip stays in the venv, for users). uv reads no pip.conf, so the local
 # wheels folder it names (WHEELS: torch's CPU build, which wins over PyPI's CUDA one) is passed on.
+# --compile-bytecode: uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE is set
+# Python never writes them either, so every process would compile Feast, torch and pandas from
+# source again (`import feast` 8.3 s against 5.0 s, docs/developing.md "Test time").
 UV := 'uv>=0.13,<0.14'
 WHEELS ?= /opt/wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(UV)
-	$(BIN)/uv pip install -q --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e '.[train,dev,ray]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) -e '.[train,dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/loopfm demo
 
+# pytest-xdist: each worker takes whole files (their module fixtures are built once) and builds
+# the session's run itself; 2 workers on this 2-core machine (docs/developing.md "Test time").
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/benchmarks.{md,json}
 	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q wrk >/dev/null; } \

@@ -42,7 +42,10 @@ class Context(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The example is what /docs shows and what schemathesis sends first (tests/test_fuzz.py).
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"user_id": 3, "candidate_item_ids": [801, 802], "context": {"hour": 9}}]}
+    )
     user_id: EntityId
     candidate_item_ids: list[EntityId] = Field(
         ..., min_length=1, max_length=MAX_CANDIDATES, description="scored in this order"

@@ -65,7 +65,10 @@ def test_the_server_still_answers_after_the_fuzzing(fuzzed_server):
             counts[status] = counts.get(status, 0) + float(line.split()[-1])
     print(f"responses by status during the fuzz: {counts}")
     # Valid and invalid bodies both arrived. Schema-valid ids are integers or strings; this
-    # model's are int64, so a schema-valid body holding a string id is a 422 too (14 were 200 here).
+    # model's are int64, so a schema-valid body holding a string id is a 422 too. How many
+    # generated bodies are valid depends on the constants Hypothesis collects from the modules
+    # loaded (2 of 136 under pytest-xdist before the schema had an example); the schema's own
+    # example (schemas.ScoreRequest), sent as it is and mutated from, keeps them many.
     assert counts.get("200", 0) >= 10 and counts.get("422", 0) >= 100
     assert not any(status.startswith("5") for status in counts)
     body = {"user_id": 3, "candidate_item_ids": [801, 802]}
