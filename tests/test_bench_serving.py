@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loopfm.bench.serving import _histogram_summary, configurations, run_serving_bench
+from loopfm.bench.serving import _histogram_summary, configurations, run_serving_bench, sum_histograms
 from loopfm.bench.serving_report import markdown, plot_summary
 from loopfm.bench.wrk import parse_wrk
 
@@ -103,3 +103,12 @@ def test_with_an_api_key_the_bench_servers_require_it_and_every_request_and_scra
     assert all(ok > 0 and counted >= ok * 0.9 for ok, counted in answered), answered
     assert result["item_cache_hit_ratio"] is not None  # /metrics scraped with the key
     assert all(r.get("skipped") or r["errors"] == 0 for r in result["wrk_closed_loop"].values())
+
+
+def test_workers_histograms_sum_over_every_bound_even_when_the_first_worker_has_served_none():
+    """Two workers behind one port: the one a scrape reaches first may not have served /score
+    yet (it then has no buckets); the sum still counts the other's requests."""
+    idle, busy = {}, {0.001: 3.0, 0.005: 9.0, float("inf"): 10.0}
+    assert sum_histograms([idle, busy]) == busy
+    assert sum_histograms([busy, {0.001: 1.0, 0.005: 1.0, float("inf"): 2.0}]) == {0.001: 4.0, 0.005: 10.0, float("inf"): 12.0}
+    assert _histogram_summary(sum_histograms([idle, busy]), sum_histograms([idle, idle]))["requests"] == 10.0

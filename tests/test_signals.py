@@ -133,17 +133,29 @@ def holds_lock(pid: int, run: Path) -> bool:
     return str(lock_path(run)) in {os.readlink(folder / fd) for fd in os.listdir(folder)}
 
 
+def outlives(pids: set[int], grace_s: float) -> bool:
+    """Whether one of `pids` is still alive `grace_s` from now: a process closes its files on
+    its way out before it turns zombie, so one seen alive just after its lock came free may be
+    exiting."""
+    deadline = time.monotonic() + grace_s
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def locked_until_gone(run: Path, pids: set[int], within_s: float = 60.0) -> list[str] | None:
     """Try to lock `run` until it succeeds (within `within_s`): the refusals met on the way,
-    or None if the lock was taken while one of `pids` still lived (or never)."""
+    or None if the lock was taken while one of `pids` still ran (or never). Who lives is read
+    once the lock is held: read before, a process could end between the look and the lock."""
     from loopfm.core.rundir import RunDirBusy, run_dir_lock
 
     refusals, deadline = [], time.monotonic() + within_s
     while time.monotonic() < deadline:
-        living = [p for p in pids if alive(p)]
         try:
             with run_dir_lock(run, "a second training"):
-                return None if living else refusals
+                return None if outlives(pids, grace_s=0.5) else refusals
         except RunDirBusy as busy:
             refusals.append(str(busy))
             time.sleep(0.02)

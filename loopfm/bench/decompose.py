@@ -253,13 +253,12 @@ def markdown(table: dict) -> list[str]:
     lines.append("| Scorer CPU per call in process, µs | " + " | ".join(f"{table[c]['cpu']['scorer_cpu_us']:.0f}" for c in cs) + " |")
     lines.append("| server CPU ÷ Scorer CPU (goal at 100: ≤ 1.5) | "
                  + " | ".join(f"{table[c]['cpu']['cpu_us'] / table[c]['cpu']['scorer_cpu_us']:.2f}" for c in cs) + " |")  # fmt: skip
-    if all("scorer_cpu_paced_us" in table[c]["cpu"] for c in cs):  # tables written before these rows lack them
-        lines.append("| Scorer CPU per call in process, paced as the open loop (same rate, Poisson gaps), µs | "
-                     + " | ".join(f"{table[c]['cpu']['scorer_cpu_paced_us']:.0f}" for c in cs) + " |")  # fmt: skip
-        lines.append("| server CPU ÷ paced Scorer CPU | "
-                     + " | ".join(f"{table[c]['cpu']['cpu_us'] / table[c]['cpu']['scorer_cpu_paced_us']:.2f}" for c in cs) + " |")  # fmt: skip
-        lines.append("| server CPU per GET /healthz at the same rate, µs | "
-                     + " | ".join(f"{table[c]['cpu']['noop_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
+    lines.append("| Scorer CPU per call in process, paced as the open loop (same rate, Poisson gaps), µs | "
+                 + " | ".join(f"{table[c]['cpu']['scorer_cpu_paced_us']:.0f}" for c in cs) + " |")  # fmt: skip
+    lines.append("| server CPU ÷ paced Scorer CPU | "
+                 + " | ".join(f"{table[c]['cpu']['cpu_us'] / table[c]['cpu']['scorer_cpu_paced_us']:.2f}" for c in cs) + " |")  # fmt: skip
+    lines.append("| server CPU per GET /healthz at the same rate, µs | "
+                 + " | ".join(f"{table[c]['cpu']['noop_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
     lines.append("| open-loop p50 / p99 during the CPU run | "
                  + " | ".join(f"{format_ms(table[c]['cpu']['p50_ms'])} / {format_ms(table[c]['cpu']['p99_ms'])}" for c in cs) + " |")  # fmt: skip
     return lines + [""]

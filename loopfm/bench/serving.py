@@ -30,6 +30,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Iterable
 
 import httpx
 import numpy as np
@@ -252,7 +253,14 @@ def server_histogram(url: str, workers: int, path: str = "/score", within_s: flo
         per_worker[worker] = buckets
     if len(per_worker) < workers:
         raise RuntimeError(f"/metrics answered from {len(per_worker)} of {workers} workers within {within_s:.0f} s")
-    return {le: sum(b.get(le, 0.0) for b in per_worker.values()) for le in next(iter(per_worker.values()))}
+    return sum_histograms(per_worker.values())
+
+
+def sum_histograms(histograms: Iterable[dict[float, float]]) -> dict[float, float]:
+    """{upper bound: requests <= it} summed over workers' histograms, every bound any of them
+    has: a worker that has served no request of the path yet has no buckets at all."""
+    histograms = list(histograms)
+    return {le: sum(h.get(le, 0.0) for h in histograms) for le in sorted(set().union(*histograms))}
 
 
 def _histogram_summary(after: dict[float, float], before: dict[float, float]) -> dict:
