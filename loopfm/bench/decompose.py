@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # serving is imported when the bench runs (the serving instal
 
 CANDIDATES = (10, 100, 1000)
 REQUESTS = {10: 400, 100: 400, 1000: 150}  # distinct bodies per count, each step timed once per body
+FULL_SECONDS = 10.0  # the CPU run of `make bench-serving`; a shorter run times fewer bodies (at least MIN_REQUESTS)
+MIN_REQUESTS = 40
 WARMUP = 30  # requests per count before timing: caches filled, code paths warm
 CPU_RATE = {10: 200.0, 100: 200.0, 1000: 50.0}  # req/s of the CPU run (the open-loop points of the bench)
 STEPS = ("parse", "lookup", "redis", "tensorize", "onnx", "encode", "scorer")
@@ -198,9 +200,12 @@ def decomposition(url: str, server_pid: int, model_dir: Path, redis_url: str, po
                   seconds: float, log=print, api_key: str | None = None) -> dict:  # fmt: skip
     """Per candidate count: {step: p50/p90/p99 µs} (the steps, "noop", "score") and "cpu": the
     server's CPU µs per /score at a fixed rate beside the Scorer's per call. `cores` as in
-    loopfm.bench.serving.configurations (server, client); `seconds` per CPU run; requests carry
-    `api_key` if given."""
-    out: dict = {"requests": REQUESTS, "cpu_rate": CPU_RATE, "load": os.getloadavg()}
+    loopfm.bench.serving.configurations (server, client); `seconds` per CPU run, the bodies per
+    count REQUESTS scaled by seconds / FULL_SECONDS when shorter; requests carry `api_key` if
+    given."""
+    scale = min(1.0, seconds / FULL_SECONDS)
+    requests = {c: max(MIN_REQUESTS, round(n * scale)) for c, n in REQUESTS.items()}
+    out: dict = {"requests": requests, "cpu_rate": CPU_RATE, "load": os.getloadavg()}
     fill = catalogue(pool)
     with pinned(cores["server"]):
         scorer = worker_scorer(model_dir)
@@ -208,7 +213,7 @@ def decomposition(url: str, server_pid: int, model_dir: Path, redis_url: str, po
     with pinned(cores["client"]):
         over_http(url, [http_request(url, "/score", b, api_key) for b in fill])
     for c in CANDIDATES:
-        bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=c, seed=11), pool, REQUESTS[c],
+        bodies = request_bodies(LoadSpec(rate=1, duration_s=1, candidates=c, seed=11), pool, requests[c],
                                 np.random.default_rng(11))  # fmt: skip
         with pinned(cores["server"]):
             steps = in_process(scorer, redis_url, bodies, CPU_RATE[c])

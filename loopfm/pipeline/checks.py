@@ -182,7 +182,8 @@ def vm_train(args: argparse.Namespace) -> None:
 
 def vm_export(args: argparse.Namespace) -> None:
     features_applied(args.run_dir)
-    need(RunPaths(args.run_dir).vm / args.variant / "model.pt", f"loopfm vm train --variant {args.variant} --run-dir {args.run_dir}")
+    for variant in args.variant or ["loopfm_kd"]:
+        need(RunPaths(args.run_dir).vm / variant / "model.pt", f"loopfm vm train --variant {variant} --run-dir {args.run_dir}")
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -208,8 +208,10 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
     from loopfm.features.store import open_store
     from loopfm.vm.export import export_variant
 
-    meta = export_variant(RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir), args.variant)
-    print(f"exported {meta['model_version']}; parity {meta['parity']}")
+    paths, cfg, store = RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir)
+    for variant in dict.fromkeys(args.variant or ["loopfm_kd"]):  # named twice, exported once
+        meta = export_variant(paths, cfg, store, variant)
+        print(f"exported {meta['model_version']}; parity {meta['parity']}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -415,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm = sub.add_parser("vm", help="vertical models").add_subparsers(dest="cmd", required=True)
     p = command(vm, "train", cmd_vm_train, "train variants and write the quality table")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable; default: all four")
-    p = command(vm, "export", cmd_vm_export, "export a variant to ONNX (with parity check)")
-    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p = command(vm, "export", cmd_vm_export, "export variants to ONNX (with parity check)")
+    p.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable; default: loopfm_kd")
 
     p = command(sub, "serve", cmd_serve, "serve /score (starts a local Redis and materializes if no REDIS_URL)")
     p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
