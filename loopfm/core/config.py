@@ -34,6 +34,7 @@ class Variant:
 _VARIANTS = (Variant("base", False, False), Variant("kd", False, True), Variant("loopfm", True, False),
              Variant("loopfm_kd", True, True))  # fmt: skip
 VARIANTS = tuple(v.name for v in _VARIANTS)  # names, in the results table's order
+SERVED_VARIANT = "loopfm_kd"  # what the demo serves and the commands export, serve and load-test by default
 ENCODERS = ("sum", "mean", "dot", "dot_mlp", "din")  # how a VM pools a history (loopfm/vm/model.py)
 HISTORY_EVENTS = ("clicks", "impressions")  # whose codes the FM history holds (loopfm/features/build.py)
 

@@ -16,7 +16,7 @@ import os
 import socket
 from pathlib import Path
 
-from loopfm.core.config import ConfigError, RunConfig
+from loopfm.core.config import SERVED_VARIANT, ConfigError, RunConfig
 from loopfm.core.rundir import RunPaths, unwritable
 
 
@@ -182,7 +182,7 @@ def vm_train(args: argparse.Namespace) -> None:
 
 def vm_export(args: argparse.Namespace) -> None:
     features_applied(args.run_dir)
-    for variant in args.variant or ["loopfm_kd"]:
+    for variant in args.variant or [SERVED_VARIANT]:
         need(RunPaths(args.run_dir).vm / variant / "model.pt", f"loopfm vm train --variant {variant} --run-dir {args.run_dir}")
 
 

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from loopfm.core.config import VARIANTS, ConfigError, RunConfig, setting_value
+from loopfm.core.config import SERVED_VARIANT, VARIANTS, ConfigError, RunConfig, setting_value
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 TIME_UNITS = ("s", "ms", "us", "ns")  # loopfm.data.parse.TIME_UNITS, without importing pandas for every command
@@ -209,7 +209,7 @@ def cmd_vm_export(args: argparse.Namespace) -> None:
     from loopfm.vm.export import export_variant
 
     paths, cfg, store = RunPaths(args.run_dir), RunConfig.load(args.run_dir), open_store(args.run_dir)
-    for variant in dict.fromkeys(args.variant or ["loopfm_kd"]):  # named twice, exported once
+    for variant in dict.fromkeys(args.variant or [SERVED_VARIANT]):  # named twice, exported once
         meta = export_variant(paths, cfg, store, variant)
         print(f"exported {meta['model_version']}; parity {meta['parity']}")
 
@@ -418,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(vm, "train", cmd_vm_train, "train variants and write the quality table")
     p.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable; default: all four")
     p = command(vm, "export", cmd_vm_export, "export variants to ONNX (with parity check)")
-    p.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable; default: loopfm_kd")
+    p.add_argument("--variant", action="append", choices=VARIANTS, help=f"repeatable; default: {SERVED_VARIANT}")
 
     p = command(sub, "serve", cmd_serve, "serve /score (starts a local Redis and materializes if no REDIS_URL)")
-    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--variant", choices=VARIANTS, default=SERVED_VARIANT)
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--redis-url")
     p.add_argument("--workers", type=positive_int, default=os.environ.get("LOOPFM_WORKERS", "1"),
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "loadtest", cmd_loadtest, "open-loop load test of /score (loopback only)")
     p.add_argument("--url", help="a running server on loopback; default: start one for the run")
-    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--variant", choices=VARIANTS, default=SERVED_VARIANT)
     p.add_argument("--rate", type=positive_float, default=200.0, help="offered requests per second")
     p.add_argument("--duration", type=positive_float, default=20.0, help="seconds of sending (bounded)")
     p.add_argument("--candidates", type=positive_int, default=100)
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = command(bench, "serving", cmd_bench_serving, "open loop, /healthz floor, capacity, wrk; 1 and 2 workers, pinned cores")
-    p.add_argument("--variant", choices=VARIANTS, default="loopfm_kd")
+    p.add_argument("--variant", choices=VARIANTS, default=SERVED_VARIANT)
     p.add_argument("--out", type=Path, default=Path("docs"), help="writes benchmarks.md/json and benchmarks/ plots")
     p.add_argument("--duration", type=positive_float, default=30.0,
                    help="seconds per open-loop point (a third of it per /healthz, sweep, wrk and four-path point); ~10 min at 30")

@@ -10,13 +10,11 @@ import httpx
 import numpy as np
 
 from loopfm.contract.names import ITEM_KEY
-from loopfm.core.config import RunConfig
+from loopfm.core.config import SERVED_VARIANT, RunConfig
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
 from loopfm.data.ids import IdMap
 from loopfm.pipeline.stages import stage
-
-SERVED_VARIANT = "loopfm_kd"
 
 
 def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int, candidates: int = 100) -> dict:
