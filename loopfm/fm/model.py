@@ -43,9 +43,11 @@ class FoundationModel(nn.Module):
     """loopfm's FM: returns the logit and the layers `embedding` (the concatenated inputs),
     `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
 
-    # Parameters of the wide part (first-order terms), trained fm.wide_lr_multiplier times faster
-    # (loopfm/fm/plugin.py: wide_parameters), as the VM's candidate biases are.
-    wide_parameter_prefixes = ("user_bias.", "item_bias.", "rate_weight")
+    # The rate weights, trained fm.wide_lr_multiplier times faster (loopfm/fm/plugin.py:
+    # wide_parameters): from 0 at fm.lr they barely move in a warm-up of a few hundred steps. The id
+    # biases train at fm.lr: faster, they overfit Ciao's items, most rated once (docs/training.md,
+    # "Click rates so far").
+    wide_parameter_prefixes = ("rate_weight",)
 
     def __init__(self, s: FMShapes):
         super().__init__()
