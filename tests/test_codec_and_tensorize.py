@@ -47,7 +47,7 @@ def test_missing_and_out_of_vocabulary_values_become_zero_instead_of_failing():
         "clicks": [1, 5],  # more clicks than impressions: inconsistent, unknown
     }
     t = request_tensors(users, [13, 99], SPEC)
-    assert t["user_context"].tolist() == [[4, 2, 14, 27, 3], [0, 0, 0, 0, 0]]
+    assert t["user_context"].tolist() == [[4, 2, 14, 53, 3], [0, 0, 0, 0, 0]]
     assert t["vm_history"].tolist() == [[0, 6, 8, 0], [0, 0, 0, 0]]
     assert t["fm_mask"].sum() == 0
     items = {"item_index": [42, None, 44, 100], "category": [2, None, "x", 1], "brand": [3, None, float("inf"), 1],
@@ -66,7 +66,7 @@ def test_candidates_carry_the_item_s_rate_and_count_buckets_when_the_model_reads
     rate, count = activity_buckets(items["item_impressions"], items["item_clicks"])
     out = candidate_tensors(items, spec)
     assert out.shape == (3, 6) and len(spec.candidate_vocab) == 6
-    assert out[:, 4].tolist() == rate.tolist() == [29, 37, 0]  # an unseen item at even odds; no counts: unknown
+    assert out[:, 4].tolist() == rate.tolist() == [57, 74, 0]  # an unseen item at even odds; no counts: unknown
     assert out[:, 5].tolist() == count.tolist()
     assert candidate_tensors(items, SPEC).shape == (3, 4)  # without vm.item_activity: four columns
 
@@ -76,12 +76,12 @@ def test_rate_bucket_log_odds_are_the_bucket_centres_and_zero_for_unknown():
     rate, _ = activity_buckets([0, 1000, 1000], [0, 900, 10])
     log_odds = np.log(np.array([1, 901, 11]) / np.array([1, 101, 991]))
     assert centres[0] == 0 and len(centres) == N_RATE_BUCKETS + 1
-    assert np.abs(centres[rate] - log_odds).max() <= 0.125 + 1e-6  # within half a bin
+    assert np.abs(centres[rate] - log_odds).max() <= 0.0625 + 1e-6  # within half a bin
 
 
 def test_activity_buckets_place_a_new_user_at_even_odds_and_separate_heavy_clickers():
     rate, count = activity_buckets([0, 1, 1000, 1000, None, 5], [0, 1, 900, 10, 0, -1])
-    assert rate.tolist() == [29, 31, 37, 10, 0, 0]  # log-odds of (k+1)/(n+2) in bins of 0.25 from -7, +1; 0 = unknown
+    assert rate.tolist() == [57, 62, 74, 20, 0, 0]  # log-odds of (k+1)/(n+2) in bins of 0.125 from -7, +1; 0 = unknown
     assert count.tolist() == [1, 2, 10, 10, 0, 0]  # floor(log2(n+1)), +1
     assert activity_buckets([10**9], [10**9])[1].tolist() == [N_COUNT_BUCKETS]  # capped
 

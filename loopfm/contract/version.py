@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # raised whenever a saved file's meaning changes (CHANGELOG.md says how)
 FORMAT_KEY = "format_version"
 
 
