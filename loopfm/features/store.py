@@ -7,6 +7,7 @@ registry and Redis through LOOPFM_RUN_DIR, LOOPFM_REGISTRY and REDIS_CONNECTION_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -84,10 +85,55 @@ def feast_executable() -> str:
     return found
 
 
+# Runs `feast ARGS` for each ARGS of argv[1] (JSON) in this one process, stopping at the first
+# that fails: what the `feast` script does for one (`sys.exit(cli())`), without a new start-up
+# (importing Feast) per command.
+_FEAST_COMMANDS = """
+import json, sys
+from feast.cli.cli import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args=args, prog_name="feast")
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            print(f"`feast {' '.join(args)}` exited with {exit.code}", file=sys.stderr)
+            raise
+"""
+
+
+def _script_interpreter(script: str) -> str | None:
+    """The interpreter on the `#!` line of a console script, if it names one as a plain path
+    to a file (a pip-installed `feast`); else None."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096).decode(errors="replace").strip()
+    except OSError:
+        return None
+    words = first[2:].split() if first.startswith("#!") else []
+    return words[0] if len(words) == 1 and Path(words[0]).is_absolute() and Path(words[0]).is_file() else None
+
+
 def feast_cli(args: list[str], run_dir: Path, redis_url: str, registry: Path | None = None) -> str:
     """Run the real `feast` CLI in the feature repo; raise with its output on failure."""
+    return feast_cli_commands([args], run_dir, redis_url, registry)
+
+
+def feast_cli_commands(commands: list[list[str]], run_dir: Path, redis_url: str, registry: Path | None = None) -> str:
+    """`feast ARGS` for each ARGS of `commands` in turn, in the feature repo, stopping at the
+    first that fails (RuntimeError with the output). Several run in one process of the
+    `feast` script's own interpreter when its `#!` line names one (Feast's CLI code, imported
+    once), else one `feast` process each."""
+    feast = feast_executable()
+    interpreter = _script_interpreter(feast) if len(commands) > 1 else None
+    if interpreter is None:
+        return "".join(_run_feast([feast, *args], f"feast {' '.join(args)}", run_dir, redis_url, registry) for args in commands)
+    described = " && ".join(f"feast {' '.join(args)}" for args in commands)
+    return _run_feast([interpreter, "-c", _FEAST_COMMANDS, json.dumps(commands)], described, run_dir, redis_url, registry)
+
+
+def _run_feast(argv: list[str], described: str, run_dir: Path, redis_url: str, registry: Path | None) -> str:
     result = subprocess.run(
-        [feast_executable(), *args],
+        argv,
         cwd=FEATURE_REPO,
         env={**os.environ, **feast_env(run_dir, redis_url, registry)},
         capture_output=True,
@@ -96,7 +142,7 @@ def feast_cli(args: list[str], run_dir: Path, redis_url: str, registry: Path | N
         pass_fds=held_fds(),  # and the run locked until feast has exited
     )
     if result.returncode != 0:
-        raise RuntimeError(f"`feast {' '.join(args)}` failed:\n{result.stdout}\n{result.stderr}")
+        raise RuntimeError(f"`{described}` failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
@@ -105,10 +151,10 @@ def apply_and_materialize(
 ) -> None:
     """`feast apply`, then `feast materialize START END` over an explicit window: unlike
     materialize-incremental it also fills a fresh Redis after an earlier run. The registry
-    written is registry_path(run_dir, registry)."""
+    written is registry_path(run_dir, registry). One process for both (feast_cli_commands)."""
     fmt = "%Y-%m-%dT%H:%M:%S"
-    feast_cli(["apply"], run_dir, redis_url, registry)
-    feast_cli(["materialize", start.strftime(fmt), end.strftime(fmt)], run_dir, redis_url, registry)
+    commands = [["apply"], ["materialize", start.strftime(fmt), end.strftime(fmt)]]
+    feast_cli_commands(commands, run_dir, redis_url, registry)
     mark_materialized(redis_url)
 
 
