@@ -28,7 +28,10 @@ def _eval_inputs(paths: RunPaths, store, spec, rows: int | None = None) -> dict[
 def _untrained_model(paths: RunPaths, encoder: str):
     """loopfm_kd's shapes with `encoder`, parameters drawn from N(0, 0.2²) and the attention
     scorers' from N(0, 1): scores spread out and attention far from uniform, so a graph that
-    dropped a term would score differently."""
+    dropped a term would score differently. The recency log-weights and slopes keep their
+    prior: a slope drawn from N(0, 0.2²) times 49 steps back weighs positions by up to e^±10,
+    and the sum encoder's logits (several hundred) saturate every score to one value (the
+    recency terms' own check: test_every_encoder_s_recency_weights_are_in_the_onnx_graph)."""
     import torch
 
     from loopfm.vm.model import VerticalModel
@@ -38,7 +41,8 @@ def _untrained_model(paths: RunPaths, encoder: str):
     model = VerticalModel(replace(trained.shapes, encoder=encoder)).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            parameter.normal_(0.0, 1.0 if "attention" in name else 0.2)
+            if "recency" not in name and "slope" not in name:
+                parameter.normal_(0.0, 1.0 if "attention" in name else 0.2)
     return model, spec
 
 
