@@ -140,7 +140,7 @@ def _rate_model(item_activity: bool) -> VerticalModel:
     return VerticalModel(shapes)
 
 
-def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_without_it_the_bias_starts_at_popularity():
+def test_with_the_item_s_rate_so_far_there_is_no_item_id_count_or_rate_bucket_bias_and_without_it_the_bias_starts_at_popularity():
     g = np.random.default_rng(0)
     n = 400
     candidates = np.stack([g.integers(0, 51, n), g.integers(0, 11, n), g.integers(0, 21, n), g.integers(0, 11, n),
@@ -148,7 +148,7 @@ def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_
     label = (candidates[:, 0] < 25).astype(np.float32)  # the first half of the items is always clicked
     with_rate = _rate_model(item_activity=True)
     with_rate.init_biases(candidates, label)
-    assert with_rate.bias_columns == [1, 2, 3, 4]  # no item-id and no item-count bias: both fit the training days
+    assert with_rate.bias_columns == [1, 2, 3]  # no item-id and no item-count bias (both fit the training days), no rate-bucket bias (the rate is linear)
     assert with_rate.rate_weight.tolist() == [0.0, 0.0]  # user and item rate weights, learned from 0
     without = _rate_model(item_activity=False)
     without.init_biases(candidates[:, :4], label)
@@ -157,17 +157,17 @@ def test_with_the_item_s_rate_so_far_there_is_no_item_id_or_item_count_bias_and_
     assert bias[:25].min() > 0 > bias[25:].max()  # each item's shrunk click rate relative to the overall one
 
 
-def test_the_training_defaults_build_a_vm_without_an_item_count_bias_and_with_the_recency_prior():
+def test_the_training_defaults_build_a_vm_without_item_count_or_rate_bucket_biases_and_with_the_recency_prior():
     """What `loopfm vm train` builds (vm/train.shapes_for), not a hand-made VMShapes."""
     from loopfm.core.config import RunConfig
     from loopfm.contract.tensorize import TensorSpec
-    from loopfm.vm.model import ITEM_COUNT_COLUMN
+    from loopfm.vm.model import ITEM_COUNT_COLUMN, ITEM_RATE_COLUMN
     from loopfm.vm.train import shapes_for
 
     cfg = RunConfig()
     spec = TensorSpec(history_length=cfg.vm.history_length, code_dim=8, n_items=50, n_categories=10, n_brands=20, item_activity=True)
     model = VerticalModel(shapes_for(cfg, spec, "loopfm_kd"))
-    assert ITEM_COUNT_COLUMN not in model.bias_columns and 0 not in model.bias_columns
+    assert not {0, ITEM_COUNT_COLUMN, ITEM_RATE_COLUMN} & set(model.bias_columns)
     newest_first = torch.flip(model.recency("fm").detach(), [0])
     torch.testing.assert_close(newest_first[:3], torch.tensor([0.0, -1.0, -2.0]) * cfg.vm.recency_decay)
     assert cfg.vm.recency_decay > 0 and model.fm_slope is not None and model.own_slope is not None

@@ -194,8 +194,11 @@ class VerticalModel(nn.Module):
         # candidates there is no item-id bias: fitted on the whole training window it knows each
         # item's rate there better than the causal rate does. The item's impression-count bucket
         # never gets one: that count grows with time, so its bias would fit the training days,
-        # not later ones. docs/training.md, "Click rates so far" and "The item-count bias".
-        self.bias_columns = [i for i in range(len(s.candidate_vocab)) if (s.item_bias or i != 0) and i != ITEM_COUNT_COLUMN]
+        # not later ones. Nor does its click-rate bucket: the rate enters linearly (below), and a
+        # bias per bucket fits each bucket's few training rows. docs/training.md, "Click rates so
+        # far" and "The item-count bias".
+        self.bias_columns = [i for i in range(len(s.candidate_vocab))
+                             if (s.item_bias or i != 0) and i not in (ITEM_COUNT_COLUMN, ITEM_RATE_COLUMN)]  # fmt: skip
         self.candidate_bias = nn.ModuleList(nn.Embedding(s.candidate_vocab[i], 1) for i in self.bias_columns)
         # The user's click rate so far (and the item's, when candidates carry it) also enter the
         # logit linearly, log-odds times a learned weight: a logistic regression on the two rates
