@@ -11,6 +11,7 @@ encoders the live loop writes with equal to Feast's protobuf.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any, Sequence
 
@@ -67,10 +68,12 @@ def user_entity(join_keys: Sequence[str], user_id: int | str, meta: dict) -> tup
     return tuple(user_id if key == USER_KEY else meta["entity_values"][key] for key in join_keys)
 
 
+@functools.cache  # a model reads the same few fields on every request: one hash each per process
 def feature_field(view: str, feature: str) -> bytes:
     return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
 
 
+@functools.cache
 def timestamp_field(view: str) -> bytes:
     return f"_ts:{view}".encode()
 

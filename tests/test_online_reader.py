@@ -78,3 +78,32 @@ def reader_agrees_with_feast(
 
 def test_reader_equals_get_online_features_for_known_and_unknown_entities(store, redis_url):
     reader_agrees_with_feast(lambda: redis.asyncio.Redis.from_url(redis_url), store, [0, 1, 2, 3, 17, 10**9])
+
+
+def test_a_failed_command_raises_redis_error_and_leaves_no_reply_behind_for_the_next_request(store, redis_url):
+    """A command failing first in the round trip (HMGET on a key that is no hash) raises
+    redis-py's ResponseError, and the next read on the same one-connection pool gets its
+    own replies, not the unread rest of the failed round trip's."""
+    from serving.feast_layout import entity_key
+
+    wrong = 987_654_321  # a user id no run holds, its key made a plain string
+    requests = [(("user_id",), [(0,), (1,)], USER_VIEWS)]
+
+    async def run():
+        client = redis.asyncio.Redis.from_url(redis_url, max_connections=1)
+        try:
+            await client.set(entity_key(("user_id",), (wrong,), PROJECT), b"not a hash")
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                await read_online_features(client, PROJECT, [(("user_id",), [(wrong,), (0,), (1,)], USER_VIEWS)])
+            after_failure = (await read_online_features(client, PROJECT, requests))[0][0]
+        finally:
+            await client.delete(entity_key(("user_id",), (wrong,), PROJECT))
+            await client.aclose()
+        fresh = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return after_failure, (await read_online_features(fresh, PROJECT, requests))[0][0]
+        finally:
+            await fresh.aclose()
+
+    after_failure, expected = asyncio.run(run())
+    assert after_failure.values == expected.values and after_failure.values["fm_codes"][0] is not None
