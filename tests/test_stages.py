@@ -19,7 +19,7 @@ import redis
 
 from conftest import LOOPFM, loopfm, refusal
 from loopfm.core.config import RunConfig
-from loopfm.core.files import staged_dir
+from loopfm.core.files import remove_staged, staged_dir
 from loopfm.core.rundir import RunPaths
 
 
@@ -34,6 +34,19 @@ def test_a_staged_folder_has_the_mode_of_any_new_folder(tmp_path: Path):
     with staged_dir(tmp_path / "features") as new:
         (new / "table.parquet").write_bytes(b"")
     assert (tmp_path / "features").resolve().stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_removing_a_staged_folder_removes_its_versions_and_its_link(tmp_path: Path):
+    """The experiment runner drops each world's FM checkpoints this way once they are logged:
+    a removal that left the version folder behind kept about 0.9 GB per Ciao world."""
+    for n in range(2):
+        with staged_dir(tmp_path / "checkpoints") as new:
+            (new / f"day{n}.pt").write_bytes(b"x" * 1000)
+    (tmp_path / ".checkpoints.v1.1").mkdir()  # as a killed run leaves one
+    (tmp_path / "other").mkdir()
+    remove_staged(tmp_path / "checkpoints")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    remove_staged(tmp_path / "checkpoints")  # nothing there: nothing to do
 
 
 def test_a_features_build_killed_midway_leaves_the_previous_tables_whole(copy_of_run: Path):

@@ -85,6 +85,18 @@ def staged_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_staged(target: Path) -> None:
+    """Remove what staged_dir wrote at `target`: every version folder (the current one and any a
+    killed run left), then the link. `shutil.rmtree` on the link itself removes nothing: it
+    refuses a symbolic link, and `ignore_errors` hides the refusal."""
+    for version in target.parent.glob(f".{target.name}.v*"):
+        shutil.rmtree(version, ignore_errors=True)
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+
+
 def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from loopfm.core.children import worker_pool_start
 from loopfm.core.config import RunConfig, variant_named
 from loopfm.eval.results import reference_predictions
 from loopfm.experiments.plan import Cell, Overrides, Source, World, cells_of
-from loopfm.core.files import read_parquet, write_parquet, write_text
+from loopfm.core.files import read_parquet, remove_staged, write_parquet, write_text
 from loopfm.core.rundir import RunPaths
 
 CANDIDATES = (100, 1000)
@@ -126,7 +125,7 @@ def prepare_world(seed_dir: Path, world: World, base: Overrides, seed: int, redi
 def drop_checkpoints(root: Path) -> None:
     """Remove a root world's FM checkpoints once every world of its job is logged: one per
     streamed day, each the size of the FM (a long data set's would fill the disk)."""
-    shutil.rmtree(root / "fm" / "checkpoints", ignore_errors=True)
+    remove_staged(root / "fm" / "checkpoints")
 
 
 def _write_world_summary(paths: RunPaths, cfg: RunConfig) -> None:
