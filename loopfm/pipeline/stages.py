@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +18,7 @@ import pandas as pd
 from loopfm.core.children import worker_pool_start
 from loopfm.core.config import VARIANTS, RunConfig, variant_named
 from loopfm.core.engine import LOCAL, Engine
+from loopfm.core.files import remove_staged
 from loopfm.core.rundir import RunPaths
 
 
@@ -154,12 +154,8 @@ def clear_built_stages(run_dir: Path, log=print) -> list[str]:
         built.append(registry)
     removed = []
     for path in built:
-        if path.is_symlink():  # a staged folder (loopfm.core.files.staged_dir): the link, then its version
-            version = path.resolve()
-            path.unlink()
-            shutil.rmtree(version, ignore_errors=True)
-        elif path.is_dir():
-            shutil.rmtree(path)
+        if path.is_symlink() or path.is_dir():  # a staged folder (its versions and link) or a plain one
+            remove_staged(path)
         elif path.exists():
             path.unlink()
         else:
