@@ -4,7 +4,9 @@ with LOOPFM_MODEL_DIR (or LOOPFM_MODELS) and REDIS_URL set.
 
 The routes live in serving/routers/ (probes, admin, score) and take the settings, the model
 registry, the Redis client and the metrics through `Depends` (serving/dependencies.py); this
-module builds those once per app, on `app.state`, and adds the middleware. /score scores
+module builds those once per app, on `app.state`, and adds the one middleware of its own
+(serving/front.py: metrics, body limits, and plain score requests answered without FastAPI's
+routing). /score scores
 inline on the event loop; one worker process per core gives parallelism (LOOPFM_WORKERS;
 each worker has its own models, item caches and metrics, and a model reload reaches every
 worker through serving/reloads.py).
@@ -20,9 +22,9 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from serving.guards import BodyLimits
+from serving.front import FrontLayer
 from serving.item_cache import ItemCache
-from serving.metrics import Metrics, MetricsMiddleware
+from serving.metrics import Metrics
 from serving.models import ModelRegistry
 from serving.redis_client import async_client
 from serving.reloads import ReloadBroadcast
@@ -73,8 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loopfm", lifespan=lifespan, telemetry=NO_OTEL)
     app.state.settings, app.state.metrics = settings, Metrics(item_caches)
     app.state.models = app.state.redis = app.state.reloads = None  # until start-up
-    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, deadline_s=settings.request_timeout_s)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(FrontLayer, metrics=app.state.metrics, max_bytes=settings.max_body_bytes,
+                       deadline_s=settings.request_timeout_s)  # fmt: skip
     app.add_exception_handler(RequestValidationError, invalid_request)
     for router in (score.router, probes.router, admin.router):  # score first: the router tries routes in order
         app.include_router(router)

@@ -9,7 +9,6 @@ has seen every worker can add them up (loopfm/bench/serving.py does).
 from __future__ import annotations
 
 import re
-import time
 from typing import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -73,29 +72,3 @@ def path_label(path: str) -> str:
     if path in _KNOWN_PATHS:
         return path
     return next((label for pattern, label in _TEMPLATES if pattern.fullmatch(path)), "other")
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware (no per-request task overhead): latency and status per path."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            path = path_label(scope["path"])
-            self.metrics.request.labels(path).observe(time.perf_counter() - started)
-            self.metrics.responses.labels(path, str(status)).inc()

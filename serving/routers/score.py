@@ -4,88 +4,30 @@ Scores inline on the event loop: the work is CPU-bound and sub-millisecond to a 
 milliseconds, so a thread-pool hop would only add latency. The Redis read is async and every
 request has a deadline: a slow Redis gives 504s, not a pile-up.
 
-A well-formed request takes a short way to the endpoint (`ScoreRoute`): FastAPI's general
-request handling (content-type parsing through `email.message`, dependency solving, per-route
-telemetry hooks) is a large share of the server's CPU per /score (docs/serving.md, "Where the
-server's CPU per /score goes over HTTP"). Every other request, and any error the short way
-cannot reproduce exactly, goes FastAPI's way, so error bodies and their order are FastAPI's."""
+A plain request (well-formed JSON the schema accepts) is answered by the app's front layer
+with the same `score_with` (serving/front.py), without FastAPI's routing and request handling;
+these routes answer every other request, and give the OpenAPI schema."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated
 
-import orjson
-import pydantic
 import redis
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi import Path as FastApiPath
-from fastapi.routing import APIRoute
 from starlette.datastructures import State
 
-from serving.dependencies import ScoringDep, hosting, scoring
+from serving.dependencies import ScoringDep, hosting
 from serving.responses import json_response
 from serving.schemas import ScoreRequest, ScoreResponse, id_type_error
 from serving.scorer import Scored, Scorer
 
 MAX_NAME = 64  # the model name's max_length on /models/{name}/score
 
-
-async def plain_call(request: Request, named: bool) -> dict[str, Any] | None:
-    """The score endpoint's arguments for a plain request (JSON body of content-type
-    application/json that `ScoreRequest` accepts, no dependency overrides), else None: the
-    request goes FastAPI's way, which answers it as it always did.
-
-    Same order as FastAPI's: the body is read (the guards' 413 and 408 raise here), then the
-    API key is checked (401), then the body validated. orjson parses the body: where it
-    succeeds it gives what `json.loads` gives; where it fails (NaN, Infinity, integers beyond
-    64 bits, lone surrogates, malformed JSON) FastAPI parses it again with `json.loads`."""
-    if request.app.dependency_overrides or request.headers.get("content-type") != "application/json":
-        return None
-    try:
-        raw = await request.body()  # cached on the request: FastAPI's way reads it again for free
-    except HTTPException:  # the guards' 413 and 408, which FastAPI's way raises as they are
-        raise
-    except Exception:  # a client gone mid-body: FastAPI's way answers it (400)
-        return None
-    if not raw:
-        return None
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    state = await scoring(request)
-    try:
-        body = ScoreRequest.model_validate(data)
-    except pydantic.ValidationError:
-        return None
-    call: dict[str, Any] = {"body": body, "state": state}
-    if named:
-        name = request.path_params["name"]
-        if len(name) > MAX_NAME:
-            return None
-        call["name"] = name
-    return call
-
-
-class ScoreRoute(APIRoute):
-    """A score route whose plain requests (`plain_call`) call the endpoint directly; the route
-    itself (path, OpenAPI schema, methods) is FastAPI's."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        general = super().get_route_handler()
-        endpoint, named = self.endpoint, any(p.name == "name" for p in self.dependant.path_params)
-
-        async def handler(request: Request) -> Response:
-            call = await plain_call(request, named)
-            return await general(request) if call is None else await endpoint(**call)
-
-        return handler
-
-
-router = APIRouter(route_class=ScoreRoute)
+router = APIRouter()
 
 
 async def score_with(scorer: Scorer, body: ScoreRequest, state: State) -> Response:
