@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.dependencies import hosting
 from serving.guards import check_api_key
-from serving.metrics import Metrics, path_label
+from serving.metrics import Metrics
 from serving.routers.score import MAX_NAME, score_with
 from serving.schemas import ScoreRequest
 
@@ -133,9 +133,7 @@ class FrontLayer:
                 return await self.app(scope, bounded, recording_send)
             await self._score(scope, bounded, recording_send, name)
         finally:
-            path = path_label(scope["path"])
-            self.metrics.request.labels(path).observe(time.perf_counter() - started)
-            self.metrics.responses.labels(path, str(status)).inc()
+            self.metrics.record_request(scope["path"], status, time.perf_counter() - started)
 
     def _bounded(self, receive: Receive) -> Receive:
         """`receive` that raises 408 for a body not in within `deadline_s` of the request's

@@ -9,7 +9,7 @@ has seen every worker can add them up (loopfm/bench/serving.py does).
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -45,16 +45,32 @@ class Metrics:
             lambda: sum(len(c) for c in item_caches())
         )
         Info("loopfm_worker", "the worker process whose counters these are", registry=r).info({"worker": worker_id()})
+        # Labelled series by (metric, label values), all bounded sets (path_label, statuses, a
+        # model's views): prometheus_client's labels() checks and locks on every call.
+        self._series: dict[tuple, Any] = {}
+
+    def _labelled(self, metric: Histogram | Counter, *values: str):
+        series = self._series.get((metric, values))
+        if series is None:
+            series = self._series[(metric, values)] = metric.labels(*values)
+        return series
+
+    def record_request(self, path: str, status: int, seconds: float) -> None:
+        """One HTTP request's latency and status, under its path's label (path_label)."""
+        label = path_label(path)
+        self._labelled(self.request, label).observe(seconds)
+        self._labelled(self.responses, label, str(status)).inc()
 
     def observe(self, result, candidates: int) -> None:
         """Record one scored request (a serving.scorer.Scored)."""
         self.feature_read.observe(result.read_s)
         self.model.observe(result.model_s)
         self.candidates.observe(candidates)
-        self.corrupt_values.inc(result.corrupt_values)
+        if result.corrupt_values:
+            self.corrupt_values.inc(result.corrupt_values)
         for view, age in result.feature_age_s.items():
             if age is not None:
-                self.feature_age.labels(view).observe(age)
+                self._labelled(self.feature_age, view).observe(age)
 
 
 def _hit_ratio(caches: Sequence[ItemCache]) -> float:
