@@ -91,7 +91,7 @@ def _replaying(received: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def _handled(app: FastAPI, scope: dict, receive: Receive, exc: Exception) -> Response:
+async def _handled(app: FastAPI, scope: dict, receive: Receive, exc: Exception) -> Response | None:
     """The app's answer to `exc` from its exception handlers, found as Starlette's exception
     layer finds them (an HTTP error's status code first, then the exception's classes; the
     500 / Exception handler belongs to the outer error layer); `exc` re-raised when none does."""
@@ -168,6 +168,9 @@ class FrontLayer:
             response = await _plain_response(app, Headers(scope=scope), receive, received, name)
         except Exception as exc:  # HTTPException, RequestValidationError: answered as FastAPI's layer would
             response = await _handled(app, scope, receive, exc)
+            if response is not None:  # a handler may answer nothing, as in Starlette
+                await response(scope, receive, send)
+            return
         if response is None:
             return await self.app(scope, _replaying(received, receive), send)
         await response(scope, receive, send)
