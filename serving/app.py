@@ -6,10 +6,9 @@ The routes live in serving/routers/ (probes, admin, score) and take the settings
 registry, the Redis client and the metrics through `Depends` (serving/dependencies.py); this
 module builds those once per app, on `app.state`, and adds the one middleware of its own
 (serving/front.py: metrics, body limits, and plain score requests answered without FastAPI's
-routing). /score scores
-inline on the event loop; one worker process per core gives parallelism (LOOPFM_WORKERS;
-each worker has its own models, item caches and metrics, and a model reload reaches every
-worker through serving/reloads.py).
+routing). /score scores inline on the event loop; one worker process per core gives
+parallelism (LOOPFM_WORKERS; each worker has its own models, item caches and metrics, and a
+model reload reaches every worker through serving/reloads.py).
 """
 
 from __future__ import annotations
