@@ -126,5 +126,5 @@ def test_bodies_over_the_limit_get_413_whether_declared_or_streamed():
     assert status == 413 and b"over 300 bytes" in body
     status, body = _asgi(app, "/score", [b"x" * 200, b"x" * 200], declared=10)  # the declared length lies
     assert status == 413 and b"over 300 bytes" in body
-    counted = app.state.metrics.responses.labels("/score", "413")._value.get()
+    counted = app.state.metrics.registry.get_sample_value("loopfm_responses_total", {"path": "/score", "status": "413"})
     assert counted == 2
