@@ -32,7 +32,8 @@ def test_each_vertical_weighs_the_users_click_rate_its_own_way():
     batch = {k: torch.zeros(n, dtype=torch.int64) for k in ("category", "brand", "hour", "age_bucket", "gender",
                                                              "price_bucket", *ACTIVITY_COLUMNS)}  # fmt: skip
     batch.update(user_id=torch.full((n,), -1), item_id=torch.full((n,), -1), vertical_id=torch.from_numpy(vertical),
-                 rate_vertical=torch.from_numpy(rate), raw_history=torch.zeros(n, 3, dtype=torch.int64), intent=torch.zeros(n, 0))  # fmt: skip
+                 rate_vertical=torch.from_numpy(rate), raw_history=torch.zeros(n, 3, dtype=torch.int64),
+                 raw_declined=torch.zeros(n, 3, dtype=torch.int64), intent=torch.zeros(n, 0))  # fmt: skip
     fm = FoundationModel(SHAPES)
     nn.init.zeros_(fm.head.weight)
     fm.head.weight.requires_grad_(False)

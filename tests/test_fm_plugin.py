@@ -34,7 +34,7 @@ def events(n: int = 5) -> dict[str, torch.Tensor]:
     columns = ("category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket", *ACTIVITY_COLUMNS)
     ids = {k: torch.zeros(n, dtype=torch.int64) for k in columns}
     return {**ids, "user_id": torch.tensor([-1, 0, 3, 9, 2][:n]), "item_id": torch.tensor([5, -1, 19, 0, 7][:n]),
-            "raw_history": torch.tensor([[0, 0, 3]] * n), "intent": torch.zeros(n, 0)}  # fmt: skip
+            "raw_history": torch.tensor([[0, 0, 3]] * n), "raw_declined": torch.tensor([[0, 5, 4]] * n), "intent": torch.zeros(n, 0)}  # fmt: skip
 
 
 # Factories that break the interface, each in its own way (named by tests through "test_fm_plugin:...").

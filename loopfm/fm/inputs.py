@@ -1,8 +1,9 @@
 """The FM's inputs of every event, built from the run's tables by the point-in-time rule (each
-event sees only what happened strictly before it): ids, the raw click history, activity counts
-and the FM-only intent signal, in impression order (`build_inputs`); `input_batch` turns rows of
-them into the tensors the FM takes. The live loop builds the same inputs from each user's
-running state (loopfm/stream/state.py)."""
+event sees only what happened strictly before it): ids, the raw histories of clicked and of
+declined items (impressions without a click), activity counts and the FM-only intent signal,
+in impression order (`build_inputs`); `input_batch` turns rows of them into the tensors the FM
+takes. The live loop builds the same inputs from each user's running state
+(loopfm/stream/state.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from loopfm.core.timeunits import US_PER_DAY, unix_us
 
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
+RAW_HISTORIES = ("raw_history", "raw_declined")  # the user's last clicked / declined items, every vertical
 ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical", "rate_item", "count_item")
 
 
@@ -32,11 +34,9 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     vertical_ids = {v: i for i, v in enumerate(cfg.world.verticals)}
 
     clicks = imp["label"].to_numpy() == 1
-    hist_idx = last_n_before(
-        imp["user_id"].to_numpy()[clicks], t[clicks], imp["user_id"].to_numpy(), t, cfg.fm.raw_history_length
-    )
-    clicked_items = imp["item_id"].to_numpy()[clicks] + 1
-    raw_history = np.where(hist_idx >= 0, clicked_items[np.clip(hist_idx, 0, None)], 0)
+    user_ids, item_ids = imp["user_id"].to_numpy(), imp["item_id"].to_numpy()
+    raw_history = _last_items(user_ids, item_ids, t, clicks, cfg.fm.raw_history_length)
+    raw_declined = _last_items(user_ids, item_ids, t, ~clicks, cfg.fm.raw_history_length)
 
     vertical = imp["vertical"].map(vertical_ids).to_numpy()
     activity = _activity(imp["user_id"].to_numpy(), imp["item_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
@@ -55,12 +55,21 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
         "gender": user_rows["gender"].to_numpy(),
         "intent": np.nan_to_num(intent),
         "raw_history": raw_history,
+        "raw_declined": raw_declined,
         **activity,
         "label": imp["label"].to_numpy().astype(np.float32),
         "day": day,
         "time_us": t,
     }
     return arrays, imp
+
+
+def _last_items(user: np.ndarray, item: np.ndarray, t: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """[events, n] per event: item id + 1 of its user's last n `members` events (bool [events])
+    strictly before it, oldest first, right-aligned, 0 = padding."""
+    idx = last_n_before(user[members], t[members], user, t, n)
+    items = item[members] + 1
+    return np.where(idx >= 0, items[np.clip(idx, 0, None)], 0)
 
 
 def _activity(
@@ -155,11 +164,12 @@ def input_batch(
     """FM inputs of events `idx`; given a checkpoint's known ids [bool], every other user and
     item id (one it never trained on, or one beyond its vocabulary) reads as unknown (-1; 0 in
     raw_history, which holds item id + 1)."""
-    b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, *ACTIVITY_COLUMNS, "raw_history")}
+    b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, *ACTIVITY_COLUMNS, *RAW_HISTORIES)}
     if known_users is not None:
         b["user_id"] = np.where(_known(known_users, b["user_id"]), b["user_id"], -1)
         b["item_id"] = np.where(_known(known_items, b["item_id"]), b["item_id"], -1)
-        b["raw_history"] = np.where(_known(known_items, b["raw_history"] - 1), b["raw_history"], 0)
+        for k in RAW_HISTORIES:
+            b[k] = np.where(_known(known_items, b[k] - 1), b[k], 0)
     out = {k: torch.from_numpy(v) for k, v in b.items()}
     out["intent"] = torch.from_numpy(arrays["intent"][idx])
     return out

@@ -1,7 +1,7 @@
 """The foundation model (FM) and the compressor that turns its activations into codes.
 
 `FoundationModel` is loopfm's own implementation of the FM interface (loopfm/fm/plugin.py:
-`fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees every vertical, the user's ID, its raw click history across all verticals and
+`fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees every vertical, the user's ID, its raw histories of clicked and declined items across all verticals and
 the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
 trained beside the FM on detached activations (stop-gradient: it never changes the FM),
 with a tanh-bounded code so that int4 quantisation has a fixed range.
@@ -90,9 +90,9 @@ class FoundationModel(nn.Module):
         self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
-        self.user_tower = nn.Linear(2 * e + s.intent_dim + activity, e)
+        self.user_tower = nn.Linear(3 * e + s.intent_dim + activity, e)
         self.item_tower = nn.Linear(e + e // 2 + item_activity, e)
-        width = 3 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + item_activity + 3 * e
+        width = 4 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + item_activity + 3 * e
         self.embedding_width = width
         self.hidden = nn.ModuleList()
         for h in s.hidden:
@@ -107,16 +107,14 @@ class FoundationModel(nn.Module):
 
     def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """b: per-event tensors [B] (ids; user_id and item_id -1 = unknown; activity buckets, 0 =
-        unknown) plus intent [B, k] and raw_history [B, H] (item id + 1, 0 = padding or unknown)
-        -> logit [B], activations by layer."""
-        hist = self.item(b["raw_history"])  # [B, H, e]
-        n_hist = (b["raw_history"] > 0).sum(1, keepdim=True).clamp(min=1)
+        unknown) plus intent [B, k], raw_history and raw_declined [B, H] (item id + 1, 0 =
+        padding or unknown) -> logit [B], activations by layer."""
         user_index, item_index = b["user_id"] + 1, b["item_id"] + 1
         user, item, category = self.user(user_index), self.item(item_index), self.category(b["category"])
-        hist_mean = hist.sum(1) / n_hist
+        hist_mean, declined_mean = self._mean_item(b["raw_history"]), self._mean_item(b["raw_declined"])  # [B, e]
         activity = torch.cat([self.rate(b["rate_all"]), self.count(b["count_all"]),
                               self.rate(b["rate_vertical"]), self.count(b["count_vertical"])], dim=1)  # fmt: skip
-        user_vec = self.user_tower(torch.cat([user, hist_mean, b["intent"], activity], dim=1))
+        user_vec = self.user_tower(torch.cat([user, hist_mean, declined_mean, b["intent"], activity], dim=1))
         item_activity = torch.cat([self.item_rate(b["rate_item"]), self.item_count(b["count_item"])], dim=1)
         item_vec = self.item_tower(torch.cat([item, category, item_activity], dim=1))
         x = torch.cat(
@@ -124,6 +122,7 @@ class FoundationModel(nn.Module):
                 user,
                 item,
                 hist_mean,
+                declined_mean,
                 category,
                 self.brand(b["brand"]),
                 self.vertical(b["vertical_id"]),
@@ -151,6 +150,11 @@ class FoundationModel(nn.Module):
         if self.dot_logit:  # the towers' inner product itself, as a factorization machine's pairwise term
             wide = wide + (user_vec * item_vec).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), activations
+
+    def _mean_item(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, H] item ids + 1 (0 = padding) -> the mean of their embeddings [B, e] (0 if none)."""
+        n = (history > 0).sum(1, keepdim=True).clamp(min=1)
+        return self.item(history).sum(1) / n
 
 
 class Compressor(nn.Module):

@@ -59,6 +59,8 @@ def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
     clicked_before, clicked_now = before[before["label"] == 1], now[now["label"] == 1]
     clicks_before = _last(clicked_before, "user_id", "item_id", cfg.fm.raw_history_length)
     clicks_at = _last(clicked_now, "user_id", "item_id", len(now))
+    declined_before = _last(before[before["label"] == 0], "user_id", "item_id", cfg.fm.raw_history_length)
+    declined_at = _last(now[now["label"] == 0], "user_id", "item_id", len(now))
     counts_before = {**_counts(before.assign(s=ALL), ["user_id", "s"]), **_counts(before, ["user_id", "vertical"])}
     counts_at = {**_counts(now.assign(s=ALL), ["user_id", "s"]), **_counts(now, ["user_id", "vertical"])}
     clicked = imp[imp["label"] == 1]
@@ -81,6 +83,8 @@ def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
             t_last=int(t_last.get(user, -1)),
             clicks_before=[int(i) for i in clicks_before.get(user, [])],
             clicks_at=[int(i) for i in clicks_at.get(user, [])],
+            declined_before=[int(i) for i in declined_before.get(user, [])],
+            declined_at=[int(i) for i in declined_at.get(user, [])],
             counts_before=by_scope(counts_before, user),
             counts_at=by_scope(counts_at, user),
             vm_clicks={v: [int(i) for i in vm_clicks[(user, v)]] for v in cfg.world.verticals if (user, v) in vm_clicks},

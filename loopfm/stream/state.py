@@ -40,6 +40,8 @@ class UserState:
     recent: list[int] = field(default_factory=list)  # impression ids applied lately
     clicks_before: list[int] = field(default_factory=list)  # clicked items (all verticals) before t_last
     clicks_at: list[int] = field(default_factory=list)  # clicked items at t_last
+    declined_before: list[int] = field(default_factory=list)  # items shown without a click (all verticals) before t_last
+    declined_at: list[int] = field(default_factory=list)  # ... at t_last
     counts_before: dict[str, list[int]] = field(default_factory=dict)  # scope -> [impressions, clicks] before t_last
     counts_at: dict[str, list[int]] = field(default_factory=dict)
     vm_clicks: dict[str, list[int]] = field(default_factory=dict)  # vertical -> last L clicked items (vm_click_history)
@@ -83,14 +85,15 @@ class UserState:
 
     def advance(self, time_us: int, raw_length: int) -> None:
         """Move to an event at `time_us`: when it is newer than t_last, what happened at t_last
-        becomes "before" (the raw click history keeps its newest `raw_length`)."""
+        becomes "before" (each raw history keeps its newest `raw_length`)."""
         if time_us <= self.t_last:
             return
         self.clicks_before = (self.clicks_before + self.clicks_at)[-raw_length:] if raw_length else []
+        self.declined_before = (self.declined_before + self.declined_at)[-raw_length:] if raw_length else []
         for scope, (n, k) in self.counts_at.items():
             before = self.counts_before.setdefault(scope, [0, 0])
             before[0], before[1] = before[0] + n, before[1] + k
-        self.clicks_at, self.counts_at, self.t_last = [], {}, time_us
+        self.clicks_at, self.declined_at, self.counts_at, self.t_last = [], [], {}, time_us
 
     def counts(self, scope: str, include_at: bool = False) -> tuple[int, int]:
         """(impressions, clicks) of a scope (ALL or a vertical) before t_last, or up to and
@@ -110,6 +113,8 @@ class UserState:
         if label:
             self.clicks_at.append(item)
             self.vm_clicks[vertical] = (self.vm_clicks.get(vertical, []) + [item])[-history_length:]
+        else:
+            self.declined_at.append(item)
         self.applied = entry_id
         self.recent = (self.recent + [impression_id])[-dedup_window:] if dedup_window else []
 

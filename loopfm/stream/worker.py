@@ -522,8 +522,9 @@ class Worker:
     def _inputs(self, inputs: dict, state: UserState, profile: list, info: list, e: Impression) -> None:
         """Append one event's FM inputs (fm/inputs.py: build_inputs, from the running state)."""
         raw = self.cfg.fm.raw_history_length
-        history = [i + 1 for i in state.clicks_before[-raw:]] if raw else []
-        inputs["raw_history"].append([0] * (raw - len(history)) + history)
+        for name, items in (("raw_history", state.clicks_before), ("raw_declined", state.declined_before)):
+            history = [i + 1 for i in items[-raw:]] if raw else []
+            inputs[name].append([0] * (raw - len(history)) + history)
         n, k, index, attributes = info
         listed = index is not None and all(a is not None for a in attributes)
         for name, value in zip(("category", "brand", "price_bucket"), attributes if listed else [None] * 3):
