@@ -1,8 +1,9 @@
 """The foundation model (FM) and the compressor that turns its activations into codes.
 
 `FoundationModel` is loopfm's own implementation of the FM interface (loopfm/fm/plugin.py:
-`fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees every vertical, the user's ID, its raw histories of clicked and declined items across all verticals and
-the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
+`fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees
+every vertical, the user's ID, its raw histories of clicked and of declined items across all
+verticals and the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
 trained beside the FM on detached activations (stop-gradient: it never changes the FM),
 with a tanh-bounded code so that int4 quantisation has a fixed range.
 """
@@ -20,7 +21,8 @@ from loopfm.contract.tensorize import rate_bucket_log_odds
 EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw were noise in its codes
 # The per-vertical rate weights enter the logit scaled by this: under Adam, a quarter of the wide
 # group's step. At the full step they cost the FM 0.0017 AUC on MovieLens Comedy, at a quarter
-# 0.0010, keeping most of Ciao 10's gain (docs/training.md, "Rate weights per vertical").
+# 0.0010, keeping most of Ciao 10's gain (docs/training.md, "Rate weights per vertical, and the
+# items a user declined").
 VERTICAL_RATE_SCALE = 0.25
 
 
