@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import hiredis
 import redis.asyncio
 import redis.asyncio.cluster
 
@@ -89,13 +90,15 @@ async def _pipelined(client: redis.asyncio.Redis, commands: list[tuple]) -> list
     round trip as `client.pipeline(transaction=False)` without its machinery per request (a
     command stack, a retry wrapper, per-reply dispatch, an observability hook): 3.2% of the
     instructions per /score (docs/serving.md, "Instruction counts, and the Redis read ...").
+    The commands are packed by hiredis's C packer (the same bytes; redis-py's asyncio
+    connection packs in Python even with hiredis installed, 4x slower: docs/serving.md).
     Any failure disconnects the connection before it returns to the pool, so no later request
     reads a reply left unread; errors are redis-py's (ConnectionError, TimeoutError,
     ResponseError, MaxConnectionsError from the pool), as the pipeline raises them."""
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        await connection.send_packed_command(b"".join([hiredis.pack_command(c) for c in commands]), check_health=False)
         replies = [await connection.read_response() for _ in commands]
     except BaseException:
         await connection.disconnect()
