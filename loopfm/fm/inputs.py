@@ -39,7 +39,7 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     raw_declined = _last_items(user_ids, item_ids, t, ~clicks, cfg.fm.raw_history_length)
 
     vertical = imp["vertical"].map(vertical_ids).to_numpy()
-    activity = _activity(imp["user_id"].to_numpy(), imp["item_id"].to_numpy(), vertical, len(vertical_ids), t, clicks)
+    activity = _activity(user_ids, item_ids, vertical, len(vertical_ids), t, clicks)
     intent = _intent(paths, imp["user_id"], day, cfg.fm.intent_half_lives)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
@@ -163,7 +163,7 @@ def input_batch(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """FM inputs of events `idx`; given a checkpoint's known ids [bool], every other user and
     item id (one it never trained on, or one beyond its vocabulary) reads as unknown (-1; 0 in
-    raw_history, which holds item id + 1)."""
+    the raw histories, which hold item id + 1)."""
     b = {k: arrays[k][idx].astype(np.int64) for k in (*_ID_COLUMNS, *ACTIVITY_COLUMNS, *RAW_HISTORIES)}
     if known_users is not None:
         b["user_id"] = np.where(_known(known_users, b["user_id"]), b["user_id"], -1)

@@ -3,9 +3,9 @@
 `FoundationModel` is loopfm's own implementation of the FM interface (loopfm/fm/plugin.py:
 `fm.model` names any module with the same `forward`); it is the default `fm.model`. It sees
 every vertical, the user's ID, its raw histories of clicked and of declined items across all
-verticals and the FM-only intent signal; no vertical model sees those. The compressor is an autoencoder
-trained beside the FM on detached activations (stop-gradient: it never changes the FM),
-with a tanh-bounded code so that int4 quantisation has a fixed range.
+verticals and the FM-only intent signal; no vertical model sees those. The compressor is an
+autoencoder trained beside the FM on detached activations (stop-gradient: it never changes
+the FM), with a tanh-bounded code so that int4 quantisation has a fixed range.
 """
 
 from __future__ import annotations
