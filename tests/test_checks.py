@@ -174,6 +174,23 @@ def test_an_import_into_a_finished_run_removes_the_stages_built_on_the_old_data_
     assert "run `loopfm features build" in refused("vm", "train", *args)
 
 
+def test_a_second_demo_in_the_same_run_starts_from_a_new_world_without_the_first_ones_streamed_events(copy_of_run, run_config):
+    """The first demo's live burst leaves streamed impressions in the run (stream/); read with
+    the second demo's world they were impressions without truth, and evaluation stopped."""
+    import pyarrow as pa
+
+    from loopfm.data import streamed
+    from loopfm.core.files import read_parquet
+    from loopfm.pipeline.demo import new_world
+
+    paths = RunPaths(copy_of_run)
+    rows = pa.Table.from_pandas(read_parquet(paths.table("impressions")).head(5), preserve_index=False)
+    assert streamed.append(paths, streamed.IMPRESSIONS, rows, 1, "worker").exists()
+    counts = new_world(copy_of_run, run_config)
+    assert not streamed.root(paths).exists() and not paths.features.exists() and not paths.fm.exists()
+    assert len(read_parquet(paths.table("impressions"))) == counts["impressions"] == counts["truth"]
+
+
 def test_serve_refuses_a_model_of_another_format_version_before_starting_anything(finished_run):
     import json
 

@@ -14,7 +14,17 @@ from loopfm.core.config import SERVED_VARIANT, RunConfig
 from loopfm.core.files import read_parquet, write_text
 from loopfm.core.rundir import RunPaths
 from loopfm.data.ids import IdMap
-from loopfm.pipeline.stages import stage
+from loopfm.pipeline.stages import clear_built_stages, stage
+
+
+def new_world(run_dir: Path, cfg: RunConfig) -> dict[str, int]:
+    """The demo's first stage: the world simulated anew into `run_dir`, after removing what an
+    earlier demo there built on its world (clear_built_stages), the live burst's streamed events
+    above all: read with the new world, they are impressions it has no truth for. Row counts."""
+    from loopfm.data.synth import write_world
+
+    clear_built_stages(run_dir)
+    return write_world(cfg.world, RunPaths(run_dir))
 
 
 def latency_sample(base_url: str, paths: RunPaths, cfg: RunConfig, requests: int, candidates: int = 100) -> dict:
@@ -97,7 +107,6 @@ def live_burst(paths: RunPaths, cfg: RunConfig, redis_url: str, base_url: str, e
 
 
 def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
-    from loopfm.data.synth import write_world
     from loopfm.features.store import open_store
     from loopfm.pipeline.services import redis_url_or_local, start_server, stop_server
     from loopfm.pipeline.stages import train_stages
@@ -107,7 +116,7 @@ def run_demo(run_dir: Path, cfg: RunConfig, requests: int = 300) -> dict:
     paths, total = RunPaths(run_dir), 9
     cfg.save(run_dir)
     with stage(1, total, "synthesize the world"):
-        print(f"  {write_world(cfg.world, paths)}")
+        print(f"  {new_world(run_dir, cfg)}")
     with redis_url_or_local() as redis_url:
         quality = train_stages(run_dir, cfg, redis_url, first=2, total=total)
         with stage(7, total, f"export {SERVED_VARIANT} to ONNX"):
