@@ -19,7 +19,7 @@ def _seed(rng: np.random.Generator, n: int = 3000) -> dict[str, np.ndarray]:
     signal = y + rng.normal(0, 1.5, n)
     preds = {m: 1 / (1 + np.exp(-(signal * w + rng.normal(0, 0.3, n))))
              for m, w in (("fm", 3.0), ("popularity", 0.3), ("lr_item", 0.3), ("lr_user_item", 0.35), ("lr_rates", 0.3),
-                          ("gbdt", 0.5), ("base", 0.4), ("kd", 0.4), ("loopfm", 1.0), ("loopfm_kd", 1.0))}  # fmt: skip
+                          ("lr_rates_all", 0.45), ("gbdt", 0.5), ("base", 0.4), ("kd", 0.4), ("loopfm", 1.0), ("loopfm_kd", 1.0))}  # fmt: skip
     return {"label": y, **preds}
 
 

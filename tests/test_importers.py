@@ -350,7 +350,7 @@ def test_loopfm_run_end_to_end_on_taobao_files(tmp_path, redis_url):
     for n, title in enumerate(["import", "stream-train", "log FM codes", "structure", "feast apply", "train and evaluate"], 1):
         assert f"[{n}/6] {title}" in r.stdout
     quality = json.loads((run / "results" / "quality.json").read_text())
-    assert set(quality["models"]) == {"fm", "base", "kd", "loopfm", "loopfm_kd", "popularity", "lr_item", "lr_user_item", "lr_rates", "gbdt"}  # no Bayes row: no truth
+    assert set(quality["models"]) == {"fm", "base", "kd", "loopfm", "loopfm_kd", "popularity", "lr_item", "lr_user_item", "lr_rates", "lr_rates_all", "gbdt"}  # no Bayes row: no truth
     assert all("bayes_gap_closed" not in row for row in quality["models"].values())
     assert "Bayes" not in (run / "results" / "quality.md").read_text()
     assert quality["models"]["fm"]["auc"] > 0.6  # the FM learns which categories are clicked

@@ -69,15 +69,16 @@ def test_baselines_are_fitted_on_training_rows_only_and_learn_item_quality():
     assert set(predictions) == set(BASELINES)
     for p in predictions.values():
         assert np.corrcoef(p, quality[rows["item_id"]])[0, 1] > 0.9
-    assert set(baseline_predictions(train, rows, 0.1)) == set(BASELINES) - {"lr_rates", "gbdt"}  # they need the impressions
+    assert set(baseline_predictions(train, rows, 0.1)) == set(BASELINES) - {"lr_rates", "lr_rates_all", "gbdt"}  # they need the impressions
 
 
-def test_the_gbdt_baseline_reads_the_users_rate_in_every_vertical_and_the_regression_does_not():
+def test_the_gbdt_and_lr_rates_all_baselines_read_the_users_rate_in_every_vertical_and_lr_rates_does_not():
     """A user's propensity shows in the busy vertical "b" and decides clicks in the sparse "a"
-    (a user's first or second event there): only the trees see the rate over every vertical."""
+    (a user's first or second event there): only the trees and `lr_rates_all` see the rate over
+    every vertical."""
     from sklearn.metrics import roc_auc_score
 
-    from loopfm.eval.baselines import gradient_boosting, rate_regression
+    from loopfm.eval.baselines import RATES, gradient_boosting, rate_regression
 
     rng = np.random.default_rng(1)
     users, n = 2000, 40000
@@ -90,8 +91,10 @@ def test_the_gbdt_baseline_reads_the_users_rate_in_every_vertical_and_the_regres
     train, rows = target.iloc[: len(target) // 2], target.iloc[len(target) // 2 :]
     rates = rates_so_far(frame)
     auc = {name: roc_auc_score(rows["label"], p) for name, p in (("lr_rates", rate_regression(train, rows, rates)),
+                                                                   ("lr_rates_all", rate_regression(train, rows, rates, RATES)),
                                                                    ("gbdt", gradient_boosting(train, rows, rates, 0.2)))}  # fmt: skip
     assert auc["gbdt"] > auc["lr_rates"] + 0.05, auc
+    assert auc["lr_rates_all"] > auc["lr_rates"] + 0.05, auc
 
 
 def test_the_rates_so_far_count_only_impressions_strictly_before_per_user_vertical_and_per_item():

@@ -12,6 +12,10 @@
   "Click rates so far"). It counts by event time; the VM's Feast rows count an event ingested
   late (`loopfm ingest`) only from its ingest time, so on a run with late ingests the
   baseline has seen a little more than the VM;
+- `lr_rates_all` (when the impressions are given): the same regression on three numbers, the
+  two rates plus the user's rate so far over every vertical (`user_all_rate`): what the FM
+  knows of a user's propensity and no VM sees, so the FM's own baseline. On Ciao category 10
+  it beat the FM (docs/training.md, "Why KD and the codes do not carry the FM's edge on Ciao 10");
 - `gbdt` (when the impressions are given): scikit-learn's HistGradientBoostingClassifier on
   the same rates plus the user's rate so far over every vertical (`user_all_rate`), the
   number of trees chosen by validation log loss on the VM's validation split, then refitted
@@ -36,9 +40,10 @@ from loopfm.core.training import shrunk_rate, time_split
 from loopfm.eval.metrics import quality
 
 LR_COLUMNS = {"lr_item": ("item_id",), "lr_user_item": ("user_id", "item_id")}
-BASELINES = ("popularity", *LR_COLUMNS, "lr_rates", "gbdt")
+BASELINES = ("popularity", *LR_COLUMNS, "lr_rates", "lr_rates_all", "gbdt")
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
-LR_RATES = ("user_rate", "item_rate")  # what lr_rates reads of rates_so_far; gbdt reads every column
+LR_RATES = ("user_rate", "item_rate")  # what lr_rates reads of rates_so_far; lr_rates_all and gbdt read every column
+RATES = (*LR_RATES, "user_all_rate")  # every column of rates_so_far
 GBDT_MAX_TREES = 300  # boosting iterations at most; the validation split picks how many of them
 
 
@@ -79,15 +84,15 @@ def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
                       ("user_all_rate", pd.factorize(impressions["user_id"])[0])):  # fmt: skip
         n, k = count_before(key, t, key, t), count_before(key[clicks], t[clicks], key, t)
         out[name] = np.log(k + 1.0) - np.log(n - k + 1.0)
-    return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())
+    return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())[list(RATES)]
 
 
-def rate_regression(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame) -> np.ndarray:
-    """P(click) of `rows` [n] by a logistic regression on `rates_so_far` fitted on `train`
-    (both frames need impression_id; train label)."""
-    x = rates.loc[train["impression_id"], list(LR_RATES)].to_numpy()
+def rate_regression(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame, columns: tuple[str, ...] = LR_RATES) -> np.ndarray:
+    """P(click) of `rows` [n] by a logistic regression on `columns` of `rates_so_far` fitted on
+    `train` (both frames need impression_id; train label)."""
+    x = rates.loc[train["impression_id"], list(columns)].to_numpy()
     model = LogisticRegression(max_iter=1000).fit(x, train["label"].to_numpy())
-    return model.predict_proba(rates.loc[rows["impression_id"], list(LR_RATES)].to_numpy())[:, 1]
+    return model.predict_proba(rates.loc[rows["impression_id"], list(columns)].to_numpy())[:, 1]
 
 
 def _gbdt(trees: int) -> HistGradientBoostingClassifier:
@@ -117,12 +122,13 @@ def baseline_predictions(
     train: pd.DataFrame, rows: pd.DataFrame, validation_fraction: float, impressions: pd.DataFrame | None = None
 ) -> dict[str, np.ndarray]:
     """Every baseline's P(click) for `rows`; both frames need user_id, item_id, event_timestamp
-    and (train) label; `lr_rates` and `gbdt` also their impression_id and the run's `impressions` table."""
+    and (train) label; `lr_rates`, `lr_rates_all` and `gbdt` also their impression_id and the run's `impressions` table."""
     out = {"popularity": popularity(train, rows)}
     for name, columns in LR_COLUMNS.items():
         out[name] = logistic_regression(train, rows, columns, validation_fraction)
     if impressions is not None:
         rates = rates_so_far(impressions)
         out["lr_rates"] = rate_regression(train, rows, rates)
+        out["lr_rates_all"] = rate_regression(train, rows, rates, RATES)
         out["gbdt"] = gradient_boosting(train, rows, rates, validation_fraction)
     return out

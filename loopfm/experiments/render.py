@@ -15,6 +15,7 @@ from loopfm.experiments.plan import Experiment  # noqa: E402
 ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
              "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id",
              "lr_rates": "LR on user and item click rates so far",
+             "lr_rates_all": "LR on click rates so far (+ user overall)",
              "gbdt": "GBDT on click rates so far (+ user overall)"}  # fmt: skip
 SWEEP_MARK = "*On the sweep world* (the header says its size; its own base VM and FM)."
 COLORS = {"kd": "#c84", "loopfm_kd": "#3a7", "base": "#888", "loopfm": "#48c", "fm": "#555"}
