@@ -15,7 +15,7 @@
 - `lr_rates_all` (when the impressions are given): the same regression on three numbers, the
   two rates plus the user's rate so far over every vertical (`user_all_rate`): what the FM
   knows of a user's propensity and no VM sees, so the FM's own baseline. On Ciao category 10
-  it beat the FM (docs/training.md, "Why KD and the codes do not carry the FM's edge on Ciao 10");
+  it beat the FM (docs/training.md, "The FM against `lr_rates_all`");
 - `gbdt` (when the impressions are given): scikit-learn's HistGradientBoostingClassifier on
   the same rates plus the user's rate so far over every vertical (`user_all_rate`), the
   number of trees chosen by validation log loss on the VM's validation split, then refitted
@@ -72,19 +72,19 @@ def logistic_regression(train: pd.DataFrame, rows: pd.DataFrame, columns: tuple[
 
 
 def rates_so_far(impressions: pd.DataFrame) -> pd.DataFrame:
-    """Per impression (indexed by impression_id): `user_rate`, `item_rate`, `user_all_rate`,
-    the log-odds of (clicks + 1) / (impressions + 2) of its user in its vertical, of its item
+    """Per impression (indexed by impression_id), the columns RATES: `user_rate`, `item_rate`,
+    `user_all_rate`, the log-odds of (clicks + 1) / (impressions + 2) of its user in its vertical, of its item
     and of its user over every vertical, counted over the impressions strictly before it
     (loopfm/core/sequences.count_before: the histories' rule)."""
     t = unix_us(impressions["event_timestamp"]).to_numpy()
     clicks = impressions["label"].to_numpy() == 1
+    keys = (pd.factorize(pd.MultiIndex.from_frame(impressions[["user_id", "vertical"]]))[0],
+            pd.factorize(impressions["item_id"])[0], pd.factorize(impressions["user_id"])[0])  # fmt: skip
     out = {}
-    for name, key in (("user_rate", pd.factorize(pd.MultiIndex.from_frame(impressions[["user_id", "vertical"]]))[0]),
-                      ("item_rate", pd.factorize(impressions["item_id"])[0]),
-                      ("user_all_rate", pd.factorize(impressions["user_id"])[0])):  # fmt: skip
+    for name, key in zip(RATES, keys, strict=True):
         n, k = count_before(key, t, key, t), count_before(key[clicks], t[clicks], key, t)
         out[name] = np.log(k + 1.0) - np.log(n - k + 1.0)
-    return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())[list(RATES)]
+    return pd.DataFrame(out, index=impressions["impression_id"].to_numpy())
 
 
 def rate_regression(train: pd.DataFrame, rows: pd.DataFrame, rates: pd.DataFrame, columns: tuple[str, ...] = LR_RATES) -> np.ndarray:
