@@ -1,9 +1,10 @@
-"""`last_n_before` and `count_before`: the one point-in-time rule for every history and count."""
+"""`last_n_before`, `count_before` and `decayed_before`: the one point-in-time rule for every
+history and count."""
 
 import numpy as np
 import pytest
 
-from loopfm.core.sequences import count_before, last_n_before
+from loopfm.core.sequences import count_before, decayed_before, last_n_before
 
 
 def brute_force(seq_user, seq_time, q_user, q_time, n):
@@ -28,6 +29,18 @@ def test_count_before_counts_what_an_unbounded_history_would_hold():
     expected = [sum(1 for u, t in zip(su, st) if u == q and t < tq) for q, tq in zip(qu, qt)]
     assert count_before(su, st, qu, qt).tolist() == expected
     assert count_before(np.array([]), np.array([]), np.array([1]), np.array([5])).tolist() == [0]
+
+
+def test_decayed_before_weights_each_earlier_element_by_the_elements_between_it_and_the_query():
+    rng = np.random.default_rng(2)
+    su, st, sv = rng.integers(0, 5, 200), rng.integers(0, 60, 200), rng.random(200)  # ties in time included
+    qu, qt = rng.integers(0, 6, 100), rng.integers(0, 70, 100)
+    expected = [sum(v * 0.5 ** (((su == q) & (st > t) & (st < tq)).sum() / 3.0) for u, t, v in zip(su, st, sv) if u == q and t < tq)
+                for q, tq in zip(qu, qt)]  # fmt: skip
+    np.testing.assert_allclose(decayed_before(su, st, sv, qu, qt, 3.0), expected, rtol=1e-12, atol=1e-12)
+    ones = np.ones(200)
+    np.testing.assert_allclose(decayed_before(su, st, ones, qu, qt, 1e12), count_before(su, st, qu, qt), rtol=1e-9)
+    assert decayed_before(np.array([]), np.array([]), np.array([]), np.array([1]), np.array([5]), 3.0).tolist() == [0.0]
 
 
 def test_an_element_at_the_query_time_is_not_in_its_history():

@@ -79,6 +79,7 @@ class FMConfig:
     hidden: tuple[int, ...] = (128, 64)
     dot_logit: bool = True  # add the user and item towers' inner product to the logit (fm/model.py); docs/training.md ("Earlier intents")
     raw_history_length: int = 20  # the FM's own raw-ID history (all verticals)
+    recent_half_life: float = 10.0  # events: the user's click rate lately (fm/inputs.py: _activity); docs/training.md ("The user's click rate lately")
     intent_half_lives: tuple[float, ...] = (1.0, 4.0)  # days; each adds the user's earlier FM-only signals, averaged with that half-life (fm/inputs.py: _intent); docs/training.md ("Earlier intents")
     code_dim: int = 32  # logged dims: a prefix of the checkpoint's code when smaller than it
     code_format: str = "int4"  # int4 | fp32: how each logged code is stored

@@ -15,13 +15,13 @@ from loopfm.contract.tensorize import activity_bucket_arrays
 from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
-from loopfm.core.sequences import count_before, last_n_before
+from loopfm.core.sequences import count_before, decayed_before, last_n_before
 from loopfm.core.timeunits import US_PER_DAY, unix_us
 
 
 _ID_COLUMNS = ("user_id", "item_id", "category", "brand", "vertical_id", "hour", "age_bucket", "gender", "price_bucket")
 RAW_HISTORIES = ("raw_history", "raw_declined")  # the user's last clicked / declined items, every vertical
-ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical", "rate_item", "count_item")
+ACTIVITY_COLUMNS = ("rate_all", "count_all", "rate_vertical", "count_vertical", "rate_recent", "count_recent", "rate_item", "count_item")
 
 
 def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -39,7 +39,7 @@ def build_inputs(paths: RunPaths, cfg: RunConfig) -> tuple[dict[str, np.ndarray]
     raw_declined = _last_items(user_ids, item_ids, t, ~clicks, cfg.fm.raw_history_length)
 
     vertical = imp["vertical"].map(vertical_ids).to_numpy()
-    activity = _activity(user_ids, item_ids, vertical, len(vertical_ids), t, clicks)
+    activity = _activity(user_ids, item_ids, vertical, len(vertical_ids), t, clicks, cfg.fm.recent_half_life)
     intent = _intent(paths, imp["user_id"], day, cfg.fm.intent_half_lives)
     item_rows = items.loc[imp["item_id"]]
     user_rows = users.loc[imp["user_id"]]
@@ -73,19 +73,26 @@ def _last_items(user: np.ndarray, item: np.ndarray, t: np.ndarray, members: np.n
 
 
 def _activity(
-    user: np.ndarray, item: np.ndarray, vertical: np.ndarray, n_verticals: int, t: np.ndarray, clicks: np.ndarray
+    user: np.ndarray, item: np.ndarray, vertical: np.ndarray, n_verticals: int, t: np.ndarray, clicks: np.ndarray,
+    half_life: float,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Per event [n]: the impressions and clicks before it of its user over every vertical, of its
     user in the event's vertical, and of its item by every user, as the VM's
     (contract/tensorize.activity_bucket_arrays) click-rate and count buckets. The VM sees only
     its own vertical's counts; the FM's cross-vertical ones tell a user's propensity where that
     vertical has little of the user, and the item's tell its click rate up to the event, which
-    a checkpoint's item embedding knows only up to the day it was trained (issue 15)."""
+    a checkpoint's item embedding knows only up to the day it was trained (issue 15). `recent`:
+    the user's impressions and clicks over every vertical, each weighted 2^(-m / half_life) for
+    the m events of the user between it and the event (core/sequences.decayed_before): the
+    user's propensity lately, which on MovieLens says more than the one over all time
+    (docs/training.md, "The user's click rate lately")."""
     out = {}
     for scope, key in (("all", user), ("vertical", user * n_verticals + vertical), ("item", item)):
         n = count_before(key, t, key, t)
         k = count_before(key[clicks], t[clicks], key, t)
         out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(n, k)
+    n = decayed_before(user, t, np.ones(user.size), user, t, half_life)
+    out["rate_recent"], out["count_recent"] = activity_bucket_arrays(n, decayed_before(user, t, clicks, user, t, half_life))
     return out
 
 

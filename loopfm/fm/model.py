@@ -24,6 +24,7 @@ EMBEDDING_INIT_STD = 0.01  # as the VM's: N(0, 1) rows of ids the FM rarely saw 
 # 0.0010, keeping most of Ciao 10's gain (docs/training.md, "Rate weights per vertical, and the
 # items a user declined").
 VERTICAL_RATE_SCALE = 0.25
+WIDE_RATES = ("rate_all", "rate_vertical", "rate_recent", "rate_item")  # the click-rate buckets the logit reads linearly
 
 
 @dataclass
@@ -73,22 +74,23 @@ class FoundationModel(nn.Module):
         self.price = nn.Embedding(N_PRICE_BUCKETS, 4)
         # The user's click rate and impression count so far, over all verticals and in the event's
         # own (fm/inputs.py: _activity): a propensity even for users the checkpoint never saw.
+        # The same buckets of its click rate lately (fm.recent_half_life) share these tables.
         self.rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
         self.count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
-        activity = 4 * 4
+        activity = 6 * 4
         # The item's click rate and impression count so far, by every user (fm/inputs.py: _activity).
         self.item_rate = nn.Embedding(N_RATE_BUCKETS + 1, 4)
         self.item_count = nn.Embedding(N_COUNT_BUCKETS + 1, 4)
         item_activity = 2 * 4
-        # The three click rates so far also enter the logit linearly (user over every vertical,
-        # user in the event's vertical, item): a logistic regression on them alone beat the FM
-        # on MovieLens (docs/training.md, "Click rates so far").
+        # The four click rates so far also enter the logit linearly (user over every vertical,
+        # user in the event's vertical, user lately, item): a logistic regression on them alone
+        # beat the FM on MovieLens (docs/training.md, "Click rates so far").
         self.register_buffer("rate_log_odds", torch.from_numpy(rate_bucket_log_odds()), persistent=False)
-        self.rate_weight = nn.Parameter(torch.zeros(3))
+        self.rate_weight = nn.Parameter(torch.zeros(len(WIDE_RATES)))
         # Each vertical's own offsets to those weights: how much a user's rate in the event's
         # vertical says differs by vertical (Ciao category 10 against the other 27 merged), and
         # shared weights fitted mostly on the larger verticals lost to `lr_rates` there.
-        self.vertical_rate_weight = nn.Parameter(torch.zeros(s.n_verticals, 3))
+        self.vertical_rate_weight = nn.Parameter(torch.zeros(s.n_verticals, len(WIDE_RATES)))
         self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
@@ -115,7 +117,8 @@ class FoundationModel(nn.Module):
         user, item, category = self.user(user_index), self.item(item_index), self.category(b["category"])
         hist_mean, declined_mean = self._mean_item(b["raw_history"]), self._mean_item(b["raw_declined"])  # [B, e]
         activity = torch.cat([self.rate(b["rate_all"]), self.count(b["count_all"]),
-                              self.rate(b["rate_vertical"]), self.count(b["count_vertical"])], dim=1)  # fmt: skip
+                              self.rate(b["rate_vertical"]), self.count(b["count_vertical"]),
+                              self.rate(b["rate_recent"]), self.count(b["count_recent"])], dim=1)  # fmt: skip
         user_vec = self.user_tower(torch.cat([user, hist_mean, declined_mean, b["intent"], activity], dim=1))
         item_activity = torch.cat([self.item_rate(b["rate_item"]), self.item_count(b["count_item"])], dim=1)
         item_vec = self.item_tower(torch.cat([item, category, item_activity], dim=1))
@@ -145,9 +148,9 @@ class FoundationModel(nn.Module):
         for i, layer in enumerate(self.hidden, start=1):
             x = torch.relu(layer(x))
             activations[f"hidden{i}"] = x
-        rates = torch.stack([b["rate_all"], b["rate_vertical"], b["rate_item"]], dim=1)  # [B, 3]
+        rates = torch.stack([b[name] for name in WIDE_RATES], dim=1)  # [B, 4]
         wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
-        weights = self.rate_weight + VERTICAL_RATE_SCALE * self.vertical_rate_weight[b["vertical_id"]]  # [B, 3]
+        weights = self.rate_weight + VERTICAL_RATE_SCALE * self.vertical_rate_weight[b["vertical_id"]]  # [B, 4]
         wide = wide + (self.rate_log_odds[rates] * weights).sum(1, keepdim=True)
         if self.dot_logit:  # the towers' inner product itself, as a factorization machine's pairwise term
             wide = wide + (user_vec * item_vec).sum(1, keepdim=True)

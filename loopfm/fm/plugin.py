@@ -14,7 +14,8 @@ importable by the `loopfm` process (installed, or on PYTHONPATH).
   (0 = padding or unknown), and `raw_declined`, the same of the items it was shown and did not
   click; `rate_all`, `count_all`, `rate_vertical`, `count_vertical` [B] int64, the user's
   click-rate and impression-count buckets so far over every vertical and in the event's own,
-  and `rate_item`, `count_item` [B] int64, the item's by every user
+  `rate_recent`, `count_recent` [B] int64, the same of the user's events weighted by recency
+  (`fm.recent_half_life`), and `rate_item`, `count_item` [B] int64, the item's by every user
   (contract/tensorize.activity_bucket_arrays; 0 = unknown); `intent` [B, k] float32 (the synthetic world's FM-only signal
   of the event's day, then one block per `fm.intent_half_lives` entry of the user's earlier
   days' signals, averaged: k = latent_dim * (1 + len(fm.intent_half_lives)); k = 0 on

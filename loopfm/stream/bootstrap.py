@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 
 from loopfm.core.config import RunConfig
 from loopfm.core.files import read_parquet
 from loopfm.core.rundir import RunPaths
+from loopfm.core.sequences import decayed_before
 from loopfm.core.timeunits import unix_us
 from loopfm.data.ids import load_id_maps
 from loopfm.features.build import fm_history_members
@@ -63,6 +65,10 @@ def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
     declined_at = _last(now[now["label"] == 0], "user_id", "item_id", len(now))
     counts_before = {**_counts(before.assign(s=ALL), ["user_id", "s"]), **_counts(before, ["user_id", "vertical"])}
     counts_at = {**_counts(now.assign(s=ALL), ["user_id", "s"]), **_counts(now, ["user_id", "vertical"])}
+    recent = [decayed_before(imp["user_id"].to_numpy(), imp["t"].to_numpy(), values, t_last.index.to_numpy(),
+                             t_last.to_numpy(), cfg.fm.recent_half_life)
+              for values in (np.ones(len(imp)), imp["label"].to_numpy())]  # fmt: skip
+    recent_before = dict(zip(t_last.index.tolist(), np.stack(recent, axis=1).tolist()))
     clicked = imp[imp["label"] == 1]
     vm_clicks = _last(clicked, ["user_id", "vertical"], "item_id", cfg.vm.history_length)
     codes = _last(log.assign(hex=log["fm_code"].map(bytes.hex)), "user_id", "hex", cfg.vm.history_length)
@@ -87,6 +93,7 @@ def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
             declined_at=[int(i) for i in declined_at.get(user, [])],
             counts_before=by_scope(counts_before, user),
             counts_at=by_scope(counts_at, user),
+            recent_before=recent_before.get(user, [0.0, 0.0]),
             vm_clicks={v: [int(i) for i in vm_clicks[(user, v)]] for v in cfg.world.verticals if (user, v) in vm_clicks},
             fm_codes=list(codes.get(user, [])),
             fm_newest_available_us=int(newest.get(user, 0)),

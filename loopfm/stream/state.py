@@ -44,6 +44,9 @@ class UserState:
     declined_at: list[int] = field(default_factory=list)  # ... at t_last
     counts_before: dict[str, list[int]] = field(default_factory=dict)  # scope -> [impressions, clicks] before t_last
     counts_at: dict[str, list[int]] = field(default_factory=dict)
+    # [impressions, clicks] before t_last over every vertical, each weighted 2^(-m / fm.recent_half_life)
+    # for the m events since (core/sequences.decayed_before): the FM's `rate_recent`.
+    recent_before: list[float] = field(default_factory=lambda: [0.0, 0.0])
     vm_clicks: dict[str, list[int]] = field(default_factory=dict)  # vertical -> last L clicked items (vm_click_history)
     fm_codes: list[str] = field(default_factory=list)  # last L FM codes, hex (fm_history)
     fm_newest_available_us: int = 0
@@ -83,11 +86,15 @@ class UserState:
         """True for an impression id applied lately under another entry (a producer's retry)."""
         return impression_id in self.recent
 
-    def advance(self, time_us: int, raw_length: int) -> None:
+    def advance(self, time_us: int, raw_length: int, recent_half_life: float) -> None:
         """Move to an event at `time_us`: when it is newer than t_last, what happened at t_last
-        becomes "before" (each raw history keeps its newest `raw_length`)."""
+        becomes "before" (each raw history keeps its newest `raw_length`; the decayed counts
+        decay by the number of events at t_last, then add them)."""
         if time_us <= self.t_last:
             return
+        n_at, k_at = self.counts_at.get(ALL, (0, 0))
+        keep = 0.5 ** (n_at / recent_half_life)
+        self.recent_before = [keep * self.recent_before[0] + n_at, keep * self.recent_before[1] + k_at]
         self.clicks_before = (self.clicks_before + self.clicks_at)[-raw_length:] if raw_length else []
         self.declined_before = (self.declined_before + self.declined_at)[-raw_length:] if raw_length else []
         for scope, (n, k) in self.counts_at.items():

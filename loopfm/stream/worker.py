@@ -201,7 +201,7 @@ def activity_buckets(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The FM's rate and count buckets (contract/tensorize.py) of each scope's impressions and
     clicks so far, for the whole batch at once: [n] -> rate_{scope}, count_{scope} [n]."""
     out = dict(inputs)
-    for scope in ("all", "vertical", "item"):
+    for scope in ("all", "vertical", "recent", "item"):
         out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(out.pop(f"impressions_{scope}"), out.pop(f"clicks_{scope}"))
     return out
 
@@ -487,7 +487,7 @@ class Worker:
                 self.metrics.events.labels("duplicate").inc()
                 touched_pairs.update((e.user, v) for v in state.vm_clicks.keys() | {e.vertical})
                 continue
-            state.advance(e.time_us, cfg.fm.raw_history_length)
+            state.advance(e.time_us, cfg.fm.raw_history_length, cfg.fm.recent_half_life)
             self._inputs(inputs, state, profile[e.user], info, e)
             state.record(entry_id, e.impression_id, e.vertical, info[2], e.label, cfg.vm.history_length, cfg.stream.dedup_window)
             info[0], info[1] = info[0] + 1, info[1] + e.label  # later events of this batch see it
@@ -537,7 +537,8 @@ class Worker:
         inputs["hour"].append((e.time_us // US_PER_HOUR) % 24)
         day = (e.time_us - self.start_us) // US_PER_DAY
         inputs["intent"].append(state.intent(day, self.cfg.fm.intent_half_lives, self.signal_dim))
-        for scope, (sn, sk) in (("all", state.counts(ALL)), ("vertical", state.counts(e.vertical)), ("item", (n, k))):
+        scopes = (("all", state.counts(ALL)), ("vertical", state.counts(e.vertical)), ("recent", state.recent_before), ("item", (n, k)))
+        for scope, (sn, sk) in scopes:
             inputs[f"impressions_{scope}"].append(sn)  # bucketed per batch: activity_buckets
             inputs[f"clicks_{scope}"].append(sk)
 
