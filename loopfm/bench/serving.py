@@ -179,7 +179,7 @@ def _configuration(name: str, setup: dict, model_dir: Path, url: str, run_dir: P
             result["wrk_closed_loop"] = {str(c): wrk_closed_loop(server, pool, c, workers, short, api_key) for c in OPEN_LOOP}
             log(f"  capacity (p99 <= {CAPACITY_P99_MS:g} ms): {found['best_rate']} req/s; wrk: {result['wrk_closed_loop']}")
             result["item_cache_hit_ratio"] = _cache_hit_ratio(server, api_key)
-            result["decomposition"] = (decomposition(server, proc.pid, model_dir, url, pool, cores, short, log, api_key)
+            result["decomposition"] = (decomposition(server, proc.pid, model_dir, url, pool, cores, short, logs, log, api_key)
                                        if workers == 1 else None)  # fmt: skip
     finally:
         stop_server(proc)
