@@ -78,8 +78,8 @@ def test_a_short_bench_writes_the_issue_schema_with_its_floor_and_plots(trained_
     assert "## 2 workers" in markdown(written) and "/healthz (floor)" in markdown(written)
     decomposition = written["configurations"]["1_worker"]["decomposition"]
     for c in ("10", "100", "1000"):  # the bare app under the same uvicorn, answered (CPU in clock ticks: may read 0 this short)
-        assert decomposition[c]["floor"]["p50_us"] > 0 and decomposition[c]["floor"]["n"] == decomposition[c]["score"]["n"]
-        assert decomposition[c]["cpu"]["floor_cpu_us"] >= 0
+        assert decomposition[c]["bare"]["p50_us"] > 0 and decomposition[c]["bare"]["n"] == decomposition[c]["score"]["n"]
+        assert decomposition[c]["cpu"]["bare_cpu_us"] >= 0
     assert "bare ASGI app under the same uvicorn" in markdown(written)
 
 

@@ -1,4 +1,4 @@
-"""The floor of `loopfm bench serving`'s decomposition: an ASGI app that reads a request's body
+"""The bare app of `loopfm bench serving`'s decomposition: an ASGI app that reads a request's body
 and answers 200 with a fixed two-byte JSON body, served by the same uvicorn command as loopfm's
 server (loopfm/pipeline/services.py: uvicorn_command). What a request costs uvicorn, uvloop and
 httptools alone, which no app they serve can go below."""

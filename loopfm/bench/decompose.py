@@ -14,7 +14,7 @@ section of `loopfm bench serving` (1 worker), written into docs/benchmarks.md.
   paced like the open loop (the same rate, Poisson gaps: on this machine a call that follows
   an idle gap costs more CPU than one that follows another, docs/serving.md), and the
   server's CPU per GET /healthz at the same rate (what the HTTP stack costs with no handler).
-- The floor: a bare ASGI app under the same uvicorn command on the server's core
+- A bare ASGI app under the same uvicorn command on the server's core
   (loopfm/bench/bare_app.py), sent the same POST bodies back to back and at the same rate:
   what uvicorn alone costs a request, so (bare app + Scorer) ÷ Scorer is the least server
   CPU ÷ Scorer CPU any app on this server could reach.
@@ -59,7 +59,7 @@ LABELS = {
     "encode": "response encoding",
     "scorer": "Scorer in process (lookup to scores)",
     "score": "POST /score over HTTP",
-    "floor": "bare ASGI app under the same uvicorn, the same POST",
+    "bare": "bare ASGI app under the same uvicorn, the same POST",
 }
 
 
@@ -203,7 +203,7 @@ def server_cpu_per_request(url: str, server_pid: int, pool: RequestPool | None, 
 
 def decomposition(url: str, server_pid: int, model_dir: Path, redis_url: str, pool: RequestPool, cores: dict,
                   seconds: float, logs: Path, log=print, api_key: str | None = None) -> dict:  # fmt: skip
-    """Per candidate count: {step: p50/p90/p99 µs} (the steps, "noop", "score", "floor") and
+    """Per candidate count: {step: p50/p90/p99 µs} (the steps, "noop", "score", "bare") and
     "cpu": the server's CPU µs per /score at a fixed rate beside the Scorer's per call and the
     bare app's per request. `cores` as in loopfm.bench.serving.configurations (server, client);
     `seconds` per CPU run, the bodies per count REQUESTS scaled by seconds / FULL_SECONDS when
@@ -211,15 +211,15 @@ def decomposition(url: str, server_pid: int, model_dir: Path, redis_url: str, po
     from loopfm.pipeline.services import start_server, stop_server
 
     with pinned(cores["server"]):
-        floor_proc, floor = start_server(model_dir, redis_url, logs / "bare_app.log", wait_for="/healthz",
-                                         app="loopfm.bench.bare_app:create_app")  # fmt: skip
+        bare_proc, bare = start_server(model_dir, redis_url, logs / "bare_app.log", wait_for="/healthz",
+                                       app="loopfm.bench.bare_app:create_app")  # fmt: skip
     try:
-        return _decomposition(url, server_pid, (floor, floor_proc.pid), model_dir, redis_url, pool, cores, seconds, log, api_key)
+        return _decomposition(url, server_pid, (bare, bare_proc.pid), model_dir, redis_url, pool, cores, seconds, log, api_key)
     finally:
-        stop_server(floor_proc)
+        stop_server(bare_proc)
 
 
-def _decomposition(url: str, server_pid: int, floor: tuple[str, int], model_dir: Path, redis_url: str, pool: RequestPool,
+def _decomposition(url: str, server_pid: int, bare: tuple[str, int], model_dir: Path, redis_url: str, pool: RequestPool,
                    cores: dict, seconds: float, log, api_key: str | None) -> dict:  # fmt: skip
     scale = min(1.0, seconds / FULL_SECONDS)
     requests = {c: max(MIN_REQUESTS, round(n * scale)) for c, n in REQUESTS.items()}
@@ -238,17 +238,17 @@ def _decomposition(url: str, server_pid: int, floor: tuple[str, int], model_dir:
         with pinned(cores["client"]):
             steps["noop"] = over_http(url, [http_request(url, "/healthz", None, api_key)] * len(bodies))
             steps["score"] = over_http(url, [http_request(url, "/score", b, api_key) for b in bodies])
-            steps["floor"] = over_http(floor[0], [http_request(floor[0], "/score", b, api_key) for b in bodies])
+            steps["bare"] = over_http(bare[0], [http_request(bare[0], "/score", b, api_key) for b in bodies])
             cpu = server_cpu_per_request(url, server_pid, pool, c, seconds, api_key)
             noop_cpu = server_cpu_per_request(url, server_pid, None, c, seconds, api_key, "/healthz")
-            floor_cpu = server_cpu_per_request(floor[0], floor[1], pool, c, seconds, api_key)
+            bare_cpu = server_cpu_per_request(bare[0], bare[1], pool, c, seconds, api_key)
         row = {step: _percentiles(samples) for step, samples in steps.items() if not step.startswith("scorer_cpu")}
         row["cpu"] = cpu | {"scorer_cpu_us": 1e6 * steps["scorer_cpu"][0], "scorer_cpu_paced_us": 1e6 * steps["scorer_cpu_paced"][0],
-                            "noop_cpu_us": noop_cpu["cpu_us"], "floor_cpu_us": floor_cpu["cpu_us"]}  # fmt: skip
+                            "noop_cpu_us": noop_cpu["cpu_us"], "bare_cpu_us": bare_cpu["cpu_us"]}  # fmt: skip
         out[str(c)] = row
         log(f"  decomposition, {c} candidates: " + ", ".join(f"{s} {row[s]['p50_us']:.0f} µs" for s in LABELS)
             + f"; server CPU {cpu['cpu_us']:.0f} µs per /score, {noop_cpu['cpu_us']:.0f} per /healthz, "
-              f"{floor_cpu['cpu_us']:.0f} per bare-app request; Scorer "
+              f"{bare_cpu['cpu_us']:.0f} per bare-app request; Scorer "
               f"{row['cpu']['scorer_cpu_us']:.0f} µs back to back, {row['cpu']['scorer_cpu_paced_us']:.0f} paced")  # fmt: skip
     return out
 
@@ -286,8 +286,8 @@ def markdown(table: dict) -> list[str]:
     lines.append("| server CPU per GET /healthz at the same rate, µs | "
                  + " | ".join(f"{table[c]['cpu']['noop_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
     lines.append("| bare app's server CPU per POST at the same rate, µs | "
-                 + " | ".join(f"{table[c]['cpu']['floor_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
-    least = [(table[c]["cpu"]["floor_cpu_us"] + table[c]["cpu"]["scorer_cpu_us"]) / table[c]["cpu"]["scorer_cpu_us"] for c in cs]
+                 + " | ".join(f"{table[c]['cpu']['bare_cpu_us']:.0f}" for c in cs) + " |")  # fmt: skip
+    least = [(table[c]["cpu"]["bare_cpu_us"] + table[c]["cpu"]["scorer_cpu_us"]) / table[c]["cpu"]["scorer_cpu_us"] for c in cs]
     lines.append("| least server CPU ÷ Scorer CPU on this uvicorn: (bare app + Scorer) ÷ Scorer | "
                  + " | ".join(f"{x:.2f}" for x in least) + " |")  # fmt: skip
     lines.append("| open-loop p50 / p99 during the CPU run | "
