@@ -69,6 +69,13 @@ def test_a_negative_recency_decay_is_refused_naming_the_rule():
         cfg.validate()
 
 
+def test_a_half_life_of_zero_events_for_the_fm_rate_lately_is_refused_naming_the_rule(tmp_path):
+    r = refusal("data", "synth", "--run-dir", str(tmp_path), "--set", "fm.recent_half_life=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "fm.recent_half_life must be positive (events)" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_second_writer_of_a_run_directory_stops_at_once_naming_the_holder(tmp_path):
     """Every writing command takes the run directory's lock (loopfm.core.rundir.run_dir_lock); the
     holder here is this test, as a training or a build would be. The first writer is another

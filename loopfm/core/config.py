@@ -189,6 +189,7 @@ class RunConfig:
             (fm.code_format in CODE_FORMATS, f"fm.code_format must be one of {CODE_FORMATS}"),
             (all(k > 0 and k % 2 == 0 for k in fm.matryoshka_dims), "fm.matryoshka_dims must be positive and even"),
             (all(h > 0 for h in fm.intent_half_lives), "fm.intent_half_lives must be positive (days)"),
+            (fm.recent_half_life > 0, "fm.recent_half_life must be positive (events)"),
             (st.partitions > 0 and st.batch_size > 0 and st.max_len > 0 and st.max_wait_ms >= 0 and st.linger_ms >= 0
              and st.lease_ms >= 1000, "stream.partitions, stream.batch_size and stream.max_len must be positive, "
              "stream.max_wait_ms and stream.linger_ms >= 0, stream.lease_ms >= 1000"),
