@@ -40,6 +40,9 @@ def test_decayed_before_weights_each_earlier_element_by_the_elements_between_it_
     np.testing.assert_allclose(decayed_before(su, st, sv, qu, qt, 3.0), expected, rtol=1e-12, atol=1e-12)
     ones = np.ones(200)
     np.testing.assert_allclose(decayed_before(su, st, ones, qu, qt, 1e12), count_before(su, st, qu, qt), rtol=1e-9)
+    columns = decayed_before(su, st, np.stack([sv, ones], axis=1), qu, qt, 3.0)  # [queries, 2]: each column on its own
+    one_by_one = np.stack([expected, decayed_before(su, st, ones, qu, qt, 3.0)], axis=1)
+    np.testing.assert_allclose(columns, one_by_one, rtol=1e-12, atol=1e-12)
     assert decayed_before(np.array([]), np.array([]), np.array([]), np.array([1]), np.array([5]), 3.0).tolist() == [0.0]
 
 

@@ -61,18 +61,19 @@ def count_before(seq_user: np.ndarray, seq_time: np.ndarray, query_user: np.ndar
 def decayed_before(
     seq_user: np.ndarray,
     seq_time: np.ndarray,
-    seq_value: np.ndarray,
+    seq_values: np.ndarray,
     query_user: np.ndarray,
     query_time: np.ndarray,
     half_life: float,
 ) -> np.ndarray:
-    """Per query, the sum of its user's sequence values with time < query time, each weighted
-    2^(-m / half_life), m = how many of the user's elements lie strictly between the element's
-    time and the query's: float64 [queries]. Elements sharing a time share a weight (the
-    point-in-time rule of `count_before`, which this is with weight 1). The live loop keeps the
-    same sum event by event (loopfm/stream/state.py: UserState.advance)."""
+    """Per query, the sum of its user's sequence values [n] or [n, c] with time < query time,
+    each weighted 2^(-m / half_life), m = how many of the user's elements lie strictly between
+    the element's time and the query's: float64 [queries] or [queries, c]. Elements sharing a
+    time share a weight (the point-in-time rule of `count_before`, which this is with weight 1).
+    The live loop keeps the same sums event by event (loopfm/stream/state.py: UserState.advance)."""
+    values = np.asarray(seq_values, dtype=np.float64)
     if seq_user.size == 0:
-        return np.zeros(query_user.size, dtype=np.float64)
+        return np.zeros((query_user.size, *values.shape[1:]), dtype=np.float64)
     order, user_start, end = _sorted_before(seq_user, seq_time, query_user, query_time)
     user, time = seq_user[order], seq_time[order]
     new_user = np.r_[True, user[1:] != user[:-1]]
@@ -83,10 +84,12 @@ def decayed_before(
     # size, the others add to it undecayed, a user's first element starts from 0. At a group's
     # last element T is the sum the query after that group reads.
     decay = np.where(new_user, 0.0, np.where(new_time, 0.5 ** (size / half_life), 1.0))
-    total = seq_value[order].astype(np.float64)
+    total = values[order]
+    decay = decay.reshape(-1, *[1] * (total.ndim - 1))  # broadcast over the value columns
     step = 1
-    while step < total.size:  # a Hillis-Steele scan of the linear recurrence: log2(n) passes
+    while step < len(total):  # a Hillis-Steele scan of the linear recurrence: log2(n) passes
         total[step:] = total[step:] + decay[step:] * total[:-step]
         decay[step:] = decay[step:] * decay[:-step]
         step *= 2
-    return np.where(end > user_start, total[np.maximum(end - 1, 0)], 0.0)
+    read = (end > user_start).reshape(-1, *[1] * (total.ndim - 1))
+    return np.where(read, total[np.maximum(end - 1, 0)], 0.0)

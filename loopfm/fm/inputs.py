@@ -91,8 +91,8 @@ def _activity(
         n = count_before(key, t, key, t)
         k = count_before(key[clicks], t[clicks], key, t)
         out[f"rate_{scope}"], out[f"count_{scope}"] = activity_bucket_arrays(n, k)
-    n = decayed_before(user, t, np.ones(user.size), user, t, half_life)
-    out["rate_recent"], out["count_recent"] = activity_bucket_arrays(n, decayed_before(user, t, clicks, user, t, half_life))
+    n, k = decayed_before(user, t, np.stack([np.ones(user.size), clicks], axis=1), user, t, half_life).T
+    out["rate_recent"], out["count_recent"] = activity_bucket_arrays(n, k)
     return out
 
 

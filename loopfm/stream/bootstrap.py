@@ -65,10 +65,10 @@ def user_states(paths: RunPaths, cfg: RunConfig) -> dict[int, UserState]:
     declined_at = _last(now[now["label"] == 0], "user_id", "item_id", len(now))
     counts_before = {**_counts(before.assign(s=ALL), ["user_id", "s"]), **_counts(before, ["user_id", "vertical"])}
     counts_at = {**_counts(now.assign(s=ALL), ["user_id", "s"]), **_counts(now, ["user_id", "vertical"])}
-    recent = [decayed_before(imp["user_id"].to_numpy(), imp["t"].to_numpy(), values, t_last.index.to_numpy(),
-                             t_last.to_numpy(), cfg.fm.recent_half_life)
-              for values in (np.ones(len(imp)), imp["label"].to_numpy())]  # fmt: skip
-    recent_before = dict(zip(t_last.index.tolist(), np.stack(recent, axis=1).tolist()))
+    seen = np.stack([np.ones(len(imp)), imp["label"].to_numpy()], axis=1)  # [n, (impression, click)]
+    recent = decayed_before(imp["user_id"].to_numpy(), imp["t"].to_numpy(), seen, t_last.index.to_numpy(),
+                            t_last.to_numpy(), cfg.fm.recent_half_life)  # fmt: skip
+    recent_before = dict(zip(t_last.index.tolist(), recent.tolist()))
     clicked = imp[imp["label"] == 1]
     vm_clicks = _last(clicked, ["user_id", "vertical"], "item_id", cfg.vm.history_length)
     codes = _last(log.assign(hex=log["fm_code"].map(bytes.hex)), "user_id", "hex", cfg.vm.history_length)
