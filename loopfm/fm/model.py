@@ -47,8 +47,8 @@ class FMShapes:
 
 
 class FoundationModel(nn.Module):
-    """loopfm's FM: returns the logit and the layers `embedding` (the concatenated inputs),
-    `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
+    """loopfm's FM: returns the logit and the layers `embedding` (the MLP's concatenated inputs,
+    then the wide rates' log-odds), `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
 
     # The rate weights, trained fm.wide_lr_multiplier times faster (loopfm/fm/plugin.py:
     # wide_parameters): from 0 at fm.lr they barely move in a warm-up of a few hundred steps. The id
@@ -98,7 +98,11 @@ class FoundationModel(nn.Module):
         self.user_tower = nn.Linear(3 * e + s.intent_dim + activity, e)
         self.item_tower = nn.Linear(e + e // 2 + item_activity, e)
         width = 4 * e + 2 * (e // 2) + 4 + 4 + 4 + 2 + 4 + s.intent_dim + activity + item_activity + 3 * e
-        self.embedding_width = width
+        # The logged `embedding` layer is the MLP's input followed by the wide rates' log-odds: the
+        # rate embeddings carry a rate in a form the compressor's code keeps poorly (a linear read
+        # of the user's rate over every vertical from the MLP's input: R^2 0.38 on Ciao 10;
+        # docs/training.md, "The wide rates in the logged layer").
+        self.embedding_width = width + len(WIDE_RATES)
         self.hidden = nn.ModuleList()
         for h in s.hidden:
             self.hidden.append(nn.Linear(width, h))
@@ -123,6 +127,7 @@ class FoundationModel(nn.Module):
         user_vec = self.user_tower(torch.cat([user, hist_mean, declined_mean, b["intent"], activity], dim=1))
         item_activity = torch.cat([self.item_rate(b["rate_item"]), self.item_count(b["count_item"])], dim=1)
         item_vec = self.item_tower(torch.cat([item, category, item_activity], dim=1))
+        rate_log_odds = self.rate_log_odds[torch.stack([b[name] for name in WIDE_RATES], dim=1)]  # [B, 4]
         x = torch.cat(
             [
                 user,
@@ -145,14 +150,13 @@ class FoundationModel(nn.Module):
             ],
             dim=1,
         )
-        activations = {"embedding": x}
+        activations = {"embedding": torch.cat([x, rate_log_odds], dim=1)}
         for i, layer in enumerate(self.hidden, start=1):
             x = torch.relu(layer(x))
             activations[f"hidden{i}"] = x
-        rates = torch.stack([b[name] for name in WIDE_RATES], dim=1)  # [B, 4]
         wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
         weights = self.rate_weight + VERTICAL_RATE_SCALE * self.vertical_rate_weight[b["vertical_id"]]  # [B, 4]
-        wide = wide + (self.rate_log_odds[rates] * weights).sum(1, keepdim=True)
+        wide = wide + (rate_log_odds * weights).sum(1, keepdim=True)
         if self.dot_logit:  # the towers' inner product itself, as a factorization machine's pairwise term
             wide = wide + (user_vec * item_vec).sum(1, keepdim=True)
         return (self.head(x) + wide).squeeze(1), activations
