@@ -1,4 +1,4 @@
-"""loopfm's own FM (loopfm/fm/model.py): what its wide part can express."""
+"""loopfm's own FM (loopfm/fm/model.py): what its wide part can express, and what its logged layer keeps."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from sklearn.linear_model import LinearRegression
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from loopfm.contract.names import N_COUNT_BUCKETS, N_RATE_BUCKETS
 from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.fm.inputs import ACTIVITY_COLUMNS
-from loopfm.fm.model import FMShapes, FoundationModel
+from loopfm.fm.model import WIDE_RATES, Compressor, FMShapes, FoundationModel
 
 SHAPES = FMShapes(n_users=10, n_items=20, n_categories=3, n_brands=4, n_verticals=2, intent_dim=0,
                   embedding_dim=8, hidden=(16,), code_dim=8, extract_layer="embedding", dot_logit=False)  # fmt: skip
@@ -53,10 +54,6 @@ def test_a_code_of_the_embedding_layer_keeps_the_click_rates_the_logit_reads():
     """The compressor's code of the `embedding` layer gives back each wide rate's log-odds by a
     linear read (R^2 > 0.9), even from an FM whose rate embeddings say nothing of the rate:
     the layer holds the log-odds themselves, not only the buckets' embeddings."""
-    from sklearn.linear_model import LinearRegression
-
-    from loopfm.fm.model import WIDE_RATES, Compressor
-
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     n = 3000
