@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from loopfm.contract.codec import code_bytes, decode_codes, encode_codes
 from loopfm.contract.tensorize import decode_fm_history
 from loopfm.experiments.plan import MAIN
+from loopfm.experiments.runner import _link, drop_checkpoints
 from loopfm.experiments.stats import paired_bootstrap, paired_ttest, ratio_of_means, summary, weighted_auc, weighted_ne
 
 TINY = (
@@ -233,3 +234,18 @@ def test_experiments_are_named_configurations_whose_default_overrides_fall_back_
     config["experiments"]["probe"]["claims"] = [["x", "longer/fm", "same/kd"]]
     with pytest.raises(ConfigError, match="probe: claim names 'longer/fm'"):
         build_experiments(("probe",), cfg, config)
+
+
+def test_a_resumed_run_keeps_a_logged_worlds_link_to_dropped_checkpoints(tmp_path):
+    """A world's `fm/checkpoints` links to its root's; once every world is logged the root's
+    checkpoints are dropped and the link dangles. Resuming the run leaves it as it is (making
+    it again stopped the run with FileExistsError)."""
+    root, world = tmp_path / "root", tmp_path / "root" / "log-history_length=100"
+    (root / "fm" / "checkpoints").mkdir(parents=True)
+    link = world / "fm" / "checkpoints"
+    _link(root / "fm" / "checkpoints", link)
+    drop_checkpoints(root)
+    assert link.is_symlink() and not link.exists()
+    _link(root / "fm" / "checkpoints", link)
+    (root / "fm" / "checkpoints").mkdir()  # trained again: the same link reads the new checkpoints
+    assert link.resolve() == (root / "fm" / "checkpoints").resolve()

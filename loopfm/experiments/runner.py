@@ -71,7 +71,9 @@ def _stage(directory: Path, name: str, log: Progress, what: str, fn) -> None:
 
 
 def _link(target: Path, link: Path) -> None:
-    if not link.exists():
+    """`link` -> `target` (relative), unless `link` is there already; a link whose target was
+    dropped (drop_checkpoints) is there: a resumed run left it dangling and does not make it again."""
+    if not link.is_symlink() and not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, link.parent))
 
