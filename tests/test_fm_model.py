@@ -5,18 +5,34 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from loopfm.core.config import RunConfig
 from loopfm.contract.names import N_COUNT_BUCKETS, N_RATE_BUCKETS
 from loopfm.contract.tensorize import rate_bucket_log_odds
 from loopfm.fm.inputs import ACTIVITY_COLUMNS
+from loopfm.fm.log import encode
 from loopfm.fm.model import WIDE_RATES, Compressor, FMShapes, FoundationModel
 
 SHAPES = FMShapes(n_users=10, n_items=20, n_categories=3, n_brands=4, n_verticals=2, intent_dim=0,
                   embedding_dim=8, hidden=(16,), code_dim=8, extract_layer="embedding", dot_logit=False)  # fmt: skip
+
+
+def random_events(n: int) -> dict[str, torch.Tensor]:
+    """`n` events of SHAPES' vocabularies, every input drawn at random (seed 0)."""
+    rng = np.random.default_rng(0)
+    batch = {k: torch.from_numpy(rng.integers(0, 2, n)) for k in ("category", "brand", "hour", "age_bucket", "gender",
+                                                                   "price_bucket", "vertical_id")}  # fmt: skip
+    batch.update({k: torch.from_numpy(rng.integers(0, (N_RATE_BUCKETS if k.startswith("rate") else N_COUNT_BUCKETS) + 1, n))
+                  for k in ACTIVITY_COLUMNS})  # fmt: skip
+    batch.update(user_id=torch.from_numpy(rng.integers(0, 10, n)), item_id=torch.from_numpy(rng.integers(0, 20, n)),
+                 raw_history=torch.from_numpy(rng.integers(0, 21, (n, 3))),
+                 raw_declined=torch.from_numpy(rng.integers(0, 21, (n, 3))), intent=torch.zeros(n, 0))  # fmt: skip
+    return batch
 
 
 def test_each_vertical_weighs_the_users_click_rate_its_own_way():
@@ -54,16 +70,9 @@ def test_a_code_of_the_embedding_layer_keeps_the_click_rates_the_logit_reads():
     """The compressor's code of the `embedding` layer gives back each wide rate's log-odds by a
     linear read (R^2 > 0.9), even from an FM whose rate embeddings say nothing of the rate:
     the layer holds the log-odds themselves, not only the buckets' embeddings."""
-    rng = np.random.default_rng(0)
     torch.manual_seed(0)
     n = 3000
-    batch = {k: torch.from_numpy(rng.integers(0, 2, n)) for k in ("category", "brand", "hour", "age_bucket", "gender",
-                                                                   "price_bucket", "vertical_id")}  # fmt: skip
-    batch.update({k: torch.from_numpy(rng.integers(0, (N_RATE_BUCKETS if k.startswith("rate") else N_COUNT_BUCKETS) + 1, n))
-                  for k in ACTIVITY_COLUMNS})  # fmt: skip
-    batch.update(user_id=torch.from_numpy(rng.integers(0, 10, n)), item_id=torch.from_numpy(rng.integers(0, 20, n)),
-                 raw_history=torch.from_numpy(rng.integers(0, 21, (n, 3))),
-                 raw_declined=torch.from_numpy(rng.integers(0, 21, (n, 3))), intent=torch.zeros(n, 0))  # fmt: skip
+    batch = random_events(n)
     with torch.no_grad():
         layer = FoundationModel(SHAPES)(batch)[1]["embedding"]
     compressor = Compressor(layer.shape[1], SHAPES.code_dim)
@@ -79,3 +88,15 @@ def test_a_code_of_the_embedding_layer_keeps_the_click_rates_the_logit_reads():
         log_odds = rate_bucket_log_odds()[batch[name].numpy()]
         fit = LinearRegression().fit(code[:half], log_odds[:half])
         assert fit.score(code[half:], log_odds[half:]) > 0.9, name
+
+
+def test_a_checkpoint_whose_compressor_reads_another_width_is_refused_naming_the_fix():
+    """A checkpoint saved before the FM's logged layer changed (its compressor 4 dims narrower,
+    as before the wide rates entered it) is refused by name, not with a matrix-shape error."""
+    cfg = RunConfig()
+    cfg = replace(cfg, fm=replace(cfg.fm, code_dim=SHAPES.code_dim))
+    fm = FoundationModel(SHAPES).eval()
+    old = Compressor(fm.embedding_width - len(WIDE_RATES), SHAPES.code_dim)
+    with pytest.raises(ValueError, match=r"reads \d+ dims.*re-run `loopfm fm train`"):
+        encode(fm, old, ("embedding",), random_events(5), cfg)
+    assert encode(fm, Compressor(fm.embedding_width, SHAPES.code_dim), ("embedding",), random_events(5), cfg)[1].shape[0] == 5

@@ -65,7 +65,9 @@ def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...],
     """One batch of FM inputs (`input_batch`) -> (logits [B] float32, stored codes [B, code_bytes]
     uint8): extraction -> compression -> the first fm.code_dim dims -> int4 or fp32. The one
     encoding of `fm log` and `loopfm stream`. Raises ValueError when the checkpoint's code is
-    narrower than fm.code_dim, or the logit or an extracted layer holds NaN or infinite values."""
+    narrower than fm.code_dim, its compressor reads another width than the extracted layers
+    have (a checkpoint saved before the FM's layers changed), or the logit or an extracted
+    layer holds NaN or infinite values."""
     if compressor.encoder.out_features < cfg.fm.code_dim:
         raise ValueError(f"fm.code_dim {cfg.fm.code_dim} exceeds the checkpoint's {compressor.encoder.out_features}-dim code")
     with torch.no_grad():
@@ -74,7 +76,12 @@ def encode(fm: torch.nn.Module, compressor: Compressor, layers: tuple[str, ...],
         if bad:
             raise ValueError(f"fm.model {type(fm).__name__}: NaN or infinite values in {' and '.join(bad)} on "
                              f"{len(logit)} events: a code cannot be made of them")  # fmt: skip
-        z = compressor.encode(plugin.extract(acts, layers)).numpy()[:, : cfg.fm.code_dim]
+        extracted = plugin.extract(acts, layers)
+        if extracted.shape[1] != compressor.encoder.in_features:
+            raise ValueError(f"the checkpoint's compressor reads {compressor.encoder.in_features} dims, fm.model "
+                             f"{type(fm).__name__}'s layers {','.join(layers)} give {extracted.shape[1]}: the FM changed "
+                             "since the checkpoint was trained; re-run `loopfm fm train` and the stages after it")  # fmt: skip
+        z = compressor.encode(extracted).numpy()[:, : cfg.fm.code_dim]
     return logit.numpy(), encode_codes(z, cfg.fm.code_format)
 
 
