@@ -7,19 +7,22 @@ has seen every worker can add them up (loopfm/bench/serving.py does).
 
 What every request records (latency, status, the /score timings, candidates, feature ages) is
 kept by `LoopHistogram` / `LoopCounter`: plain counts that take no lock, exposed at a scrape
-exactly as prometheus_client's Histogram / Counter would expose them. prometheus_client's
-take a lock per bucket and per sum (1.7 µs an observation here); a request records eight.
+as prometheus_client's Histogram / Counter expose them (text and OpenMetrics formats).
+prometheus_client's take a lock per bucket and per sum (1.7 µs an observation here); a score
+request records five values plus one per user feature view.
 The rare ones (errors by kind, corrupt values) stay prometheus_client's.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 from bisect import bisect_left
 from typing import Callable, Iterator, Sequence
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -41,27 +44,51 @@ class _Series:
         self.counts, self.sum, self.created = [0] * n_buckets, 0.0, time.time()
 
 
-class LoopHistogram:
-    """A Prometheus histogram observed without a lock: every observation and every scrape of
-    the server's metrics runs on its one event-loop thread (/metrics is an async route), so
-    nothing observes concurrently. Registered in `registry` as a collector whose samples are
-    prometheus_client's Histogram's (buckets `le` <= bound, `_count`, `_sum`, `_created`)."""
+class _LoopMetric:
+    """A metric kept without a lock: every observation and every scrape of the server's
+    metrics runs on its one event-loop thread (/metrics is an async route), so nothing
+    updates it concurrently. Registered in `registry` as a collector."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        registry.register(self)
+
+    def _check(self, labels: tuple) -> None:
+        """Raises ValueError unless `labels` holds one text value per label name (checked once per
+        series: a wrong one would otherwise break every later scrape)."""
+        if len(labels) != len(self.labelnames) or not all(isinstance(v, str) for v in labels):
+            raise ValueError(f"{self.name} takes one text value for each of {self.labelnames}, got {labels!r}")
+
+    @staticmethod
+    def _created() -> bool:
+        """Whether `_created` samples are exposed (prometheus_client's PROMETHEUS_DISABLE_CREATED_SERIES
+        and disable_created_metrics(), read as its own metrics read them)."""
+        return prometheus_client.metrics._use_created
+
+
+class LoopHistogram(_LoopMetric):
+    """A Prometheus histogram observed without a lock (_LoopMetric); its samples are
+    prometheus_client's Histogram's: buckets `le` >= the value, `_count`, `_sum`, `_created`."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  buckets: Sequence[float], registry: CollectorRegistry):  # fmt: skip
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self.bounds = (*map(float, buckets), float("inf"))
+        if list(buckets) != sorted(buckets):
+            raise ValueError(f"{name}: buckets not in ascending order: {buckets}")
+        self.bounds = (*map(float, buckets), math.inf)
         self._series: dict[tuple[str, ...], _Series] = {}
-        if not self.labelnames:  # an unlabelled histogram is exposed from the start, as prometheus_client's
+        if not labelnames:  # an unlabelled histogram is exposed from the start, as prometheus_client's
             self._series[()] = _Series(len(self.bounds))
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def observe(self, value: float, *labels: str) -> None:
-        """Count `value` in the series of `labels` (one value per label name)."""
+        """Count `value` in the series of `labels` (one per label name; a NaN adds to the sum only, as
+        in prometheus_client). Raises ValueError for labels that do not fit."""
         series = self._series.get(labels)
         if series is None:
+            self._check(labels)
             series = self._series[labels] = _Series(len(self.bounds))
-        series.counts[bisect_left(self.bounds, value)] += 1
+        if value == value:
+            series.counts[bisect_left(self.bounds, value)] += 1
         series.sum += value
 
     def describe(self) -> Iterator[Metric]:
@@ -69,29 +96,27 @@ class LoopHistogram:
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        les = [floatToGoString(b) for b in self.bounds]
+        les, created = [floatToGoString(b) for b in self.bounds], self._created()
         for labels, series in self._series.items():
             family.add_metric(labels, list(zip(les, itertools.accumulate(series.counts))), series.sum)
+            if created:
+                family.add_sample(f"{self.name}_created", dict(zip(self.labelnames, labels)), series.created)
         yield family
-        created = Metric(f"{self.name}_created", self.documentation, "gauge")
-        for labels, series in self._series.items():
-            created.add_sample(created.name, dict(zip(self.labelnames, labels)), series.created)
-        yield created
 
 
-class LoopCounter:
-    """A labelled Prometheus counter incremented without a lock (as LoopHistogram); its samples
-    are prometheus_client's Counter's (`_total`, `_created`)."""
+class LoopCounter(_LoopMetric):
+    """A labelled Prometheus counter incremented without a lock (_LoopMetric); its samples are
+    prometheus_client's Counter's (`_total`, `_created`)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *, registry: CollectorRegistry):
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self._counts: dict[tuple[str, ...], list] = {}  # labels -> [count, created]
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def inc(self, *labels: str) -> None:
-        """Add one to the series of `labels`."""
+        """Add one to the series of `labels`. Raises ValueError for labels that do not fit."""
         count = self._counts.get(labels)
         if count is None:
+            self._check(labels)
             count = self._counts[labels] = [0, time.time()]
         count[0] += 1
 
@@ -99,9 +124,9 @@ class LoopCounter:
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, (count, created) in self._counts.items():
-            family.add_metric(labels, count, created=created)
+        family, created = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames), self._created()
+        for labels, (count, since) in self._counts.items():
+            family.add_metric(labels, count, created=since if created else None)
         yield family
 
 
