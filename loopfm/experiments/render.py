@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from loopfm.experiments.plan import Experiment  # noqa: E402
+from loopfm.experiments.report import REAL_GOALS  # noqa: E402
 
 ROW_NAMES = {"base": "base VM", "kd": "VM + KD", "loopfm": "VM + LoopFM", "loopfm_kd": "VM + LoopFM + KD", "fm": "FM",
              "popularity": "popularity (item CTR)", "lr_item": "LR on item id", "lr_user_item": "LR on user + item id",
@@ -149,7 +150,7 @@ def render(results: dict, docs: Path, experiments: list[Experiment], header: str
     """Write the plots under docs/results/ and return the markdown of docs/results.md: the
     goals, the main table, then every other experiment with its note, table, claims and plot."""
     plots = docs / "results"
-    md = [header, "", "## Goals (issue 15: VM + LoopFM + KD vs VM + KD, the FM, the L sweep; bench world)", "",
+    md = [header, "", "## Goals (VM + LoopFM + KD vs VM + KD, the FM, the L sweep; bench world)", "",
           "| goal | measured (mean ± std over seeds) | p (t-test) | p (bootstrap) | met |", "|---|---|---|---|---|"]  # fmt: skip
     g = results["goals"]
     for key, label in (("relative_auc_ge_1pct", "relative AUC gain >= 1%"), ("relative_ne_ge_1pct", "relative NE gain >= 1%")):
@@ -198,9 +199,11 @@ def render_real(summary_: dict, docs: Path, command: str) -> str:
     run = summary_.get("run", {})
     wall = f" ({run['wall_time_s'] / 60:.1f} min wall time with {run['jobs']} jobs on {run['machine']} shared with other work)" if run else ""
     md = [f"# Results on data on disk\n\nMade by `{command}`{wall}: {summary_['seeds']} seeds, every number mean ± std over "
-          "seeds on the held-out window of the source's vertical; baselines fitted on the VM's training rows. Best "
-          "baseline = the baseline with the highest mean AUC (GBDT included). p = paired t-test over seeds / paired "
-          "bootstrap over held-out impressions.\n", "## Summary (AUC)\n",
+          "seeds on the held-out window of the source's vertical; baselines fitted on the VM's training rows (the same "
+          "for every seed: std 0). AUC: higher is better. NE: log loss over the entropy of the held-out click rate, "
+          "lower is better, below 1 beats predicting that rate. Best baseline = the baseline with the highest mean AUC "
+          "(GBDT included). A vs B: A's gain over B relative to B, mean ± std over seeds; p = paired t-test over seeds "
+          "/ paired bootstrap over held-out impressions. What each model is: docs/concepts.md.\n", "## Summary (AUC)\n",
           "| source | FM | best baseline | base VM | VM + KD | VM + LoopFM | VM + LoopFM + KD | LoopFM+KD vs KD (p) |",
           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, d in datasets.items():
@@ -209,13 +212,13 @@ def render_real(summary_: dict, docs: Path, command: str) -> str:
                   + " | ".join(ms(m[v]["auc"]) for v in ("base", "kd", "loopfm", "loopfm_kd"))
                   + f" | {pct(gain['relative'])} ({pval(gain['p_ttest'])} / {pval(gain['p_bootstrap'])}) |")  # fmt: skip
     goals = list(next(iter(datasets.values()))["goals"])
-    md += ["", "## Goals (issue 38)", "", "| goal | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
-    md += [f"| {g} | " + " | ".join("met" if d["goals"][g] else "**not met**" for d in datasets.values()) + " |" for g in goals]
+    md += ["", "## Goals", "", "| goal | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    md += [f"| {REAL_GOALS.get(g, g)} | " + " | ".join("met" if d["goals"][g] else "**not met**" for d in datasets.values()) + " |" for g in goals]
     for name, d in datasets.items():
         md += ["", f"## {name} ({d['eval_rows']} held-out impressions)", "", "| model | AUC | NE |", "|---|---|---|"]
         rows = {**d["baselines"], **d["main"]}
         md += [f"| {ROW_NAMES[k]} | {ms(r['auc'])} | {ms(r['ne'])} |" for k, r in rows.items()]
-        claims = [{"label": c.replace("_vs_", " vs "), **v} for c, v in d["claims"].items()]
+        claims = [{"label": " vs ".join(ROW_NAMES[m] for m in c.split("_vs_")), **v} for c, v in d["claims"].items()]
         md += ["", *_claims_table(claims), "", f"![{name}](results-real/{name}.png)"]
         plot_quality({k: {"auc": r["auc"]["mean"], "ne": r["ne"]["mean"]} for k, r in rows.items()}, docs / "results-real" / f"{name}.png",
                      title=f"{name}: held-out window, mean of {summary_['seeds']} seeds")  # fmt: skip
