@@ -47,7 +47,9 @@ class _Series:
 class _LoopMetric:
     """A metric kept without a lock: every observation and every scrape of the server's
     metrics runs on its one event-loop thread (/metrics is an async route), so nothing
-    updates it concurrently. Registered in `registry` as a collector."""
+    updates it concurrently. Registered in `registry` as a collector. A series per tuple of
+    label values lives as long as the process: the values come from bounded sets (path_label,
+    status codes, a model's feature views)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry):
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
@@ -131,6 +133,9 @@ class LoopCounter(_LoopMetric):
 
 
 class Metrics:
+    """The app's metrics in one registry (`registry`, served by /metrics): what every request
+    and every /score records, errors by kind, the item caches' gauges, the worker's id."""
+
     def __init__(self, item_caches: Callable[[], Sequence[ItemCache]]):
         self.registry = r = CollectorRegistry()
         self.request = LoopHistogram("loopfm_request_seconds", "HTTP request latency", ["path"], buckets=_MS, registry=r)
