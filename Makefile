@@ -37,7 +37,7 @@ bench-serving: $(STAMP)  # runs the demo first if needed; ~8 min; writes docs/be
 	test -f runs/demo/vm/loopfm_kd/onnx/model.onnx || $(BIN)/loopfm demo
 	$(BIN)/loopfm bench serving --run-dir runs/demo --out docs
 
-results: $(STAMP)  # about 75 min on 2 cores: every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
+results: $(STAMP)  # 75 to 120 min on 2 cores: every experiment from scratch in runs/results, 5 seeds, main + L on the bench world, the other sweeps on the half-size sweep world; writes docs/results.{md,json} + docs/results/*.png
 	rm -rf runs/results
 	$(BIN)/loopfm experiment --out runs/results --docs docs
 
