@@ -282,14 +282,14 @@ def real_report(results: dict[str, list[dict[str, np.ndarray]]], claims: list[li
             "baselines": {m: table[m] for m in BASELINES},
             "best_baseline": best,
             "claims": found,
-            "goals": dict(zip(REAL_GOALS, map(bool, (  # in REAL_GOALS' order
+            "goals": dict(zip(REAL_GOALS, map(bool, (  # in REAL_GOALS' order, one per goal (strict)
                 auc["fm"] >= auc[best] * GOAL_FM_OVER_BASELINES,
                 all(auc["base"] >= auc[m] for m in ID_REGRESSIONS),
                 all(table[v]["ne"]["mean"] < 1 for v in VARIANTS),
                 auc["loopfm"] >= auc["base"],
                 auc["loopfm_kd"] >= auc["kd"] * GOAL_LOOPFM_KD_OVER_KD and gain["p_ttest"] < ALPHA_REAL,
                 auc["loopfm_kd"] >= auc["loopfm"],
-            )))),  # fmt: skip
+            )), strict=True)),  # fmt: skip
             "eval_rows": int(len(ys[0])),
         }
     return out
