@@ -100,3 +100,27 @@ def test_a_checkpoint_whose_compressor_reads_another_width_is_refused_naming_the
     with pytest.raises(ValueError, match=r"reads \d+ dims.*re-run `loopfm fm train`"):
         encode(fm, old, ("embedding",), random_events(5), cfg)
     assert encode(fm, Compressor(fm.embedding_width, SHAPES.code_dim), ("embedding",), random_events(5), cfg)[1].shape[0] == 5
+
+
+def test_each_vertical_weighs_the_deep_part_its_own_way():
+    """Where the deep part (the MLP's head and the towers' product) ranks one vertical's clicks
+    and says nothing of the other's, training the per-vertical weights alone keeps the first
+    vertical's weight on it near 1 and takes the second's near 0."""
+    torch.manual_seed(0)
+    n = 4000
+    batch = random_events(n)
+    fm = FoundationModel(replace(SHAPES, dot_logit=True))
+    with torch.no_grad():
+        fm.head.weight *= 2 / fm(batch)[0].std()  # a deep part of std ~2 (at init it is ~0.02)
+        deep = fm(batch)[0].numpy()  # the weights start at 1 and the wide part at ~0: the logit is the deep part
+    rng = np.random.default_rng(1)
+    vertical = batch["vertical_id"].numpy()
+    p = np.where(vertical == 0, 1 / (1 + np.exp(-deep)), 0.5)
+    target = torch.from_numpy((rng.random(n) < p).astype(np.float32))
+    opt = torch.optim.Adam([fm.vertical_deep_weight], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(fm(batch)[0], target).backward()
+        opt.step()
+    weight = 1 + fm.vertical_deep_weight.detach().numpy()
+    assert abs(weight[0] - 1) < 0.25 and abs(weight[1]) < 0.25, weight

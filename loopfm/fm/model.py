@@ -54,7 +54,7 @@ class FoundationModel(nn.Module):
     # wide_parameters): from 0 at fm.lr they barely move in a warm-up of a few hundred steps. The id
     # biases train at fm.lr: faster, they overfit Ciao's items, most rated once (docs/training.md,
     # "Click rates so far").
-    wide_parameter_prefixes = ("rate_weight", "vertical_rate_weight")
+    wide_parameter_prefixes = ("rate_weight", "vertical_rate_weight", "vertical_deep_weight")
 
     def __init__(self, s: FMShapes):
         super().__init__()
@@ -92,6 +92,13 @@ class FoundationModel(nn.Module):
         # vertical says differs by vertical (Ciao category 10 against the other 27 merged), and
         # shared weights fitted mostly on the larger verticals lost to `lr_rates` there.
         self.vertical_rate_weight = nn.Parameter(torch.zeros(s.n_verticals, len(WIDE_RATES)))
+        # Each vertical's weight on the deep part of the logit (the MLP's head and the towers'
+        # product): 1 + this offset, learned in the fast wide group. Streamed events are new to
+        # the FM, so the offset follows how well the deep part ranks each vertical's next
+        # events: on Ciao category 10, where it ranked them worse than the rates alone, the
+        # weight falls to about 0.5; on the bench world it rises to about 2.3, a scale the head
+        # reaches slowly at fm.lr (docs/training.md, "A weight per vertical on the deep part").
+        self.vertical_deep_weight = nn.Parameter(torch.zeros(s.n_verticals))
         self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
         # an MLP on concatenated embeddings learns such products poorly.
@@ -154,12 +161,13 @@ class FoundationModel(nn.Module):
         for i, layer in enumerate(self.hidden, start=1):
             x = torch.relu(layer(x))
             activations[f"hidden{i}"] = x
-        wide = self.user_bias(user_index) + self.item_bias(item_index)  # [B, 1]
+        wide = (self.user_bias(user_index) + self.item_bias(item_index)).squeeze(1)  # [B]
         weights = self.rate_weight + VERTICAL_RATE_SCALE * self.vertical_rate_weight[b["vertical_id"]]  # [B, 4]
-        wide = wide + (rate_log_odds * weights).sum(1, keepdim=True)
+        wide = wide + (rate_log_odds * weights).sum(1)
+        deep = self.head(x).squeeze(1)  # [B]
         if self.dot_logit:  # the towers' inner product itself, as a factorization machine's pairwise term
-            wide = wide + (user_vec * item_vec).sum(1, keepdim=True)
-        return (self.head(x) + wide).squeeze(1), activations
+            deep = deep + (user_vec * item_vec).sum(1)
+        return wide + (1 + self.vertical_deep_weight[b["vertical_id"]]) * deep, activations
 
     def _mean_item(self, history: torch.Tensor) -> torch.Tensor:
         """[B, H] item ids + 1 (0 = padding) -> the mean of their embeddings [B, e] (0 if none)."""
