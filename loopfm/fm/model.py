@@ -47,10 +47,12 @@ class FMShapes:
 
 
 class FoundationModel(nn.Module):
-    """loopfm's FM: returns the logit and the layers `embedding` (the MLP's concatenated inputs,
-    then the wide rates' log-odds), `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
+    """loopfm's FM: returns the logit [B] (the wide terms: id biases and rates, plus each
+    vertical's weight times the deep part: the MLP's head and the towers' product) and the
+    layers `embedding` (the MLP's concatenated inputs, then the wide rates' log-odds),
+    `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
 
-    # The rate weights, trained fm.wide_lr_multiplier times faster (loopfm/fm/plugin.py:
+    # The rate weights and the per-vertical deep weights, trained fm.wide_lr_multiplier times faster (loopfm/fm/plugin.py:
     # wide_parameters): from 0 at fm.lr they barely move in a warm-up of a few hundred steps. The id
     # biases train at fm.lr: faster, they overfit Ciao's items, most rated once (docs/training.md,
     # "Click rates so far").
