@@ -52,7 +52,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 ML100K_DEV := runs/data/ml100k-dev
-results-real: $(STAMP)  # 14 to 20 min on 2 cores shared with another 5-seed run (docs/experiments.md, "Cost"); suite results-real of loopfm/experiments/experiments.yaml (MovieLens-100K dev half Comedy and Drama, Ciao dev half categories 1 and 10), 5 seeds; writes docs/results-real.{md,json} + docs/results-real/*.png
+results-real: $(STAMP)  # 9 min on 2 quiet cores, 14 to 20 shared with another 5-seed run (docs/experiments.md, "Cost"); suite results-real of loopfm/experiments/experiments.yaml (MovieLens-100K dev half Comedy and Drama, Ciao dev half categories 1 and 10), 5 seeds; writes docs/results-real.{md,json} + docs/results-real/*.png
 	../shared/data/movielens-100k-dev.sh $(ML100K_DEV) $(abspath $(BIN)/python)
 	rm -rf runs/results-real  # from scratch, as `results`: a resumed seed would keep predictions made by other code
 	$(BIN)/loopfm experiment-real --suite results-real --out runs/results-real --seeds 5 --docs docs
