@@ -103,20 +103,31 @@ def test_a_checkpoint_whose_compressor_reads_another_width_is_refused_naming_the
 
 
 def test_each_vertical_weighs_the_deep_part_its_own_way():
-    """Where the deep part (the MLP's head and the towers' product) ranks one vertical's clicks
-    and says nothing of the other's, training the per-vertical weights alone keeps the first
-    vertical's weight on it near 1 and takes the second's near 0."""
+    """Where the deep part (the MLP's head and the towers' product) adds to the wide terms in one
+    vertical and nothing in the other, training the per-vertical weights alone keeps the first
+    vertical's weight on the deep part near 1 and takes the second's near 0, while the wide
+    terms keep counting in both."""
     torch.manual_seed(0)
     n = 4000
     batch = random_events(n)
     fm = FoundationModel(replace(SHAPES, dot_logit=True))
+
+    rate_log_odds = rate_bucket_log_odds()[np.stack([batch[name].numpy() for name in WIDE_RATES], axis=1)]
+
+    def wide_and_deep() -> tuple[np.ndarray, np.ndarray]:
+        """The logit's wide terms (the rates; the id biases are 0) and the rest, at weights 1."""
+        wide = rate_log_odds @ fm.rate_weight.detach().numpy()
+        with torch.no_grad():
+            return wide, fm(batch)[0].numpy() - wide
+
     with torch.no_grad():
-        fm.head.weight *= 2 / fm(batch)[0].std()  # a deep part of std ~2 (at init it is ~0.02)
-        deep = fm(batch)[0].numpy()  # the weights start at 1 and the wide part at ~0: the logit is the deep part
-    rng = np.random.default_rng(1)
+        fm.user_bias.weight.zero_(), fm.item_bias.weight.zero_(), fm.head.bias.zero_()
+        fm.rate_weight.fill_(0.3)  # wide terms of std ~2
+        fm.head.weight *= 3 / float(np.std(wide_and_deep()[1]))  # a deep part of std ~2 (~0.002 at init)
+    wide, deep = wide_and_deep()
     vertical = batch["vertical_id"].numpy()
-    p = np.where(vertical == 0, 1 / (1 + np.exp(-deep)), 0.5)
-    target = torch.from_numpy((rng.random(n) < p).astype(np.float32))
+    p = 1 / (1 + np.exp(-(wide + np.where(vertical == 0, deep, 0.0))))
+    target = torch.from_numpy((np.random.default_rng(1).random(n) < p).astype(np.float32))
     opt = torch.optim.Adam([fm.vertical_deep_weight], lr=0.05)
     for _ in range(300):
         opt.zero_grad()
@@ -124,3 +135,6 @@ def test_each_vertical_weighs_the_deep_part_its_own_way():
         opt.step()
     weight = 1 + fm.vertical_deep_weight.detach().numpy()
     assert abs(weight[0] - 1) < 0.25 and abs(weight[1]) < 0.25, weight
+    with torch.no_grad():
+        second = fm(batch)[0].numpy()[vertical == 1]
+    assert np.corrcoef(second, wide[vertical == 1])[0, 1] > 0.95  # the second vertical's logit: its wide terms

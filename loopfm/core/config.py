@@ -88,7 +88,7 @@ class FMConfig:
     batch_size: int = 512
     lr: float = 5e-4  # docs/training.md ("... the FM's learning rate"): 2e-3 overfit the warm-up by epoch 2
     weight_decay: float = 0.0  # AdamW
-    wide_lr_multiplier: float = 20.0  # the wide parameters (module.wide_parameter_prefixes: the rate weights) learn this much faster; docs/training.md ("Click rates so far")
+    wide_lr_multiplier: float = 20.0  # the wide parameters (module.wide_parameter_prefixes: loopfm's FM's rate weights and per-vertical deep weights) learn this much faster; docs/training.md ("Click rates so far")
     id_dropout: float = 0.25  # share of training events whose user and item ids read as unknown; docs/training.md ("The FM's id dropout")
     warmup_days: int = 10  # VM examples start after this many days of FM training
     warmup_epochs: int = 20  # the most; early stopping on the warm-up's newest days picks the epoch

@@ -52,10 +52,10 @@ class FoundationModel(nn.Module):
     layers `embedding` (the MLP's concatenated inputs, then the wide rates' log-odds),
     `hidden1`, `hidden2`, ... (one per fm.hidden width)."""
 
-    # The rate weights and the per-vertical deep weights, trained fm.wide_lr_multiplier times faster (loopfm/fm/plugin.py:
-    # wide_parameters): from 0 at fm.lr they barely move in a warm-up of a few hundred steps. The id
-    # biases train at fm.lr: faster, they overfit Ciao's items, most rated once (docs/training.md,
-    # "Click rates so far").
+    # The rate weights and the per-vertical deep weights train fm.wide_lr_multiplier times faster
+    # (loopfm/fm/plugin.py: wide_parameters): from 0 at fm.lr the rate weights barely move in a
+    # warm-up of a few hundred steps. The id biases train at fm.lr: faster, they overfit Ciao's
+    # items, most rated once (docs/training.md, "Click rates so far").
     wide_parameter_prefixes = ("rate_weight", "vertical_rate_weight", "vertical_deep_weight")
 
     def __init__(self, s: FMShapes):
@@ -95,11 +95,11 @@ class FoundationModel(nn.Module):
         # shared weights fitted mostly on the larger verticals lost to `lr_rates` there.
         self.vertical_rate_weight = nn.Parameter(torch.zeros(s.n_verticals, len(WIDE_RATES)))
         # Each vertical's weight on the deep part of the logit (the MLP's head and the towers'
-        # product): 1 + this offset, learned in the fast wide group. Streamed events are new to
-        # the FM, so the offset follows how well the deep part ranks each vertical's next
-        # events: on Ciao category 10, where it ranked them worse than the rates alone, the
-        # weight falls to about 0.5; on the bench world it rises to about 2.3, a scale the head
-        # reaches slowly at fm.lr (docs/training.md, "A weight per vertical on the deep part").
+        # product): 1 + this offset, learned in the fast wide group. The stream trains on each
+        # event after the checkpoint before it has scored it, so the offset follows how well the
+        # deep part predicts each vertical's new events: where it does worse than the rates
+        # alone (Ciao category 10) the weight falls below 1 (docs/training.md, "A weight per
+        # vertical on the deep part").
         self.vertical_deep_weight = nn.Parameter(torch.zeros(s.n_verticals))
         self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):

@@ -26,8 +26,9 @@ importable by the `loopfm` process (installed, or on PYTHONPATH).
   concatenates layers), [B, sum of d], and compressed into one code.
 
 - Optional: `module.wide_parameter_prefixes`, a tuple of parameter-name prefixes (as
-  `named_parameters` gives them) of the first-order terms; they train `fm.wide_lr_multiplier`
-  times faster than the rest (`wide_parameters`).
+  `named_parameters` gives them) of the parameters to train `fm.wide_lr_multiplier` times faster
+  than the rest (`wide_parameters`): loopfm's FM names its rate weights and its per-vertical
+  weights on the deep part.
 
 loopfm trains the module with the same scheme as its own FM (warm-up with early stopping,
 then day by day; docs/training.md) and the compressor beside it on the detached

@@ -301,8 +301,8 @@ def load_checkpoint(paths: RunPaths, index: int) -> tuple[torch.nn.Module, Compr
     try:
         fm.load_state_dict(state["fm"])
     except RuntimeError:
-        raise RuntimeError(f"{path} holds parameters {type(fm).__name__} no longer has (the FM's inputs changed since it "
-                           "was saved): re-run `loopfm fm train` and the stages after it") from None  # fmt: skip
+        raise RuntimeError(f"{path}: its parameters are not {type(fm).__name__}'s (the FM changed since it was saved): "
+                           "re-run `loopfm fm train` and the stages after it") from None  # fmt: skip
     width, code_dim = state["compressor"]["encoder.weight"].shape[::-1]
     compressor = Compressor(width, code_dim)
     compressor.load_state_dict(state["compressor"])
