@@ -111,7 +111,6 @@ def test_each_vertical_weighs_the_deep_part_its_own_way():
     n = 4000
     batch = random_events(n)
     fm = FoundationModel(replace(SHAPES, dot_logit=True))
-
     rate_log_odds = rate_bucket_log_odds()[np.stack([batch[name].numpy() for name in WIDE_RATES], axis=1)]
 
     def wide_and_deep() -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +120,8 @@ def test_each_vertical_weighs_the_deep_part_its_own_way():
             return wide, fm(batch)[0].numpy() - wide
 
     with torch.no_grad():
-        fm.user_bias.weight.zero_(), fm.item_bias.weight.zero_(), fm.head.bias.zero_()
+        for zeroed in (fm.user_bias.weight, fm.item_bias.weight, fm.head.bias):
+            zeroed.zero_()
         fm.rate_weight.fill_(0.3)  # wide terms of std ~2
         fm.head.weight *= 3 / float(np.std(wide_and_deep()[1]))  # a deep part of std ~2 (~0.002 at init)
     wide, deep = wide_and_deep()

@@ -95,11 +95,11 @@ class FoundationModel(nn.Module):
         # shared weights fitted mostly on the larger verticals lost to `lr_rates` there.
         self.vertical_rate_weight = nn.Parameter(torch.zeros(s.n_verticals, len(WIDE_RATES)))
         # Each vertical's weight on the deep part of the logit (the MLP's head and the towers'
-        # product): 1 + this offset, learned in the fast wide group. The stream trains on each
-        # event after the checkpoint before it has scored it, so the offset follows how well the
-        # deep part predicts each vertical's new events: where it does worse than the rates
-        # alone (Ciao category 10) the weight falls below 1 (docs/training.md, "A weight per
-        # vertical on the deep part").
+        # product): 1 + this offset, learned in the fast wide group. The stream trains on events
+        # that no checkpoint has trained on yet, so the offset follows how well the deep part
+        # predicts each vertical's new events: where it does worse than the rates alone (Ciao
+        # category 10) the weight falls below 1 (docs/training.md, "A weight per vertical on the
+        # deep part").
         self.vertical_deep_weight = nn.Parameter(torch.zeros(s.n_verticals))
         self.dot_logit = s.dot_logit
         # Two towers whose product is an explicit user-item interaction (as in DeepFM/DCN):
